@@ -1,0 +1,147 @@
+"""The ``aml-rapids`` command line: a thin layer that reads a config, calls one stage, and reports."""
+
+from __future__ import annotations
+
+import functools
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.table import Table
+
+from .config import RunConfig, dump_config, load_config
+from .errors import AmlRapidsError
+from .progress import console, progress_bar
+from .provenance import write_run_record
+
+app = typer.Typer(help="GPU-accelerated feature store and stacking classifier for single-cell AML images.",
+                  no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
+
+ConfigOpt = Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML config (default: built-in)")]
+SetOpt = Annotated[Optional[list[str]], typer.Option("--set", help="override a config key, e.g. split.seed=3")]
+
+EXIT_REJECTS = 5
+
+
+def _errors_to_exit_codes(fn):
+    """Show AmlRapidsError as one red line and exit with its code, instead of a traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except AmlRapidsError as exc:
+            console.print(f"[red]error:[/red] {exc}", markup=True, highlight=False)
+            raise typer.Exit(exc.exit_code) from None
+
+    return wrapper
+
+
+def _config(path: Optional[Path], overrides: Optional[list[str]], **cli: object) -> RunConfig:
+    """Config file < --set overrides < explicit CLI options (those not left at None)."""
+    extra = [f"{key}={value}" for key, value in cli.items() if value is not None]
+    return load_config(path, list(overrides or []) + extra)
+
+
+@app.command("config")
+@_errors_to_exit_codes
+def show_config(config: ConfigOpt = None, set_: SetOpt = None) -> None:
+    """Print the resolved config as YAML (with no arguments: the published method's defaults)."""
+    sys.stdout.write(dump_config(load_config(config, set_)))
+
+
+@app.command()
+@_errors_to_exit_codes
+def index(
+    source: Annotated[Path, typer.Argument(help="dataset folder (<class>/<patient>/<image> or <class>/<image>) or CSV")],
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="output folder [default: runs/<source name>]")] = None,
+    strict: Annotated[bool, typer.Option(help="exit with code 5 if any file was rejected")] = False,
+    label_column: Annotated[Optional[str], typer.Option(help="CSV column holding the class")] = None,
+    cohort: Annotated[Optional[str], typer.Option(help="cohort name for every row")] = None,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """Scan images, check each one, and write manifest.parquet and rejects.csv."""
+    from .data.manifest import build_manifest, summarize, write_manifest, write_rejects
+
+    cfg = _config(config, set_, **{"index.label_column": label_column, "index.cohort": cohort})
+    out = out or Path("runs") / (source.stem if source.suffix.lower() == ".csv" else source.name)
+    with progress_bar(f"indexing {source}") as (advance, set_total):
+        result = build_manifest(source, cfg.index, progress=advance, on_total=set_total)
+    write_manifest(result.manifest, out / "manifest.parquet")
+    write_rejects(result.problems, out / "rejects.csv")
+    summary = summarize(result.manifest)
+    write_run_record(out, "index", cfg, source=str(source), layout=result.layout, found=result.found,
+                     rejected=sum(not p.skipped for p in result.problems), same_class_duplicates=result.same_class_duplicates, **summary)
+    table = Table(title=f"{source} ({result.layout})")
+    table.add_column("class")
+    table.add_column("cells", justify="right")
+    for label, n in summary["per_class"].items():
+        table.add_row(label, f"{n:,}")
+    console.print(table)
+    rejected = [p for p in result.problems if not p.skipped]
+    console.print(f"{summary['cells']:,} cells, {summary['patients']:,} patients, {summary['classes']} classes "
+                  f"(of {result.found:,} candidate images); {result.same_class_duplicates:,} byte-identical copies "
+                  f"within a class kept; {len(rejected):,} rejected, {len(result.problems) - len(rejected):,} "
+                  f"non-image files skipped -> {out / 'rejects.csv'}")
+    for problem in rejected[:5]:
+        console.print(f"  [yellow]rejected[/yellow] {problem.path}: {problem.reason}", highlight=False)
+    console.print(f"manifest: {out / 'manifest.parquet'}")
+    if strict and rejected:
+        console.print(f"[red]--strict: {len(rejected)} files or folders were rejected[/red]")
+        raise typer.Exit(EXIT_REJECTS)
+
+
+@app.command()
+@_errors_to_exit_codes
+def split(
+    manifest: Annotated[Path, typer.Argument(help="manifest.parquet written by `aml-rapids index`")],
+    method: Annotated[Optional[str], typer.Option(help="patient | image | kfold")] = None,
+    seed: Annotated[Optional[int], typer.Option(help="random seed")] = None,
+    folds: Annotated[Optional[int], typer.Option(help="number of folds for kfold")] = None,
+    allow_incomplete: Annotated[Optional[bool], typer.Option(
+        "--allow-incomplete", help="write the best feasible split even if a class misses a part")] = None,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """Add a seeded split (or fold) column to a manifest, in place; no group ever straddles two parts."""
+    from .data.manifest import read_manifest, write_manifest
+    from .data.splits import make_split
+
+    cfg = _config(config, set_, **{"split.method": method, "split.seed": seed, "split.folds": folds,
+                                   "split.allow_incomplete": allow_incomplete})
+    data = read_manifest(manifest)
+    result = make_split(data.table, cfg.split)
+    if result.missing:
+        console.print(f"[yellow]warning:[/yellow] classes missing from parts: {result.missing}")
+    data.table = result.table
+    data.meta["split"] = cfg.split.model_dump(mode="json")
+    write_manifest(data, manifest)
+    write_run_record(manifest.parent, "split", cfg, manifest=str(manifest),
+                     counts=result.counts_by_class(), missing=result.missing)
+    console.print(result.counts.to_string())
+    console.print(f"{cfg.split.method} split (seed {cfg.split.seed}) written to column "
+                  f"'{result.column}' of {manifest}")
+
+
+@app.command("demo-data")
+@_errors_to_exit_codes
+def demo_data(
+    out: Annotated[Path, typer.Argument(help="folder to write <class>/<patient>/<image>.tif into")] = Path("demo-data"),
+    patients: Annotated[int, typer.Option(min=1, help="patients per class")] = 4,
+    cells: Annotated[int, typer.Option(min=1, help="cells per patient")] = 30,
+    seed: Annotated[int, typer.Option(help="random seed")] = 0,
+) -> None:
+    """Draw a small synthetic dataset (5 classes, clearly labelled synthetic) so everything runs offline."""
+    from .data.synthetic import CLASSES, write_demo_dataset
+
+    total = len(CLASSES) * patients * cells
+    with progress_bar("drawing synthetic cells", total) as (advance, _):
+        n = write_demo_dataset(out, patients, cells, seed, progress=advance)
+    console.print(f"wrote {n:,} synthetic 144x144 TIFF cells ({len(CLASSES)} classes x {patients} patients "
+                  f"x {cells}) to {out}")
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,118 @@
+"""Typed run configuration: YAML files validated into pydantic models, with dotted CLI overrides.
+
+The model defaults are the published method's settings; ``configs/default.yaml`` is their YAML form
+(``aml-rapids config`` prints it, and a test keeps the two equal).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from .errors import ConfigError
+
+IMAGE_EXTENSIONS = (".tif", ".tiff", ".png", ".jpg", ".jpeg", ".bmp")
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class IndexConfig(_Section):
+    """How ``index`` finds images and what it checks in each."""
+
+    extensions: tuple[str, ...] = IMAGE_EXTENSIONS
+    verify_decode: bool = Field(True, description="decode every image fully, so truncated files are caught")
+    label_column: str | None = Field(None, description="CSV column holding the class; None tries label/class/diagnosis")
+    patient_column: str | None = Field(None, description="CSV column holding the patient; None tries 'patient'")
+    cohort: str | None = Field(None, description="cohort name for every row; None uses the CSV column or the root's name")
+    follow_symlinks: bool = True
+    workers: int = Field(8, ge=1, description="I/O threads for hashing and header reads")
+
+
+class SplitConfig(_Section):
+    """Which split protocol and its parameters."""
+
+    method: Literal["patient", "image", "kfold"] = "patient"
+    train: float = Field(0.70, gt=0, lt=1)
+    val: float = Field(0.15, ge=0, lt=1)
+    test: float = Field(0.15, gt=0, lt=1)
+    folds: int = Field(5, ge=2)
+    seed: int = 0
+    allow_incomplete: bool = Field(False, description="write a split even if a class is missing from a part")
+
+    @model_validator(mode="after")
+    def _fractions_sum_to_one(self) -> "SplitConfig":
+        total = self.train + self.val + self.test
+        if abs(total - 1.0) > 1e-6:
+            raise ValueError(f"split fractions train+val+test must sum to 1, got {total:g}")
+        return self
+
+    def fractions(self) -> dict[str, float]:
+        parts = {"train": self.train, "val": self.val, "test": self.test}
+        return {k: v for k, v in parts.items() if v > 0}
+
+
+class RunConfig(_Section):
+    """Everything one run needs; each stage reads its own section."""
+
+    index: IndexConfig = IndexConfig()
+    split: SplitConfig = SplitConfig()
+
+
+def _set_dotted(tree: dict, dotted: str, value) -> None:
+    keys = dotted.split(".")
+    node = tree
+    for key in keys[:-1]:
+        node = node.setdefault(key, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {dotted!r}: {key!r} is not a section")
+    node[keys[-1]] = value
+
+
+def parse_overrides(overrides: list[str] | None) -> dict:
+    """Turn ``["split.seed=3", "index.verify_decode=false"]`` into a nested dict (values parsed as YAML)."""
+    tree: dict = {}
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like section.key=value")
+        key, raw = item.split("=", 1)
+        _set_dotted(tree, key.strip(), yaml.safe_load(raw))
+    return tree
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for key, value in extra.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def load_config(path: Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """Read a YAML config (or the built-in defaults), apply overrides, validate; errors name the file and key."""
+    tree: dict = {}
+    source = "built-in defaults"
+    if path is not None:
+        source = str(path)
+        try:
+            tree = yaml.safe_load(Path(path).read_text()) or {}
+        except FileNotFoundError:
+            raise ConfigError(f"config file {path} does not exist") from None
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
+        if not isinstance(tree, dict):
+            raise ConfigError(f"config file {path} must hold a mapping of sections, got {type(tree).__name__}")
+    tree = _merge(tree, parse_overrides(overrides))
+    try:
+        return RunConfig.model_validate(tree)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        raise ConfigError(f"invalid config ({source}): {problems}") from None
+
+
+def dump_config(config: RunConfig) -> str:
+    """The YAML text of a resolved config, the form written into every run folder."""
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,175 @@
+"""The manifest: one row per usable cell image, the table every later stage reads.
+
+Columns: cell_id (stable: hash of cohort and relative path), path (relative to the root kept in the
+Parquet metadata), label, patient, cohort, bytes, sha256, width, height, mode, format, any extra CSV
+columns, and, once split, ``split`` or ``fold``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from ..config import IndexConfig
+from ..errors import DataError
+from .inspect import ImageProblem, inspect_image
+from .scan import Candidate, Problem, ScanResult, scan_csv, scan_folder
+
+META_KEY = b"aml_rapids"
+CORE_COLUMNS = ["cell_id", "path", "label", "patient", "cohort", "bytes", "sha256", "width", "height", "mode", "format"]
+
+
+@dataclass
+class Manifest:
+    """A manifest table with the root its relative paths start from and the history of what made it."""
+
+    table: pd.DataFrame
+    root: Path
+    meta: dict = field(default_factory=dict)
+
+    def paths(self) -> list[Path]:
+        """Absolute path of every row, in row order."""
+        return [self.root / p for p in self.table["path"]]
+
+    def digest(self) -> str:
+        """A hash of the rows' identities and contents: two manifests with the same digest list the same cells."""
+        h = hashlib.sha256()
+        for cell_id, sha, label in zip(self.table["cell_id"], self.table["sha256"], self.table["label"]):
+            h.update(f"{cell_id}:{sha}:{label}\n".encode())
+        return h.hexdigest()
+
+
+@dataclass
+class IndexResult:
+    manifest: Manifest
+    problems: list[Problem]
+    layout: str
+    found: int
+    same_class_duplicates: int
+
+
+def cell_id(cohort: str, rel: str) -> str:
+    """Stable id of a cell: the same file in the same cohort keeps its id across re-indexing."""
+    return hashlib.sha1(f"{cohort}/{rel}".encode()).hexdigest()[:16]
+
+
+def _inspect_all(candidates: list[Candidate], cfg: IndexConfig, progress: Callable[[int], None] | None):
+    def work(c: Candidate):
+        try:
+            return inspect_image(c.path, cfg.verify_decode)
+        except ImageProblem as exc:
+            return str(exc)
+
+    with ThreadPoolExecutor(cfg.workers) as pool:
+        for result in pool.map(work, candidates, chunksize=32):
+            if progress:
+                progress(1)
+            yield result
+
+
+def _reject_label_conflicts(table: pd.DataFrame, root: Path) -> tuple[pd.DataFrame, list[Problem]]:
+    """Identical content under two classes cannot be labelled; every copy is rejected and named."""
+    labels_per_hash = table.groupby("sha256")["label"].nunique()
+    conflicted = set(labels_per_hash[labels_per_hash > 1].index)
+    problems = []
+    for sha, rows in table[table["sha256"].isin(conflicted)].groupby("sha256"):
+        copies = ", ".join(f"{p} ({lab})" for p, lab in zip(rows["path"], rows["label"]))
+        for path in rows["path"]:
+            problems.append(Problem(str(root / path), f"same content under two classes: {copies}"))
+    return table[~table["sha256"].isin(conflicted)].reset_index(drop=True), problems
+
+
+def build_manifest(source: Path, cfg: IndexConfig, progress: Callable[[int], None] | None = None,
+                   on_total: Callable[[int], None] | None = None) -> IndexResult:
+    """Scan a folder or CSV, inspect every candidate, and return the manifest and what was left out."""
+    source = Path(source)
+    if source.suffix.lower() == ".csv":
+        scan: ScanResult = scan_csv(source, cfg.label_column, cfg.patient_column)
+        default_cohort = source.parent.name
+    else:
+        scan = scan_folder(source, cfg.extensions, cfg.follow_symlinks)
+        default_cohort = source.resolve().name
+    problems = list(scan.problems)
+    if on_total:
+        on_total(len(scan.candidates))
+    rows = []
+    for cand, info in zip(scan.candidates, _inspect_all(scan.candidates, cfg, progress)):
+        if isinstance(info, str):
+            problems.append(Problem(str(cand.path), info))
+            continue
+        cohort = cfg.cohort or cand.cohort or default_cohort
+        rows.append({
+            "cell_id": cell_id(cohort, cand.rel), "path": cand.rel, "label": cand.label,
+            "patient": cand.patient, "cohort": cohort, "bytes": info.bytes, "sha256": info.sha256,
+            "width": info.width, "height": info.height, "mode": info.mode, "format": info.format, **cand.extra,
+        })
+    extra_columns = list(scan.candidates[0].extra) if scan.candidates else []
+    table = pd.DataFrame(rows, columns=CORE_COLUMNS + extra_columns)
+    table, conflicts = _reject_label_conflicts(table, scan.root)
+    problems += conflicts
+    for name, folder in scan.class_dirs.items():
+        if name not in set(table["label"]):
+            problems.append(Problem(str(folder), "class folder has no usable images"))
+    if table.empty:
+        raise DataError(f"{source}: no usable images ({len(problems)} problems; see the rejects file)")
+    dupes = int(table.duplicated("sha256").sum())
+    table = table.sort_values(["label", "patient", "path"], na_position="first", kind="stable").reset_index(drop=True)
+    meta = {"source": str(source.resolve()), "layout": scan.layout}
+    return IndexResult(Manifest(table, scan.root.resolve(), meta), problems, scan.layout, len(scan.candidates), dupes)
+
+
+def write_manifest(manifest: Manifest, path: Path) -> None:
+    """Write the manifest as Parquet, atomically, with root and history in the schema metadata."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    meta = {**manifest.meta, "root": str(manifest.root), "digest": manifest.digest()}
+    table = pa.Table.from_pandas(manifest.table, preserve_index=False)
+    table = table.replace_schema_metadata({**(table.schema.metadata or {}), META_KEY: json.dumps(meta).encode()})
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    pq.write_table(table, tmp)
+    tmp.replace(path)
+
+
+def read_manifest(path: Path) -> Manifest:
+    """Read a manifest written by ``write_manifest``; errors say what is wrong with the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"manifest {path} does not exist (make one with `aml-rapids index`)")
+    try:
+        table = pq.read_table(path)
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise DataError(f"manifest {path} is not a readable Parquet file: {exc}") from None
+    raw = (table.schema.metadata or {}).get(META_KEY)
+    if raw is None:
+        raise DataError(f"{path} is a Parquet file but not an aml-rapids manifest (no {META_KEY.decode()} metadata)")
+    meta = json.loads(raw)
+    frame = table.to_pandas()
+    missing = [c for c in CORE_COLUMNS if c not in frame.columns]
+    if missing:
+        raise DataError(f"manifest {path} lacks columns {', '.join(missing)}")
+    return Manifest(frame, Path(meta.pop("root")), {k: v for k, v in meta.items() if k != "digest"})
+
+
+def write_rejects(problems: list[Problem], path: Path) -> None:
+    """Every file or folder left out, with the reason, as CSV (written even when empty, so absence is news)."""
+    rows = [(p.path, "skipped" if p.skipped else "rejected", p.reason) for p in problems]
+    pd.DataFrame(rows, columns=["path", "action", "reason"]).to_csv(path, index=False)
+
+
+def summarize(manifest: Manifest) -> dict:
+    """Counts a person checks first: cells, classes, patients, cells per class."""
+    t = manifest.table
+    return {
+        "cells": len(t),
+        "classes": int(t["label"].nunique()),
+        "patients": int(t["patient"].nunique()) if t["patient"].notna().any() else 0,
+        "per_class": {str(k): int(v) for k, v in t["label"].value_counts().sort_index().items()},
+    }

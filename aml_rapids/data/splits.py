@@ -1,0 +1,126 @@
+"""Seeded, reproducible splits that keep every group (a patient, or identical image content) in one part.
+
+Three protocols share one rule, that a group never straddles parts:
+- ``patient``: train/val/test by patient, stratified by class (the default: no patient leaks).
+- ``image``: train/val/test by image, stratified by class (the published 70/15/15 protocol, for comparison);
+  byte-identical copies are one group, so a duplicated cell cannot sit in train and test.
+- ``kfold``: grouped stratified k-fold by patient (scikit-learn's StratifiedGroupKFold).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+from sklearn.model_selection import StratifiedGroupKFold
+
+from ..config import SplitConfig
+from ..errors import SplitError
+
+PART_PRIORITY = ("train", "test", "val")
+
+
+@dataclass
+class SplitResult:
+    table: pd.DataFrame
+    column: str
+    counts: pd.DataFrame
+    missing: list[tuple[str, str]]
+
+    def counts_by_class(self) -> dict:
+        """``{class: {"cells": {part: n}, "groups": {part: n}}}``, the JSON form of ``counts``."""
+        return {str(label): {kind: {str(part): int(row[(kind, part)]) for part in self.counts[kind].columns}
+                             for kind in ("cells", "groups")} for label, row in self.counts.iterrows()}
+
+
+def _groups(table: pd.DataFrame, method: str) -> pd.Series:
+    if method == "image":
+        return table["sha256"]
+    if table["patient"].isna().any():
+        n = int(table["patient"].isna().sum())
+        raise SplitError(f"{n} cells have no patient id (layout <class>/<image>): a patient-grouped split is "
+                         "impossible; use --method image, or index a <class>/<patient>/<image> tree or a CSV "
+                         "with a patient column")
+    return table["patient"]
+
+
+def _group_labels(table: pd.DataFrame, groups: pd.Series) -> pd.DataFrame:
+    """One row per group: its cell count and its class (the majority label of its cells)."""
+    frame = pd.DataFrame({"group": groups.values, "label": table["label"].values})
+    majority = frame.groupby("group")["label"].agg(lambda s: s.value_counts().index[0])
+    return pd.DataFrame({"label": majority, "cells": frame.groupby("group").size()})
+
+
+def _assign_class(groups: pd.DataFrame, fractions: dict[str, float], rng: np.random.Generator) -> dict:
+    """Give each part of one class at least one group where possible, then fill to the target cell counts."""
+    order = list(groups.index[rng.permutation(len(groups))])
+    parts = sorted(fractions, key=PART_PRIORITY.index)
+    target = {p: fractions[p] * groups["cells"].sum() for p in parts}
+    filled = dict.fromkeys(parts, 0)
+    assignment = {}
+    for part, group in zip(parts, order):
+        assignment[group] = part
+        filled[part] += groups.at[group, "cells"]
+    for group in order[len(parts):]:
+        part = max(parts, key=lambda p: (target[p] - filled[p]) / target[p])
+        assignment[group] = part
+        filled[part] += groups.at[group, "cells"]
+    return assignment
+
+
+def _counts(table: pd.DataFrame, column: str, groups: pd.Series) -> pd.DataFrame:
+    frame = pd.DataFrame({"label": table["label"], column: table[column], "group": groups.values})
+    cells = frame.pivot_table(index="label", columns=column, values="group", aggfunc="size", fill_value=0)
+    grouped = frame.pivot_table(index="label", columns=column, values="group", aggfunc="nunique", fill_value=0)
+    return pd.concat({"cells": cells, "groups": grouped}, axis=1)
+
+
+def _fraction_split(table: pd.DataFrame, cfg: SplitConfig) -> SplitResult:
+    groups = _groups(table, cfg.method)
+    per_group = _group_labels(table, groups)
+    rng = np.random.default_rng(cfg.seed)
+    fractions = cfg.fractions()
+    assignment: dict = {}
+    missing = []
+    for label in sorted(per_group["label"].unique()):
+        members = per_group[per_group["label"] == label]
+        assignment.update(_assign_class(members, fractions, rng))
+        missing += [(label, part) for part in sorted(fractions, key=PART_PRIORITY.index)[len(members):]]
+    out = table.copy()
+    out["split"] = groups.map(assignment).values
+    return SplitResult(out, "split", _counts(out, "split", groups), missing)
+
+
+def _kfold_split(table: pd.DataFrame, cfg: SplitConfig) -> SplitResult:
+    groups = _groups(table, "patient")
+    per_group = _group_labels(table, groups)
+    short = per_group.groupby("label").size()
+    missing = [(label, f"{cfg.folds - n} of {cfg.folds} folds") for label, n in short.items() if n < cfg.folds]
+    if len(per_group) < cfg.folds:
+        raise SplitError(f"{len(per_group)} patients cannot fill {cfg.folds} folds")
+    folds = StratifiedGroupKFold(n_splits=cfg.folds, shuffle=True, random_state=cfg.seed)
+    out = table.copy()
+    out["fold"] = -1
+    for k, (_, test_idx) in enumerate(folds.split(np.zeros(len(out)), out["label"], groups)):
+        out.loc[out.index[test_idx], "fold"] = k
+    return SplitResult(out, "fold", _counts(out, "fold", groups), missing)
+
+
+def make_split(table: pd.DataFrame, cfg: SplitConfig) -> SplitResult:
+    """Add a ``split`` (or ``fold``) column; raise SplitError, showing the best feasible split, when a class
+    has too few groups to appear in every part (unless ``cfg.allow_incomplete``)."""
+    table = table.drop(columns=[c for c in ("split", "fold") if c in table.columns])
+    result = _kfold_split(table, cfg) if cfg.method == "kfold" else _fraction_split(table, cfg)
+    if result.missing and not cfg.allow_incomplete:
+        unit = "images" if cfg.method == "image" else "patients"
+        lacking = "; ".join(f"{label} missing from {part}" for label, part in result.missing)
+        raise SplitError(f"too few {unit} for a {cfg.method} split with every class in every part: {lacking}.\n"
+                         f"Best feasible split (pass --allow-incomplete to write it):\n{result.counts.to_string()}")
+    return result
+
+
+def groups_in_several_parts(table: pd.DataFrame, column: str, group_column: str = "patient") -> list[str]:
+    """Groups whose cells sit in more than one part: empty for every split this module makes."""
+    parts = table.groupby(group_column)[column].nunique()
+    return sorted(map(str, parts[parts > 1].index))

@@ -1,0 +1,108 @@
+"""What a run was made with: software versions, machine, git commit; written into every output folder."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import platform
+import subprocess
+import sys
+from importlib import metadata
+from pathlib import Path
+
+from . import __version__
+from .config import RunConfig, dump_config
+
+TRACKED_PACKAGES = (
+    "numpy", "pandas", "pyarrow", "pillow", "torch", "torchvision", "nvidia-dali-cuda130",
+    "nvidia-dali-cuda120", "zarr", "scikit-learn", "cuml-cu13", "cuml-cu12", "cupy-cuda13x",
+    "cupy-cuda12x", "dask", "dask-cuda",
+)
+
+
+def software_versions() -> dict[str, str]:
+    """Installed versions of the packages that change results or speed (absent ones are left out)."""
+    versions = {"python": platform.python_version(), "aml-rapids": __version__}
+    for name in TRACKED_PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return versions
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _gpus() -> list[dict[str, str]]:
+    try:
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=name,driver_version,memory.total", "--format=csv,noheader"],
+            capture_output=True, text=True, timeout=10, check=True,
+        ).stdout
+    except (OSError, subprocess.SubprocessError):
+        return []
+    gpus = []
+    for line in out.strip().splitlines():
+        name, driver, memory = (part.strip() for part in line.split(","))
+        gpus.append({"name": name, "driver": driver, "memory": memory})
+    return gpus
+
+
+def machine_info() -> dict:
+    """CPU model, usable cores, memory and GPUs of this machine."""
+    try:
+        mem_gib = round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)
+    except (ValueError, OSError, AttributeError):
+        mem_gib = None
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return {
+        "hostname": platform.node(),
+        "os": platform.platform(),
+        "cpu": _cpu_model(),
+        "cores": cores,
+        "memory_gib": mem_gib,
+        "gpus": _gpus(),
+    }
+
+
+def git_commit(path: Path | None = None) -> str | None:
+    """The commit of the aml-rapids checkout, when it runs from one."""
+    here = path or Path(__file__).resolve().parent
+    try:
+        out = subprocess.run(["git", "-C", str(here), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None
+
+
+def run_record(stage: str, config: RunConfig, **details) -> dict:
+    """The provenance of one stage's run: command line, resolved config, versions, machine and details."""
+    return {
+        "stage": stage,
+        "time_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "argv": sys.argv,
+        "git_commit": git_commit(),
+        "versions": software_versions(),
+        "machine": machine_info(),
+        "config": config.model_dump(mode="json"),
+        "details": details,
+    }
+
+
+def write_run_record(out_dir: Path, stage: str, config: RunConfig, **details) -> Path:
+    """Write ``<out_dir>/runs/<stage>.json`` and the resolved ``config.yaml`` beside the outputs."""
+    runs = Path(out_dir) / "runs"
+    runs.mkdir(parents=True, exist_ok=True)
+    (Path(out_dir) / "config.yaml").write_text(dump_config(config))
+    path = runs / f"{stage}.json"
+    path.write_text(json.dumps(run_record(stage, config, **details), indent=2, default=str))
+    return path

@@ -1,0 +1,69 @@
+"""Splits: groups never straddle parts, every class reaches every part, seeds reproduce."""
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from aml_rapids.config import SplitConfig
+from aml_rapids.data.splits import groups_in_several_parts, make_split
+from aml_rapids.errors import SplitError
+
+
+def table(patients_per_class=(8, 6, 5), cells=lambda p: 5 + 3 * p, seed=0):
+    rng = np.random.default_rng(seed)
+    rows = []
+    for c, n in enumerate(patients_per_class):
+        for p in range(n):
+            for i in range(cells(p)):
+                rows.append({"label": f"class{c}", "patient": f"c{c}p{p}", "sha256": f"{c}-{p}-{i}-{rng.random()}"})
+    return pd.DataFrame(rows)
+
+
+def test_patient_split_keeps_patients_whole_and_every_class_everywhere():
+    result = make_split(table(), SplitConfig(method="patient"))
+    t = result.table
+    assert groups_in_several_parts(t, "split") == []
+    assert (t.groupby("label")["split"].nunique() == 3).all()
+    assert not result.missing
+
+
+def test_seed_reproduces_and_changes_the_split():
+    a = make_split(table(), SplitConfig(seed=1)).table["split"]
+    b = make_split(table(), SplitConfig(seed=1)).table["split"]
+    c = make_split(table(), SplitConfig(seed=2)).table["split"]
+    assert a.equals(b) and not a.equals(c)
+
+
+def test_image_split_matches_fractions_and_keeps_identical_content_together():
+    t = table(patients_per_class=(20, 20), cells=lambda p: 50)
+    t.loc[t.index[:40:2], "sha256"] = "same-content"  # 20 identical copies, all in class0
+    result = make_split(t, SplitConfig(method="image"))
+    share = result.table["split"].value_counts(normalize=True)
+    assert share["train"] == pytest.approx(0.70, abs=0.01)
+    assert share["val"] == pytest.approx(0.15, abs=0.01) and share["test"] == pytest.approx(0.15, abs=0.01)
+    assert result.table.loc[result.table["sha256"] == "same-content", "split"].nunique() == 1
+    assert groups_in_several_parts(result.table, "split", "sha256") == []
+
+
+def test_kfold_is_grouped_and_stratified():
+    result = make_split(table(patients_per_class=(10, 10, 10)), SplitConfig(method="kfold", folds=5))
+    t = result.table
+    assert set(t["fold"]) == set(range(5))
+    assert groups_in_several_parts(t, "fold") == []
+    assert (t.groupby("label")["fold"].nunique() == 5).all()
+
+
+def test_too_few_patients_shows_the_best_feasible_split():
+    t = table(patients_per_class=(8, 2))
+    with pytest.raises(SplitError, match=r"(?s)class1 missing from val.*Best feasible split") as err:
+        make_split(t, SplitConfig())
+    assert "test" in str(err.value) and "groups" in str(err.value)
+    result = make_split(t, SplitConfig(allow_incomplete=True))
+    assert result.missing == [("class1", "val")]
+    assert set(result.table.loc[result.table["label"] == "class1", "split"]) == {"train", "test"}
+
+
+def test_patient_split_needs_patient_ids():
+    t = table().assign(patient=None)
+    with pytest.raises(SplitError, match="no patient id.*--method image"):
+        make_split(t, SplitConfig())
