@@ -125,6 +125,27 @@ def split(
                   f"'{result.column}' of {manifest}")
 
 
+@app.command()
+@_errors_to_exit_codes
+def preview(
+    manifest: Annotated[Path, typer.Argument(help="manifest.parquet written by `aml-rapids index`")],
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="PNG to write [default: beside the manifest]")] = None,
+    per_class: Annotated[int, typer.Option(min=1, help="cells per class")] = 3,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """Write a PNG grid of original / HSV mask / segmented / augmented cells, a few per class."""
+    from .data.manifest import read_manifest
+    from .loader.preview import render_preview
+
+    cfg = _config(config, set_)
+    data = read_manifest(manifest)
+    out = out or manifest.parent / "preview.png"
+    render_preview(data.table, data.root, cfg, out, per_class)
+    write_run_record(manifest.parent, "preview", cfg, manifest=str(manifest), png=str(out))
+    console.print(f"preview: {out}")
+
+
 @app.command("demo-data")
 @_errors_to_exit_codes
 def demo_data(

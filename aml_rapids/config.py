@@ -56,11 +56,60 @@ class SplitConfig(_Section):
         return {k: v for k, v in parts.items() if v > 0}
 
 
+class SegmentationConfig(_Section):
+    """HSV thresholds of the background mask. The defaults keep the purple/blue stained leukocyte (hue 195-325
+    degrees, saturation >= 0.15) and drop the beige/pink background and red cells (hue 330-60 degrees); chosen on
+    ../shared/data (see docs/segmentation.md)."""
+
+    enabled: bool = True
+    hue_min: float = Field(195.0, ge=0, le=360)
+    hue_max: float = Field(325.0, ge=0, le=360)
+    saturation_min: float = Field(0.15, ge=0, le=1)
+    value_min: float = Field(0.0, ge=0, le=1)
+    value_max: float = Field(1.0, ge=0, le=1)
+
+
+class AugmentConfig(_Section):
+    """Training-time augmentation, one affine warp per image: rotation, independent x/y scale, flips."""
+
+    enabled: bool = True
+    rotate_deg: float = Field(10.0, ge=0, le=180)
+    p_rotate: float = Field(1.0, ge=0, le=1)
+    scale_min: float = Field(0.9, gt=0)
+    scale_max: float = Field(1.1, gt=0)
+    p_scale: float = Field(1.0, ge=0, le=1)
+    p_hflip: float = Field(0.5, ge=0, le=1)
+    p_vflip: float = Field(0.5, ge=0, le=1)
+
+
+class OversampleConfig(_Section):
+    """Bring every training class to the size of the largest by replication plus a seeded remainder."""
+
+    enabled: bool = True
+    seed: int = 0
+
+
+class LoaderConfig(_Section):
+    """The DALI pipeline: where it runs, how big its batches are, what it outputs."""
+
+    device: Literal["auto", "gpu", "cpu"] = "auto"
+    image_size: int = Field(224, ge=8)
+    batch_size: int = Field(256, ge=1)
+    num_threads: int | None = Field(None, ge=1, description="DALI CPU threads; None uses every usable core")
+    gpu_dtype: Literal["fp16", "bf16", "fp32"] = "fp16"
+    prefetch: int = Field(2, ge=1)
+    seed: int = 0
+
+
 class RunConfig(_Section):
     """Everything one run needs; each stage reads its own section."""
 
     index: IndexConfig = IndexConfig()
     split: SplitConfig = SplitConfig()
+    segmentation: SegmentationConfig = SegmentationConfig()
+    augment: AugmentConfig = AugmentConfig()
+    oversample: OversampleConfig = OversampleConfig()
+    loader: LoaderConfig = LoaderConfig()
 
 
 def _set_dotted(tree: dict, dotted: str, value) -> None:

@@ -32,10 +32,10 @@ class Morphology:
 
 # Class names as in the target dataset (AML-Cytomorphology_MLL_Helmholtz).
 CLASSES: dict[str, Morphology] = {
-    "control": Morphology((22, 28), 0.45, (3, 4), 25, (200, 150, 190), 0, (225, 205, 225)),
-    "PML_RARA": Morphology((32, 40), 0.55, (2, 2), 160, (120, 40, 110), 2, (215, 170, 200)),
-    "NPM1": Morphology((28, 36), 0.70, (1, 1), 0, (0, 0, 0), 0, (185, 180, 225), cup=True),
-    "CBFB_MYH11": Morphology((30, 38), 0.60, (2, 3), 60, (235, 120, 70), 0, (200, 190, 220)),
+    "control": Morphology((22, 28), 0.45, (3, 4), 25, (200, 150, 190), 0, (210, 175, 228)),
+    "PML_RARA": Morphology((32, 40), 0.55, (2, 2), 160, (120, 40, 110), 2, (212, 160, 215)),
+    "NPM1": Morphology((28, 36), 0.70, (1, 1), 0, (0, 0, 0), 0, (170, 160, 228), cup=True),
+    "CBFB_MYH11": Morphology((30, 38), 0.60, (2, 3), 60, (235, 120, 70), 0, (190, 168, 228)),
     "RUNX1_RUNX1T1": Morphology((30, 36), 0.75, (1, 1), 10, (140, 60, 140), 1, (160, 170, 220), nucleolus=True),
 }
 
@@ -46,7 +46,7 @@ def _ellipse(draw: ImageDraw.ImageDraw, cx: float, cy: float, rx: float, ry: flo
 
 def draw_cell(morph: Morphology, rng: np.random.Generator, tint: np.ndarray) -> Image.Image:
     """One cell on a pink smear background with a few red blood cells around it."""
-    background = np.array([232, 205, 212]) + tint * 0.5
+    background = np.array([240, 218, 208]) + tint * 0.2
     img = Image.new("RGB", (SIZE, SIZE), tuple(int(v) for v in background))
     draw = ImageDraw.Draw(img)
     for _ in range(rng.integers(2, 6)):
@@ -76,7 +76,7 @@ def draw_cell(morph: Morphology, rng: np.random.Generator, tint: np.ndarray) -> 
         b = rng.uniform(0, np.pi)
         draw.line([x - 7 * np.cos(b), y - 7 * np.sin(b), x + 7 * np.cos(b), y + 7 * np.sin(b)], fill=(90, 20, 80), width=2)
     img = img.filter(ImageFilter.GaussianBlur(0.8))
-    noisy = np.asarray(img, dtype=np.float32) + rng.normal(0, 4, (SIZE, SIZE, 3))
+    noisy = np.asarray(img, dtype=np.float32) + rng.normal(0, 3, (SIZE, SIZE, 3))
     return Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8))
 
 

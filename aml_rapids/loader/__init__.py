@@ -1,0 +1,1 @@
+"""Loader stage: the DALI pipeline that decodes, segments, resizes, augments and normalises every cell."""

@@ -1,0 +1,55 @@
+"""A PNG grid of what the pipeline does to a few cells per class: original, mask, segmented, augmented."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from ..config import RunConfig  # noqa: E402
+from .loader import CellLoader  # noqa: E402
+
+VIEWS = ("decoded", "mask", "resized", "augmented")
+TITLES = ("original", "HSV mask", "segmented + resized", "augmented")
+
+
+def pick_examples(table: pd.DataFrame, per_class: int, seed: int) -> pd.DataFrame:
+    """A seeded sample of ``per_class`` rows of every class."""
+    shuffled = table.sample(frac=1.0, random_state=seed).groupby("label").head(per_class)
+    return shuffled.sort_values(["label", "path"]).reset_index(drop=True)
+
+
+def render_preview(table: pd.DataFrame, root: Path, cfg: RunConfig, out: Path, per_class: int = 3) -> Path:
+    """Run the CPU graph with its debug outputs on a few cells per class and save the grid as a PNG."""
+    examples = pick_examples(table, per_class, cfg.loader.seed)
+    cpu_cfg = cfg.model_copy(update={"loader": cfg.loader.model_copy(update={"device": "cpu"})})
+    loader = CellLoader(examples, root, cpu_cfg, augment=True, debug=True)
+    views: dict[int, dict[str, np.ndarray]] = {}
+    for batch in loader:
+        for i, pos in enumerate(batch.positions):
+            views[int(pos)] = {k: batch.views[k][i].cpu().numpy() for k in VIEWS}
+    fig, axes = plt.subplots(len(examples), len(VIEWS), figsize=(2.2 * len(VIEWS), 2.2 * len(examples)),
+                             squeeze=False)
+    for row, (pos, cell) in enumerate(examples.iterrows()):
+        for col, (key, title) in enumerate(zip(VIEWS, TITLES)):
+            ax = axes[row][col]
+            image = views[pos][key]
+            ax.imshow(image[..., 0] * 255 if key == "mask" else image, cmap="gray", vmin=0, vmax=255)
+            ax.set_xticks([]), ax.set_yticks([])
+            if row == 0:
+                ax.set_title(title, fontsize=9)
+            if col == 0:
+                ax.set_ylabel(f"{cell['label']}\n{Path(cell['path']).name}", fontsize=7)
+    seg = cfg.segmentation
+    fig.suptitle(f"HSV mask: hue {seg.hue_min:g}-{seg.hue_max:g} deg, saturation >= {seg.saturation_min:g}"
+                 + ("" if seg.enabled else " (segmentation off)"), fontsize=9)
+    fig.tight_layout(rect=(0, 0, 1, 0.97))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
