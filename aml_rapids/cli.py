@@ -130,19 +130,25 @@ def split(
 def preview(
     manifest: Annotated[Path, typer.Argument(help="manifest.parquet written by `aml-rapids index`")],
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="PNG to write [default: beside the manifest]")] = None,
-    per_class: Annotated[int, typer.Option(min=1, help="cells per class")] = 3,
+    per_class: Annotated[int, typer.Option(min=1, help="cells per class in the grid")] = 3,
+    stats_per_class: Annotated[int, typer.Option(min=0, help="cells per class for foreground statistics")] = 200,
     config: ConfigOpt = None,
     set_: SetOpt = None,
 ) -> None:
-    """Write a PNG grid of original / HSV mask / segmented / augmented cells, a few per class."""
+    """Write a PNG grid of original / HSV mask / segmented / augmented cells, and the mask's foreground share."""
     from .data.manifest import read_manifest
-    from .loader.preview import render_preview
+    from .loader.preview import foreground_fractions, render_preview
 
     cfg = _config(config, set_)
     data = read_manifest(manifest)
     out = out or manifest.parent / "preview.png"
     render_preview(data.table, data.root, cfg, out, per_class)
-    write_run_record(manifest.parent, "preview", cfg, manifest=str(manifest), png=str(out))
+    stats = foreground_fractions(data.table, data.root, cfg, stats_per_class) if stats_per_class else None
+    if stats is not None:
+        console.print("foreground fraction kept by the HSV mask, per class:")
+        console.print(stats.round(3).to_string())
+    write_run_record(manifest.parent, "preview", cfg, manifest=str(manifest), png=str(out),
+                     foreground=None if stats is None else stats.round(4).to_dict(orient="index"))
     console.print(f"preview: {out}")
 
 

@@ -1,4 +1,4 @@
-"""One DALI graph for both devices: decode -> HSV mask -> resize -> (augment) -> per-backbone normalise.
+"""One DALI graph for both devices: decode -> HSV mask -> (augment) -> resize -> per-backbone normalise.
 
 On a GPU, decoding uses ``device="mixed"`` and everything after it runs on the GPU; without one, the same graph
 runs in DALI's CPU-only mode (``device_id=None``). Reader labels carry the row position in the loader's table,
@@ -45,9 +45,10 @@ def _coin(p: float):
     return fn.cast(fn.random.coin_flip(probability=p), dtype=types.FLOAT)
 
 
-def _augment_matrix(cfg: AugmentConfig, size: int):
+def _augment_matrix(cfg: AugmentConfig, image):
     """One affine matrix per sample: rotation in +-rotate_deg, independent x/y scale, flips, about the centre."""
-    center = [size / 2.0, size / 2.0]
+    hwc = image.shape(dtype=types.FLOAT)
+    center = fn.stack(hwc[1], hwc[0]) * 0.5
     angle = fn.random.uniform(range=[-cfg.rotate_deg, cfg.rotate_deg]) * _coin(cfg.p_rotate)
     sx = 1.0 + (fn.random.uniform(range=[cfg.scale_min, cfg.scale_max]) - 1.0) * _coin(cfg.p_scale)
     sy = 1.0 + (fn.random.uniform(range=[cfg.scale_min, cfg.scale_max]) - 1.0) * _coin(cfg.p_scale)
@@ -56,6 +57,10 @@ def _augment_matrix(cfg: AugmentConfig, size: int):
     rotate = fn.transforms.rotation(angle=angle, center=center)
     scale = fn.transforms.scale(scale=fn.stack(sx * fx, sy * fy), center=center)
     return fn.transforms.combine(scale, rotate)
+
+
+def _resize(image, size: int):
+    return fn.resize(image, size=[size, size], interp_type=types.INTERP_LINEAR)
 
 
 def cell_graph(files: list[str], positions: list[int], spec: GraphSpec, shard_id: int = 0, num_shards: int = 1):
@@ -68,11 +73,13 @@ def cell_graph(files: list[str], positions: list[int], spec: GraphSpec, shard_id
     if spec.segmentation.enabled:
         mask = hsv_mask(decoded, spec.segmentation)
         image = decoded * mask
-    image = fn.resize(image, size=[spec.image_size, spec.image_size], interp_type=types.INTERP_LINEAR)
-    resized = image
-    if spec.augment is not None and spec.augment.enabled:
-        matrix = _augment_matrix(spec.augment, spec.image_size)
+    segmented = image
+    augmenting = spec.augment is not None and spec.augment.enabled
+    if augmenting:
+        # Warping before the resize touches 144x144 instead of 224x224 pixels: 2x faster on a CPU.
+        matrix = _augment_matrix(spec.augment, image)
         image = fn.warp_affine(image, matrix=matrix, fill_value=0, interp_type=types.INTERP_LINEAR, inverse_map=False)
+    image = _resize(image, spec.image_size)
     outputs = [
         fn.crop_mirror_normalize(image, dtype=spec.output_dtype, output_layout="CHW",
                                  mean=[255.0 * m for m in norm.mean], std=[255.0 * s for s in norm.std])
@@ -80,6 +87,7 @@ def cell_graph(files: list[str], positions: list[int], spec: GraphSpec, shard_id
     ]
     outputs.append(position)
     if spec.debug:
+        resized = _resize(segmented, spec.image_size) if augmenting else image
         outputs += [decoded, mask if mask is not None else decoded[:, :, 0:1] * 0 + 1, resized, image]
     return tuple(outputs)
 

@@ -24,15 +24,29 @@ def pick_examples(table: pd.DataFrame, per_class: int, seed: int) -> pd.DataFram
     return shuffled.sort_values(["label", "path"]).reset_index(drop=True)
 
 
+def _debug_views(table: pd.DataFrame, root: Path, cfg: RunConfig, keys: tuple[str, ...]) -> dict[int, dict]:
+    """Run the CPU graph with its debug outputs; views per table position."""
+    cpu_cfg = cfg.model_copy(update={"loader": cfg.loader.model_copy(update={"device": "cpu"})})
+    views: dict[int, dict[str, np.ndarray]] = {}
+    for batch in CellLoader(table, root, cpu_cfg, augment=True, debug=True):
+        for i, pos in enumerate(batch.positions):
+            views[int(pos)] = {k: batch.views[k][i].cpu().numpy() for k in keys}
+    return views
+
+
+def foreground_fractions(table: pd.DataFrame, root: Path, cfg: RunConfig, per_class: int = 200) -> pd.DataFrame:
+    """Share of each cell image the HSV mask keeps, summarised per class over a seeded sample."""
+    sample = pick_examples(table, per_class, cfg.loader.seed)
+    views = _debug_views(sample, root, cfg, ("mask",))
+    sample = sample.assign(foreground=[float(views[i]["mask"].mean()) for i in range(len(sample))])
+    return sample.groupby("label")["foreground"].describe(percentiles=[0.05, 0.5, 0.95])[
+        ["count", "mean", "5%", "50%", "95%"]]
+
+
 def render_preview(table: pd.DataFrame, root: Path, cfg: RunConfig, out: Path, per_class: int = 3) -> Path:
     """Run the CPU graph with its debug outputs on a few cells per class and save the grid as a PNG."""
     examples = pick_examples(table, per_class, cfg.loader.seed)
-    cpu_cfg = cfg.model_copy(update={"loader": cfg.loader.model_copy(update={"device": "cpu"})})
-    loader = CellLoader(examples, root, cpu_cfg, augment=True, debug=True)
-    views: dict[int, dict[str, np.ndarray]] = {}
-    for batch in loader:
-        for i, pos in enumerate(batch.positions):
-            views[int(pos)] = {k: batch.views[k][i].cpu().numpy() for k in VIEWS}
+    views = _debug_views(examples, root, cfg, VIEWS)
     fig, axes = plt.subplots(len(examples), len(VIEWS), figsize=(2.2 * len(VIEWS), 2.2 * len(examples)),
                              squeeze=False)
     for row, (pos, cell) in enumerate(examples.iterrows()):

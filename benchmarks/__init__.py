@@ -1,0 +1,1 @@
+"""Throughput benchmarks: every stage against the naive baseline measured in the same run."""

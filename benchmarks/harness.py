@@ -1,0 +1,51 @@
+"""Timing, synthetic inputs and result records shared by every benchmark stage."""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from aml_rapids.config import IndexConfig
+from aml_rapids.data.manifest import Manifest, build_manifest
+from aml_rapids.data.synthetic import CLASSES, write_demo_dataset
+from aml_rapids.provenance import git_commit, machine_info, software_versions
+
+RESULTS = Path(__file__).resolve().parent / "results" / "results.jsonl"
+
+
+def synthetic_manifest(count: int, cache: Path) -> Manifest:
+    """At least ``count`` synthetic 144x144 TIFF cells (drawn once per cache folder), indexed."""
+    per_patient = 50
+    patients = max(1, -(-count // (len(CLASSES) * per_patient)))
+    folder = cache / f"synthetic-{patients}x{per_patient}"
+    if not folder.is_dir():
+        write_demo_dataset(folder, patients, per_patient)
+    manifest = build_manifest(folder, IndexConfig(verify_decode=False)).manifest
+    manifest.table = manifest.table.iloc[:count].reset_index(drop=True)
+    return manifest
+
+
+def throughput(run: Callable[[], int], repeats: int) -> dict:
+    """Run ``run`` (which returns the items it processed) once to warm up, then ``repeats`` times; the median."""
+    run()
+    seconds, items = [], 0
+    for _ in range(repeats):
+        start = time.perf_counter()
+        items = run()
+        seconds.append(time.perf_counter() - start)
+    median = statistics.median(seconds)
+    return {"items": items, "seconds_median": median, "seconds": seconds, "items_per_s": items / median}
+
+
+def append_results(stage: str, rows: list[dict], params: dict, path: Path = RESULTS) -> None:
+    """One JSON line per measured variant, each with machine, versions, commit and parameters."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    machine, versions, commit = machine_info(), software_versions(), git_commit(path.parent)
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    with path.open("a") as fh:
+        for row in rows:
+            fh.write(json.dumps({"time_utc": stamp, "stage": stage, **row, "params": params, "machine": machine,
+                                 "versions": versions, "git_commit": commit}) + "\n")

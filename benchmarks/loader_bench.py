@@ -1,0 +1,77 @@
+"""Loader stage: DALI (CPU-only or GPU) against PIL + torchvision in a DataLoader, same images, same run.
+
+Two naive baselines: ``naive`` is exactly the field's usual loader (Resize/ToTensor/Normalize); ``naive-full``
+also does the method's HSV mask and augmentation, so the DALI graph is compared like for like.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+from torchvision import transforms
+
+from aml_rapids.config import RunConfig, SegmentationConfig, load_config
+from aml_rapids.data.manifest import Manifest
+from aml_rapids.loader.loader import CellLoader, usable_cores
+
+from .harness import throughput
+
+NORMALIZE = transforms.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+
+
+def pil_hsv_mask(image: Image.Image, seg: SegmentationConfig) -> Image.Image:
+    """The HSV mask the naive way: PIL's HSV conversion (0-255 scales) and NumPy thresholds."""
+    hsv = np.asarray(image.convert("HSV"), dtype=np.float32)
+    hue, sat, val = hsv[..., 0] * 360 / 255, hsv[..., 1] / 255, hsv[..., 2] / 255
+    keep = (hue >= seg.hue_min) & (hue <= seg.hue_max) & (sat >= seg.saturation_min) & (val <= seg.value_max)
+    return Image.fromarray(np.asarray(image) * keep[..., None].astype(np.uint8))
+
+
+class NaiveCells(Dataset):
+    def __init__(self, paths, full: bool, seg: SegmentationConfig, size: int):
+        self.paths, self.full, self.seg = paths, full, seg
+        steps = [transforms.RandomAffine(degrees=10, scale=(0.9, 1.1)), transforms.RandomHorizontalFlip(),
+                 transforms.RandomVerticalFlip()] if full else []
+        self.transform = transforms.Compose(steps + [transforms.Resize(size), transforms.ToTensor(), NORMALIZE])
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, i):
+        image = Image.open(self.paths[i]).convert("RGB")
+        if self.full:
+            image = pil_hsv_mask(image, self.seg)
+        return self.transform(image), i
+
+
+def naive_epoch(manifest: Manifest, full: bool, cfg: RunConfig, workers: int) -> int:
+    data = NaiveCells(manifest.paths(), full, cfg.segmentation, cfg.loader.image_size)
+    loader = DataLoader(data, batch_size=32, num_workers=workers, pin_memory=torch.cuda.is_available())
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    return sum(len(images.to(device, non_blocking=True)) for images, _ in loader)
+
+
+def dali_epoch(manifest: Manifest, cfg: RunConfig, augment: bool) -> int:
+    loader = CellLoader(manifest.table, manifest.root, cfg, augment=augment)
+    return sum(len(batch.positions) for batch in loader)
+
+
+def run(manifest: Manifest, device: str, repeats: int, batch_size: int) -> list[dict]:
+    workers = usable_cores()
+    cfg = load_config(None, [f"loader.device={device}", f"loader.batch_size={batch_size}"])
+    plain = cfg.model_copy(update={"segmentation": cfg.segmentation.model_copy(update={"enabled": False})})
+    variants = {
+        "naive (PIL+torchvision, resize+normalise)": lambda: naive_epoch(manifest, False, cfg, workers),
+        "naive-full (+HSV mask, affine, flips)": lambda: naive_epoch(manifest, True, cfg, workers),
+        f"dali-{device} resize+normalise": lambda: dali_epoch(manifest, plain, False),
+        f"dali-{device} +HSV mask": lambda: dali_epoch(manifest, cfg, False),
+        f"dali-{device} +HSV mask+augment": lambda: dali_epoch(manifest, cfg, True),
+    }
+    rows = [{"variant": name, **throughput(fn, repeats)} for name, fn in variants.items()]
+    naive, naive_full = rows[0]["items_per_s"], rows[1]["items_per_s"]
+    for row in rows:
+        row["x_naive"] = row["items_per_s"] / naive
+        row["x_naive_full"] = row["items_per_s"] / naive_full
+    return rows
