@@ -75,7 +75,11 @@ def test_corrupt_files_mid_run_are_reported_and_labels_stay_right(tmp_path):
     assert sorted(seen) == sorted(set(range(400)) - {150, 333, 334})
     failed = {f.path: f.reason for f in loader.failures}
     assert set(failed) == {str(paths[i]) for i in (150, 333, 334)}
-    assert all("failed to decode during loading" in r for r in failed.values())
+    assert all("changed since indexing" in r for r in failed.values())
+    paths[10].unlink()
+    loader = CellLoader(manifest.table, manifest.root, cfg())
+    assert sorted(check_labels(loader, manifest.table)) == sorted(set(range(400)) - {10, 150, 333, 334})
+    assert "unreadable since indexing" in {f.path: f.reason for f in loader.failures}[str(paths[10])]
 
 
 @pytest.mark.parametrize("mode", ["L", "RGBA", "P", "I;16"])
@@ -98,20 +102,37 @@ def test_modes_are_decoded_to_8bit_rgb(tmp_path, mode):
     assert np.abs(decoded.astype(int) - expected.astype(int)).max() <= 1
 
 
-def test_augmentation_is_seeded_and_eval_is_not_augmented(tmp_path):
+def test_augmentation_is_seeded_per_row_and_eval_is_not_augmented(tmp_path):
     from conftest import write_image
-    for i in range(6):
+    for i in range(11):
         write_image(tmp_path / "a" / "p" / f"{i}.png", size=24, fmt="PNG")
     manifest = build_manifest(tmp_path, IndexConfig()).manifest
 
-    def run(augment, seed):
-        loader = CellLoader(manifest.table, manifest.root, cfg(**{"loader.seed": seed}), augment=augment)
-        return torch.cat([b.images["imagenet"] for b in loader])
+    def run(augment, seed, batch=64, table=manifest.table):
+        loader = CellLoader(table, manifest.root, cfg(**{"loader.seed": seed, "loader.batch_size": batch}),
+                            augment=augment)
+        out = {}
+        for b in loader:
+            out.update({int(p): img for p, img in zip(b.positions, b.images["imagenet"])})
+        return torch.stack([out[i] for i in range(len(table))])
 
     assert torch.equal(run(True, 1), run(True, 1))
+    assert torch.equal(run(True, 1), run(True, 1, batch=4))
     assert not torch.equal(run(True, 1), run(True, 2))
     assert torch.equal(run(False, 1), run(False, 2))
     assert not torch.equal(run(True, 1), run(False, 1))
+    reversed_rows = manifest.table.iloc[::-1].reset_index(drop=True)
+    assert torch.equal(run(True, 1), run(True, 1, table=reversed_rows).flip(0))
+
+
+def test_a_certain_horizontal_flip_is_an_exact_mirror(tmp_path):
+    from conftest import write_image
+    write_image(tmp_path / "a" / "p" / "x.png", size=16, fmt="PNG")
+    manifest = build_manifest(tmp_path, IndexConfig()).manifest
+    flip_only = {"augment.p_rotate": 0, "augment.p_scale": 0, "augment.p_hflip": 1, "augment.p_vflip": 0}
+    plain = next(iter(CellLoader(manifest.table, manifest.root, cfg()))).images["imagenet"]
+    flipped = next(iter(CellLoader(manifest.table, manifest.root, cfg(**flip_only), augment=True))).images["imagenet"]
+    assert torch.allclose(flipped, plain.flip(-1), atol=1e-5)
 
 
 def test_asking_for_a_gpu_without_one_is_an_error():

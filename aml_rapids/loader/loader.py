@@ -1,9 +1,8 @@
 """CellLoader: iterate a manifest table through the DALI graph, every row exactly once per epoch.
 
 DALI's own iterator (``DALIGenericIterator`` with ``LastBatchPolicy.PARTIAL``) trims the padded last batch.
-A file that fails to decode mid-run stops a DALI pipeline; the loader then checks the rows not yet delivered,
-records the bad files with their reason, and rebuilds the pipeline on the rest, so the epoch goes on with
-correct labels and nothing delivered twice.
+Files that vanished or changed size since indexing are left out before DALI sees them and listed in
+``failures``; the epoch goes on with the rest, labels carried by row position so none can shift.
 """
 
 from __future__ import annotations
@@ -23,6 +22,7 @@ from ..config import RunConfig
 from ..data.inspect import ImageProblem, inspect_image
 from ..data.scan import Problem
 from ..errors import AmlRapidsError
+from .augment import affine_matrices
 from .pipeline import READER, GraphSpec, Normalization, build_pipeline, output_names
 
 GPU_DTYPES = {"fp16": types.FLOAT16, "bf16": types.FLOAT16, "fp32": types.FLOAT}
@@ -63,9 +63,9 @@ class CellLoader:
         self.cfg = cfg
         self.device = resolve_device(cfg.loader.device)
         self.shard_id, self.num_shards = shard_id, num_shards
+        self.augment = augment and cfg.augment.enabled
         self.spec = GraphSpec(
-            image_size=cfg.loader.image_size, segmentation=cfg.segmentation,
-            augment=cfg.augment if augment else None, normalizations=normalizations or {"imagenet": Normalization()},
+            image_size=cfg.loader.image_size, segmentation=cfg.segmentation, normalizations=normalizations or {"imagenet": Normalization()},
             gpu=self.device == "gpu", output_dtype=GPU_DTYPES[cfg.loader.gpu_dtype] if self.device == "gpu"
             else types.FLOAT, debug=debug)
         self.failures: list[Problem] = []
@@ -75,56 +75,63 @@ class CellLoader:
     def __len__(self) -> int:
         return len(self._mine)
 
-    def _pipeline(self, positions: np.ndarray, attempt: int):
+    def _pipeline(self, positions: np.ndarray):
         cfg = self.cfg.loader
+        matrices = affine_matrices(self.table.iloc[positions], self.cfg.augment, cfg.seed) if self.augment else None
         return build_pipeline(
-            [self._files[i] for i in positions], positions.tolist(), self.spec, batch_size=cfg.batch_size,
+            [self._files[i] for i in positions], positions.tolist(), self.spec, matrices, batch_size=cfg.batch_size,
             num_threads=cfg.num_threads or usable_cores(), device_id=0 if self.device == "gpu" else None,
-            seed=cfg.seed + attempt, prefetch=cfg.prefetch)
+            prefetch=cfg.prefetch)
 
-    def _find_bad(self, pending: np.ndarray) -> set[int]:
-        """Decode the undelivered rows (the ones in flight first) and record those that fail."""
+    def _precheck(self, positions: np.ndarray) -> np.ndarray:
+        """Drop rows whose file is gone or changed size since indexing, recording why: DALI's decoders fail
+        on such files in a way a process cannot always survive (see docs/loader.md)."""
+        keep = []
+        for pos, expected in zip(positions, self.table["bytes"].to_numpy()[positions]):
+            try:
+                size = os.stat(self._files[pos]).st_size
+            except OSError as exc:
+                self.failures.append(Problem(self._files[pos], f"unreadable since indexing: {exc.strerror}"))
+                continue
+            if size != expected:
+                self.failures.append(Problem(self._files[pos], f"changed since indexing: {size} bytes, manifest "
+                                                               f"says {expected}; re-run `aml-rapids index`"))
+                continue
+            keep.append(pos)
+        return np.asarray(keep, dtype=np.int64)
+
+    def _name_undecodable(self, pending: np.ndarray, exc: Exception) -> AmlRapidsError:
+        """DALI's error does not name the file: decode the rows in flight to find it."""
         window = self.cfg.loader.batch_size * (self.cfg.loader.prefetch + 2)
-        for candidates in (pending[:window], pending[window:]):
-            bad = set()
-            for pos in candidates:
-                try:
-                    inspect_image(Path(self._files[pos]), verify_decode=True)
-                except ImageProblem as exc:
-                    bad.add(int(pos))
-                    self.failures.append(Problem(self._files[pos], f"failed to decode during loading: {exc}"))
-            if bad:
-                return bad
-        return set()
+        bad = []
+        for pos in pending[:window]:
+            try:
+                inspect_image(Path(self._files[pos]), verify_decode=True)
+            except ImageProblem as problem:
+                bad.append(f"{self._files[pos]} ({problem})")
+        named = "; ".join(bad) or "no file in flight fails a PIL decode"
+        return AmlRapidsError(f"decoding failed although sizes match the manifest, so content changed since "
+                              f"indexing: {named}. Re-run `aml-rapids index`. DALI said: {exc}")
 
     def __iter__(self) -> Iterator[Batch]:
         names = output_names(self.spec)
         image_keys = [n for n in names if n.startswith("image_")]
-        pending = self._mine.copy()
-        attempt = 0
-        while len(pending):
-            pipe = self._pipeline(pending, attempt)
-            iterator = DALIGenericIterator(pipe, names, reader_name=READER, auto_reset=False,
-                                           last_batch_policy=LastBatchPolicy.PARTIAL)
-            delivered: list[np.ndarray] = []
-            try:
-                for (out,) in iterator:
-                    positions = out["position"].reshape(-1).cpu().numpy().astype(np.int64)
-                    delivered.append(positions)
-                    images = {k.removeprefix("image_"): self._cast(out[k]) for k in image_keys}
-                    views = {k: out[k] for k in names[len(image_keys) + 1:]}
-                    yield Batch(images, positions, views)
-                return
-            except RuntimeError as exc:
-                done = np.concatenate(delivered) if delivered else np.empty(0, np.int64)
-                pending = np.setdiff1d(pending, done, assume_unique=True)
-                bad = self._find_bad(pending)
-                if not bad:
-                    raise AmlRapidsError(f"DALI pipeline failed and no unreadable file explains it: {exc}") from exc
-                pending = np.array([p for p in pending if p not in bad], dtype=np.int64)
-                attempt += 1
-            finally:
-                del iterator, pipe
+        pending = self._precheck(self._mine)
+        if not len(pending):
+            return
+        pipe = self._pipeline(pending)
+        iterator = DALIGenericIterator(pipe, names, reader_name=READER, auto_reset=False,
+                                       last_batch_policy=LastBatchPolicy.PARTIAL)
+        delivered = 0
+        try:
+            for (out,) in iterator:
+                positions = out["position"].reshape(-1).cpu().numpy().astype(np.int64)
+                delivered += len(positions)
+                images = {k.removeprefix("image_"): self._cast(out[k]) for k in image_keys}
+                views = {k: out[k] for k in names[len(image_keys) + 1:]}
+                yield Batch(images, positions, views)
+        except RuntimeError as exc:
+            raise self._name_undecodable(pending[delivered:], exc) from exc
 
     def _cast(self, tensor: torch.Tensor) -> torch.Tensor:
         if self.device == "gpu" and self.cfg.loader.gpu_dtype == "bf16":

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import nvidia.dali.fn as fn
 import nvidia.dali.types as types
 from nvidia.dali import pipeline_def
 
-from ..config import AugmentConfig, SegmentationConfig
+from ..config import SegmentationConfig
 from .hsv import hsv_mask
 
 READER = "reader"
@@ -34,39 +35,33 @@ class GraphSpec:
 
     image_size: int
     segmentation: SegmentationConfig
-    augment: AugmentConfig | None
     normalizations: dict[str, Normalization]
     gpu: bool
     output_dtype: types.DALIDataType
     debug: bool = False
 
 
-def _coin(p: float):
-    return fn.cast(fn.random.coin_flip(probability=p), dtype=types.FLOAT)
-
-
-def _augment_matrix(cfg: AugmentConfig, image):
-    """One affine matrix per sample: rotation in +-rotate_deg, independent x/y scale, flips, about the centre."""
-    hwc = image.shape(dtype=types.FLOAT)
-    center = fn.stack(hwc[1], hwc[0]) * 0.5
-    angle = fn.random.uniform(range=[-cfg.rotate_deg, cfg.rotate_deg]) * _coin(cfg.p_rotate)
-    sx = 1.0 + (fn.random.uniform(range=[cfg.scale_min, cfg.scale_max]) - 1.0) * _coin(cfg.p_scale)
-    sy = 1.0 + (fn.random.uniform(range=[cfg.scale_min, cfg.scale_max]) - 1.0) * _coin(cfg.p_scale)
-    fx = 1.0 - 2.0 * _coin(cfg.p_hflip)
-    fy = 1.0 - 2.0 * _coin(cfg.p_vflip)
-    rotate = fn.transforms.rotation(angle=angle, center=center)
-    scale = fn.transforms.scale(scale=fn.stack(sx * fx, sy * fy), center=center)
-    return fn.transforms.combine(scale, rotate)
-
-
 def _resize(image, size: int):
     return fn.resize(image, size=[size, size], interp_type=types.INTERP_LINEAR)
 
 
-def cell_graph(files: list[str], positions: list[int], spec: GraphSpec, shard_id: int = 0, num_shards: int = 1):
+class _MatrixBatches:
+    """Feeds each reader batch its rows' affine matrices, in reader order, the last batch padded as the reader
+    pads it, starting over at each epoch as the reader does."""
+
+    def __init__(self, matrices: np.ndarray, batch_size: int):
+        self.batches = [list(matrices[i:i + batch_size]) for i in range(0, len(matrices), batch_size)]
+        self.batches[-1] += [self.batches[-1][-1]] * (batch_size - len(self.batches[-1]))
+
+    def __iter__(self):
+        return iter(self.batches)
+
+
+def cell_graph(files: list[str], positions: list[int], spec: GraphSpec, matrices: np.ndarray | None,
+               batch_size: int):
     """The pipeline body; outputs one tensor per normalisation, then the row positions (and debug views)."""
     encoded, position = fn.readers.file(files=files, labels=positions, random_shuffle=False, pad_last_batch=True,
-                                        shard_id=shard_id, num_shards=num_shards, name=READER)
+                                        name=READER)
     decoded = fn.decoders.image(encoded, device="mixed" if spec.gpu else "cpu", output_type=types.RGB)
     image = decoded
     mask = None
@@ -74,10 +69,10 @@ def cell_graph(files: list[str], positions: list[int], spec: GraphSpec, shard_id
         mask = hsv_mask(decoded, spec.segmentation)
         image = decoded * mask
     segmented = image
-    augmenting = spec.augment is not None and spec.augment.enabled
+    augmenting = matrices is not None
     if augmenting:
         # Warping before the resize touches 144x144 instead of 224x224 pixels: 2x faster on a CPU.
-        matrix = _augment_matrix(spec.augment, image)
+        matrix = fn.external_source(source=_MatrixBatches(matrices, batch_size), cycle=True, dtype=types.FLOAT)
         image = fn.warp_affine(image, matrix=matrix, fill_value=0, interp_type=types.INTERP_LINEAR, inverse_map=False)
     image = _resize(image, spec.image_size)
     outputs = [
@@ -92,11 +87,14 @@ def cell_graph(files: list[str], positions: list[int], spec: GraphSpec, shard_id
     return tuple(outputs)
 
 
-def build_pipeline(files, positions, spec: GraphSpec, batch_size: int, num_threads: int, device_id: int | None,
-                   seed: int, prefetch: int, shard_id: int = 0, num_shards: int = 1):
-    """A built DALI pipeline for the given files; ``device_id=None`` is DALI's CPU-only mode."""
-    pipe = pipeline_def(cell_graph, batch_size=batch_size, num_threads=num_threads, device_id=device_id, seed=seed,
-                        prefetch_queue_depth=prefetch)(files, positions, spec, shard_id, num_shards)
+def build_pipeline(files, positions, spec: GraphSpec, matrices: np.ndarray | None, batch_size: int,
+                   num_threads: int, device_id: int | None, prefetch: int):
+    """A built DALI pipeline for the given files; ``device_id=None`` is DALI's CPU-only mode; ``matrices``
+    (one 2x3 affine per file, or None for no augmentation) come from ``loader.augment``."""
+    # exec_dynamic=False: DALI's torch iterator then copies outputs into torch-owned tensors, so a batch stays
+    # valid for as long as its consumer holds it, whatever DALI does next.
+    pipe = pipeline_def(cell_graph, batch_size=batch_size, num_threads=num_threads, device_id=device_id,
+                        prefetch_queue_depth=prefetch, exec_dynamic=False)(files, positions, spec, matrices, batch_size)
     pipe.build()
     return pipe
 

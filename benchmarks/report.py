@@ -1,0 +1,59 @@
+"""Render the latest benchmark run of each machine as Markdown; ``--readme`` rewrites the README's table.
+
+One table row per measured variant, grouped by machine; ratios only ever compare rows of the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+from pathlib import Path
+
+from .harness import RESULTS
+
+START, END = "<!-- bench:start -->", "<!-- bench:end -->"
+
+
+def _machine(row: dict) -> str:
+    m = row["machine"]
+    gpus = ", ".join(g["name"] for g in m.get("gpus", [])) or "no GPU"
+    return f"{m['cpu']} ({m['cores']} cores), {gpus}"
+
+
+def latest_runs(path: Path = RESULTS) -> list[dict]:
+    """Rows of the newest run per (machine, stage)."""
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+    newest: dict[tuple, str] = {}
+    for row in rows:
+        key = (_machine(row), row["stage"])
+        newest[key] = max(newest.get(key, ""), row["time_utc"])
+    return [r for r in rows if newest[(_machine(r), r["stage"])] == r["time_utc"]]
+
+
+def markdown(rows: list[dict]) -> str:
+    lines = ["| machine | stage | variant | images | img/s | x naive | x naive-full | run (UTC), commit |",
+             "|---|---|---|---:|---:|---:|---:|---|"]
+    for r in rows:
+        commit = (r.get("git_commit") or "?")[:8]
+        lines.append(f"| {_machine(r)} | {r['stage']} | {r['variant']} | {r['items']:,} | {r['items_per_s']:,.0f} "
+                     f"| {r['x_naive']:.2f} | {r['x_naive_full']:.2f} | {r['time_utc']}, {commit} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.report", description=__doc__)
+    parser.add_argument("--results", type=Path, default=RESULTS)
+    parser.add_argument("--readme", type=Path, help="replace the table between the bench markers in this file")
+    args = parser.parse_args(argv)
+    table = markdown(latest_runs(args.results))
+    if args.readme:
+        text = args.readme.read_text()
+        if START not in text or END not in text:
+            raise SystemExit(f"{args.readme} has no {START} ... {END} markers")
+        args.readme.write_text(re.sub(f"{START}.*?{END}", f"{START}\n{table}\n{END}", text, flags=re.S))
+    print(table)
+
+
+if __name__ == "__main__":
+    main()

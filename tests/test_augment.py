@@ -1,0 +1,46 @@
+import numpy as np
+import pandas as pd
+
+from aml_rapids.config import AugmentConfig
+from aml_rapids.loader.augment import affine_matrices
+
+
+def table(n=400, aug=0):
+    return pd.DataFrame({"cell_id": [f"c{i}" for i in range(n)], "aug_index": aug, "width": 144, "height": 144})
+
+
+def decompose(m):
+    """Rotation angle (deg), |scale x|, |scale y|, flips, from a 2x3 matrix built as R @ diag(sx*fx, sy*fy)."""
+    linear = m[:, :2]
+    sx, sy = np.linalg.norm(linear[:, 0]), np.linalg.norm(linear[:, 1])
+    det_sign = np.sign(np.linalg.det(linear))
+    return sx, sy, det_sign
+
+
+def test_ranges_probabilities_and_centre():
+    cfg = AugmentConfig()
+    mats = affine_matrices(table(), cfg, seed=0)
+    assert mats.shape == (400, 2, 3) and mats.dtype == np.float32
+    parts = np.array([decompose(m) for m in mats])
+    assert (parts[:, 0] >= 0.9 - 1e-5).all() and (parts[:, 0] <= 1.1 + 1e-5).all()
+    assert (parts[:, 1] >= 0.9 - 1e-5).all() and (parts[:, 1] <= 1.1 + 1e-5).all()
+    assert 0.3 < (parts[:, 2] < 0).mean() < 0.7  # exactly one flip flips orientation: p = 0.5
+    centre = np.array([72.0, 72.0])
+    for m in mats[:20]:
+        moved = m[:, :2] @ centre + m[:, 2]
+        assert np.allclose(moved, centre, atol=1e-3)
+
+
+def test_identity_when_every_probability_is_zero():
+    cfg = AugmentConfig(p_rotate=0, p_scale=0, p_hflip=0, p_vflip=0)
+    mats = affine_matrices(table(10), cfg, seed=0)
+    assert np.allclose(mats, np.array([[1, 0, 0], [0, 1, 0]], np.float32))
+
+
+def test_matrices_depend_on_row_identity_not_position():
+    cfg = AugmentConfig()
+    t = table(50)
+    a = affine_matrices(t, cfg, seed=3)
+    assert np.array_equal(a[::-1], affine_matrices(t.iloc[::-1], cfg, seed=3))
+    assert not np.array_equal(a, affine_matrices(table(50, aug=1), cfg, seed=3))
+    assert not np.array_equal(a, affine_matrices(t, cfg, seed=4))
