@@ -152,6 +152,38 @@ def preview(
     console.print(f"preview: {out}")
 
 
+@app.command()
+@_errors_to_exit_codes
+def extract(
+    manifest: Annotated[Path, typer.Argument(help="manifest.parquet written by `aml-rapids index` (and split)")],
+    store: Annotated[Optional[Path], typer.Option("--store", "-s", help="Zarr store [default: beside the manifest]")] = None,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """Extract features of every configured backbone into a Zarr v3 store; resumes and appends new cells."""
+    from .data.manifest import read_manifest
+    from .features.extract import extract as run_extract
+    from .features.store import FeatureStore
+
+    cfg = _config(config, set_)
+    data = read_manifest(manifest)
+    store = store or manifest.parent / "features.zarr"
+    with progress_bar(f"extracting {', '.join(b.name for b in cfg.features.backbones)}") as (advance, set_total):
+        summary = run_extract(data, store, cfg, progress=advance, on_total=set_total)
+    totals = FeatureStore.open(store).summary()
+    write_run_record(manifest.parent, "extract", cfg, manifest=str(manifest), store=str(store),
+                     rows_written=summary.rows_written, rows_failed=summary.rows_failed,
+                     rows_skipped=summary.rows_skipped, rows_appended=summary.rows_appended,
+                     seconds=summary.seconds, images_per_s=summary.images_per_s, store_summary=totals,
+                     failures=[(p.path, p.reason) for p in summary.failures])
+    console.print(f"{summary.rows_written:,} rows written, {summary.rows_skipped:,} already done (skipped), "
+                  f"{summary.rows_failed:,} failed, {summary.rows_appended:,} new rows appended; "
+                  f"{summary.images_per_s:,.0f} images/s over {summary.seconds:.1f} s")
+    for problem in summary.failures[:5]:
+        console.print(f"  [yellow]failed[/yellow] {problem.path}: {problem.reason}", highlight=False)
+    console.print(f"store: {store} ({totals['ok']:,} of {totals['rows'] - totals['padding']:,} rows ready)")
+
+
 @app.command("demo-data")
 @_errors_to_exit_codes
 def demo_data(

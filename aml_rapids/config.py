@@ -101,6 +101,27 @@ class LoaderConfig(_Section):
     seed: int = 0
 
 
+class BackboneConfig(_Section):
+    """One feature extractor: a registry name and its weights (``imagenet``, a file path, or ``none``)."""
+
+    name: str
+    weights: str = "imagenet"
+
+
+class FeaturesConfig(_Section):
+    """Feature extraction into the Zarr store."""
+
+    backbones: list[BackboneConfig] = Field(default_factory=lambda: [
+        BackboneConfig(name="mobilenet_v2"), BackboneConfig(name="resnet101"), BackboneConfig(name="vgg16")])
+    chunk_batches: int = Field(16, ge=1, description="loader batches per Zarr chunk (chunks hold whole batches)")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field("auto", description="auto: bf16 on a GPU, fp32 on a CPU")
+    store_dtype: Literal["float16", "float32"] = Field(
+        "float16", description="float16 halves the store; float32 for features outside float16's range")
+    channels_last: bool = True
+    compile: bool = Field(False, description="torch.compile the backbones (GPU; pays off on large runs)")
+    seed: int = Field(0, description="seed of random initialisation for weights 'none'")
+
+
 class RunConfig(_Section):
     """Everything one run needs; each stage reads its own section."""
 
@@ -110,6 +131,12 @@ class RunConfig(_Section):
     augment: AugmentConfig = AugmentConfig()
     oversample: OversampleConfig = OversampleConfig()
     loader: LoaderConfig = LoaderConfig()
+    features: FeaturesConfig = FeaturesConfig()
+
+    @property
+    def chunk_rows(self) -> int:
+        """Rows per feature-store chunk: whole loader batches, so a resumed run sees the same batches."""
+        return self.features.chunk_batches * self.loader.batch_size
 
 
 def _set_dotted(tree: dict, dotted: str, value) -> None:
@@ -158,7 +185,7 @@ def load_config(path: Path | None = None, overrides: list[str] | None = None) ->
     try:
         return RunConfig.model_validate(tree)
     except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        problems = "; ".join(": ".join(filter(None, [".".join(map(str, e["loc"])), e["msg"]])) for e in exc.errors())
         raise ConfigError(f"invalid config ({source}): {problems}") from None
 
 

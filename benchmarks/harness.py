@@ -28,22 +28,25 @@ def synthetic_manifest(count: int, cache: Path) -> Manifest:
     return manifest
 
 
-def throughput(run: Callable[[], int], repeats: int) -> dict:
-    """Run ``run`` (which returns the items it processed) once to warm up, then ``repeats`` times; the median."""
-    run()
+def throughput(run: Callable[[], int], repeats: int, warmup: bool = True) -> dict:
+    """Run ``run`` (which returns the items it processed) once to warm up, then ``repeats`` times; the median.
+    Without warm-up the timings include start-up (model construction, pipeline build)."""
+    if warmup:
+        run()
     seconds, items = [], 0
     for _ in range(repeats):
         start = time.perf_counter()
         items = run()
         seconds.append(time.perf_counter() - start)
     median = statistics.median(seconds)
-    return {"items": items, "seconds_median": median, "seconds": seconds, "items_per_s": items / median}
+    return {"items": items, "seconds_median": median, "seconds": seconds, "items_per_s": items / median,
+            "warmup": warmup}
 
 
 def append_results(stage: str, rows: list[dict], params: dict, path: Path = RESULTS) -> None:
     """One JSON line per measured variant, each with machine, versions, commit and parameters."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    machine, versions, commit = machine_info(), software_versions(), git_commit(path.parent)
+    machine, versions, commit = machine_info(), software_versions(), git_commit()
     stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     with path.open("a") as fh:
         for row in rows:

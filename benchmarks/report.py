@@ -36,8 +36,9 @@ def markdown(rows: list[dict]) -> str:
              "|---|---|---|---:|---:|---:|---:|---|"]
     for r in rows:
         commit = (r.get("git_commit") or "?")[:8]
-        lines.append(f"| {_machine(r)} | {r['stage']} | {r['variant']} | {r['items']:,} | {r['items_per_s']:,.0f} "
-                     f"| {r['x_naive']:.2f} | {r['x_naive_full']:.2f} | {r['time_utc']}, {commit} |")
+        full = f"{r['x_naive_full']:.2f}" if "x_naive_full" in r else ""
+        lines.append(f"| {_machine(r)} | {r['stage']} | {r['variant']} | {r['items']:,} | {r['items_per_s']:,.1f} "
+                     f"| {r['x_naive']:.2f} | {full} | {r['time_utc']}, {commit} |")
     return "\n".join(lines)
 
 

@@ -44,3 +44,12 @@ def test_missing_and_malformed_files(tmp_path):
     bad.write_text("split: [1, 2\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(bad)
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_config_validates(path):
+    load_config(path)
+
+
+def test_store_chunks_hold_whole_batches():
+    assert load_config(None, ["features.chunk_batches=3", "loader.batch_size=64"]).chunk_rows == 192

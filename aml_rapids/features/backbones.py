@@ -1,0 +1,73 @@
+"""One registry of feature extractors, timm-style: a name gives the network truncated at its feature layer,
+its feature dimension, its input normalisation and where its ImageNet weights come from.
+
+Each network is built whole (so any state_dict of the full torchvision model loads, a fine-tuned one included)
+and then truncated; the result is an ordinary differentiable ``nn.Module`` mapping NCHW images to (N, dim).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torchvision import models
+
+from ..errors import AmlRapidsError
+from ..loader.pipeline import Normalization
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    name: str
+    dim: int
+    layer: str
+    normalization: Normalization
+    build: Callable[[], nn.Module]
+    truncate: Callable[[nn.Module], nn.Module]
+    imagenet_weights: str | None = None
+
+
+REGISTRY: dict[str, BackboneSpec] = {}
+
+
+def register(spec: BackboneSpec) -> BackboneSpec:
+    REGISTRY[spec.name] = spec
+    return spec
+
+
+def get_spec(name: str) -> BackboneSpec:
+    try:
+        return REGISTRY[name]
+    except KeyError:
+        raise AmlRapidsError(f"unknown backbone {name!r}; known: {', '.join(sorted(REGISTRY))}") from None
+
+
+def _global_pool(body: nn.Module) -> nn.Module:
+    return nn.Sequential(body, nn.AdaptiveAvgPool2d(1), nn.Flatten())
+
+
+class TinyCNN(nn.Module):
+    """A 2-layer CNN with 16 features: for tests and smoke runs on two cores, never for results."""
+
+    def __init__(self):
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(3, 8, 5, stride=4), nn.ReLU(), nn.Conv2d(8, 16, 3, stride=2), nn.ReLU())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.features(x)
+
+
+register(BackboneSpec(
+    "mobilenet_v2", 1280, "global average pool after features", Normalization(),
+    models.mobilenet_v2, lambda m: _global_pool(m.features), "MobileNet_V2_Weights.IMAGENET1K_V1"))
+register(BackboneSpec(
+    "resnet101", 2048, "pool5 (global average pool)", Normalization(),
+    models.resnet101, lambda m: nn.Sequential(*list(m.children())[:-1], nn.Flatten()),
+    "ResNet101_Weights.IMAGENET1K_V1"))
+register(BackboneSpec(
+    "vgg16", 4096, "fc7 (before its ReLU, as MATLAB's activations('fc7'))", Normalization(),
+    models.vgg16, lambda m: nn.Sequential(m.features, m.avgpool, nn.Flatten(), *list(m.classifier)[:4]),
+    "VGG16_Weights.IMAGENET1K_V1"))
+register(BackboneSpec("tiny", 16, "global average pool (test model)", Normalization(), TinyCNN, lambda m: _global_pool(m)))

@@ -1,0 +1,227 @@
+"""The extraction loop: loader batches through every configured backbone, whole chunks into the store.
+
+Start, resume and append are one operation: the store is created from the plan if absent, extended by the
+plan's rows whose content (sha256 + augmentation index) it lacks, and then every chunk not marked done is
+computed. On a GPU the backbones run under bf16/fp16 autocast in channels_last, optionally compiled.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from ..config import RunConfig
+from ..data.manifest import Manifest
+from ..data.scan import Problem
+from ..loader.loader import CellLoader, resolve_device, usable_cores
+from ..loader.pipeline import Normalization
+from ..provenance import machine_info, software_versions
+from .backbones import get_spec
+from .plan import STATUS_FAILED, STATUS_OK, STATUS_PADDING, pad_segments, plan_rows
+from .store import FeatureStore, StoreError
+from .weights import load_backbone
+
+AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass
+class ExtractSummary:
+    rows_written: int = 0
+    rows_failed: int = 0
+    rows_skipped: int = 0
+    rows_appended: int = 0
+    chunks_written: int = 0
+    seconds: float = 0.0
+    failures: list[Problem] = field(default_factory=list)
+
+    @property
+    def images_per_s(self) -> float:
+        return (self.rows_written + self.rows_failed) / self.seconds if self.seconds else 0.0
+
+
+@dataclass
+class Backbones:
+    """The loaded networks, the loader normalisation each one reads, and their provenance."""
+
+    nets: dict[str, torch.nn.Module]
+    norm_of: dict[str, str]
+    normalizations: dict[str, Normalization]
+    info: dict[str, dict]
+
+
+def load_backbones(cfg: RunConfig, device: str) -> Backbones:
+    nets, norm_of, norms, info = {}, {}, {}, {}
+    for item in cfg.features.backbones:
+        spec = get_spec(item.name)
+        net, weights = load_backbone(item.name, item.weights, cfg.features.seed)
+        net = net.to(device)
+        if cfg.features.channels_last:
+            net = net.to(memory_format=torch.channels_last)
+        if cfg.features.compile:
+            net = torch.compile(net)
+        nets[item.name] = net
+        key = next((k for k, v in norms.items() if v == spec.normalization), item.name)
+        norms[key] = spec.normalization
+        norm_of[item.name] = key
+        info[item.name] = {"dim": spec.dim, "layer": spec.layer, "weights": weights.source,
+                           "sha256": weights.sha256, "pretrained": weights.pretrained}
+    return Backbones(nets, norm_of, norms, info)
+
+
+def store_identity(cfg: RunConfig, backbones: Backbones) -> dict:
+    """What makes two runs' features comparable; a store only accepts rows computed the same way."""
+    return {"backbones": backbones.info, "chunk_rows": cfg.chunk_rows, "store_dtype": cfg.features.store_dtype,
+            "preprocess": {"image_size": cfg.loader.image_size, "segmentation": cfg.segmentation.model_dump(),
+                           "augment": cfg.augment.model_dump(), "oversample": cfg.oversample.model_dump(),
+                           "augment_seed": cfg.loader.seed}}
+
+
+def _check_identity(store: FeatureStore, identity: dict) -> None:
+    differs = [key for key in identity if store.meta.get(key) != identity[key]]
+    if differs:
+        raise StoreError(f"store {store.path} was made with another configuration (differs in "
+                         f"{', '.join(differs)}); extract into a new store, or use the config it was made with")
+
+
+def open_or_extend(path: Path, manifest: Manifest, cfg: RunConfig, identity: dict, device: str) -> tuple[FeatureStore, int]:
+    """The store for this manifest: created, or checked and extended by the rows it lacks."""
+    rows = plan_rows(manifest.table, cfg)
+    record = {"digest": manifest.digest(), "source": manifest.meta.get("source", str(manifest.root)),
+              "time_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
+    if not Path(path).exists():
+        meta = {**identity, "manifests": [{**record, "rows": len(rows)}], "versions": software_versions(),
+                "device": device, "machine": machine_info()}
+        return FeatureStore.create(path, pad_segments(rows, cfg.chunk_rows),
+                                   {n: b["dim"] for n, b in identity["backbones"].items()}, meta), len(rows)
+    store = FeatureStore.open(path, mode="r+")
+    _check_identity(store, identity)
+    have = store.rows()
+    have = set(zip(have["sha256"], have["aug_index"]))
+    new = rows[[key not in have for key in zip(rows["sha256"], rows["aug_index"])]]
+    if len(new):
+        store.append(pad_segments(new, cfg.chunk_rows), {**record, "rows": len(new)})
+    return store, len(new)
+
+
+class _ChunkBuffer:
+    """Features of one chunk gathered batch by batch; complete when every non-padding row has arrived."""
+
+    def __init__(self, status: np.ndarray, dims: dict[str, int], dtype: str):
+        self.features = {n: np.full((len(status), d), np.nan, dtype) for n, d in dims.items()}
+        self.status = status.copy()
+        self.expected = int((status != STATUS_PADDING).sum())
+        self.arrived = 0
+
+    def put(self, offsets: np.ndarray, feats: dict[str, np.ndarray] | None) -> None:
+        for name, values in (feats or {}).items():
+            self.features[name][offsets] = values
+        self.status[offsets] = STATUS_OK if feats is not None else STATUS_FAILED
+        self.arrived += len(offsets)
+
+    @property
+    def complete(self) -> bool:
+        return self.arrived == self.expected
+
+
+FLOAT16_NORMAL = (2.0**-14, 65504.0)
+
+
+def _storable(values: np.ndarray, backbone: str, dtype: str) -> np.ndarray:
+    """Cast to the store's dtype, refusing float16 when it would flush the features to zero or infinity."""
+    if dtype == "float16":
+        peak = float(np.abs(values).max()) if values.size else 0.0
+        if peak > FLOAT16_NORMAL[1] or 0.0 < peak < FLOAT16_NORMAL[0]:
+            raise StoreError(f"features of {backbone} reach |x| = {peak:.3g}, outside float16's normal range "
+                             f"({FLOAT16_NORMAL[0]:.1e} to {FLOAT16_NORMAL[1]:.0f}); extract into a new store with "
+                             "features.store_dtype=float32")
+    return values.astype(dtype)
+
+
+def _runs(chunks: list[int], augment_of_chunk: np.ndarray) -> list[list[int]]:
+    """Consecutive pending chunks with the same augmentation flag: one loader pass each."""
+    runs: list[list[int]] = []
+    for k in chunks:
+        if runs and runs[-1][-1] == k - 1 and augment_of_chunk[runs[-1][-1]] == augment_of_chunk[k]:
+            runs[-1].append(k)
+        else:
+            runs.append([k])
+    return runs
+
+
+def extract(manifest: Manifest, store_path: Path, cfg: RunConfig,
+            progress: Callable[[int], None] | None = None,
+            on_total: Callable[[int], None] | None = None) -> ExtractSummary:
+    """Fill every chunk of the store that is not done; returns counts and failures."""
+    device = resolve_device(cfg.loader.device)
+    precision = cfg.features.precision if cfg.features.precision != "auto" else ("bf16" if device == "gpu" else "fp32")
+    if device == "cpu":
+        torch.set_num_threads(usable_cores())
+    backbones = load_backbones(cfg, "cuda" if device == "gpu" else "cpu")
+    identity = store_identity(cfg, backbones)
+    store, appended = open_or_extend(store_path, manifest, cfg, identity, device)
+    rows = store.rows()
+    done = store.done_chunks()
+    pending = [k for k in range(store.n_chunks) if not done[k]]
+    summary = ExtractSummary(rows_appended=appended,
+                             rows_skipped=int(((rows["status"] != STATUS_PADDING).to_numpy()
+                                               .reshape(-1, store.chunk_rows)[done]).sum()))
+    todo = sum(int((rows["status"].iloc[store.chunk_slice(k)] != STATUS_PADDING).sum()) for k in pending)
+    if on_total:
+        on_total(todo)
+    index = {cid: i for i, cid in enumerate(manifest.table["cell_id"])}
+    dims = {n: b["dim"] for n, b in identity["backbones"].items()}
+    augment_of_chunk = rows["augment"].to_numpy()[::store.chunk_rows]
+    autocast = torch.autocast("cuda" if device == "gpu" else "cpu", dtype=AUTOCAST.get(precision, torch.float32),
+                              enabled=precision in AUTOCAST)
+    start = time.perf_counter()
+    for run in _runs(pending, augment_of_chunk):
+        first = run[0] * store.chunk_rows
+        span = rows.iloc[first:(run[-1] + 1) * store.chunk_rows]
+        real = span[span["status"] != STATUS_PADDING]
+        buffers = {k: _ChunkBuffer(rows["status"].to_numpy()[store.chunk_slice(k)], dims, cfg.features.store_dtype)
+                   for k in run}
+        table = manifest.table.iloc[[index[c] for c in real["cell_id"]]].assign(
+            aug_index=real["aug_index"].to_numpy()).reset_index(drop=True)
+        global_rows = real.index.to_numpy()
+        loader = CellLoader(table, manifest.root, cfg, augment=bool(augment_of_chunk[run[0]]),
+                            normalizations=backbones.normalizations)
+        delivered = np.zeros(len(table), dtype=bool)
+
+        def deliver(positions: np.ndarray, feats: dict[str, np.ndarray] | None) -> None:
+            where = global_rows[positions]
+            for k in np.unique(where // store.chunk_rows):
+                mine = where // store.chunk_rows == k
+                buffers[k].put(where[mine] - k * store.chunk_rows,
+                               None if feats is None else {n: v[mine] for n, v in feats.items()})
+                if buffers[k].complete:
+                    store.write_chunk(k, buffers[k].features, buffers[k].status)
+                    summary.chunks_written += 1
+                    del buffers[k]
+            if progress:
+                progress(len(positions))
+
+        with torch.inference_mode(), autocast:
+            for batch in loader:
+                feats = {}
+                for name, net in backbones.nets.items():
+                    images = batch.images[backbones.norm_of[name]]
+                    if cfg.features.channels_last:
+                        images = images.contiguous(memory_format=torch.channels_last)
+                    feats[name] = _storable(net(images).float().cpu().numpy(), name, cfg.features.store_dtype)
+                delivered[batch.positions] = True
+                summary.rows_written += len(batch.positions)
+                deliver(batch.positions, feats)
+        summary.failures += loader.failures
+        missing = np.flatnonzero(~delivered)
+        if len(missing):
+            summary.rows_failed += len(missing)
+            deliver(missing, None)
+    summary.seconds = time.perf_counter() - start
+    return summary

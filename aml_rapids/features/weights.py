@@ -1,0 +1,98 @@
+"""Weights for a backbone: ``imagenet`` (torchvision's weights and cache), a local state_dict or checkpoint
+file, or ``none`` (seeded random initialisation). Whatever was used is recorded with its sha256."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.error import URLError
+
+import torch
+from torch import nn
+from torchvision.models import get_weight
+
+from ..errors import AmlRapidsError
+from .backbones import BackboneSpec, get_spec
+
+
+class WeightsError(AmlRapidsError):
+    """Weights that cannot be found or do not fit the network."""
+
+
+@dataclass(frozen=True)
+class WeightsInfo:
+    """Provenance of the weights one backbone ran with."""
+
+    source: str
+    sha256: str | None
+    pretrained: bool
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _imagenet_file(spec: BackboneSpec) -> Path:
+    """The cached torchvision checkpoint, downloaded if the network allows; a clear error if not."""
+    if spec.imagenet_weights is None:
+        raise WeightsError(f"backbone {spec.name!r} has no ImageNet weights; use a file path or 'none'")
+    url = get_weight(spec.imagenet_weights).url
+    cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(url).name
+    if not cached.is_file():
+        try:
+            torch.hub.load_state_dict_from_url(url, progress=True, check_hash=True)
+        except (URLError, OSError, RuntimeError) as exc:
+            raise WeightsError(
+                f"ImageNet weights for {spec.name} are not cached at {cached} and could not be downloaded ({exc}). "
+                f"Fetch {url} on a machine with internet and copy it to {cached} (or set TORCH_HOME), or pass a "
+                f"local file: --set 'features.backbones=[{{name: {spec.name}, weights: /path/to/state_dict.pth}}]'"
+            ) from None
+    return cached
+
+
+def _read_state_dict(path: Path) -> dict:
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch.load fails in many ways on a file that is not a checkpoint
+        raise WeightsError(f"cannot read weights file {path}: {type(exc).__name__}: {exc}") from None
+    for key in ("state_dict", "model"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    if not isinstance(state, dict):
+        raise WeightsError(f"{path} holds a {type(state).__name__}, not a state_dict")
+    return {k.removeprefix("module."): v for k, v in state.items()}
+
+
+def _load_into(model: nn.Module, state: dict, path: Path, name: str) -> None:
+    own = model.state_dict()
+    wrong = [f"{k}: file {tuple(v.shape)} vs model {tuple(own[k].shape)}"
+             for k, v in state.items() if k in own and own[k].shape != v.shape]
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    if wrong or missing or unexpected:
+        parts = [f"{len(wrong)} shape mismatches ({'; '.join(wrong[:3])})" if wrong else "",
+                 f"{len(missing)} missing keys ({', '.join(missing[:3])})" if missing else "",
+                 f"{len(unexpected)} unexpected keys ({', '.join(unexpected[:3])})" if unexpected else ""]
+        raise WeightsError(f"weights {path} do not fit {name}: " + "; ".join(p for p in parts if p))
+    model.load_state_dict(state, strict=True)
+
+
+def load_backbone(name: str, weights: str = "imagenet", seed: int = 0) -> tuple[nn.Module, WeightsInfo]:
+    """The truncated feature network in eval mode, and where its weights came from."""
+    spec = get_spec(name)
+    torch.manual_seed(seed)
+    model = spec.build()
+    if weights == "none":
+        info = WeightsInfo("none (random initialisation)", None, False)
+    else:
+        path = _imagenet_file(spec) if weights == "imagenet" else Path(weights)
+        if not path.is_file():
+            raise WeightsError(f"weights file {path} for {name} does not exist")
+        _load_into(model, _read_state_dict(path), path, name)
+        info = WeightsInfo("imagenet" if weights == "imagenet" else str(path), file_sha256(path), True)
+    return spec.truncate(model).eval(), info
