@@ -20,6 +20,7 @@ app = typer.Typer(help="GPU-accelerated feature store and stacking classifier fo
 
 ConfigOpt = Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML config (default: built-in)")]
 SetOpt = Annotated[Optional[list[str]], typer.Option("--set", help="override a config key, e.g. split.seed=3")]
+ManifestArg = Annotated[Path, typer.Argument(help="manifest.parquet written by `aml-rapids index` (and split)")]
 
 EXIT_REJECTS = 5
 
@@ -96,7 +97,7 @@ def index(
 @app.command()
 @_errors_to_exit_codes
 def split(
-    manifest: Annotated[Path, typer.Argument(help="manifest.parquet written by `aml-rapids index`")],
+    manifest: ManifestArg,
     method: Annotated[Optional[str], typer.Option(help="patient | image | kfold")] = None,
     seed: Annotated[Optional[int], typer.Option(help="random seed")] = None,
     folds: Annotated[Optional[int], typer.Option(help="number of folds for kfold")] = None,
@@ -128,7 +129,7 @@ def split(
 @app.command()
 @_errors_to_exit_codes
 def preview(
-    manifest: Annotated[Path, typer.Argument(help="manifest.parquet written by `aml-rapids index`")],
+    manifest: ManifestArg,
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="PNG to write [default: beside the manifest]")] = None,
     per_class: Annotated[int, typer.Option(min=1, help="cells per class in the grid")] = 3,
     stats_per_class: Annotated[int, typer.Option(min=0, help="cells per class for foreground statistics")] = 200,
@@ -155,7 +156,7 @@ def preview(
 @app.command()
 @_errors_to_exit_codes
 def extract(
-    manifest: Annotated[Path, typer.Argument(help="manifest.parquet written by `aml-rapids index` (and split)")],
+    manifest: ManifestArg,
     store: Annotated[Optional[Path], typer.Option("--store", "-s", help="Zarr store [default: beside the manifest]")] = None,
     config: ConfigOpt = None,
     set_: SetOpt = None,

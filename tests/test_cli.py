@@ -44,3 +44,24 @@ def test_exit_codes(tmp_path):
     assert result.exit_code == 5 and "broken.tif" in result.output
     result = runner.invoke(app, ["split", str(tmp_path / "r" / "manifest.parquet")])
     assert result.exit_code == 4 and "Best feasible split" in result.output
+
+
+def test_preview_and_extract(tmp_path):
+    demo, out = tmp_path / "demo", tmp_path / "run"
+    runner.invoke(app, ["demo-data", str(demo), "--patients", "2", "--cells", "3"])
+    runner.invoke(app, ["index", str(demo), "-o", str(out)])
+    manifest = str(out / "manifest.parquet")
+    result = runner.invoke(app, ["preview", manifest, "--per-class", "1", "--stats-per-class", "2"])
+    assert result.exit_code == 0, result.output
+    assert (out / "preview.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and "foreground fraction" in result.output
+    tiny = ["--set", "features.backbones=[{name: tiny, weights: none}]", "--set", "loader.batch_size=8",
+            "--set", "features.chunk_batches=1", "--set", "loader.image_size=32", "--set", "loader.device=cpu"]
+    result = runner.invoke(app, ["extract", manifest, *tiny])
+    assert result.exit_code == 0, result.output
+    assert "30 rows written, 0 already done (skipped), 0 failed" in " ".join(result.output.split())
+    result = runner.invoke(app, ["extract", manifest, *tiny])
+    assert "0 rows written, 30 already done (skipped)" in " ".join(result.output.split())
+    record = json.loads((out / "runs" / "extract.json").read_text())
+    assert record["details"]["store_summary"]["ok"] == 30
+    result = runner.invoke(app, ["extract", manifest, *tiny, "--set", "segmentation.enabled=false"])
+    assert result.exit_code == 1 and "another configuration" in result.output
