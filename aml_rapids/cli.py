@@ -185,6 +185,51 @@ def extract(
     console.print(f"store: {store} ({totals['ok']:,} of {totals['rows'] - totals['padding']:,} rows ready)")
 
 
+@app.command()
+@_errors_to_exit_codes
+def train(
+    store: Annotated[Path, typer.Argument(help="feature store written by `aml-rapids extract`")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="model folder to write")] = Path("model"),
+    backend: Annotated[Optional[str], typer.Option(help="auto | cuml | sklearn")] = None,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """Fit z-score + PCA + SVM/RF stacking on the store's training rows and save the model folder."""
+    from .classify.train import train as run_train
+
+    cfg = _config(config, set_, **{"classify.backend": backend})
+    with console.status("training (z-score, PCA, out-of-fold SVM + random forest, meta-learner)"):
+        info = run_train(store, cfg, out)
+    write_run_record(out, "train", cfg, model=info)
+    console.print(f"trained on {info['training_rows']:,} rows ({info['backend']}), classes {info['classes']}; "
+                  f"model: {out}")
+
+
+@app.command()
+@_errors_to_exit_codes
+def evaluate(
+    model: Annotated[Path, typer.Argument(help="model folder written by `aml-rapids train`")],
+    store: Annotated[Path, typer.Argument(help="feature store holding the rows to evaluate")],
+    split: Annotated[str, typer.Option(help="split to evaluate (never train)")] = "test",
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="report folder [default: MODEL/eval-SPLIT]")] = None,
+) -> None:
+    """Metrics (per class, macro, AUC, bootstrap 95% intervals, patient level) to metrics.json, plots to PNG."""
+    from .classify.train import evaluate as run_evaluate
+
+    out = out or model / f"eval-{split}"
+    report = run_evaluate(model, store, split, out)
+    cells = report["cell_level"]
+    for warning in report["warnings"]:
+        console.print(f"[yellow]warning:[/yellow] {warning}")
+    console.print(f"{split} split ({report['split_protocol']}), backbones {', '.join(report['backbones'])}: "
+                  f"cell accuracy {cells['accuracy']:.3f} (95% CI {cells['ci95']['accuracy'][0]:.3f}-"
+                  f"{cells['ci95']['accuracy'][1]:.3f}), macro F1 {cells['macro']['f1']:.3f}, n={cells['n']:,}")
+    if "patient_level" in report:
+        pl = report["patient_level"]
+        console.print(f"patient level: accuracy {pl['accuracy']:.3f}, macro AUC {pl['macro_auc']}, n={pl['n']}")
+    console.print(f"report: {out / 'metrics.json'}, plots: {out}")
+
+
 @app.command("demo-data")
 @_errors_to_exit_codes
 def demo_data(

@@ -122,6 +122,17 @@ class FeaturesConfig(_Section):
     seed: int = Field(0, description="seed of random initialisation for weights 'none'")
 
 
+class ClassifyConfig(_Section):
+    """The stacking classifier: PCA per backbone, RBF SVM + random forest, logistic-regression meta-learner."""
+
+    backend: Literal["auto", "cuml", "sklearn"] = "auto"
+    pca_components: int = Field(128, ge=1, description="PCA components per backbone")
+    svm_c: float = Field(1.0, gt=0)
+    rf_trees: int = Field(100, ge=1)
+    folds: int = Field(5, ge=2, description="grouped folds for the meta-learner's out-of-fold inputs")
+    seed: int = 0
+
+
 class RunConfig(_Section):
     """Everything one run needs; each stage reads its own section."""
 
@@ -132,6 +143,7 @@ class RunConfig(_Section):
     oversample: OversampleConfig = OversampleConfig()
     loader: LoaderConfig = LoaderConfig()
     features: FeaturesConfig = FeaturesConfig()
+    classify: ClassifyConfig = ClassifyConfig()
 
     @property
     def chunk_rows(self) -> int:

@@ -96,6 +96,7 @@ def open_or_extend(path: Path, manifest: Manifest, cfg: RunConfig, identity: dic
     """The store for this manifest: created, or checked and extended by the rows it lacks."""
     rows = plan_rows(manifest.table, cfg)
     record = {"digest": manifest.digest(), "source": manifest.meta.get("source", str(manifest.root)),
+              "split": manifest.meta.get("split"),
               "time_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
     if not Path(path).exists():
         meta = {**identity, "manifests": [{**record, "rows": len(rows)}], "versions": software_versions(),

@@ -1,0 +1,66 @@
+"""One code path, two backends: the estimator classes and array module of cuML + CuPy or scikit-learn + NumPy.
+
+Both expose the same scikit-learn API; the model code asks this module for classes and never imports either
+library itself. ``auto`` takes cuML when it imports and a GPU is visible.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from types import ModuleType
+from typing import Any
+
+import numpy as np
+
+from ..errors import AmlRapidsError
+
+
+@dataclass(frozen=True)
+class Backend:
+    name: str
+    xp: ModuleType
+    PCA: Any
+    SVC: Any
+    RandomForestClassifier: Any
+    LogisticRegression: Any
+
+    def asarray(self, values) -> Any:
+        return self.xp.asarray(values, dtype=self.xp.float32)
+
+    def to_host(self, values) -> np.ndarray:
+        return values.get() if hasattr(values, "get") else np.asarray(values)
+
+
+def _sklearn() -> Backend:
+    from sklearn.decomposition import PCA
+    from sklearn.ensemble import RandomForestClassifier
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.svm import SVC
+    return Backend("sklearn", np, PCA, SVC, RandomForestClassifier, LogisticRegression)
+
+
+def _cuml() -> Backend:
+    try:
+        import cupy
+        from cuml.decomposition import PCA
+        from cuml.ensemble import RandomForestClassifier
+        from cuml.linear_model import LogisticRegression
+        from cuml.svm import SVC
+    except ImportError as exc:
+        raise AmlRapidsError(f"backend cuml asked for, but it does not import ({exc}); install aml-rapids[cu13] "
+                             "or [cu12] on a GPU machine, or use --backend sklearn") from None
+    return Backend("cuml", cupy, PCA, SVC, RandomForestClassifier, LogisticRegression)
+
+
+def get_backend(name: str = "auto") -> Backend:
+    if name == "sklearn":
+        return _sklearn()
+    if name == "cuml":
+        return _cuml()
+    if name != "auto":
+        raise AmlRapidsError(f"unknown backend {name!r}; use auto, cuml or sklearn")
+    try:
+        import torch
+        return _cuml() if torch.cuda.is_available() else _sklearn()
+    except AmlRapidsError:
+        return _sklearn()

@@ -1,0 +1,1 @@
+"""Evaluate stage: metrics with bootstrap intervals, patient-level aggregation, plots."""

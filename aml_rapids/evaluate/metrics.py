@@ -1,0 +1,71 @@
+"""Classification metrics as the method reports them (per class one-vs-rest accuracy, precision, sensitivity,
+specificity, F1; macro averages), plus confusion matrix, one-vs-rest ROC AUC and bootstrap 95% intervals."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+from sklearn.metrics import confusion_matrix, roc_auc_score
+
+
+def per_class(y_true: np.ndarray, y_pred: np.ndarray, classes: np.ndarray) -> dict:
+    cm = confusion_matrix(y_true, y_pred, labels=classes)
+    total = cm.sum()
+    out = {}
+    for i, name in enumerate(classes):
+        tp = cm[i, i]
+        fn, fp = cm[i].sum() - tp, cm[:, i].sum() - tp
+        tn = total - tp - fn - fp
+        precision = tp / (tp + fp) if tp + fp else 0.0
+        sensitivity = tp / (tp + fn) if tp + fn else 0.0
+        out[str(name)] = {
+            "accuracy_ovr": (tp + tn) / total, "precision": precision, "sensitivity": sensitivity,
+            "specificity": tn / (tn + fp) if tn + fp else 0.0,
+            "f1": 2 * precision * sensitivity / (precision + sensitivity) if precision + sensitivity else 0.0,
+            "support": int(cm[i].sum()),
+        }
+    return out
+
+
+def summary(y_true: np.ndarray, proba: np.ndarray, classes: np.ndarray) -> dict:
+    """Point estimates: accuracy, macro metrics, per-class metrics, ROC AUC (one-vs-rest), confusion matrix."""
+    y_pred = classes[proba.argmax(axis=1)]
+    classes_present = np.isin(classes, y_true)
+    metrics = per_class(y_true, y_pred, classes)
+    macro = {k: float(np.mean([m[k] for m in metrics.values()]))
+             for k in ("precision", "sensitivity", "specificity", "f1", "accuracy_ovr")}
+    auc = {}
+    for i, name in enumerate(classes):
+        if classes_present[i] and not (y_true == name).all():
+            auc[str(name)] = float(roc_auc_score(y_true == name, proba[:, i]))
+    return {"n": int(len(y_true)), "accuracy": float((y_pred == y_true).mean()), "macro": macro,
+            "auc": auc, "macro_auc": float(np.mean(list(auc.values()))) if auc else None,
+            "per_class": metrics,
+            "confusion": {"labels": [str(c) for c in classes],
+                          "matrix": confusion_matrix(y_true, y_pred, labels=classes).tolist()}}
+
+
+def bootstrap(y_true: np.ndarray, proba: np.ndarray, classes: np.ndarray, groups: np.ndarray | None = None,
+              n: int = 1000, seed: int = 0) -> dict:
+    """95% intervals of accuracy, macro F1 and macro AUC, resampling rows (or whole groups, e.g. patients)."""
+    rng = np.random.default_rng(seed)
+    units = np.arange(len(y_true)) if groups is None else groups
+    uniq = np.unique(units)
+    members = {u: np.flatnonzero(units == u) for u in uniq}
+    draws = {"accuracy": [], "macro_f1": [], "macro_auc": []}
+    for _ in range(n):
+        idx = np.concatenate([members[u] for u in rng.choice(uniq, size=len(uniq))])
+        s = summary(y_true[idx], proba[idx], classes)
+        draws["accuracy"].append(s["accuracy"])
+        draws["macro_f1"].append(s["macro"]["f1"])
+        if s["macro_auc"] is not None:
+            draws["macro_auc"].append(s["macro_auc"])
+    return {k: [float(np.percentile(v, 2.5)), float(np.percentile(v, 97.5))] for k, v in draws.items() if v}
+
+
+def patient_level(rows: pd.DataFrame, proba: np.ndarray, classes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Each patient's label and the mean of its cells' class probabilities."""
+    frame = pd.DataFrame(proba, columns=list(classes)).assign(patient=rows["patient"].to_numpy(),
+                                                              label=rows["label"].to_numpy())
+    grouped = frame.groupby("patient")
+    return grouped["label"].first().to_numpy(), grouped[list(classes)].mean().to_numpy()
