@@ -218,7 +218,7 @@ def test_mismatched_config_and_bad_stores_are_refused(tmp_path):
         extract(manifest, tmp_path / "s.zarr", cfg(**{"segmentation.enabled": "false"}))
     with pytest.raises(StoreError, match="another configuration.*backbones"):
         extract(manifest, tmp_path / "s.zarr", cfg(**{"features.seed": 1, "features.backbones":
-                                                      f"[{{name: tiny, weights: none}}, {{name: mobilenet_v2, weights: none}}]"}))
+                                                      "[{name: tiny, weights: none}, {name: mobilenet_v2, weights: none}]"}))
     zarr.open_group(str(tmp_path / "other.zarr"), mode="w")
     with pytest.raises(StoreError, match="not an aml-rapids feature store"):
         FeatureStore.open(tmp_path / "other.zarr")

@@ -1,7 +1,6 @@
 """The DALI loader on the CPU: exactly once, corrupt files mid-run, sharding, decoding, reproducible augmentation."""
 
 import numpy as np
-import pandas as pd
 import pytest
 import torch
 from PIL import Image

@@ -2,7 +2,6 @@
 
 import cv2
 import numpy as np
-import pandas as pd
 import pytest
 import torch
 from PIL import Image

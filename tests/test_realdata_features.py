@@ -1,7 +1,6 @@
 """Real features are real: ImageNet MobileNetV2 features of PBC cells separate the classes far better than
 the same network with random weights, on a held-out part (logistic regression, stratified 25% test)."""
 
-import numpy as np
 import pytest
 from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import train_test_split

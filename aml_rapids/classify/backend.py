@@ -23,6 +23,8 @@ class Backend:
     SVC: Any
     RandomForestClassifier: Any
     LogisticRegression: Any
+    svc_options: dict
+    forest_options: dict
 
     def asarray(self, values) -> Any:
         return self.xp.asarray(values, dtype=self.xp.float32)
@@ -36,7 +38,8 @@ def _sklearn() -> Backend:
     from sklearn.ensemble import RandomForestClassifier
     from sklearn.linear_model import LogisticRegression
     from sklearn.svm import SVC
-    return Backend("sklearn", np, PCA, SVC, RandomForestClassifier, LogisticRegression)
+    return Backend("sklearn", np, PCA, SVC, RandomForestClassifier, LogisticRegression,
+                   {"decision_function_shape": "ovr"}, {"n_jobs": -1})
 
 
 def _cuml() -> Backend:
@@ -49,7 +52,9 @@ def _cuml() -> Backend:
     except ImportError as exc:
         raise AmlRapidsError(f"backend cuml asked for, but it does not import ({exc}); install aml-rapids[cu13] "
                              "or [cu12] on a GPU machine, or use --backend sklearn") from None
-    return Backend("cuml", cupy, PCA, SVC, RandomForestClassifier, LogisticRegression)
+    # cuML's SVC is one-vs-one by default; one-vs-rest gives one decision column per class, as scikit-learn's.
+    return Backend("cuml", cupy, PCA, SVC, RandomForestClassifier, LogisticRegression,
+                   {"multiclass_strategy": "ovr"}, {})
 
 
 def get_backend(name: str = "auto") -> Backend:

@@ -61,8 +61,8 @@ class FeatureStackingClassifier(ClassifierMixin, BaseEstimator):
         return be.xp.concatenate(out, axis=1).astype(be.xp.float32)
 
     def _base_learners(self, be: Backend):
-        return (be.SVC(kernel="rbf", C=self.svm_c, gamma="scale"),
-                be.RandomForestClassifier(n_estimators=self.rf_trees, random_state=self.seed))
+        return (be.SVC(kernel="rbf", C=self.svm_c, gamma="scale", **be.svc_options),
+                be.RandomForestClassifier(n_estimators=self.rf_trees, random_state=self.seed, **be.forest_options))
 
     def _base_outputs(self, be: Backend, svm, forest, Z):
         """SVM scores and forest probabilities, one column per class of the whole training set, even when a
@@ -90,6 +90,7 @@ class FeatureStackingClassifier(ClassifierMixin, BaseEstimator):
         folds = StratifiedGroupKFold(n_splits=self.folds, shuffle=True, random_state=self.seed)
         self.oof_ = None
         for train_idx, held_idx in folds.split(np.zeros(len(y)), codes, groups):
+            train_idx, held_idx = be.xp.asarray(train_idx), be.xp.asarray(held_idx)
             svm, forest = self._base_learners(be)
             svm.fit(Z[train_idx], labels[train_idx])
             forest.fit(Z[train_idx], labels[train_idx])

@@ -6,7 +6,6 @@ import json
 from pathlib import Path
 
 import joblib
-import numpy as np
 
 from .. import __version__
 from ..config import RunConfig
