@@ -230,6 +230,38 @@ def evaluate(
     console.print(f"report: {out / 'metrics.json'}, plots: {out}")
 
 
+DEMO_SETTINGS = [
+    # Offline on a CPU: MobileNetV2 alone, without pretrained weights (none can be downloaded offline); its random
+    # features are ~1e-8 in size, below float16's range, hence float32 storage.
+    "features.backbones=[{name: mobilenet_v2, weights: none}]", "features.store_dtype=float32",
+    "loader.batch_size=64", "features.chunk_batches=8",
+]
+
+
+@app.command()
+@_errors_to_exit_codes
+def run(
+    data: Annotated[Optional[Path], typer.Argument(help="dataset folder or CSV [default: synthetic demo cells]")] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="run folder [default: runs/<data name>]")] = None,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """index -> split -> extract -> train -> evaluate in one go. Without DATA: draws the synthetic demo set and
+    runs it offline with MobileNetV2 (random weights) on whatever device there is."""
+    overrides = list(set_ or [])
+    if data is None:
+        out = out or Path("runs") / "demo"
+        data = out / "demo-data"
+        overrides = DEMO_SETTINGS + overrides
+        demo_data(data)
+    out = out or Path("runs") / (data.stem if data.suffix.lower() == ".csv" else data.name)
+    index(data, out=out, config=config, set_=overrides)
+    split(out / "manifest.parquet", config=config, set_=overrides)
+    extract(out / "manifest.parquet", store=out / "features.zarr", config=config, set_=overrides)
+    train(out / "features.zarr", out=out / "model", config=config, set_=overrides)
+    evaluate(out / "model", out / "features.zarr", split="test", out=out / "model" / "eval-test")
+
+
 @app.command("demo-data")
 @_errors_to_exit_codes
 def demo_data(

@@ -65,3 +65,13 @@ def test_preview_and_extract(tmp_path):
     assert record["details"]["store_summary"]["ok"] == 30
     result = runner.invoke(app, ["extract", manifest, *tiny, "--set", "segmentation.enabled=false"])
     assert result.exit_code == 1 and "another configuration" in result.output
+
+
+@pytest.mark.slow
+def test_run_with_no_data_is_the_offline_demo(tmp_path):
+    result = runner.invoke(app, ["run", "-o", str(tmp_path / "demo")])
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "demo" / "model" / "eval-test" / "metrics.json").read_text())
+    assert report["split_protocol"] == "patient-level" and report["cell_level"]["n"] > 0
+    assert report["backbones"]["mobilenet_v2"]["pretrained"] is False
+    assert (tmp_path / "demo" / "model" / "eval-test" / "roc.png").is_file()
