@@ -230,6 +230,24 @@ def evaluate(
     console.print(f"report: {out / 'metrics.json'}, plots: {out}")
 
 
+@app.command()
+@_errors_to_exit_codes
+def predict(
+    model: Annotated[Path, typer.Argument(help="model folder written by `aml-rapids train`")],
+    source: Annotated[Path, typer.Argument(help="folder or CSV of new cell images, or a feature store")],
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="folder for predictions.csv and patients.csv")] = None,
+    set_: SetOpt = None,
+) -> None:
+    """Class probabilities per cell and per patient; images are extracted exactly as the model's training data."""
+    from .classify.predict import predict as run_predict
+
+    out = out or model / f"predict-{source.stem}"
+    with progress_bar(f"extracting {source}") as (advance, set_total):
+        cells, patients = run_predict(model, source, out, set_, progress=advance, on_total=set_total)
+    console.print(f"{len(cells):,} cells, {len(patients):,} patients predicted: {out / 'predictions.csv'}, "
+                  f"{out / 'patients.csv'}")
+
+
 DEMO_SETTINGS = [
     # Offline on a CPU: MobileNetV2 alone, without pretrained weights (none can be downloaded offline); its random
     # features are ~1e-8 in size, below float16's range, hence float32 storage.

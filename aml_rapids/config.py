@@ -179,10 +179,11 @@ def _merge(base: dict, extra: dict) -> dict:
     return out
 
 
-def load_config(path: Path | None = None, overrides: list[str] | None = None) -> RunConfig:
-    """Read a YAML config (or the built-in defaults), apply overrides, validate; errors name the file and key."""
-    tree: dict = {}
-    source = "built-in defaults"
+def load_config(path: Path | None = None, overrides: list[str] | None = None, base: dict | None = None) -> RunConfig:
+    """Read a YAML config (or the built-in defaults, or ``base``, e.g. the config a model was made with), apply
+    overrides, validate; errors name the file and key."""
+    tree: dict = dict(base or {})
+    source = "built-in defaults" if base is None else "the model's config"
     if path is not None:
         source = str(path)
         try:
@@ -193,6 +194,7 @@ def load_config(path: Path | None = None, overrides: list[str] | None = None) ->
             raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
         if not isinstance(tree, dict):
             raise ConfigError(f"config file {path} must hold a mapping of sections, got {type(tree).__name__}")
+        tree = _merge(dict(base or {}), tree)
     tree = _merge(tree, parse_overrides(overrides))
     try:
         return RunConfig.model_validate(tree)

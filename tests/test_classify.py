@@ -10,6 +10,7 @@ from typer.testing import CliRunner
 from aml_rapids.classify.data import fold_groups
 from aml_rapids.classify.model import FeatureStackingClassifier
 from aml_rapids.cli import app
+from aml_rapids.data.synthetic import write_demo_dataset
 from aml_rapids.errors import AmlRapidsError
 from aml_rapids.evaluate.metrics import per_class, summary
 
@@ -91,6 +92,19 @@ def test_train_and_evaluate_commands_on_a_synthetic_store(tmp_path):
     assert low <= report["cell_level"]["accuracy"] <= high
     assert {p.name for p in (run / "model" / "eval-test").iterdir()} >= {"metrics.json", "confusion.png", "roc.png",
                                                                         "roc_patients.png"}
+    write_demo_dataset(tmp_path / "new", patients_per_class=1, cells_per_patient=4, seed=9)
+    result = runner.invoke(app, ["predict", str(run / "model"), str(tmp_path / "new"), "-o", str(tmp_path / "pred")])
+    assert result.exit_code == 0, result.output
+    cells = pd.read_csv(tmp_path / "pred" / "predictions.csv")
+    patients = pd.read_csv(tmp_path / "pred" / "patients.csv")
+    assert len(cells) == 20 and len(patients) == 5 and set(patients["n_cells"]) == {4}
+    prob = cells.filter(like="p_")
+    assert prob.shape[1] == 5 and np.allclose(prob.sum(axis=1), 1, atol=1e-4)
+    from_store = runner.invoke(app, ["predict", str(run / "model"), str(tmp_path / "pred" / "features.zarr"),
+                                     "-o", str(tmp_path / "pred2")])
+    assert from_store.exit_code == 0, from_store.output
+    again = pd.read_csv(tmp_path / "pred2" / "predictions.csv")
+    assert np.allclose(again.filter(like="p_").to_numpy(), prob.to_numpy())
     result = runner.invoke(app, ["evaluate", str(run / "model"), str(run / "features.zarr"), "--split", "train"])
     assert result.exit_code == 1 and "fitted on" in result.output
     info = json.loads((run / "model" / "model.json").read_text())

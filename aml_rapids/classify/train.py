@@ -42,7 +42,7 @@ def train(store_path: Path, cfg: RunConfig, out: Path, backbones: list[str] | No
     joblib.dump(model, out / MODEL_FILE)
     info = {"aml_rapids": __version__, "backend": model.backend_, "classes": [str(k) for k in model.classes_],
             "training_rows": len(rows), "store": str(store_path), **describe_features(store, backbones),
-            "config": cfg.classify.model_dump()}
+            "config": cfg.classify.model_dump(), "extract_config": store.meta.get("config")}
     (out / INFO_FILE).write_text(json.dumps(info, indent=2))
     return info
 

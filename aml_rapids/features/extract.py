@@ -79,6 +79,7 @@ def load_backbones(cfg: RunConfig, device: str) -> Backbones:
 def store_identity(cfg: RunConfig, backbones: Backbones) -> dict:
     """What makes two runs' features comparable; a store only accepts rows computed the same way."""
     return {"backbones": backbones.info, "chunk_rows": cfg.chunk_rows, "store_dtype": cfg.features.store_dtype,
+            "features_seed": cfg.features.seed,
             "preprocess": {"image_size": cfg.loader.image_size, "segmentation": cfg.segmentation.model_dump(),
                            "augment": cfg.augment.model_dump(), "oversample": cfg.oversample.model_dump(),
                            "augment_seed": cfg.loader.seed}}
@@ -99,7 +100,7 @@ def open_or_extend(path: Path, manifest: Manifest, cfg: RunConfig, identity: dic
               "time_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
     if not Path(path).exists():
         meta = {**identity, "manifests": [{**record, "rows": len(rows)}], "versions": software_versions(),
-                "device": device, "machine": machine_info()}
+                "device": device, "machine": machine_info(), "config": cfg.model_dump(mode="json")}
         return FeatureStore.create(path, pad_segments(rows, cfg.chunk_rows),
                                    {n: b["dim"] for n, b in identity["backbones"].items()}, meta), len(rows)
     store = FeatureStore.open(path, mode="r+")
