@@ -9,7 +9,7 @@ import time
 import numpy as np
 
 from aml_rapids.classify.backend import get_backend
-from aml_rapids.classify.model import FeatureStackingClassifier, row_zscore
+from aml_rapids.classify.model import FeatureStackingClassifier
 from aml_rapids.errors import AmlRapidsError
 
 DIMS = (1280, 2048, 4096)
