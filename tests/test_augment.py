@@ -19,7 +19,7 @@ def decompose(m):
 
 def test_ranges_probabilities_and_centre():
     cfg = AugmentConfig()
-    mats = affine_matrices(table(), cfg, seed=0)
+    mats = affine_matrices(table(), cfg, seed=0, out_size=144)
     assert mats.shape == (400, 2, 3) and mats.dtype == np.float32
     parts = np.array([decompose(m) for m in mats])
     assert (parts[:, 0] >= 0.9 - 1e-5).all() and (parts[:, 0] <= 1.1 + 1e-5).all()
@@ -31,16 +31,18 @@ def test_ranges_probabilities_and_centre():
         assert np.allclose(moved, centre, atol=1e-3)
 
 
-def test_identity_when_every_probability_is_zero():
+def test_identity_when_every_probability_is_zero_and_the_resize_is_folded_in():
     cfg = AugmentConfig(p_rotate=0, p_scale=0, p_hflip=0, p_vflip=0)
-    mats = affine_matrices(table(10), cfg, seed=0)
+    mats = affine_matrices(table(10), cfg, seed=0, out_size=144)
     assert np.allclose(mats, np.array([[1, 0, 0], [0, 1, 0]], np.float32))
+    upscale = affine_matrices(table(3), cfg, seed=0, out_size=224)
+    assert np.allclose(upscale, np.array([[224 / 144, 0, 0], [0, 224 / 144, 0]], np.float32))
 
 
 def test_matrices_depend_on_row_identity_not_position():
     cfg = AugmentConfig()
     t = table(50)
-    a = affine_matrices(t, cfg, seed=3)
-    assert np.array_equal(a[::-1], affine_matrices(t.iloc[::-1], cfg, seed=3))
-    assert not np.array_equal(a, affine_matrices(table(50, aug=1), cfg, seed=3))
-    assert not np.array_equal(a, affine_matrices(t, cfg, seed=4))
+    a = affine_matrices(t, cfg, seed=3, out_size=144)
+    assert np.array_equal(a[::-1], affine_matrices(t.iloc[::-1], cfg, seed=3, out_size=144))
+    assert not np.array_equal(a, affine_matrices(table(50, aug=1), cfg, seed=3, out_size=144))
+    assert not np.array_equal(a, affine_matrices(t, cfg, seed=4, out_size=144))

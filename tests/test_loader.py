@@ -155,3 +155,18 @@ def test_gpu_graph_matches_cpu_graph(tmp_path):
         assert all(b.images["imagenet"].device.type == ("cuda" if device == "gpu" else "cpu") for b in batches)
         out[device] = torch.cat([b.images["imagenet"].float().cpu() for b in batches])
     assert (out["cpu"] - out["gpu"]).abs().mean() < 0.02
+
+
+def test_an_augmentation_that_does_nothing_matches_the_plain_resize(tmp_path):
+    """Training copies go through one warp that also resizes; with every augmentation off it must give what
+    validation rows get, or augmented training features drift from test features."""
+    from conftest import write_image
+    for i in range(4):
+        write_image(tmp_path / "a" / "p" / f"{i}.png", size=24, fmt="PNG")
+    manifest = build_manifest(tmp_path, IndexConfig()).manifest
+    off = {"augment.p_rotate": 0, "augment.p_scale": 0, "augment.p_hflip": 0, "augment.p_vflip": 0,
+           "loader.image_size": 40}
+    plain = torch.cat([b.images["imagenet"] for b in CellLoader(manifest.table, manifest.root, cfg(**off))])
+    warped = torch.cat([b.images["imagenet"] for b in CellLoader(manifest.table, manifest.root, cfg(**off),
+                                                                 augment=True)])
+    assert (plain - warped).abs().mean() < 0.01

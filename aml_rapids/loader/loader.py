@@ -77,7 +77,8 @@ class CellLoader:
 
     def _pipeline(self, positions: np.ndarray):
         cfg = self.cfg.loader
-        matrices = affine_matrices(self.table.iloc[positions], self.cfg.augment, cfg.seed) if self.augment else None
+        matrices = (affine_matrices(self.table.iloc[positions], self.cfg.augment, cfg.seed, cfg.image_size)
+                    if self.augment else None)
         return build_pipeline(
             [self._files[i] for i in positions], positions.tolist(), self.spec, matrices, batch_size=cfg.batch_size,
             num_threads=cfg.num_threads or usable_cores(), device_id=0 if self.device == "gpu" else None,

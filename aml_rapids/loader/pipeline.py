@@ -1,4 +1,4 @@
-"""One DALI graph for both devices: decode -> HSV mask -> (augment) -> resize -> per-backbone normalise.
+"""One DALI graph for both devices: decode -> HSV mask -> resize (or one warp: augment + resize) -> normalise.
 
 On a GPU, decoding uses ``device="mixed"`` and everything after it runs on the GPU; without one, the same graph
 runs in DALI's CPU-only mode (``device_id=None``). Reader labels carry the row position in the loader's table,
@@ -71,10 +71,13 @@ def cell_graph(files: list[str], positions: list[int], spec: GraphSpec, matrices
     segmented = image
     augmenting = matrices is not None
     if augmenting:
-        # Warping before the resize touches 144x144 instead of 224x224 pixels: 2x faster on a CPU.
+        # One resampling: the row's matrix holds the augmentation and the resize to image_size. No fill value:
+        # DALI then clamps at the border as the resize does, so a warp that changes nothing equals the resize.
         matrix = fn.external_source(source=_MatrixBatches(matrices, batch_size), cycle=True, dtype=types.FLOAT)
-        image = fn.warp_affine(image, matrix=matrix, fill_value=0, interp_type=types.INTERP_LINEAR, inverse_map=False)
-    image = _resize(image, spec.image_size)
+        image = fn.warp_affine(image, matrix=matrix, size=[spec.image_size, spec.image_size],
+                               interp_type=types.INTERP_LINEAR, inverse_map=False)
+    else:
+        image = _resize(image, spec.image_size)
     outputs = [
         fn.crop_mirror_normalize(image, dtype=spec.output_dtype, output_layout="CHW",
                                  mean=[255.0 * m for m in norm.mean], std=[255.0 * s for s in norm.std])
