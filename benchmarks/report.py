@@ -32,7 +32,7 @@ def latest_runs(path: Path = RESULTS) -> list[dict]:
 
 
 def markdown(rows: list[dict]) -> str:
-    lines = ["| machine | stage | variant | images | img/s | x naive | x naive-full | run (UTC), commit |",
+    lines = ["| machine | stage | variant | n (cells or rows) | per s | x naive | x naive-full | run (UTC), commit |",
              "|---|---|---|---:|---:|---:|---:|---|"]
     for r in rows:
         commit = (r.get("git_commit") or "?")[:8]
