@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import json
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
@@ -41,7 +42,7 @@ def _errors_to_exit_codes(fn):
 
 def _config(path: Optional[Path], overrides: Optional[list[str]], **cli: object) -> RunConfig:
     """Config file < --set overrides < explicit CLI options (those not left at None)."""
-    extra = [f"{key}={value}" for key, value in cli.items() if value is not None]
+    extra = [f"{key}={json.dumps(value)}" for key, value in cli.items() if value is not None]  # JSON: stays a str
     return load_config(path, list(overrides or []) + extra)
 
 

@@ -75,3 +75,13 @@ def test_run_with_no_data_is_the_offline_demo(tmp_path):
     assert report["split_protocol"] == "patient-level" and report["cell_level"]["n"] > 0
     assert report["backbones"]["mobilenet_v2"]["pretrained"] is False
     assert (tmp_path / "demo" / "model" / "eval-test" / "roc.png").is_file()
+
+
+def test_option_values_are_taken_literally(tmp_path):
+    """A CSV column called 'yes' stays a string, not YAML's boolean."""
+    from conftest import write_image
+    write_image(tmp_path / "a.png", fmt="PNG")
+    (tmp_path / "list.csv").write_text("path,yes\na.png,blast\n")
+    result = runner.invoke(app, ["index", str(tmp_path / "list.csv"), "--label-column", "yes", "-o", str(tmp_path / "r")])
+    assert result.exit_code == 0, result.output
+    assert list(read_manifest(tmp_path / "r" / "manifest.parquet").table["label"]) == ["blast"]

@@ -240,3 +240,14 @@ def test_read_only_output_folder(tmp_path):
     os.chmod(tmp_path / "ro", 0o500)
     with pytest.raises(StoreError, match="cannot create feature store"):
         extract(manifest, tmp_path / "ro" / "s.zarr", cfg())
+
+
+def test_resuming_with_a_manifest_that_lacks_pending_cells_names_the_problem(tmp_path):
+    from aml_rapids.features.extract import load_backbones, open_or_extend, store_identity
+    manifest = demo_manifest(tmp_path / "data", split=False)
+    config = cfg()
+    identity = store_identity(config, load_backbones(config, "cpu"))
+    open_or_extend(tmp_path / "s.zarr", manifest, config, identity, "cpu")  # laid out, nothing computed yet
+    manifest.table = manifest.table.iloc[:5]
+    with pytest.raises(StoreError, match="does not list .*resume with the manifest they came from"):
+        extract(manifest, tmp_path / "s.zarr", config)

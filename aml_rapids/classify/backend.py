@@ -1,11 +1,12 @@
 """One code path, two backends: the estimator classes and array module of cuML + CuPy or scikit-learn + NumPy.
 
 Both expose the same scikit-learn API; the model code asks this module for classes and never imports either
-library itself. ``auto`` takes cuML when it imports and a GPU is visible.
+library itself. ``auto`` takes cuML when a GPU is visible, and says so when it has to fall back because cuML does not import.
 """
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
@@ -64,8 +65,11 @@ def get_backend(name: str = "auto") -> Backend:
         return _cuml()
     if name != "auto":
         raise AmlRapidsError(f"unknown backend {name!r}; use auto, cuml or sklearn")
+    import torch
+    if not torch.cuda.is_available():
+        return _sklearn()
     try:
-        import torch
-        return _cuml() if torch.cuda.is_available() else _sklearn()
-    except AmlRapidsError:
+        return _cuml()
+    except AmlRapidsError as exc:
+        warnings.warn(f"a GPU is visible but {exc}; backend auto uses scikit-learn on the CPU", stacklevel=2)
         return _sklearn()

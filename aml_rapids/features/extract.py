@@ -170,14 +170,13 @@ def extract(manifest: Manifest, store_path: Path, cfg: RunConfig,
     identity = store_identity(cfg, backbones)
     store, appended = open_or_extend(store_path, manifest, cfg, identity, device)
     rows = store.rows()
+    status = rows["status"].to_numpy()
+    real_per_chunk = (status != STATUS_PADDING).reshape(-1, store.chunk_rows).sum(axis=1)
     done = store.done_chunks()
     pending = [k for k in range(store.n_chunks) if not done[k]]
-    summary = ExtractSummary(rows_appended=appended,
-                             rows_skipped=int(((rows["status"] != STATUS_PADDING).to_numpy()
-                                               .reshape(-1, store.chunk_rows)[done]).sum()))
-    todo = sum(int((rows["status"].iloc[store.chunk_slice(k)] != STATUS_PADDING).sum()) for k in pending)
+    summary = ExtractSummary(rows_appended=appended, rows_skipped=int(real_per_chunk[done].sum()))
     if on_total:
-        on_total(todo)
+        on_total(int(real_per_chunk[pending].sum()))
     index = {cid: i for i, cid in enumerate(manifest.table["cell_id"])}
     dims = {n: b["dim"] for n, b in identity["backbones"].items()}
     augment_of_chunk = rows["augment"].to_numpy()[::store.chunk_rows]
@@ -188,8 +187,11 @@ def extract(manifest: Manifest, store_path: Path, cfg: RunConfig,
         first = run[0] * store.chunk_rows
         span = rows.iloc[first:(run[-1] + 1) * store.chunk_rows]
         real = span[span["status"] != STATUS_PADDING]
-        buffers = {k: _ChunkBuffer(rows["status"].to_numpy()[store.chunk_slice(k)], dims, cfg.features.store_dtype)
-                   for k in run}
+        buffers = {k: _ChunkBuffer(status[store.chunk_slice(k)], dims, cfg.features.store_dtype) for k in run}
+        unknown = [c for c in real["cell_id"] if c not in index]
+        if unknown:
+            raise StoreError(f"store {store_path} still has rows to compute for {len(unknown)} cells that this "
+                             f"manifest does not list (e.g. {unknown[0]}); resume with the manifest they came from")
         table = manifest.table.iloc[[index[c] for c in real["cell_id"]]].assign(
             aug_index=real["aug_index"].to_numpy()).reset_index(drop=True)
         global_rows = real.index.to_numpy()
