@@ -233,6 +233,40 @@ def evaluate(
 
 @app.command()
 @_errors_to_exit_codes
+def cv(
+    store: Annotated[Path, typer.Argument(help="feature store extracted from a manifest split with --method kfold")],
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="report folder [default: beside the store]")] = None,
+    backend: Annotated[Optional[str], typer.Option(help="auto | cuml | sklearn")] = None,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """Patient-grouped k-fold cross-validation: one classifier per fold, pooled out-of-fold metrics and plots."""
+    from .classify.crossval import cross_validate
+
+    cfg = _config(config, set_, **{"classify.backend": backend})
+    out = out or store.parent / "cv"
+
+    def show(fold: dict) -> None:
+        console.print(f"fold {fold['fold']}: {fold['cells']:,} cells, cell AUC {fold['cell_macro_auc']:.3f}"
+                      + (f", patient AUC {fold['patient_macro_auc']:.3f} (n={fold['patients']})"
+                         if fold.get("patient_macro_auc") is not None else ""))
+
+    with console.status("cross-validating (one stacking classifier per fold)"):
+        report = cross_validate(store, cfg, out, on_fold=show)
+    write_run_record(out, "cv", cfg, store=str(store), folds=report["folds"])
+    cells = report["cell_level"]
+    console.print(f"{report['split']} ({report['split_protocol']}), backbones {', '.join(report['backbones'])}: "
+                  f"cell AUC {cells['macro_auc']:.3f} (95% CI {cells['ci95']['macro_auc'][0]:.3f}-"
+                  f"{cells['ci95']['macro_auc'][1]:.3f}), accuracy {cells['accuracy']:.3f}, n={cells['n']:,}")
+    if "patient_level" in report:
+        pl = report["patient_level"]
+        console.print(f"patient level: AUC {pl['macro_auc']:.3f} (95% CI {pl['ci95']['macro_auc'][0]:.3f}-"
+                      f"{pl['ci95']['macro_auc'][1]:.3f}), accuracy {pl['accuracy']:.3f}, n={pl['n']}")
+    console.print(f"report: {out / 'metrics.json'}, out-of-fold predictions: {out / 'oof_predictions.csv'}")
+
+
+@app.command()
+@_errors_to_exit_codes
 def predict(
     model: Annotated[Path, typer.Argument(help="model folder written by `aml-rapids train`")],
     source: Annotated[Path, typer.Argument(help="folder or CSV of new cell images, or a feature store")],
@@ -265,7 +299,8 @@ def run(
     config: ConfigOpt = None,
     set_: SetOpt = None,
 ) -> None:
-    """index -> split -> extract -> train -> evaluate in one go. Without DATA: draws the synthetic demo set and
+    """index -> split -> extract -> train -> evaluate in one go (cross-validation instead of train and evaluate
+    when split.method is kfold). Without DATA: draws the synthetic demo set and
     runs it offline with MobileNetV2 (random weights) on whatever device there is."""
     overrides = list(set_ or [])
     if data is None:
@@ -277,6 +312,9 @@ def run(
     index(data, out=out, config=config, set_=overrides)
     split(out / "manifest.parquet", config=config, set_=overrides)
     extract(out / "manifest.parquet", store=out / "features.zarr", config=config, set_=overrides)
+    if _config(config, overrides).split.method == "kfold":
+        cv(out / "features.zarr", out=out / "cv", config=config, set_=overrides)
+        return
     train(out / "features.zarr", out=out / "model", config=config, set_=overrides)
     evaluate(out / "model", out / "features.zarr", split="test", out=out / "model" / "eval-test")
 

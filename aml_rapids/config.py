@@ -131,6 +131,8 @@ class ClassifyConfig(_Section):
     rf_trees: int = Field(100, ge=1)
     folds: int = Field(5, ge=2, description="grouped folds for the meta-learner's out-of-fold inputs")
     seed: int = 0
+    memory_gb: float = Field(8.0, gt=0, description="training features above this size are streamed from the "
+                                                    "store chunk by chunk (incremental PCA) instead of loaded")
 
 
 class RunConfig(_Section):

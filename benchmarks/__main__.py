@@ -1,4 +1,8 @@
-"""``python -m benchmarks STAGE``: measure a stage and its naive baseline in one run, append the results."""
+"""``python -m benchmarks STAGE``: measure a stage and its naive baseline in one run, append the results.
+
+``suite`` runs loader, extract and classify one after another with the same arguments (the GPU suite script
+and the CI smoke test both call it).
+"""
 
 from __future__ import annotations
 
@@ -6,16 +10,22 @@ import argparse
 import tempfile
 from pathlib import Path
 
+from aml_rapids.config import IndexConfig
+from aml_rapids.data.manifest import Manifest, build_manifest
 from aml_rapids.loader.loader import resolve_device
 
 from . import classify_bench, extract_bench, loader_bench
 from .harness import RESULTS, append_results, synthetic_manifest
 
+STAGES = ("loader", "extract", "classify")
 
-def main(argv=None) -> None:
+
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
-    parser.add_argument("stage", choices=["loader", "extract", "classify"])
+    parser.add_argument("stage", choices=[*STAGES, "suite"])
     parser.add_argument("--count", type=int, default=81214, help="synthetic 144x144 TIFF cells (default: full size)")
+    parser.add_argument("--data", type=Path, help="a real dataset folder or CSV instead of synthetic cells")
+    parser.add_argument("--naive-count", type=int, help="cells the naive baselines read (default: all)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "gpu"])
@@ -24,29 +34,52 @@ def main(argv=None) -> None:
     parser.add_argument("--backbones", default="mobilenet_v2,resnet101,vgg16", help="extract: comma-separated")
     parser.add_argument("--no-warmup", action="store_true", help="time start-up too (for slow CPU runs)")
     parser.add_argument("--rows", type=int, default=56850, help="classify: training rows (default: 70%% of 81,214)")
+    parser.add_argument("--baseline-rows", type=int, help="classify: rows for scikit-learn (default: --rows)")
     parser.add_argument("--pca", type=int, default=128, help="classify: PCA components per backbone")
-    args = parser.parse_args(argv)
+    return parser
 
-    if args.stage == "classify":
-        rows = classify_bench.run(args.rows, args.pca)
-        append_results(args.stage, rows, {"count": args.rows, "pca": args.pca, "dims": classify_bench.DIMS},
-                       args.results)
-        for row in rows:
-            print(f"{row['variant']:40s} {row['seconds_median']:8.2f} s  x{row['x_naive']:.2f} scikit-learn")
-        print(f"appended to {args.results}")
-        return
-    manifest = synthetic_manifest(args.count, args.cache)
-    device = resolve_device(args.device)
-    params = {"count": len(manifest.table), "repeats": args.repeats, "batch_size": args.batch_size, "device": device}
-    if args.stage == "loader":
-        rows = loader_bench.run(manifest, device, args.repeats, args.batch_size)
+
+def _cells(args) -> tuple[Manifest, Manifest]:
+    """The cells to read, and the first ``--naive-count`` of them for the naive baselines."""
+    if args.data:
+        manifest = build_manifest(args.data, IndexConfig(verify_decode=False)).manifest
+        manifest.table = manifest.table.iloc[:args.count].reset_index(drop=True)
     else:
-        backbones = args.backbones.split(",")
-        rows = extract_bench.run(manifest, device, args.repeats, args.batch_size, backbones, not args.no_warmup)
-        params["backbones"] = backbones
-    append_results(args.stage, rows, params, args.results)
+        manifest = synthetic_manifest(args.count, args.cache)
+    naive = Manifest(manifest.table.iloc[:args.naive_count or len(manifest.table)].reset_index(drop=True),
+                     manifest.root, manifest.meta)
+    return manifest, naive
+
+
+def run_stage(stage: str, args, cells: tuple[Manifest, Manifest] | None) -> None:
+    if stage == "classify":
+        rows = classify_bench.run(args.rows, args.pca, args.baseline_rows)
+        params = {"count": args.rows, "baseline_rows": args.baseline_rows or args.rows, "pca": args.pca,
+                  "dims": classify_bench.DIMS}
+    else:
+        manifest, naive = cells
+        device = resolve_device(args.device)
+        params = {"count": len(manifest.table), "naive_count": len(naive.table), "repeats": args.repeats,
+                  "batch_size": args.batch_size, "device": device, "data": str(args.data or "synthetic")}
+        if stage == "loader":
+            rows = loader_bench.run(manifest, naive, device, args.repeats, args.batch_size)
+        else:
+            params["backbones"] = args.backbones.split(",")
+            rows = extract_bench.run(manifest, naive, device, args.repeats, args.batch_size, params["backbones"],
+                                     not args.no_warmup)
+    append_results(stage, rows, params, args.results)
     for row in rows:
-        print(f"{row['variant']:60s} {row['items_per_s']:9,.1f} img/s  x{row['x_naive']:.2f} naive")
+        ratio = f"x{row['x_naive']:.2f} naive" if row.get("x_naive") is not None else "(no baseline at this size)"
+        floor = f"  {row['floor_fraction']:.1%} of floor" if "floor_fraction" in row else ""
+        print(f"{stage:8s} {row['variant']:72s} {row['items_per_s']:11,.1f}/s  {ratio}{floor}")
+
+
+def main(argv=None) -> None:
+    args = _parser().parse_args(argv)
+    stages = STAGES if args.stage == "suite" else (args.stage,)
+    cells = _cells(args) if set(stages) & {"loader", "extract"} else None
+    for stage in stages:
+        run_stage(stage, args, cells)
     print(f"appended to {args.results}")
 
 

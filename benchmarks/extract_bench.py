@@ -17,6 +17,7 @@ from aml_rapids.features.extract import extract
 from aml_rapids.features.weights import load_backbone
 from aml_rapids.loader.loader import usable_cores
 
+from .extract_parts import backbone_rows, bench_config, store_rows
 from .harness import throughput
 from .loader_bench import NaiveCells
 
@@ -36,28 +37,24 @@ def naive_extract(manifest: Manifest, backbones: list[str], size: int) -> int:
 
 
 def aml_extract(manifest: Manifest, backbones: list[str], device: str, batch_size: int, segment: bool) -> int:
-    spec = ", ".join(f"{{name: {b}, weights: none}}" for b in backbones)
-    cfg = load_config(None, [f"features.backbones=[{spec}]", f"loader.device={device}",
-                             f"loader.batch_size={batch_size}", "features.chunk_batches=4",
-                             "features.store_dtype=float32", f"segmentation.enabled={segment}"])
     store = Path(tempfile.mkdtemp()) / "bench.zarr"
     try:
-        summary = extract(manifest, store, cfg)
+        summary = extract(manifest, store, bench_config(backbones, device, batch_size, segment))
     finally:
         shutil.rmtree(store.parent, ignore_errors=True)
     return summary.rows_written
 
 
-def run(manifest: Manifest, device: str, repeats: int, batch_size: int, backbones: list[str],
-        warmup: bool) -> list[dict]:
+def run(manifest: Manifest, naive_manifest: Manifest, device: str, repeats: int, batch_size: int,
+        backbones: list[str], warmup: bool) -> list[dict]:
     size = load_config().loader.image_size
     variants = {
         f"naive (PIL+DataLoader, fp32 NCHW b32 -> NumPy) {'+'.join(backbones)}":
-            lambda: naive_extract(manifest, backbones, size),
+            lambda: naive_extract(naive_manifest, backbones, size),
         f"aml-rapids {device} -> Zarr, resize+normalise": lambda: aml_extract(manifest, backbones, device, batch_size, False),
         f"aml-rapids {device} -> Zarr, +HSV mask": lambda: aml_extract(manifest, backbones, device, batch_size, True),
     }
     rows = [{"variant": name, **throughput(fn, repeats, warmup)} for name, fn in variants.items()]
     for row in rows:
         row["x_naive"] = row["items_per_s"] / rows[0]["items_per_s"]
-    return rows
+    return rows + backbone_rows(backbones, device, batch_size, repeats) + store_rows(manifest, backbones, repeats)

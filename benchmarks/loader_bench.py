@@ -58,13 +58,15 @@ def dali_epoch(manifest: Manifest, cfg: RunConfig, augment: bool) -> int:
     return sum(len(batch.positions) for batch in loader)
 
 
-def run(manifest: Manifest, device: str, repeats: int, batch_size: int) -> list[dict]:
+def run(manifest: Manifest, naive_manifest: Manifest, device: str, repeats: int, batch_size: int) -> list[dict]:
+    """Every variant's images/s; the naive loaders read ``naive_manifest`` (the first cells, when they would
+    take too long on all of them)."""
     workers = usable_cores()
     cfg = load_config(None, [f"loader.device={device}", f"loader.batch_size={batch_size}"])
     plain = cfg.model_copy(update={"segmentation": cfg.segmentation.model_copy(update={"enabled": False})})
     variants = {
-        "naive (PIL+torchvision, resize+normalise)": lambda: naive_epoch(manifest, False, cfg, workers),
-        "naive-full (+HSV mask, affine, flips)": lambda: naive_epoch(manifest, True, cfg, workers),
+        "naive (PIL+torchvision, resize+normalise)": lambda: naive_epoch(naive_manifest, False, cfg, workers),
+        "naive-full (+HSV mask, affine, flips)": lambda: naive_epoch(naive_manifest, True, cfg, workers),
         f"dali-{device} resize+normalise": lambda: dali_epoch(manifest, plain, False),
         f"dali-{device} +HSV mask": lambda: dali_epoch(manifest, cfg, False),
         f"dali-{device} +HSV mask+augment": lambda: dali_epoch(manifest, cfg, True),

@@ -31,14 +31,20 @@ def latest_runs(path: Path = RESULTS) -> list[dict]:
     return [r for r in rows if newest[(_machine(r), r["stage"])] == r["time_utc"]]
 
 
+def _ratio(value) -> str:
+    return "" if value is None else f"{value:.2f}"
+
+
 def markdown(rows: list[dict]) -> str:
-    lines = ["| machine | stage | variant | n (cells or rows) | per s | x naive | x naive-full | run (UTC), commit |",
-             "|---|---|---|---:|---:|---:|---:|---|"]
+    lines = ["| machine | stage | variant | n (cells or rows) | per s | x naive | x naive-full | of floor "
+             "| run (UTC), commit |",
+             "|---|---|---|---:|---:|---:|---:|---:|---|"]
     for r in rows:
         commit = (r.get("git_commit") or "?")[:8]
-        full = f"{r['x_naive_full']:.2f}" if "x_naive_full" in r else ""
+        floor = f"{r['floor_fraction']:.1%}" if "floor_fraction" in r else ""
         lines.append(f"| {_machine(r)} | {r['stage']} | {r['variant']} | {r['items']:,} | {r['items_per_s']:,.1f} "
-                     f"| {r['x_naive']:.2f} | {full} | {r['time_utc']}, {commit} |")
+                     f"| {_ratio(r.get('x_naive'))} | {_ratio(r.get('x_naive_full'))} | {floor} "
+                     f"| {r['time_utc']}, {commit} |")
     return "\n".join(lines)
 
 

@@ -111,3 +111,148 @@ def test_train_and_evaluate_commands_on_a_synthetic_store(tmp_path):
     (run / "model" / "model.json").write_text(json.dumps({**info, "aml_rapids": "0.0.1"}))
     result = runner.invoke(app, ["evaluate", str(run / "model"), str(run / "features.zarr")])
     assert result.exit_code == 1 and "retrain" in result.output
+
+
+def test_fold_training_rows_never_include_the_held_out_fold():
+    from aml_rapids.classify.crossval import training_positions
+    from aml_rapids.config import load_config
+
+    rows = pd.DataFrame({"label": ["a"] * 6 + ["b"] * 2, "fold": [0, 1, 2, 0, 1, 2, 0, 1]})
+    train = np.flatnonzero(rows["fold"] != 2)
+    picked = training_positions(rows, train, load_config(None))
+    assert set(picked) <= set(train) and (rows["label"].iloc[picked].value_counts() == 4).all()
+    assert list(training_positions(rows, train, load_config(None, ["oversample.enabled=false"]))) == list(train)
+
+
+@pytest.mark.slow
+def test_run_with_kfold_cross_validates_by_patient(tmp_path):
+    demo, run = tmp_path / "demo", tmp_path / "run"
+    runner.invoke(app, ["demo-data", str(demo), "--patients", "3", "--cells", "8"])
+    settings = ["split.method=kfold", "split.folds=3", "features.backbones=[{name: tiny, weights: none}]",
+                "loader.batch_size=16", "features.chunk_batches=2", "loader.image_size=64", "loader.device=cpu",
+                "features.store_dtype=float32", "classify.pca_components=8", "classify.rf_trees=20",
+                "classify.folds=2", "classify.backend=sklearn"]
+    result = runner.invoke(app, ["run", str(demo), "-o", str(run), *[a for s in settings for a in ("--set", s)]])
+    assert result.exit_code == 0, result.output
+    report = json.loads((run / "cv" / "metrics.json").read_text())
+    oof = pd.read_csv(run / "cv" / "oof_predictions.csv")
+    assert report["split_protocol"] == "patient-level k-fold" and len(report["folds"]) == 3
+    assert len(oof) == 120 and oof["cell_id"].is_unique  # every cell predicted once, by the fold that held it
+    assert (oof.groupby("patient")["fold"].nunique() == 1).all()
+    assert report["patient_level"]["n"] == 15 and sum(f["cells"] for f in report["folds"]) == 120
+    assert {"roc.png", "roc_patients.png", "confusion.png"} <= {p.name for p in (run / "cv").iterdir()}
+    result = runner.invoke(app, ["cv", str(tmp_path / "nostore")])
+    assert result.exit_code != 0
+
+
+class _FakeCuml:
+    """Stands in for a fitted cuML estimator (none can run here): as_sklearn gives back the wrapped one."""
+
+    def __init__(self, estimator, refuse: bool = False):
+        self.estimator, self.refuse = estimator, refuse
+
+    def as_sklearn(self):
+        if self.refuse:
+            raise NotImplementedError("Converting multiclass models from GPU is not yet supported")
+        return self.estimator
+
+
+def test_a_gpu_model_loads_on_a_cpu_through_its_scikit_learn_twin(tmp_path):
+
+    from aml_rapids import __version__
+    from aml_rapids.classify.train import INFO_FILE, MODEL_FILE, PORTABLE_FILE, _save_portable, load_model
+
+    X, y, cells = planted_copies()
+    fitted = FeatureStackingClassifier(block_dims=(24,), pca_components=4, rf_trees=5, folds=2,
+                                       backend="sklearn").fit(X, y, groups=cells)
+    gpu = FeatureStackingClassifier(**fitted.get_params())
+    gpu.__dict__.update(fitted.__dict__, backend_="cuml", pcas_=[_FakeCuml(p) for p in fitted.pcas_],
+                        svm_=_FakeCuml(fitted.svm_), forest_=_FakeCuml(fitted.forest_), meta_=_FakeCuml(fitted.meta_))
+    assert _save_portable(gpu, tmp_path) is True
+    (tmp_path / MODEL_FILE).write_text("a cuML model: cannot be unpickled without cuML")
+    (tmp_path / INFO_FILE).write_text(json.dumps({"aml_rapids": __version__, "backend": "cuml", "portable": True}))
+    twin, _ = load_model(tmp_path)
+    assert twin.backend_ == "sklearn" and np.array_equal(twin.predict_proba(X), fitted.predict_proba(X))
+
+    gpu.svm_ = _FakeCuml(fitted.svm_, refuse=True)
+    reason = _save_portable(gpu, tmp_path / "refused")
+    assert "cannot convert" in reason and "multiclass" in reason
+    (tmp_path / INFO_FILE).write_text(json.dumps({"aml_rapids": __version__, "backend": "cuml", "portable": reason}))
+    with pytest.raises(AmlRapidsError, match="no scikit-learn twin.*multiclass"):
+        load_model(tmp_path)
+
+
+@pytest.mark.slow
+def test_training_streams_features_that_exceed_the_memory_budget(tmp_path, monkeypatch):
+    from aml_rapids.classify import train as train_module
+    from aml_rapids.config import load_config
+    from aml_rapids.features.store import FeatureStore
+
+    demo, run = tmp_path / "demo", tmp_path / "run"
+    write_demo_dataset(demo, patients_per_class=3, cells_per_patient=12)
+    runner.invoke(app, ["index", str(demo), "-o", str(run)])
+    runner.invoke(app, ["split", str(run / "manifest.parquet")])
+    settings = ["features.backbones=[{name: tiny, weights: none}]", "loader.batch_size=16", "features.chunk_batches=1",
+                "loader.image_size=64", "loader.device=cpu", "features.store_dtype=float32"]
+    result = runner.invoke(app, ["extract", str(run / "manifest.parquet"), *[a for s in settings for a in ("--set", s)]])
+    assert result.exit_code == 0, result.output
+    small = ["classify.pca_components=8", "classify.rf_trees=20", "classify.folds=3", "classify.backend=sklearn"]
+    seen, blocks = [], train_module.feature_blocks
+
+    def spy(*args, **kwargs):
+        for block in blocks(*args, **kwargs):
+            seen.append(len(block))
+            yield block
+
+    monkeypatch.setattr(train_module, "feature_blocks", spy)
+    streamed = train_module.train(run / "features.zarr", load_config(None, small + ["classify.memory_gb=1e-6"]),
+                                  run / "streamed")
+    monkeypatch.undo()
+    in_memory = train_module.train(run / "features.zarr", load_config(None, small), run / "in_memory")
+    assert streamed["reduction"].startswith("incremental") and in_memory["reduction"] == "PCA in memory"
+    assert sum(seen) == 2 * streamed["training_rows"] and max(seen) <= 16 * 8 + 8  # two passes, 8 chunks at a time
+    store = FeatureStore.open(run / "features.zarr")
+    predictions = [train_module.predict_store(train_module.load_model(run / f)[0], store, ["tiny"], ("test",))[0]
+                   for f in ("streamed", "in_memory")]
+    assert (predictions[0].argmax(1) == predictions[1].argmax(1)).mean() >= 0.9
+
+
+def small_store(path, rows=64, dim=6, chunk_rows=16):
+    """A feature store written directly (no extraction): two classes, random features, all rows training."""
+    from aml_rapids.features.plan import ROW_FIELDS, STATUS_OK
+    from aml_rapids.features.store import FeatureStore
+
+    table = pd.DataFrame({"cell_id": [f"c{i}" for i in range(rows)], "path": "", "label": ["x", "y"] * (rows // 2),
+                          "patient": "", "cohort": "", "split": "train", "sha256": "", "aug_index": 0, "fold": -1,
+                          "augment": False, "status": STATUS_OK})[list(ROW_FIELDS)]
+    store = FeatureStore.create(path, table, {"tiny": dim}, {"chunk_rows": chunk_rows, "store_dtype": "float32",
+                                                           "backbones": {"tiny": {"dim": dim, "weights": "none",
+                                                                                  "pretrained": False}}})
+    values = np.random.default_rng(0).normal(size=(rows, dim)).astype(np.float32)
+    for k in range(store.n_chunks):
+        store.write_chunk(k, {"tiny": values[store.chunk_slice(k)]}, table["status"].to_numpy()[store.chunk_slice(k)])
+    return store
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_features_with_nan_or_inf_are_refused_naming_the_rows(tmp_path, bad):
+    from aml_rapids.classify.train import train
+    from aml_rapids.config import load_config
+
+    store = small_store(tmp_path / "s.zarr")
+    store.group["features/tiny"][37, 2] = bad
+    with pytest.raises(AmlRapidsError, match=r"1 rows of features \(rows 0-63\) hold NaN or Inf"):
+        train(tmp_path / "s.zarr", load_config(None, ["classify.backend=sklearn"]), tmp_path / "m")
+    with pytest.raises(AmlRapidsError, match="no features for backbone 'vgg16'"):
+        train(tmp_path / "s.zarr", load_config(None, ["classify.backend=sklearn"]), tmp_path / "m", ["vgg16"])
+
+
+def test_feature_blocks_merge_a_short_block_into_its_neighbour(tmp_path):
+    from aml_rapids.classify.data import feature_blocks
+
+    store = small_store(tmp_path / "s.zarr", rows=80, chunk_rows=16)
+    keep = np.ones(80, dtype=bool)
+    assert [len(b) for b in feature_blocks(store, ["tiny"], keep, chunks_per_block=2)] == [32, 32, 16]
+    assert [len(b) for b in feature_blocks(store, ["tiny"], keep, min_rows=20, chunks_per_block=2)] == [32, 48]
+    keep[:30] = False  # the first block keeps 2 rows: too few on its own
+    assert [len(b) for b in feature_blocks(store, ["tiny"], keep, min_rows=20, chunks_per_block=2)] == [50]  # ... and so does the last

@@ -17,8 +17,8 @@ SEG = SegmentationConfig()
 def opencv_mask(rgb: np.ndarray, seg: SegmentationConfig = SEG) -> np.ndarray:
     hsv = cv2.cvtColor(rgb.astype(np.float32) / 255.0, cv2.COLOR_RGB2HSV)
     h, s, v = hsv[..., 0], hsv[..., 1], hsv[..., 2]
-    return ((h >= seg.hue_min) & (h <= seg.hue_max) & (s >= seg.saturation_min) & (v >= seg.value_min)
-            & (v <= seg.value_max) & (s > 0))
+    in_range = (h >= seg.hue_min) & (h <= seg.hue_max) if seg.hue_min <= seg.hue_max else (h >= seg.hue_min) | (h <= seg.hue_max)
+    return in_range & (s >= seg.saturation_min) & (v >= seg.value_min) & (v <= seg.value_max) & (s > 0)
 
 
 def iou(a, b):
@@ -50,15 +50,24 @@ def pixel_mae(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(((a.float() - b.float()) * std).abs().mean())
 
 
-def test_hsv_mask_matches_opencv_on_every_hue(tmp_path):
+# Bounds no 8-bit colour meets exactly (hue 30 or 300 and value 0.8 it does: there OpenCV's float32 rounding,
+# not the mask, decides which side a pixel falls on).
+@pytest.mark.parametrize("hue_min,hue_max,sat_min,value_max", [
+    (195, 325, 0.15, 1.0),  # the default: a hue range under 180 degrees (two half-spaces, intersected)
+    (32.3, 297.7, 0.0, 0.81),  # wider than 180 degrees (their union), no saturation floor, a value ceiling
+    (302.3, 57.7, 0.3, 1.0),  # a range through 0 (red)
+])
+def test_hsv_mask_matches_opencv_on_random_colours(tmp_path, hue_min, hue_max, sat_min, value_max):
     rng = np.random.default_rng(0)
     for i in range(4):
         (tmp_path / "c" / "p").mkdir(parents=True, exist_ok=True)
         Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(tmp_path / "c" / "p" / f"{i}.png")
     manifest = build_manifest(tmp_path, IndexConfig()).manifest
-    for (decoded, mask, _) in loader_views(manifest.table, manifest.root).values():
-        reference = opencv_mask(decoded)
-        assert 0.05 < reference.mean() < 0.5
+    seg = SegmentationConfig(hue_min=hue_min, hue_max=hue_max, saturation_min=sat_min, value_max=value_max)
+    views = loader_views(manifest.table, manifest.root, **{f"segmentation.{k}": v for k, v in seg.model_dump().items()})
+    for (decoded, mask, _) in views.values():
+        reference = opencv_mask(decoded, seg)
+        assert 0.05 < reference.mean() < 0.95
         assert iou(mask, reference) >= 0.995
 
 

@@ -6,6 +6,7 @@ library itself. ``auto`` takes cuML when a GPU is visible, and says so when it h
 
 from __future__ import annotations
 
+import inspect
 import warnings
 from dataclasses import dataclass
 from types import ModuleType
@@ -21,6 +22,7 @@ class Backend:
     name: str
     xp: ModuleType
     PCA: Any
+    IncrementalPCA: Any
     SVC: Any
     RandomForestClassifier: Any
     LogisticRegression: Any
@@ -30,23 +32,24 @@ class Backend:
     def asarray(self, values) -> Any:
         return self.xp.asarray(values, dtype=self.xp.float32)
 
-    def to_host(self, values) -> np.ndarray:
+    @staticmethod
+    def to_host(values) -> np.ndarray:
         return values.get() if hasattr(values, "get") else np.asarray(values)
 
 
 def _sklearn() -> Backend:
-    from sklearn.decomposition import PCA
+    from sklearn.decomposition import PCA, IncrementalPCA
     from sklearn.ensemble import RandomForestClassifier
     from sklearn.linear_model import LogisticRegression
     from sklearn.svm import SVC
-    return Backend("sklearn", np, PCA, SVC, RandomForestClassifier, LogisticRegression,
+    return Backend("sklearn", np, PCA, IncrementalPCA, SVC, RandomForestClassifier, LogisticRegression,
                    {"decision_function_shape": "ovr"}, {"n_jobs": -1})
 
 
 def _cuml() -> Backend:
     try:
         import cupy
-        from cuml.decomposition import PCA
+        from cuml.decomposition import PCA, IncrementalPCA
         from cuml.ensemble import RandomForestClassifier
         from cuml.linear_model import LogisticRegression
         from cuml.svm import SVC
@@ -54,8 +57,10 @@ def _cuml() -> Backend:
         raise AmlRapidsError(f"backend cuml asked for, but it does not import ({exc}); install aml-rapids[cu13] "
                              "or [cu12] on a GPU machine, or use --backend sklearn") from None
     # cuML's SVC is one-vs-one by default; one-vs-rest gives one decision column per class, as scikit-learn's.
-    return Backend("cuml", cupy, PCA, SVC, RandomForestClassifier, LogisticRegression,
-                   {"multiclass_strategy": "ovr"}, {})
+    # The option is decision_function_shape since cuML 25.12, multiclass_strategy before.
+    shape = "decision_function_shape" if "decision_function_shape" in inspect.signature(SVC).parameters \
+        else "multiclass_strategy"
+    return Backend("cuml", cupy, PCA, IncrementalPCA, SVC, RandomForestClassifier, LogisticRegression, {shape: "ovr"}, {})
 
 
 def get_backend(name: str = "auto") -> Backend:

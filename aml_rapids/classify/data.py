@@ -1,6 +1,12 @@
-"""Rows and features of a feature store, read chunk by chunk, checked before any estimator sees them."""
+"""Rows and features of a feature store, read chunk by chunk, checked before any estimator sees them.
+
+``feature_blocks`` never holds more than one block of rows; ``load_rows`` is all blocks side by side, for data
+that fits in memory.
+"""
 
 from __future__ import annotations
+
+from collections.abc import Iterator
 
 import numpy as np
 import pandas as pd
@@ -10,25 +16,52 @@ from ..features.plan import STATUS_OK
 from ..features.store import FeatureStore
 
 
-def load_rows(store: FeatureStore, backbones: list[str], splits: tuple[str, ...] | None) -> tuple[np.ndarray, pd.DataFrame]:
-    """Float32 features of the chosen backbones side by side, for the usable rows of the chosen splits."""
+def block_dims(store: FeatureStore, backbones: list[str]) -> tuple[int, ...]:
+    """Each chosen backbone's feature width, refusing a backbone the store does not hold (naming those it has)."""
+    return tuple(store.features(name).shape[1] for name in backbones)
+
+
+def select_rows(store: FeatureStore, splits: tuple[str, ...] | None) -> tuple[np.ndarray, pd.DataFrame]:
+    """The usable rows of the chosen splits: a mask over the store's rows, and their metadata."""
     rows = store.rows()
     keep = (rows["status"] == STATUS_OK).to_numpy().copy()
     if splits is not None:
         keep &= rows["split"].isin(splits).to_numpy()
     if not keep.any():
         raise AmlRapidsError(f"store {store.path} has no usable rows in split(s) {', '.join(splits or ['any'])}")
-    blocks = []
-    for name in backbones:
-        array = store.features(name)
-        parts = [np.asarray(array[store.chunk_slice(k)][keep[store.chunk_slice(k)]], dtype=np.float32)
-                 for k in range(store.n_chunks) if keep[store.chunk_slice(k)].any()]
-        block = np.concatenate(parts)
+    return keep, rows[keep].reset_index(drop=True)
+
+
+def feature_blocks(store: FeatureStore, backbones: list[str], keep: np.ndarray, min_rows: int = 1,
+                   chunks_per_block: int = 8) -> Iterator[np.ndarray]:
+    """Float32 features of the chosen backbones side by side, for the kept rows, ``chunks_per_block`` store
+    chunks at a time, in row order. A last block under ``min_rows`` rows joins the one before it (an
+    incremental PCA needs at least its component count of rows per step)."""
+    arrays = {name: store.features(name) for name in backbones}
+    pending = None
+    for first in range(0, store.n_chunks, chunks_per_block):
+        span = slice(first * store.chunk_rows, min(first + chunks_per_block, store.n_chunks) * store.chunk_rows)
+        mine = keep[span]
+        if not mine.any():
+            continue
+        block = np.concatenate([np.asarray(arrays[name][span][mine], dtype=np.float32) for name in backbones], axis=1)
         bad = ~np.isfinite(block).all(axis=1)
         if bad.any():
-            raise AmlRapidsError(f"store {store.path}: {int(bad.sum())} rows of {name} features hold NaN or Inf")
-        blocks.append(block)
-    return np.concatenate(blocks, axis=1), rows[keep].reset_index(drop=True)
+            raise AmlRapidsError(f"store {store.path}: {int(bad.sum())} rows of features (rows "
+                                 f"{span.start}-{span.stop - 1}) hold NaN or Inf")
+        if pending is not None and min(len(pending), len(block)) < min_rows:
+            block = np.concatenate([pending, block])
+        elif pending is not None:
+            yield pending
+        pending = block
+    if pending is not None:
+        yield pending
+
+
+def load_rows(store: FeatureStore, backbones: list[str], splits: tuple[str, ...] | None) -> tuple[np.ndarray, pd.DataFrame]:
+    """Float32 features of the chosen backbones side by side, for the usable rows of the chosen splits."""
+    keep, rows = select_rows(store, splits)
+    return np.concatenate(list(feature_blocks(store, backbones, keep))), rows
 
 
 def fold_groups(rows: pd.DataFrame) -> np.ndarray:

@@ -10,6 +10,8 @@ probabilities; both backends compute them the same way.
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.model_selection import StratifiedGroupKFold
@@ -48,16 +50,17 @@ class FeatureStackingClassifier(ClassifierMixin, BaseEstimator):
         edges = np.cumsum((0, *self.block_dims))
         return [X[:, a:b] for a, b in zip(edges[:-1], edges[1:])]
 
+    def _components(self, rows: int) -> list[int]:
+        return [min(self.pca_components, rows, dim) for dim in self.block_dims]
+
     def _reduce(self, be: Backend, X, fit: bool):
+        """Row z-score and PCA per backbone, side by side; ``fit`` fits the PCAs on X first."""
         if fit:
-            self.pcas_ = []
+            self.pcas_ = [be.PCA(n_components=n, random_state=self.seed) for n in self._components(X.shape[0])]
         out = []
         for i, block in enumerate(self._blocks(X)):
             block = row_zscore(be.xp, be.asarray(block))
-            if fit:
-                n = min(self.pca_components, block.shape[0], block.shape[1])
-                self.pcas_.append(be.PCA(n_components=n, random_state=self.seed).fit(block))
-            out.append(self.pcas_[i].transform(block))
+            out.append(self.pcas_[i].fit(block).transform(block) if fit else self.pcas_[i].transform(block))
         return be.xp.concatenate(out, axis=1).astype(be.xp.float32)
 
     def _base_learners(self, be: Backend):
@@ -80,12 +83,29 @@ class FeatureStackingClassifier(ClassifierMixin, BaseEstimator):
 
     def fit(self, X, y, groups=None):
         be = self._backend()
+        return self._fit_reduced(be, self._reduce(be, X, fit=True), y, groups)
+
+    def fit_streaming(self, blocks, y, groups=None):
+        """The same model from features too large for memory: ``blocks()`` yields the rows of X in order, a
+        block at a time (each with at least ``pca_components`` rows), and is called twice. The PCAs are fitted
+        incrementally (IncrementalPCA), so only the reduced features, 3 x 128 columns, are ever held whole."""
+        be = self._backend()
+        self.pcas_ = [be.IncrementalPCA(n_components=n) for n in self._components(len(y))]
+        for X in blocks():
+            for pca, block in zip(self.pcas_, self._blocks(X)):
+                pca.partial_fit(row_zscore(be.xp, be.asarray(block)))
+        Z = be.xp.concatenate([self._reduce(be, X, fit=False) for X in blocks()])
+        return self._fit_reduced(be, Z, y, groups)
+
+    def _fit_reduced(self, be: Backend, Z, y, groups):
+        """Base learners on out-of-fold groups, the meta-learner on their outputs, then the base learners on all."""
         y = np.asarray(y)
         self.classes_, codes = np.unique(y, return_inverse=True)
         if len(self.classes_) < 2:
             raise AmlRapidsError(f"training rows hold a single class ({self.classes_[0]!r}); need at least two")
+        if Z.shape[0] != len(y):
+            raise AmlRapidsError(f"{Z.shape[0]} feature rows but {len(y)} labels")
         groups = np.arange(len(y)) if groups is None else np.asarray(groups)
-        Z = self._reduce(be, X, fit=True)
         labels = be.xp.asarray(codes.astype(np.int32))
         folds = StratifiedGroupKFold(n_splits=self.folds, shuffle=True, random_state=self.seed)
         self.oof_ = None
@@ -104,6 +124,25 @@ class FeatureStackingClassifier(ClassifierMixin, BaseEstimator):
         self.forest_.fit(Z, labels)
         self.backend_ = be.name
         return self
+
+    def to_sklearn(self) -> "FeatureStackingClassifier":
+        """A copy whose fitted estimators are scikit-learn's (cuML's ``as_sklearn``), usable on any CPU.
+
+        cuML 26.x converts PCA, random forest, logistic regression and two-class SVC; a multiclass SVC it
+        refuses, and so does this (AmlRapidsError naming the reason)."""
+        if self.backend_ == "sklearn":
+            return self
+        twin = copy.copy(self)
+        try:
+            twin.pcas_ = [pca.as_sklearn() for pca in self.pcas_]
+            twin.svm_, twin.forest_, twin.meta_ = (e.as_sklearn() for e in (self.svm_, self.forest_, self.meta_))
+        except Exception as exc:  # cuML raises its own UnsupportedOnCPU, or NotImplementedError in older versions
+            raise AmlRapidsError(f"cuML cannot convert this model to scikit-learn ({type(exc).__name__}: {exc}); "
+                                 "it runs only where cuML and a GPU are (train with --backend sklearn for a "
+                                 "model any CPU can use)") from exc
+        twin.oof_ = Backend.to_host(self.oof_)
+        twin.backend = twin.backend_ = "sklearn"
+        return twin
 
     def predict_proba(self, X):
         be = get_backend(self.backend_)

@@ -12,8 +12,7 @@ from ..data.manifest import build_manifest
 from ..errors import AmlRapidsError
 from ..features.extract import extract
 from ..features.store import ATTRS_KEY, FeatureStore
-from .data import load_rows
-from .train import load_model
+from .train import load_model, predict_store
 
 
 def _is_store(path: Path) -> bool:
@@ -35,8 +34,7 @@ def predict(model_dir: Path, source: Path, out: Path, overrides: list[str] | Non
         manifest = build_manifest(source, cfg.index).manifest
         store_path = out / "features.zarr"
         extract(manifest, store_path, cfg, progress=progress, on_total=on_total)
-    X, rows = load_rows(FeatureStore.open(store_path), list(info["backbones"]), None)
-    proba = model.predict_proba(X)
+    proba, rows = predict_store(model, FeatureStore.open(store_path), list(info["backbones"]), None)
     cells = rows[["cell_id", "path", "patient", "label", "split", "aug_index"]].copy()
     cells["predicted"] = model.classes_[proba.argmax(axis=1)]
     for i, name in enumerate(model.classes_):

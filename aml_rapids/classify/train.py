@@ -6,17 +6,18 @@ import json
 from pathlib import Path
 
 import joblib
+import numpy as np
 
 from .. import __version__
 from ..config import RunConfig
 from ..errors import AmlRapidsError
-from ..evaluate.metrics import bootstrap, patient_level, summary
-from ..evaluate.plots import confusion_png, roc_png
+from ..evaluate.report import write_report
 from ..features.store import FeatureStore
-from .data import fold_groups, load_rows
+from .data import block_dims, feature_blocks, fold_groups, load_rows, select_rows
+from .backend import get_backend
 from .model import FeatureStackingClassifier
 
-MODEL_FILE, INFO_FILE = "model.joblib", "model.json"
+MODEL_FILE, PORTABLE_FILE, INFO_FILE = "model.joblib", "model-sklearn.joblib", "model.json"
 
 
 def describe_features(store: FeatureStore, backbones: list[str]) -> dict:
@@ -29,25 +30,61 @@ def describe_features(store: FeatureStore, backbones: list[str]) -> dict:
             "split": split}
 
 
+def new_model(block_dims: tuple[int, ...], cfg: RunConfig) -> FeatureStackingClassifier:
+    c = cfg.classify
+    return FeatureStackingClassifier(block_dims=block_dims, pca_components=c.pca_components, svm_c=c.svm_c,
+                                     rf_trees=c.rf_trees, folds=c.folds, seed=c.seed, backend=c.backend)
+
+
+def fit_model(X, rows, block_dims: tuple[int, ...], cfg: RunConfig) -> FeatureStackingClassifier:
+    """The configured classifier fitted on these rows, stacking folds grouped by patient (or cell)."""
+    return new_model(block_dims, cfg).fit(X, rows["label"].to_numpy(), groups=fold_groups(rows))
+
+
 def train(store_path: Path, cfg: RunConfig, out: Path, backbones: list[str] | None = None) -> dict:
+    """Fit on the store's training rows: loaded whole when they fit in ``classify.memory_gb``, else streamed."""
     store = FeatureStore.open(store_path)
     backbones = backbones or store.backbones
-    X, rows = load_rows(store, backbones, ("train",))
-    c = cfg.classify
-    model = FeatureStackingClassifier(block_dims=tuple(store.meta["backbones"][b]["dim"] for b in backbones),
-                                      pca_components=c.pca_components, svm_c=c.svm_c, rf_trees=c.rf_trees,
-                                      folds=c.folds, seed=c.seed, backend=c.backend)
-    model.fit(X, rows["label"].to_numpy(), groups=fold_groups(rows))
+    dims = block_dims(store, backbones)
+    keep, rows = select_rows(store, ("train",))
+    streamed = len(rows) * sum(dims) * 4 > cfg.classify.memory_gb * 2**30
+    if streamed:
+        model = new_model(dims, cfg).fit_streaming(
+            lambda: feature_blocks(store, backbones, keep, min_rows=cfg.classify.pca_components),
+            rows["label"].to_numpy(), groups=fold_groups(rows))
+    else:
+        model = fit_model(load_rows(store, backbones, ("train",))[0], rows, dims, cfg)
     out.mkdir(parents=True, exist_ok=True)
     joblib.dump(model, out / MODEL_FILE)
-    info = {"aml_rapids": __version__, "backend": model.backend_, "classes": [str(k) for k in model.classes_],
-            "training_rows": len(rows), "store": str(store_path), **describe_features(store, backbones),
+    info = {"aml_rapids": __version__, "backend": model.backend_, "portable": _save_portable(model, out),
+            "classes": [str(k) for k in model.classes_], "training_rows": len(rows),
+            "reduction": "incremental PCA, streamed from the store" if streamed else "PCA in memory",
+            "store": str(store_path), **describe_features(store, backbones),
             "config": cfg.classify.model_dump(), "extract_config": store.meta.get("config")}
     (out / INFO_FILE).write_text(json.dumps(info, indent=2))
     return info
 
 
+def predict_store(model: FeatureStackingClassifier, store: FeatureStore, backbones: list[str],
+                  splits: tuple[str, ...] | None):
+    """Class probabilities of the usable rows of the chosen splits, a block of rows at a time."""
+    keep, rows = select_rows(store, splits)
+    return np.concatenate([model.predict_proba(X) for X in feature_blocks(store, backbones, keep)]), rows
+
+
+def _save_portable(model: FeatureStackingClassifier, out: Path) -> bool | str:
+    """Beside a cuML model, its scikit-learn twin for machines without a GPU: True, or why there is none."""
+    if model.backend_ == "sklearn":
+        return True
+    try:
+        joblib.dump(model.to_sklearn(), out / PORTABLE_FILE)
+    except AmlRapidsError as exc:
+        return str(exc)
+    return True
+
+
 def load_model(model_dir: Path) -> tuple[FeatureStackingClassifier, dict]:
+    """The model as trained where its backend runs here; else its scikit-learn twin; else a clear error."""
     info_path = Path(model_dir) / INFO_FILE
     if not info_path.is_file():
         raise AmlRapidsError(f"{model_dir} is not a model folder (no {INFO_FILE}; make one with `aml-rapids train`)")
@@ -55,6 +92,11 @@ def load_model(model_dir: Path) -> tuple[FeatureStackingClassifier, dict]:
     if info.get("aml_rapids") != __version__:
         raise AmlRapidsError(f"model {model_dir} was made by aml-rapids {info.get('aml_rapids')}, this is "
                              f"{__version__}; retrain it")
+    if info["backend"] != "sklearn" and get_backend("auto").name != info["backend"]:
+        if info.get("portable") is not True:
+            raise AmlRapidsError(f"model {model_dir} was trained with {info['backend']}, which does not run here, "
+                                 f"and has no scikit-learn twin: {info.get('portable')}")
+        return joblib.load(Path(model_dir) / PORTABLE_FILE), info
     return joblib.load(Path(model_dir) / MODEL_FILE), info
 
 
@@ -63,28 +105,5 @@ def evaluate(model_dir: Path, store_path: Path, split: str, out: Path) -> dict:
     if split == "train":
         raise AmlRapidsError("evaluating on the training split would report data the model was fitted on")
     model, info = load_model(model_dir)
-    store = FeatureStore.open(store_path)
-    X, rows = load_rows(store, list(info["backbones"]), (split,))
-    proba = model.predict_proba(X)
-    y, classes = rows["label"].to_numpy(), model.classes_
-    unseen = sorted(set(y) - set(classes))
-    if unseen:
-        raise AmlRapidsError(f"split {split} holds classes the model never saw: {', '.join(unseen)}")
-    has_patients = (rows["patient"] != "").all()
-    absent = [str(c) for c in classes if c not in set(y)]
-    report = {"split": split, **{k: info[k] for k in ("split_protocol", "backbones", "backend")},
-              "warnings": [f"class {c} is absent from split {split}: its sensitivity and AUC are undefined"
-                           for c in absent],
-              "cell_level": {**summary(y, proba, classes),
-                             "ci95": bootstrap(y, proba, classes, rows["patient"].to_numpy() if has_patients else None)}}
-    out.mkdir(parents=True, exist_ok=True)
-    pretrained = "pretrained" if all(b["pretrained"] for b in info["backbones"].values()) else "NOT pretrained"
-    title = f"{split} split ({info['split_protocol']}), {'+'.join(info['backbones'])} ({pretrained})"
-    confusion_png(y, classes[proba.argmax(axis=1)], classes, f"cells: {title}", out / "confusion.png")
-    roc_png(y, proba, classes, f"cells: {title}", out / "roc.png")
-    if has_patients:
-        py, pproba = patient_level(rows, proba, classes)
-        report["patient_level"] = {**summary(py, pproba, classes), "ci95": bootstrap(py, pproba, classes)}
-        roc_png(py, pproba, classes, f"patients: {title}", out / "roc_patients.png")
-    (out / "metrics.json").write_text(json.dumps(report, indent=2))
-    return report
+    proba, rows = predict_store(model, FeatureStore.open(store_path), list(info["backbones"]), (split,))
+    return write_report(rows, proba, model.classes_, info, split, out)

@@ -76,6 +76,18 @@ def load_backbones(cfg: RunConfig, device: str) -> Backbones:
     return Backbones(nets, norm_of, norms, info)
 
 
+def precision_of(cfg: RunConfig, device: str) -> str:
+    """bf16 on a GPU unless configured otherwise, fp32 on a CPU (this project's CPUs have no bf16 units: bf16
+    autocast made the backbones 8x slower there)."""
+    return cfg.features.precision if cfg.features.precision != "auto" else ("bf16" if device == "gpu" else "fp32")
+
+
+def autocast_for(cfg: RunConfig, device: str) -> torch.autocast:
+    precision = precision_of(cfg, device)
+    return torch.autocast("cuda" if device == "gpu" else "cpu", dtype=AUTOCAST.get(precision, torch.float32),
+                          enabled=precision in AUTOCAST)
+
+
 def store_identity(cfg: RunConfig, backbones: Backbones) -> dict:
     """What makes two runs' features comparable; a store only accepts rows computed the same way."""
     return {"backbones": backbones.info, "chunk_rows": cfg.chunk_rows, "store_dtype": cfg.features.store_dtype,
@@ -163,7 +175,6 @@ def extract(manifest: Manifest, store_path: Path, cfg: RunConfig,
             on_total: Callable[[int], None] | None = None) -> ExtractSummary:
     """Fill every chunk of the store that is not done; returns counts and failures."""
     device = resolve_device(cfg.loader.device)
-    precision = cfg.features.precision if cfg.features.precision != "auto" else ("bf16" if device == "gpu" else "fp32")
     if device == "cpu":
         torch.set_num_threads(usable_cores())
     backbones = load_backbones(cfg, "cuda" if device == "gpu" else "cpu")
@@ -180,8 +191,7 @@ def extract(manifest: Manifest, store_path: Path, cfg: RunConfig,
     index = {cid: i for i, cid in enumerate(manifest.table["cell_id"])}
     dims = {n: b["dim"] for n, b in identity["backbones"].items()}
     augment_of_chunk = rows["augment"].to_numpy()[::store.chunk_rows]
-    autocast = torch.autocast("cuda" if device == "gpu" else "cpu", dtype=AUTOCAST.get(precision, torch.float32),
-                              enabled=precision in AUTOCAST)
+    autocast = autocast_for(cfg, device)
     start = time.perf_counter()
     for run in _runs(pending, augment_of_chunk):
         first = run[0] * store.chunk_rows

@@ -1,32 +1,55 @@
 """HSV background mask built from DALI arithmetic (DALI has no HSV conversion operator).
 
-Hue, saturation and value follow the standard hexcone definition (as OpenCV's float conversion):
-V = max(R,G,B), S = (V - min) / V, H = 60 * (sector offset + signed channel difference / (V - min)).
-The thresholds are tested multiplied through by (V - min) and V, so the graph has no divisions and few
-operators: each DALI arithmetic node is a pass over the image, and on a CPU the mask costs what its node count is.
+Hue, saturation and value follow the standard hexcone definition (as OpenCV's float conversion), but no hue is
+ever computed: every pixel of one hue lies on a half-plane through the grey axis of RGB space, so a hue range of
+at most 180 degrees is the intersection of two linear tests on R, G, B (a wider one their union), and
+S >= s_min is min(R,G,B) <= (1 - s_min) * max(R,G,B). On a CPU each DALI arithmetic node is a pass over the image
+(about 1 ns per pixel on the reference machine), so the graph is built with as few nodes as that allows
+(see docs/segmentation.md).
 """
 
 from __future__ import annotations
 
+import colorsys
+
 import nvidia.dali.fn as fn
 import nvidia.dali.math as dmath
+import numpy as np
 
 from ..config import SegmentationConfig
 
 
+def hue_normal(hue_deg: float) -> np.ndarray:
+    """Normal of the plane through the grey axis and the pure colour of this hue, positive towards larger hue."""
+    pure = np.array(colorsys.hsv_to_rgb((hue_deg % 360) / 360.0, 1.0, 1.0))
+    return np.cross(np.ones(3), pure)
+
+
+def _non_negative(channels, normal: np.ndarray):
+    """normal . (R, G, B) >= 0, written as 'a * one channel + b * another >= (or <=) the third' (fewest nodes)."""
+    k = int(np.argmax(np.abs(normal)))
+    a, b = (j for j in range(3) if j != k)
+    coef = -normal / normal[k]
+    rest = coef[a] * channels[a] + coef[b] * channels[b]
+    return rest >= channels[k] if normal[k] < 0 else rest <= channels[k]
+
+
+def hue_span(cfg: SegmentationConfig) -> float:
+    """Width of the kept hue range in degrees; hue_min > hue_max is a range through 0 (e.g. 330 to 30)."""
+    return cfg.hue_max - cfg.hue_min + (360.0 if cfg.hue_max < cfg.hue_min else 0.0)
+
+
 def hsv_mask(rgb, cfg: SegmentationConfig):
     """A boolean HxWx1 mask (True = cell) from an HWC uint8 RGB DataNode, on whatever device the node lives on."""
-    r, g, b = (rgb[:, :, c] * 1.0 for c in range(3))
-    value = dmath.max(dmath.max(r, g), b)
-    delta = value - dmath.min(dmath.min(r, g), b)
-    # Sector by which channel is the maximum, red winning ties, then green (as OpenCV).
-    is_r = value == r
-    is_g = (value == g) & (value != r)
-    is_b = (value != r) & (value != g)
-    hue_times_delta = (is_r * (g - b + 6.0 * delta * (g < b)) + is_g * (b - r + 2.0 * delta)
-                       + is_b * (r - g + 4.0 * delta))  # = hue / 60 * delta, hue in [0, 360)
-    keep = ((hue_times_delta >= cfg.hue_min / 60.0 * delta) & (hue_times_delta <= cfg.hue_max / 60.0 * delta)
-            & (delta >= cfg.saturation_min * value) & (delta > 0.0))
+    channels = [rgb[:, :, c] for c in range(3)]
+    value = dmath.max(dmath.max(channels[0], channels[1]), channels[2])
+    low = dmath.min(dmath.min(channels[0], channels[1]), channels[2])
+    keep = (low <= (1.0 - cfg.saturation_min) * value) & (value > low)  # saturation; grey pixels have no hue
+    span = hue_span(cfg)
+    if span < 360:
+        above = _non_negative(channels, hue_normal(cfg.hue_min))
+        below = _non_negative(channels, -hue_normal(cfg.hue_max))
+        keep = keep & ((above & below) if span <= 180 else (above | below))
     if cfg.value_min > 0:
         keep = keep & (value >= 255.0 * cfg.value_min)
     if cfg.value_max < 1:

@@ -1,0 +1,111 @@
+"""The extraction stage taken apart: each backbone's forward pass and the store write, timed on their own.
+
+Each part has its naive counterpart in the same run (the backbone: eager fp32, unfused, NCHW, batch 32; the
+store: ``np.save`` of the same features) and, for the backbones, the fraction of the arithmetic floor reached.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from aml_rapids.config import RunConfig, load_config
+from aml_rapids.data.manifest import Manifest
+from aml_rapids.features.backbones import get_spec
+from aml_rapids.features.extract import autocast_for, load_backbones, precision_of
+from aml_rapids.features.plan import STATUS_OK, pad_segments, plan_rows
+from aml_rapids.features.store import FeatureStore
+from aml_rapids.features.weights import load_backbone
+
+from .floor import flops_per_image, matmul_rate
+from .harness import throughput
+
+
+def bench_config(backbones: list[str], device: str, batch_size: int, segment: bool = True) -> RunConfig:
+    """The config every extraction benchmark uses: random weights (nothing to download), float32 store."""
+    spec = ", ".join(f"{{name: {b}, weights: none}}" for b in backbones)
+    return load_config(None, [f"features.backbones=[{spec}]", f"loader.device={device}",
+                              f"loader.batch_size={batch_size}", "features.chunk_batches=4",
+                              "features.store_dtype=float32", f"segmentation.enabled={segment}"])
+
+
+def _forward(net, images: torch.Tensor, batches: int, context) -> callable:
+    sync = torch.cuda.synchronize if images.is_cuda else (lambda: None)
+
+    def run() -> int:
+        with torch.inference_mode(), context():
+            for _ in range(batches):
+                net(images)
+        sync()
+        return len(images) * batches
+
+    return run
+
+
+def backbone_rows(backbones: list[str], device: str, batch_size: int, repeats: int, batches: int = 2) -> list[dict]:
+    """Images/s of each backbone's forward pass, naive and as the extraction runs it, with the floor."""
+    cfg = bench_config(backbones, device, batch_size)
+    where = "cuda" if device == "gpu" else "cpu"
+    size = cfg.loader.image_size
+    prepared = load_backbones(cfg, where)
+    rate = matmul_rate(where)
+    layout = torch.channels_last if cfg.features.channels_last else torch.contiguous_format
+    fast_images = torch.randn(batch_size, 3, size, size, device=where).contiguous(memory_format=layout)
+    naive_images = torch.randn(32, 3, size, size, device=where)
+    rows = []
+    for name in backbones:
+        naive = load_backbone(name, "none")[0].to(where).eval()
+        floor = rate["flops_per_s"] / flops_per_image(naive, size, where)
+        base = throughput(_forward(naive, naive_images, batches, contextlib.nullcontext), repeats)
+        fast = throughput(_forward(prepared.nets[name], fast_images, batches, lambda: autocast_for(cfg, device)),
+                          repeats)
+        extra = {"floor_images_per_s": floor, "matmul": rate}
+        rows += [{"variant": f"{name} forward, naive (fp32 eager, batch 32)", **base, **extra,
+                  "x_naive": 1.0, "floor_fraction": base["items_per_s"] / floor},
+                 {"variant": f"{name} forward, aml-rapids ({precision_of(cfg, device)}, BN folded, "
+                             f"{'channels_last' if cfg.features.channels_last else 'NCHW'}, batch {batch_size})",
+                  **fast, **extra, "x_naive": fast["items_per_s"] / base["items_per_s"],
+                  "floor_fraction": fast["items_per_s"] / floor}]
+    return rows
+
+
+STORE_ROWS = 16384  # enough for a steady write rate; the full 81,214 x 7,424 float32 would be 2.4 GB per repeat
+
+
+def store_rows(manifest: Manifest, backbones: list[str], repeats: int) -> list[dict]:
+    """Rows/s written: the Zarr store, chunk by chunk as the extraction writes it, against np.save."""
+    cfg = bench_config(backbones, "cpu", 256)
+    dims = {name: get_spec(name).dim for name in backbones}
+    rows = pad_segments(plan_rows(manifest.table.iloc[:STORE_ROWS], cfg), cfg.chunk_rows)
+    chunk = {name: np.random.default_rng(0).normal(size=(cfg.chunk_rows, d)).astype(np.float32) for name, d in dims.items()}
+    status = np.full(cfg.chunk_rows, STATUS_OK, dtype=np.int8)
+    meta = {"chunk_rows": cfg.chunk_rows, "store_dtype": cfg.features.store_dtype}
+
+    def zarr_write() -> int:
+        folder = Path(tempfile.mkdtemp())
+        try:
+            store = FeatureStore.create(folder / "bench.zarr", rows, dims, meta)
+            for k in range(store.n_chunks):
+                store.write_chunk(k, chunk, status)
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+        return len(rows)
+
+    def numpy_save() -> int:
+        folder = Path(tempfile.mkdtemp())
+        try:
+            for name, values in chunk.items():
+                np.save(folder / f"{name}.npy", np.concatenate([values] * (len(rows) // cfg.chunk_rows)))
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+        return len(rows)
+
+    base, zarr = throughput(numpy_save, repeats), throughput(zarr_write, repeats)
+    return [{"variant": f"store write, naive (np.save float32) {'+'.join(backbones)}", **base, "x_naive": 1.0},
+            {"variant": f"store write, Zarr v3 chunks of {cfg.chunk_rows} rows (float32)", **zarr,
+             "x_naive": zarr["items_per_s"] / base["items_per_s"]}]
