@@ -7,10 +7,10 @@ The model defaults are the published method's settings; ``configs/default.yaml``
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, model_validator
 
 from .errors import ConfigError
 
@@ -126,7 +126,10 @@ class ClassifyConfig(_Section):
     """The stacking classifier: PCA per backbone, RBF SVM + random forest, logistic-regression meta-learner."""
 
     backend: Literal["auto", "cuml", "sklearn"] = "auto"
-    pca_components: int = Field(128, ge=1, description="PCA components per backbone")
+    pca_components: Union[PositiveInt, Annotated[float, Field(gt=0, lt=1)]] = Field(
+        128, description="PCA components per backbone (an int), or the share of variance to keep (0 to 1)")
+    pca_mode: Literal["per_backbone", "concatenated"] = Field(
+        "per_backbone", description="a PCA per backbone (the method), or one over the backbones side by side")
     svm_c: float = Field(1.0, gt=0)
     rf_trees: int = Field(100, ge=1)
     folds: int = Field(5, ge=2, description="grouped folds for the meta-learner's out-of-fold inputs")

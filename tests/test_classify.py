@@ -256,3 +256,16 @@ def test_feature_blocks_merge_a_short_block_into_its_neighbour(tmp_path):
     assert [len(b) for b in feature_blocks(store, ["tiny"], keep, min_rows=20, chunks_per_block=2)] == [32, 48]
     keep[:30] = False  # the first block keeps 2 rows: too few on its own
     assert [len(b) for b in feature_blocks(store, ["tiny"], keep, min_rows=20, chunks_per_block=2)] == [50]  # ... and so does the last
+
+
+def test_pca_by_variance_share_and_over_concatenated_backbones():
+    rng = np.random.default_rng(0)
+    y = rng.choice(["x", "y"], 120)
+    X = np.hstack([rng.normal(size=(120, 3)) @ rng.normal(size=(3, 20)), rng.normal(size=(120, 10))])  # rank 3 | 10
+    X += rng.normal(0, 1e-3, X.shape)
+    common = dict(block_dims=(20, 10), rf_trees=5, folds=2, backend="sklearn")
+    share = FeatureStackingClassifier(pca_components=0.99, **common).fit(X, y)
+    assert share.kept_[0] <= 3 and share.kept_[1] >= 9  # a rank-3 block needs 3 components, white noise nearly all
+    assert share._reduce(share._backend(), X, fit=False).shape[1] == sum(share.kept_)
+    joint = FeatureStackingClassifier(pca_components=6, pca_mode="concatenated", **common).fit(X, y)
+    assert len(joint.pcas_) == 1 and joint.pcas_[0].n_features_in_ == 30 and joint.kept_ == [6]

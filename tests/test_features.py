@@ -251,3 +251,23 @@ def test_resuming_with_a_manifest_that_lacks_pending_cells_names_the_problem(tmp
     manifest.table = manifest.table.iloc[:5]
     with pytest.raises(StoreError, match="does not list .*resume with the manifest they came from"):
         extract(manifest, tmp_path / "s.zarr", config)
+
+
+def test_a_failed_chunk_write_stops_the_run_and_a_rerun_completes_it(tmp_path, monkeypatch):
+    manifest = demo_manifest(tmp_path / "data", patients=2, cells=10, split=False)
+    extract(manifest, tmp_path / "whole.zarr", cfg())
+    real_write = FeatureStore.write_chunk
+
+    def disk_full_at_chunk_2(self, k, features, status):
+        if k == 2:
+            raise OSError(28, "No space left on device")
+        real_write(self, k, features, status)
+
+    monkeypatch.setattr(FeatureStore, "write_chunk", disk_full_at_chunk_2)
+    with pytest.raises(StoreError, match=r"could not write chunk 2 of .*No space left on device"):
+        extract(manifest, tmp_path / "s.zarr", cfg())
+    monkeypatch.undo()
+    done = FeatureStore.open(tmp_path / "s.zarr").done_chunks()
+    assert done[:2].all() and not done[2]  # the chunks before the failure are kept, the failed one is not
+    summary = extract(manifest, tmp_path / "s.zarr", cfg())
+    assert summary.rows_skipped == 2 * 32 and store_bytes(tmp_path / "s.zarr") == store_bytes(tmp_path / "whole.zarr")

@@ -28,12 +28,17 @@ def row_zscore(xp, block):
 
 
 class FeatureStackingClassifier(ClassifierMixin, BaseEstimator):
-    """``X`` is the backbones' features side by side; ``block_dims`` says where each backbone's columns are."""
+    """``X`` is the backbones' features side by side; ``block_dims`` says where each backbone's columns are.
 
-    def __init__(self, block_dims=(1280,), pca_components=128, svm_c=1.0, rf_trees=100, folds=5, seed=0,
-                 backend="auto"):
+    ``pca_components``: an int is a count of components, a float in (0, 1) the share of variance to keep.
+    ``pca_mode``: ``per_backbone`` (a PCA per backbone, outputs side by side, as the method) or
+    ``concatenated`` (z-scored backbones side by side, then one PCA)."""
+
+    def __init__(self, block_dims=(1280,), pca_components=128, pca_mode="per_backbone", svm_c=1.0, rf_trees=100,
+                 folds=5, seed=0, backend="auto"):
         self.block_dims = block_dims
         self.pca_components = pca_components
+        self.pca_mode = pca_mode
         self.svm_c = svm_c
         self.rf_trees = rf_trees
         self.folds = folds
@@ -50,17 +55,36 @@ class FeatureStackingClassifier(ClassifierMixin, BaseEstimator):
         edges = np.cumsum((0, *self.block_dims))
         return [X[:, a:b] for a, b in zip(edges[:-1], edges[1:])]
 
-    def _components(self, rows: int) -> list[int]:
-        return [min(self.pca_components, rows, dim) for dim in self.block_dims]
+    def _reduction_dims(self) -> tuple[int, ...]:
+        return self.block_dims if self.pca_mode == "per_backbone" else (sum(self.block_dims),)
+
+    def _zscored(self, be: Backend, X) -> list:
+        """The row-z-scored inputs of each PCA: one per backbone, or all backbones side by side."""
+        blocks = [row_zscore(be.xp, be.asarray(block)) for block in self._blocks(X)]
+        return blocks if self.pca_mode == "per_backbone" else [be.xp.concatenate(blocks, axis=1)]
+
+    def pca_fit_components(self, rows: int) -> list[int]:
+        """Components each PCA is fitted with: the count asked for, or all there are for a variance share."""
+        wanted = self.pca_components if self.pca_components >= 1 else rows
+        return [min(int(wanted), rows, dim) for dim in self._reduction_dims()]
+
+    def _keep(self, pca) -> int:
+        """Components kept: the count, or the fewest that explain the asked share of the variance."""
+        if self.pca_components >= 1:
+            return int(pca.n_components)
+        ratios = np.cumsum(Backend.to_host(pca.explained_variance_ratio_))
+        return int(min(np.searchsorted(ratios, self.pca_components) + 1, len(ratios)))
+
+    def _fit_pcas(self, pcas: list) -> None:
+        self.pcas_, self.kept_ = pcas, [self._keep(pca) for pca in pcas]
 
     def _reduce(self, be: Backend, X, fit: bool):
-        """Row z-score and PCA per backbone, side by side; ``fit`` fits the PCAs on X first."""
+        """Row z-score and PCA, outputs side by side; ``fit`` fits the PCAs on X first."""
+        inputs = self._zscored(be, X)
         if fit:
-            self.pcas_ = [be.PCA(n_components=n, random_state=self.seed) for n in self._components(X.shape[0])]
-        out = []
-        for i, block in enumerate(self._blocks(X)):
-            block = row_zscore(be.xp, be.asarray(block))
-            out.append(self.pcas_[i].fit(block).transform(block) if fit else self.pcas_[i].transform(block))
+            self._fit_pcas([be.PCA(n_components=n, random_state=self.seed).fit(block)
+                                for n, block in zip(self.pca_fit_components(X.shape[0]), inputs)])
+        out = [pca.transform(block)[:, :kept] for pca, kept, block in zip(self.pcas_, self.kept_, inputs)]
         return be.xp.concatenate(out, axis=1).astype(be.xp.float32)
 
     def _base_learners(self, be: Backend):
@@ -87,13 +111,14 @@ class FeatureStackingClassifier(ClassifierMixin, BaseEstimator):
 
     def fit_streaming(self, blocks, y, groups=None):
         """The same model from features too large for memory: ``blocks()`` yields the rows of X in order, a
-        block at a time (each with at least ``pca_components`` rows), and is called twice. The PCAs are fitted
+        block at a time (each with at least ``max(pca_fit_components(rows))`` rows), and is called twice. The PCAs are fitted
         incrementally (IncrementalPCA), so only the reduced features, 3 x 128 columns, are ever held whole."""
         be = self._backend()
-        self.pcas_ = [be.IncrementalPCA(n_components=n) for n in self._components(len(y))]
+        pcas = [be.IncrementalPCA(n_components=n) for n in self.pca_fit_components(len(y))]
         for X in blocks():
-            for pca, block in zip(self.pcas_, self._blocks(X)):
-                pca.partial_fit(row_zscore(be.xp, be.asarray(block)))
+            for pca, block in zip(pcas, self._zscored(be, X)):
+                pca.partial_fit(block)
+        self._fit_pcas(pcas)
         Z = be.xp.concatenate([self._reduce(be, X, fit=False) for X in blocks()])
         return self._fit_reduced(be, Z, y, groups)
 

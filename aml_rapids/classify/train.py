@@ -32,8 +32,9 @@ def describe_features(store: FeatureStore, backbones: list[str]) -> dict:
 
 def new_model(block_dims: tuple[int, ...], cfg: RunConfig) -> FeatureStackingClassifier:
     c = cfg.classify
-    return FeatureStackingClassifier(block_dims=block_dims, pca_components=c.pca_components, svm_c=c.svm_c,
-                                     rf_trees=c.rf_trees, folds=c.folds, seed=c.seed, backend=c.backend)
+    return FeatureStackingClassifier(block_dims=block_dims, pca_components=c.pca_components, pca_mode=c.pca_mode,
+                                     svm_c=c.svm_c, rf_trees=c.rf_trees, folds=c.folds, seed=c.seed,
+                                     backend=c.backend)
 
 
 def fit_model(X, rows, block_dims: tuple[int, ...], cfg: RunConfig) -> FeatureStackingClassifier:
@@ -49,9 +50,10 @@ def train(store_path: Path, cfg: RunConfig, out: Path, backbones: list[str] | No
     keep, rows = select_rows(store, ("train",))
     streamed = len(rows) * sum(dims) * 4 > cfg.classify.memory_gb * 2**30
     if streamed:
-        model = new_model(dims, cfg).fit_streaming(
-            lambda: feature_blocks(store, backbones, keep, min_rows=cfg.classify.pca_components),
-            rows["label"].to_numpy(), groups=fold_groups(rows))
+        model = new_model(dims, cfg)
+        min_rows = max(model.pca_fit_components(len(rows)))
+        model.fit_streaming(lambda: feature_blocks(store, backbones, keep, min_rows=min_rows),
+                            rows["label"].to_numpy(), groups=fold_groups(rows))
     else:
         model = fit_model(load_rows(store, backbones, ("train",))[0], rows, dims, cfg)
     out.mkdir(parents=True, exist_ok=True)

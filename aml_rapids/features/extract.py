@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
 from torch.fx.experimental.optimization import fuse
 
@@ -28,6 +29,7 @@ from .backbones import get_spec
 from .plan import STATUS_FAILED, STATUS_OK, STATUS_PADDING, pad_segments, plan_rows
 from .store import FeatureStore, StoreError
 from .weights import load_backbone
+from .writer import ChunkWriter
 
 AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -170,6 +172,16 @@ def _runs(chunks: list[int], augment_of_chunk: np.ndarray) -> list[list[int]]:
     return runs
 
 
+def _pass_table(manifest: Manifest, index: dict[str, int], real: pd.DataFrame, store_path: Path) -> pd.DataFrame:
+    """The manifest rows of one loader pass, in store order, with their augmentation index."""
+    unknown = [c for c in real["cell_id"] if c not in index]
+    if unknown:
+        raise StoreError(f"store {store_path} still has rows to compute for {len(unknown)} cells that this "
+                         f"manifest does not list (e.g. {unknown[0]}); resume with the manifest they came from")
+    return manifest.table.iloc[[index[c] for c in real["cell_id"]]].assign(
+        aug_index=real["aug_index"].to_numpy()).reset_index(drop=True)
+
+
 def extract(manifest: Manifest, store_path: Path, cfg: RunConfig,
             progress: Callable[[int], None] | None = None,
             on_total: Callable[[int], None] | None = None) -> ExtractSummary:
@@ -193,50 +205,48 @@ def extract(manifest: Manifest, store_path: Path, cfg: RunConfig,
     augment_of_chunk = rows["augment"].to_numpy()[::store.chunk_rows]
     autocast = autocast_for(cfg, device)
     start = time.perf_counter()
-    for run in _runs(pending, augment_of_chunk):
-        first = run[0] * store.chunk_rows
-        span = rows.iloc[first:(run[-1] + 1) * store.chunk_rows]
-        real = span[span["status"] != STATUS_PADDING]
-        buffers = {k: _ChunkBuffer(status[store.chunk_slice(k)], dims, cfg.features.store_dtype) for k in run}
-        unknown = [c for c in real["cell_id"] if c not in index]
-        if unknown:
-            raise StoreError(f"store {store_path} still has rows to compute for {len(unknown)} cells that this "
-                             f"manifest does not list (e.g. {unknown[0]}); resume with the manifest they came from")
-        table = manifest.table.iloc[[index[c] for c in real["cell_id"]]].assign(
-            aug_index=real["aug_index"].to_numpy()).reset_index(drop=True)
-        global_rows = real.index.to_numpy()
-        loader = CellLoader(table, manifest.root, cfg, augment=bool(augment_of_chunk[run[0]]),
-                            normalizations=backbones.normalizations)
-        delivered = np.zeros(len(table), dtype=bool)
+    with ChunkWriter(store) as writer:
+        for run in _runs(pending, augment_of_chunk):
+            first = run[0] * store.chunk_rows
+            span = rows.iloc[first:(run[-1] + 1) * store.chunk_rows]
+            real = span[span["status"] != STATUS_PADDING]
+            buffers = {k: _ChunkBuffer(status[store.chunk_slice(k)], dims, cfg.features.store_dtype)
+                       for k in run}
+            table = _pass_table(manifest, index, real, store_path)
+            global_rows = real.index.to_numpy()
+            loader = CellLoader(table, manifest.root, cfg, augment=bool(augment_of_chunk[run[0]]),
+                                normalizations=backbones.normalizations)
+            delivered = np.zeros(len(table), dtype=bool)
 
-        def deliver(positions: np.ndarray, feats: dict[str, np.ndarray] | None) -> None:
-            where = global_rows[positions]
-            for k in np.unique(where // store.chunk_rows):
-                mine = where // store.chunk_rows == k
-                buffers[k].put(where[mine] - k * store.chunk_rows,
-                               None if feats is None else {n: v[mine] for n, v in feats.items()})
-                if buffers[k].complete:
-                    store.write_chunk(k, buffers[k].features, buffers[k].status)
-                    summary.chunks_written += 1
-                    del buffers[k]
-            if progress:
-                progress(len(positions))
+            def deliver(positions: np.ndarray, feats: dict[str, np.ndarray] | None) -> None:
+                where = global_rows[positions]
+                for k in np.unique(where // store.chunk_rows):
+                    mine = where // store.chunk_rows == k
+                    buffers[k].put(where[mine] - k * store.chunk_rows,
+                                   None if feats is None else {n: v[mine] for n, v in feats.items()})
+                    if buffers[k].complete:
+                        writer.put(k, buffers[k].features, buffers[k].status)
+                        summary.chunks_written += 1
+                        del buffers[k]
+                if progress:
+                    progress(len(positions))
 
-        with torch.inference_mode(), autocast:
-            for batch in loader:
-                feats = {}
-                for name, net in backbones.nets.items():
-                    images = batch.images[backbones.norm_of[name]]
-                    if cfg.features.channels_last:
-                        images = images.contiguous(memory_format=torch.channels_last)
-                    feats[name] = _storable(net(images).float().cpu().numpy(), name, cfg.features.store_dtype)
-                delivered[batch.positions] = True
-                summary.rows_written += len(batch.positions)
-                deliver(batch.positions, feats)
-        summary.failures += loader.failures
-        missing = np.flatnonzero(~delivered)
-        if len(missing):
-            summary.rows_failed += len(missing)
-            deliver(missing, None)
+            with torch.inference_mode(), autocast:
+                for batch in loader:
+                    feats = {}
+                    for name, net in backbones.nets.items():
+                        images = batch.images[backbones.norm_of[name]]
+                        if cfg.features.channels_last:
+                            images = images.contiguous(memory_format=torch.channels_last)
+                        feats[name] = _storable(net(images).float().cpu().numpy(), name,
+                                                cfg.features.store_dtype)
+                    delivered[batch.positions] = True
+                    summary.rows_written += len(batch.positions)
+                    deliver(batch.positions, feats)
+            summary.failures += loader.failures
+            missing = np.flatnonzero(~delivered)
+            if len(missing):
+                summary.rows_failed += len(missing)
+                deliver(missing, None)
     summary.seconds = time.perf_counter() - start
     return summary

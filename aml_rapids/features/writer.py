@@ -1,0 +1,53 @@
+"""Finished chunks go to the store from one background thread, so compression and disk writes overlap the
+next batches' decoding and inference instead of stalling them.
+
+Each chunk still has exactly one writer and its done-marker is written after its data; the queue is bounded,
+so at most ``depth`` finished chunks wait in memory. A write that fails (a full disk, a vanished folder) stops
+the extraction with that chunk named; the chunks written before it stay done and a rerun resumes after them.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+
+import numpy as np
+
+from .store import FeatureStore, StoreError
+
+
+class ChunkWriter:
+    def __init__(self, store: FeatureStore, depth: int = 4):
+        self.store = store
+        self.queue: queue.Queue = queue.Queue(maxsize=depth)
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, name="aml-rapids-chunk-writer", daemon=True)
+
+    def __enter__(self) -> "ChunkWriter":
+        self.thread.start()
+        return self
+
+    def _run(self) -> None:
+        while (item := self.queue.get()) is not None:
+            if self.error is None:
+                k, features, status = item
+                try:
+                    self.store.write_chunk(k, features, status)
+                except Exception as exc:  # reported on the main thread by put() or on exit
+                    self.error = StoreError(f"could not write chunk {k} of {self.store.path}: {exc}")
+                    self.error.__cause__ = exc
+
+    def put(self, k: int, features: dict[str, np.ndarray], status: np.ndarray) -> None:
+        """Queue a complete chunk (waits while ``depth`` chunks are queued); raises an earlier write's error."""
+        self._raise()
+        self.queue.put((k, features, status))
+
+    def _raise(self) -> None:
+        if self.error is not None:
+            raise self.error
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self.queue.put(None)
+        self.thread.join()
+        if exc_type is None:
+            self._raise()

@@ -1,0 +1,73 @@
+"""Checks that need a CUDA GPU (and, for the classifier, cuML); each skips where that is missing. On a GPU
+machine: `python -m pytest -m gpu` (after `source .carry/install.sh`, see ../shared/gpu/README.md)."""
+
+import numpy as np
+import pytest
+import torch
+
+from aml_rapids.classify.model import FeatureStackingClassifier
+from aml_rapids.config import IndexConfig, load_config
+from aml_rapids.data.manifest import build_manifest
+from aml_rapids.data.synthetic import write_demo_dataset
+from aml_rapids.errors import AmlRapidsError
+from aml_rapids.features.extract import extract
+from aml_rapids.features.store import FeatureStore
+
+pytestmark = pytest.mark.gpu
+
+needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")
+
+
+def needs_cuml():
+    pytest.importorskip("cuml")
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA GPU")
+
+
+def separable(rows=2000, classes=5, dim=64, seed=0):
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, classes, rows)
+    return (rng.normal(0, 3, (classes, dim))[y] + rng.normal(0, 1, (rows, dim))).astype(np.float32), y.astype(str)
+
+
+@needs_gpu
+def test_gpu_extraction_matches_the_cpu_store(tmp_path):
+    write_demo_dataset(tmp_path / "cells", 1, 40)
+    manifest = build_manifest(tmp_path / "cells", IndexConfig(verify_decode=False)).manifest
+    stores = {}
+    for device in ("cpu", "gpu"):
+        cfg = load_config(None, ["features.backbones=[{name: mobilenet_v2, weights: none}]", "loader.batch_size=64",
+                                 "features.chunk_batches=1", f"loader.device={device}", "features.store_dtype=float32"])
+        summary = extract(manifest, tmp_path / f"{device}.zarr", cfg)
+        assert summary.rows_written == 200 and summary.rows_failed == 0
+        stores[device] = FeatureStore.open(tmp_path / f"{device}.zarr").features("mobilenet_v2")[:200]
+    cpu, gpu = stores["cpu"], stores["gpu"]  # fp32 on the CPU, bf16 autocast on the GPU
+    cosine = (cpu * gpu).sum(1) / np.linalg.norm(cpu, axis=1) / np.linalg.norm(gpu, axis=1)
+    assert cosine.min() > 0.98
+
+
+def test_cuml_and_scikit_learn_models_agree():
+    needs_cuml()
+    X, y = separable()
+    models = {b: FeatureStackingClassifier(block_dims=(64,), pca_components=16, rf_trees=50, folds=3,
+                                           backend=b).fit(X[:1500], y[:1500]) for b in ("cuml", "sklearn")}
+    predicted = {b: m.predict(X[1500:]) for b, m in models.items()}
+    assert (predicted["cuml"] == predicted["sklearn"]).mean() >= 0.99
+
+
+def test_a_two_class_cuml_model_has_a_scikit_learn_twin_and_a_multiclass_one_says_why_not():
+    needs_cuml()
+    X, y = separable(classes=2)
+    model = FeatureStackingClassifier(block_dims=(64,), pca_components=16, rf_trees=50, folds=3,
+                                      backend="cuml").fit(X[:1500], y[:1500])
+    twin = model.to_sklearn()
+    assert twin.backend_ == "sklearn" and (twin.predict(X[1500:]) == model.predict(X[1500:])).mean() >= 0.99
+    X, y = separable(classes=5)
+    multiclass = FeatureStackingClassifier(block_dims=(64,), pca_components=16, rf_trees=50, folds=3,
+                                           backend="cuml").fit(X, y)
+    try:
+        twin = multiclass.to_sklearn()
+    except AmlRapidsError as exc:  # cuML 26.x: multiclass SVC does not convert
+        assert "cannot convert" in str(exc)
+    else:
+        assert (twin.predict(X) == multiclass.predict(X)).mean() >= 0.99
