@@ -11,8 +11,10 @@ from benchmarks.report import latest_runs, markdown
 @pytest.mark.slow
 def test_the_suite_writes_well_formed_results(tmp_path):
     results = tmp_path / "results.jsonl"
-    main(["suite", "--count", "48", "--naive-count", "32", "--repeats", "1", "--batch-size", "16", "--cache",
-          str(tmp_path), "--results", str(results), "--backbones", "tiny", "--no-warmup", "--rows", "120", "--pca", "8"])
+    # The CPU smoke run: 512 cells through MobileNetV2 (random weights), about a minute on 2 cores.
+    main(["suite", "--count", "512", "--naive-count", "256", "--repeats", "1", "--batch-size", "64", "--cache",
+          str(tmp_path), "--results", str(results), "--backbones", "mobilenet_v2", "--no-warmup", "--rows", "600",
+          "--pca", "8"])
     rows = [json.loads(line) for line in results.read_text().splitlines()]
     by_stage = {stage: [r for r in rows if r["stage"] == stage] for stage in ("loader", "extract", "classify")}
     # loader: 2 naive + 3 DALI; extract: naive + 2 end to end, naive + fast forward per backbone, 2 store writes;
@@ -20,7 +22,7 @@ def test_the_suite_writes_well_formed_results(tmp_path):
     assert [len(v) for v in by_stage.values()] == [5, 7, 5] and len(rows) == 17
     for row in rows:
         assert row["items_per_s"] > 0 and row["machine"]["cores"] >= 1 and "torch" in row["versions"]
-    assert {r["items"] for r in by_stage["loader"]} == {32, 48}  # the naive loaders read the first 32 cells
+    assert {r["items"] for r in by_stage["loader"]} == {256, 512}  # the naive loaders read the first 256 cells
     forward = [r for r in by_stage["extract"] if "forward" in r["variant"]]
     assert all(0 < r["floor_fraction"] and r["floor_images_per_s"] > 0 for r in forward)
     table = markdown(latest_runs(results))
