@@ -7,6 +7,7 @@ store: ``np.save`` of the same features) and, for the backbones, the fraction of
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 import shutil
 import tempfile
 from pathlib import Path
@@ -34,7 +35,7 @@ def bench_config(backbones: list[str], device: str, batch_size: int, segment: bo
                               "features.store_dtype=float32", f"segmentation.enabled={segment}"])
 
 
-def _forward(net, images: torch.Tensor, batches: int, context) -> callable:
+def _forward(net, images: torch.Tensor, batches: int, context) -> Callable[[], int]:
     sync = torch.cuda.synchronize if images.is_cuda else (lambda: None)
 
     def run() -> int:

@@ -9,7 +9,10 @@ from sklearn.metrics import confusion_matrix, roc_auc_score
 
 
 def per_class(y_true: np.ndarray, y_pred: np.ndarray, classes: np.ndarray) -> dict:
-    cm = confusion_matrix(y_true, y_pred, labels=classes)
+    return _per_class(confusion_matrix(y_true, y_pred, labels=classes), classes)
+
+
+def _per_class(cm: np.ndarray, classes: np.ndarray) -> dict:
     total = cm.sum()
     out = {}
     for i, name in enumerate(classes):
@@ -31,7 +34,8 @@ def summary(y_true: np.ndarray, proba: np.ndarray, classes: np.ndarray) -> dict:
     """Point estimates: accuracy, macro metrics, per-class metrics, ROC AUC (one-vs-rest), confusion matrix."""
     y_pred = classes[proba.argmax(axis=1)]
     classes_present = np.isin(classes, y_true)
-    metrics = per_class(y_true, y_pred, classes)
+    cm = confusion_matrix(y_true, y_pred, labels=classes)  # once: with string labels it is the slow part
+    metrics = _per_class(cm, classes)
     macro = {k: float(np.mean([m[k] for m in metrics.values()]))
              for k in ("precision", "sensitivity", "specificity", "f1", "accuracy_ovr")}
     auc = {}
@@ -41,8 +45,7 @@ def summary(y_true: np.ndarray, proba: np.ndarray, classes: np.ndarray) -> dict:
     return {"n": int(len(y_true)), "accuracy": float((y_pred == y_true).mean()), "macro": macro,
             "auc": auc, "macro_auc": float(np.mean(list(auc.values()))) if auc else None,
             "per_class": metrics,
-            "confusion": {"labels": [str(c) for c in classes],
-                          "matrix": confusion_matrix(y_true, y_pred, labels=classes).tolist()}}
+            "confusion": {"labels": [str(c) for c in classes], "matrix": cm.tolist()}}
 
 
 def bootstrap(y_true: np.ndarray, proba: np.ndarray, classes: np.ndarray, groups: np.ndarray | None = None,
