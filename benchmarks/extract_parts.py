@@ -7,9 +7,9 @@ store: ``np.save`` of the same features) and, for the backbones, the fraction of
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
