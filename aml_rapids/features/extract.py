@@ -3,7 +3,9 @@
 Start, resume and append are one operation: the store is created from the plan if absent, extended by the
 plan's rows whose content (sha256 + augmentation index) it lacks, and then every chunk not marked done is
 computed. Batch norm is folded into the convolutions (inference only; the registry's networks stay unfused
-and differentiable). On a GPU the backbones run under bf16/fp16 autocast in channels_last, optionally compiled.
+and differentiable). On a GPU the backbones run under bf16/fp16 autocast in channels_last, optionally compiled;
+features come back to the host asynchronously, one batch behind, and finished chunks are written on a
+background thread, so neither the copy nor the write stalls the device.
 """
 
 from __future__ import annotations
@@ -172,6 +174,36 @@ def _runs(chunks: list[int], augment_of_chunk: np.ndarray) -> list[list[int]]:
     return runs
 
 
+@dataclass
+class _InFlight:
+    """One batch's features on their way to the host. On a GPU the copies are asynchronous (into pinned memory)
+    and the host reads them one batch later, after their event, so it never waits on the device while the next
+    batch could already be queued; on a CPU everything is already there."""
+
+    positions: np.ndarray
+    host: dict[str, torch.Tensor]
+    done: torch.cuda.Event | None
+
+    @classmethod
+    def launch(cls, batch, backbones: Backbones, channels_last: bool) -> "_InFlight":
+        host = {}
+        for name, net in backbones.nets.items():
+            images = batch.images[backbones.norm_of[name]]
+            if channels_last:
+                images = images.contiguous(memory_format=torch.channels_last)
+            host[name] = net(images).float().to("cpu", non_blocking=True)
+        done = None
+        if next(iter(batch.images.values())).is_cuda:
+            done = torch.cuda.Event()
+            done.record()
+        return cls(batch.positions, host, done)
+
+    def wait(self) -> dict[str, torch.Tensor]:
+        if self.done is not None:
+            self.done.synchronize()
+        return self.host
+
+
 def _pass_table(manifest: Manifest, index: dict[str, int], real: pd.DataFrame, store_path: Path) -> pd.DataFrame:
     """The manifest rows of one loader pass, in store order, with their augmentation index."""
     unknown = [c for c in real["cell_id"] if c not in index]
@@ -231,18 +263,22 @@ def extract(manifest: Manifest, store_path: Path, cfg: RunConfig,
                 if progress:
                     progress(len(positions))
 
+            def land(flight: _InFlight) -> None:
+                feats = {name: _storable(values.numpy(), name, cfg.features.store_dtype)
+                         for name, values in flight.wait().items()}
+                delivered[flight.positions] = True
+                summary.rows_written += len(flight.positions)
+                deliver(flight.positions, feats)
+
+            previous = None
             with torch.inference_mode(), autocast:
                 for batch in loader:
-                    feats = {}
-                    for name, net in backbones.nets.items():
-                        images = batch.images[backbones.norm_of[name]]
-                        if cfg.features.channels_last:
-                            images = images.contiguous(memory_format=torch.channels_last)
-                        feats[name] = _storable(net(images).float().cpu().numpy(), name,
-                                                cfg.features.store_dtype)
-                    delivered[batch.positions] = True
-                    summary.rows_written += len(batch.positions)
-                    deliver(batch.positions, feats)
+                    current = _InFlight.launch(batch, backbones, cfg.features.channels_last)
+                    if previous is not None:
+                        land(previous)  # while the device computes ``current``
+                    previous = current
+            if previous is not None:
+                land(previous)
             summary.failures += loader.failures
             missing = np.flatnonzero(~delivered)
             if len(missing):
