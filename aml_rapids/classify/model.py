@@ -111,8 +111,8 @@ class FeatureStackingClassifier(ClassifierMixin, BaseEstimator):
 
     def fit_streaming(self, blocks, y, groups=None):
         """The same model from features too large for memory: ``blocks()`` yields the rows of X in order, a
-        block at a time (each with at least ``max(pca_fit_components(rows))`` rows), and is called twice. The PCAs are fitted
-        incrementally (IncrementalPCA), so only the reduced features, 3 x 128 columns, are ever held whole."""
+        block at a time (each with at least ``max(pca_fit_components(rows))`` rows), and is called twice. The
+        PCAs are fitted incrementally (IncrementalPCA), so only the reduced features are ever held whole."""
         be = self._backend()
         pcas = [be.IncrementalPCA(n_components=n) for n in self.pca_fit_components(len(y))]
         for X in blocks():
