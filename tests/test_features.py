@@ -59,13 +59,20 @@ def chunk_checksums(path: Path) -> dict[str, str]:
             for p in sorted(path.rglob("*")) if p.is_file() and "/c/" in str(p.relative_to(path)).replace("\\", "/")}
 
 
-@pytest.mark.parametrize("name", ["mobilenet_v2", "resnet101", "vgg16", "tiny"])
+@pytest.mark.parametrize("name", ["mobilenet_v2", "resnet101", "vgg16", "vit_b_16", "tiny"])
 def test_registry_dims(name):
     net, info = load_backbone(name, "none")
+    size = REGISTRY[name].input_size or 64
     with torch.inference_mode():
-        out = net(torch.randn(2, 3, 64, 64))
+        out = net(torch.randn(2, 3, size, size))
     assert out.shape == (2, REGISTRY[name].dim) and not info.pretrained and info.sha256 is None
     assert any(p.requires_grad for p in net.parameters())  # differentiable, ready for fine-tuning
+
+
+def test_a_backbone_with_a_fixed_input_size_refuses_another(tmp_path):
+    from aml_rapids.features.extract import load_backbones
+    with pytest.raises(AmlRapidsError, match=r"vit_b_16 takes 224x224 images only; set loader.image_size=224 \(it is 32\)"):
+        load_backbones(cfg(**{"features.backbones": "[{name: vit_b_16, weights: none}]"}), "cpu")
 
 
 def test_weights_errors(tmp_path):

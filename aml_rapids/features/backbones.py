@@ -27,6 +27,7 @@ class BackboneSpec:
     build: Callable[[], nn.Module]
     truncate: Callable[[nn.Module], nn.Module]
     imagenet_weights: str | None = None
+    input_size: int | None = None  # the one image size the network takes, if it has one (a ViT's patch grid)
 
 
 REGISTRY: dict[str, BackboneSpec] = {}
@@ -46,6 +47,11 @@ def get_spec(name: str) -> BackboneSpec:
 
 def _global_pool(body: nn.Module) -> nn.Module:
     return nn.Sequential(body, nn.AdaptiveAvgPool2d(1), nn.Flatten())
+
+
+def _without_head(vit: nn.Module) -> nn.Module:
+    vit.heads = nn.Identity()
+    return vit
 
 
 class TinyCNN(nn.Module):
@@ -70,4 +76,7 @@ register(BackboneSpec(
     "vgg16", 4096, "fc7 (before its ReLU, as MATLAB's activations('fc7'))", Normalization(),
     models.vgg16, lambda m: nn.Sequential(m.features, m.avgpool, nn.Flatten(), *list(m.classifier)[:4]),
     "VGG16_Weights.IMAGENET1K_V1"))
+register(BackboneSpec(
+    "vit_b_16", 768, "class token after the encoder (classification head removed)", Normalization(),
+    models.vit_b_16, _without_head, "ViT_B_16_Weights.IMAGENET1K_V1", input_size=224))
 register(BackboneSpec("tiny", 16, "global average pool (test model)", Normalization(), TinyCNN, lambda m: _global_pool(m)))

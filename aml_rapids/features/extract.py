@@ -23,6 +23,7 @@ from torch.fx.experimental.optimization import fuse
 
 from ..config import RunConfig
 from ..data.manifest import Manifest
+from ..errors import AmlRapidsError
 from ..data.scan import Problem
 from ..loader.loader import CellLoader, resolve_device, usable_cores
 from ..loader.pipeline import Normalization
@@ -65,6 +66,9 @@ def load_backbones(cfg: RunConfig, device: str) -> Backbones:
     nets, norm_of, norms, info = {}, {}, {}, {}
     for item in cfg.features.backbones:
         spec = get_spec(item.name)
+        if spec.input_size not in (None, cfg.loader.image_size):
+            raise AmlRapidsError(f"{item.name} takes {spec.input_size}x{spec.input_size} images only; set "
+                                 f"loader.image_size={spec.input_size} (it is {cfg.loader.image_size})")
         net, weights = load_backbone(item.name, item.weights, cfg.features.seed)
         net = fuse(net).to(device)  # batch norm folded into the convolutions: 2x for MobileNetV2 on a CPU
         if cfg.features.channels_last:
