@@ -219,16 +219,27 @@ def evaluate(
 
     out = out or model / f"eval-{split}"
     report = run_evaluate(model, store, split, out)
-    cells = report["cell_level"]
     for warning in report["warnings"]:
         console.print(f"[yellow]warning:[/yellow] {warning}")
-    console.print(f"{split} split ({report['split_protocol']}), backbones {', '.join(report['backbones'])}: "
-                  f"cell accuracy {cells['accuracy']:.3f} (95% CI {cells['ci95']['accuracy'][0]:.3f}-"
-                  f"{cells['ci95']['accuracy'][1]:.3f}), macro F1 {cells['macro']['f1']:.3f}, n={cells['n']:,}")
-    if "patient_level" in report:
-        pl = report["patient_level"]
-        console.print(f"patient level: accuracy {pl['accuracy']:.3f}, macro AUC {pl['macro_auc']}, n={pl['n']}")
+    _show_report(report, f"{split} split")
     console.print(f"report: {out / 'metrics.json'}, plots: {out}")
+
+
+def _show_report(report: dict, title: str) -> None:
+    """What was evaluated, then one line per level (cells; patients where there are some): accuracy, macro AUC
+    and macro F1, each with its bootstrap 95% interval."""
+    console.print(f"{title} ({report['split_protocol']}), backbones {', '.join(report['backbones'])}:")
+    for name, key in (("cells", "cell_level"), ("patients", "patient_level")):
+        if key not in report:
+            continue
+        level, parts = report[key], []
+        for label, value, ci in (("accuracy", level["accuracy"], "accuracy"),
+                                 ("macro AUC", level["macro_auc"], "macro_auc"),
+                                 ("macro F1", level["macro"]["f1"], "macro_f1")):
+            interval = level["ci95"].get(ci)
+            parts.append(f"{label} undefined" if value is None else f"{label} {value:.3f}"
+                         + (f" (95% CI {interval[0]:.3f}-{interval[1]:.3f})" if interval else ""))
+        console.print(f"  {name}: {', '.join(parts)}, n={level['n']:,}")
 
 
 @app.command()
@@ -254,14 +265,7 @@ def cv(
     with console.status("cross-validating (one stacking classifier per fold)"):
         report = cross_validate(store, cfg, out, on_fold=show)
     write_run_record(out, "cv", cfg, store=str(store), folds=report["folds"])
-    cells = report["cell_level"]
-    console.print(f"{report['split']} ({report['split_protocol']}), backbones {', '.join(report['backbones'])}: "
-                  f"cell AUC {cells['macro_auc']:.3f} (95% CI {cells['ci95']['macro_auc'][0]:.3f}-"
-                  f"{cells['ci95']['macro_auc'][1]:.3f}), accuracy {cells['accuracy']:.3f}, n={cells['n']:,}")
-    if "patient_level" in report:
-        pl = report["patient_level"]
-        console.print(f"patient level: AUC {pl['macro_auc']:.3f} (95% CI {pl['ci95']['macro_auc'][0]:.3f}-"
-                      f"{pl['ci95']['macro_auc'][1]:.3f}), accuracy {pl['accuracy']:.3f}, n={pl['n']}")
+    _show_report(report, report["split"])
     console.print(f"report: {out / 'metrics.json'}, out-of-fold predictions: {out / 'oof_predictions.csv'}")
 
 

@@ -269,3 +269,23 @@ def test_pca_by_variance_share_and_over_concatenated_backbones():
     assert share._reduce(share._backend(), X, fit=False).shape[1] == sum(share.kept_)
     joint = FeatureStackingClassifier(pca_components=6, pca_mode="concatenated", **common).fit(X, y)
     assert len(joint.pcas_) == 1 and joint.pcas_[0].n_features_in_ == 30 and joint.kept_ == [6]
+
+
+def test_oversampled_copies_can_be_left_out_of_a_selection(tmp_path):
+    from aml_rapids.classify.data import select_rows
+
+    store = small_store(tmp_path / "s.zarr")
+    store.group["rows/aug_index"][10:20] = 1
+    keep, rows = select_rows(store, ("train",), originals_only=True)
+    assert keep.sum() == len(rows) == 54 and (rows["aug_index"] == 0).all()
+    assert select_rows(store, ("train",))[0].sum() == 64
+
+
+def test_a_corrupt_model_file_is_named(tmp_path):
+    from aml_rapids import __version__
+    from aml_rapids.classify.train import INFO_FILE, MODEL_FILE, load_model
+
+    (tmp_path / INFO_FILE).write_text(json.dumps({"aml_rapids": __version__, "backend": "sklearn", "portable": True}))
+    (tmp_path / MODEL_FILE).write_bytes(b"\x80\x04 truncated")
+    with pytest.raises(AmlRapidsError, match=f"cannot load {tmp_path / MODEL_FILE}: .*retrain it"):
+        load_model(tmp_path)

@@ -18,7 +18,7 @@ from ..evaluate.metrics import patient_level, summary
 from ..evaluate.report import write_report
 from ..features.store import FeatureStore
 from ..loader.oversample import oversample
-from .data import block_dims, load_rows
+from .data import block_dims, load_features, select_rows
 from .train import describe_features, fit_model
 
 
@@ -45,7 +45,8 @@ def cross_validate(store_path: Path, cfg: RunConfig, out: Path, backbones: list[
     """Fit one classifier per fold, report the pooled out-of-fold predictions (metrics.json, plots, CSV)."""
     store = FeatureStore.open(store_path)
     backbones = backbones or store.backbones
-    X, rows = load_rows(store, backbones, None)
+    keep, rows = select_rows(store, None)
+    X = load_features(store, backbones, keep)
     folds = rows["fold"].to_numpy()
     if (folds < 0).any():
         raise AmlRapidsError(f"store {store_path} has rows without a fold: split the manifest with "

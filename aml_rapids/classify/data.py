@@ -1,7 +1,7 @@
 """Rows and features of a feature store, read chunk by chunk, checked before any estimator sees them.
 
-``feature_blocks`` never holds more than one block of rows; ``load_rows`` is all blocks side by side, for data
-that fits in memory.
+``feature_blocks`` never holds more than one block of rows; ``load_features`` is all blocks side by side, for
+data that fits in memory.
 """
 
 from __future__ import annotations
@@ -21,12 +21,16 @@ def block_dims(store: FeatureStore, backbones: list[str]) -> tuple[int, ...]:
     return tuple(store.features(name).shape[1] for name in backbones)
 
 
-def select_rows(store: FeatureStore, splits: tuple[str, ...] | None) -> tuple[np.ndarray, pd.DataFrame]:
-    """The usable rows of the chosen splits: a mask over the store's rows, and their metadata."""
+def select_rows(store: FeatureStore, splits: tuple[str, ...] | None,
+                originals_only: bool = False) -> tuple[np.ndarray, pd.DataFrame]:
+    """The usable rows of the chosen splits (without oversampled copies if asked): a mask over the store's
+    rows, and their metadata."""
     rows = store.rows()
     keep = (rows["status"] == STATUS_OK).to_numpy().copy()
     if splits is not None:
         keep &= rows["split"].isin(splits).to_numpy()
+    if originals_only:
+        keep &= (rows["aug_index"] <= 0).to_numpy()
     if not keep.any():
         raise AmlRapidsError(f"store {store.path} has no usable rows in split(s) {', '.join(splits or ['any'])}")
     return keep, rows[keep].reset_index(drop=True)
@@ -58,10 +62,9 @@ def feature_blocks(store: FeatureStore, backbones: list[str], keep: np.ndarray, 
         yield pending
 
 
-def load_rows(store: FeatureStore, backbones: list[str], splits: tuple[str, ...] | None) -> tuple[np.ndarray, pd.DataFrame]:
-    """Float32 features of the chosen backbones side by side, for the usable rows of the chosen splits."""
-    keep, rows = select_rows(store, splits)
-    return np.concatenate(list(feature_blocks(store, backbones, keep))), rows
+def load_features(store: FeatureStore, backbones: list[str], keep: np.ndarray) -> np.ndarray:
+    """Float32 features of the chosen backbones side by side, for the kept rows, all in memory."""
+    return np.concatenate(list(feature_blocks(store, backbones, keep)))
 
 
 def fold_groups(rows: pd.DataFrame) -> np.ndarray:

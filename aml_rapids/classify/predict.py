@@ -34,12 +34,12 @@ def predict(model_dir: Path, source: Path, out: Path, overrides: list[str] | Non
         manifest = build_manifest(source, cfg.index).manifest
         store_path = out / "features.zarr"
         extract(manifest, store_path, cfg, progress=progress, on_total=on_total)
-    proba, rows = predict_store(model, FeatureStore.open(store_path), list(info["backbones"]), None)
-    cells = rows[["cell_id", "path", "patient", "label", "split", "aug_index"]].copy()
+    proba, rows = predict_store(model, FeatureStore.open(store_path), list(info["backbones"]), None,
+                                originals_only=True)
+    cells = rows[["cell_id", "path", "patient", "label", "split"]].copy()
     cells["predicted"] = model.classes_[proba.argmax(axis=1)]
     for i, name in enumerate(model.classes_):
         cells[f"p_{name}"] = proba[:, i]
-    cells = cells[cells["aug_index"] <= 0].drop(columns="aug_index")
     prob_cols = [f"p_{name}" for name in model.classes_]
     patients = (cells[cells["patient"] != ""].groupby("patient")
                 .agg(n_cells=("cell_id", "size"), **{c: (c, "mean") for c in prob_cols}).reset_index())

@@ -13,7 +13,7 @@ from ..config import RunConfig
 from ..errors import AmlRapidsError
 from ..evaluate.report import write_report
 from ..features.store import FeatureStore
-from .data import block_dims, feature_blocks, fold_groups, load_rows, select_rows
+from .data import block_dims, feature_blocks, fold_groups, load_features, select_rows
 from .backend import get_backend
 from .model import FeatureStackingClassifier
 
@@ -55,7 +55,7 @@ def train(store_path: Path, cfg: RunConfig, out: Path, backbones: list[str] | No
         model.fit_streaming(lambda: feature_blocks(store, backbones, keep, min_rows=min_rows),
                             rows["label"].to_numpy(), groups=fold_groups(rows))
     else:
-        model = fit_model(load_rows(store, backbones, ("train",))[0], rows, dims, cfg)
+        model = fit_model(load_features(store, backbones, keep), rows, dims, cfg)
     out.mkdir(parents=True, exist_ok=True)
     joblib.dump(model, out / MODEL_FILE)
     info = {"aml_rapids": __version__, "backend": model.backend_, "portable": _save_portable(model, out),
@@ -68,9 +68,9 @@ def train(store_path: Path, cfg: RunConfig, out: Path, backbones: list[str] | No
 
 
 def predict_store(model: FeatureStackingClassifier, store: FeatureStore, backbones: list[str],
-                  splits: tuple[str, ...] | None):
+                  splits: tuple[str, ...] | None, originals_only: bool = False):
     """Class probabilities of the usable rows of the chosen splits, a block of rows at a time."""
-    keep, rows = select_rows(store, splits)
+    keep, rows = select_rows(store, splits, originals_only)
     return np.concatenate([model.predict_proba(X) for X in feature_blocks(store, backbones, keep)]), rows
 
 
@@ -94,12 +94,16 @@ def load_model(model_dir: Path) -> tuple[FeatureStackingClassifier, dict]:
     if info.get("aml_rapids") != __version__:
         raise AmlRapidsError(f"model {model_dir} was made by aml-rapids {info.get('aml_rapids')}, this is "
                              f"{__version__}; retrain it")
+    name = MODEL_FILE
     if info["backend"] != "sklearn" and get_backend("auto").name != info["backend"]:
         if info.get("portable") is not True:
             raise AmlRapidsError(f"model {model_dir} was trained with {info['backend']}, which does not run here, "
                                  f"and has no scikit-learn twin: {info.get('portable')}")
-        return joblib.load(Path(model_dir) / PORTABLE_FILE), info
-    return joblib.load(Path(model_dir) / MODEL_FILE), info
+        name = PORTABLE_FILE
+    try:
+        return joblib.load(Path(model_dir) / name), info
+    except Exception as exc:  # missing, truncated or written by other library versions
+        raise AmlRapidsError(f"cannot load {Path(model_dir) / name}: {type(exc).__name__}: {exc}; retrain it") from exc
 
 
 def evaluate(model_dir: Path, store_path: Path, split: str, out: Path) -> dict:

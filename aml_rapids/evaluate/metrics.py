@@ -52,12 +52,18 @@ def bootstrap(y_true: np.ndarray, proba: np.ndarray, classes: np.ndarray, groups
               n: int = 1000, seed: int = 0) -> dict:
     """95% intervals of accuracy, macro F1 and macro AUC, resampling rows (or whole groups, e.g. patients)."""
     rng = np.random.default_rng(seed)
-    units = np.arange(len(y_true)) if groups is None else groups
-    uniq = np.unique(units)
-    members = {u: np.flatnonzero(units == u) for u in uniq}
+    if groups is None:
+        def resample():
+            return rng.integers(0, len(y_true), len(y_true))
+    else:
+        units, inverse = np.unique(groups, return_inverse=True)
+        members = np.split(np.argsort(inverse, kind="stable"), np.cumsum(np.bincount(inverse))[:-1])
+
+        def resample():
+            return np.concatenate([members[i] for i in rng.integers(0, len(units), len(units))])
     draws = {"accuracy": [], "macro_f1": [], "macro_auc": []}
     for _ in range(n):
-        idx = np.concatenate([members[u] for u in rng.choice(uniq, size=len(uniq))])
+        idx = resample()
         s = summary(y_true[idx], proba[idx], classes)
         draws["accuracy"].append(s["accuracy"])
         draws["macro_f1"].append(s["macro"]["f1"])

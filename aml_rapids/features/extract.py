@@ -190,12 +190,10 @@ class _InFlight:
 
     @classmethod
     def launch(cls, batch, backbones: Backbones, channels_last: bool) -> "_InFlight":
-        host = {}
-        for name, net in backbones.nets.items():
-            images = batch.images[backbones.norm_of[name]]
-            if channels_last:
-                images = images.contiguous(memory_format=torch.channels_last)
-            host[name] = net(images).float().to("cpu", non_blocking=True)
+        layout = torch.channels_last if channels_last else torch.contiguous_format
+        images = {key: tensor.contiguous(memory_format=layout) for key, tensor in batch.images.items()}  # once each
+        host = {name: net(images[backbones.norm_of[name]]).float().to("cpu", non_blocking=True)
+                for name, net in backbones.nets.items()}
         done = None
         if next(iter(batch.images.values())).is_cuda:
             done = torch.cuda.Event()
