@@ -75,13 +75,14 @@ def machine_info() -> dict:
 
 
 def git_commit(path: Path | None = None) -> str | None:
-    """The commit of the aml-rapids checkout, when it runs from one."""
+    """The commit of the aml-rapids checkout, when it runs from one; else ``AML_RAPIDS_COMMIT`` (for a copy of
+    the tree without its .git, as on a borrowed GPU machine)."""
     here = path or Path(__file__).resolve().parent
     try:
         out = subprocess.run(["git", "-C", str(here), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
     except (OSError, subprocess.SubprocessError):
-        return None
-    return out.stdout.strip() or None
+        out = None
+    return (out.stdout.strip() if out else "") or os.environ.get("AML_RAPIDS_COMMIT") or None
 
 
 def run_record(stage: str, config: RunConfig, **details) -> dict:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import tempfile
+import traceback
 from pathlib import Path
 
 from aml_rapids.config import IndexConfig
@@ -36,6 +37,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--rows", type=int, default=56850, help="classify: training rows (default: 70%% of 81,214)")
     parser.add_argument("--baseline-rows", type=int, help="classify: rows for scikit-learn (default: --rows)")
     parser.add_argument("--pca", type=int, default=128, help="classify: PCA components per backbone")
+    parser.add_argument("--folds", default="5", help="classify: stacking fold counts to time, comma-separated")
     return parser
 
 
@@ -53,9 +55,10 @@ def _cells(args) -> tuple[Manifest, Manifest]:
 
 def run_stage(stage: str, args, cells: tuple[Manifest, Manifest] | None) -> None:
     if stage == "classify":
-        rows = classify_bench.run(args.rows, args.pca, args.baseline_rows)
+        folds = tuple(int(k) for k in args.folds.split(","))
+        rows = classify_bench.run(args.rows, args.pca, args.baseline_rows, folds)
         params = {"count": args.rows, "baseline_rows": args.baseline_rows or args.rows, "pca": args.pca,
-                  "dims": classify_bench.DIMS}
+                  "dims": classify_bench.DIMS, "folds": folds, "held_out": classify_bench.HELD_OUT}
     else:
         manifest, naive = cells
         device = resolve_device(args.device)
@@ -75,12 +78,23 @@ def run_stage(stage: str, args, cells: tuple[Manifest, Manifest] | None) -> None
 
 
 def main(argv=None) -> None:
+    """Each stage's results are appended as soon as it ends; in a suite, a stage that fails is reported and the
+    next one still runs (the exit status says which failed)."""
     args = _parser().parse_args(argv)
     stages = STAGES if args.stage == "suite" else (args.stage,)
     cells = _cells(args) if set(stages) & {"loader", "extract"} else None
+    failed = []
     for stage in stages:
-        run_stage(stage, args, cells)
+        try:
+            run_stage(stage, args, cells)
+        except Exception:
+            if len(stages) == 1:
+                raise
+            traceback.print_exc()
+            failed.append(stage)
     print(f"appended to {args.results}")
+    if failed:
+        raise SystemExit(f"stages that failed: {', '.join(failed)}")
 
 
 if __name__ == "__main__":

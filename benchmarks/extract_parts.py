@@ -27,12 +27,12 @@ from .floor import flops_per_image, matmul_rate
 from .harness import throughput
 
 
-def bench_config(backbones: list[str], device: str, batch_size: int, segment: bool = True) -> RunConfig:
+def bench_config(backbones: list[str], device: str, batch_size: int, compiled: bool = False) -> RunConfig:
     """The config every extraction benchmark uses: random weights (nothing to download), float32 store."""
     spec = ", ".join(f"{{name: {b}, weights: none}}" for b in backbones)
     return load_config(None, [f"features.backbones=[{spec}]", f"loader.device={device}",
                               f"loader.batch_size={batch_size}", "features.chunk_batches=4",
-                              "features.store_dtype=float32", f"segmentation.enabled={segment}"])
+                              "features.store_dtype=float32", f"features.compile={compiled}"])
 
 
 def _forward(net, images: torch.Tensor, batches: int, context) -> Callable[[], int]:

@@ -9,7 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from aml_rapids.config import IndexConfig
-from aml_rapids.data.manifest import Manifest, build_manifest
+from aml_rapids.data.manifest import Manifest, build_manifest, read_manifest, write_manifest
 from aml_rapids.data.synthetic import CLASSES, write_demo_dataset
 from aml_rapids.loader.loader import usable_cores
 from aml_rapids.provenance import git_commit, machine_info, software_versions
@@ -18,25 +18,32 @@ RESULTS = Path(__file__).resolve().parent / "results" / "results.jsonl"
 
 
 def synthetic_manifest(count: int, cache: Path) -> Manifest:
-    """At least ``count`` synthetic 144x144 TIFF cells (drawn once per cache folder), indexed."""
+    """At least ``count`` synthetic 144x144 TIFF cells, drawn and indexed once per cache folder."""
     per_patient = 50
     patients = max(1, -(-count // (len(CLASSES) * per_patient)))
     folder = cache / f"synthetic-{patients}x{per_patient}"
-    if not folder.is_dir():
-        write_demo_dataset(folder, patients, per_patient, workers=usable_cores())
-    manifest = build_manifest(folder, IndexConfig(verify_decode=False)).manifest
+    indexed = folder.with_suffix(".parquet")
+    if indexed.is_file():
+        manifest = read_manifest(indexed)
+    else:
+        if not folder.is_dir():
+            write_demo_dataset(folder, patients, per_patient, workers=usable_cores())
+        manifest = build_manifest(folder, IndexConfig(verify_decode=False)).manifest
+        write_manifest(manifest, indexed)
     manifest.table = manifest.table.iloc[:count].reset_index(drop=True)
     return manifest
 
 
-def throughput(run: Callable[[], int], repeats: int, warmup: bool = True) -> dict:
+def throughput(run: Callable[[], int], repeats: int, warmup: bool = True,
+               warmup_run: Callable[[], int] | None = None) -> dict:
     """Run ``run`` (which returns the items it processed) once to warm up, then ``repeats`` times; the median.
-    The warm-up's wall time, start-up and any compilation included, is kept as ``first_run_seconds``; without
-    warm-up the timed runs include start-up (model construction, pipeline build)."""
-    first = None
+    The warm-up (``warmup_run`` if given, e.g. the same work on fewer items) is timed on its own, start-up and
+    any compilation included, as ``first_run_seconds`` for ``first_run_items``; without warm-up the timed runs
+    include start-up (pipeline build, first calls)."""
+    first = first_items = None
     if warmup:
         start = time.perf_counter()
-        run()
+        first_items = (warmup_run or run)()
         first = time.perf_counter() - start
     seconds, items = [], 0
     for _ in range(repeats):
@@ -45,7 +52,7 @@ def throughput(run: Callable[[], int], repeats: int, warmup: bool = True) -> dic
         seconds.append(time.perf_counter() - start)
     median = statistics.median(seconds)
     return {"items": items, "seconds_median": median, "seconds": seconds, "items_per_s": items / median,
-            "warmup": warmup, "first_run_seconds": first}
+            "warmup": warmup, "first_run_seconds": first, "first_run_items": first_items}
 
 
 def append_results(stage: str, rows: list[dict], params: dict, path: Path = RESULTS) -> None:

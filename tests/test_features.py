@@ -1,5 +1,6 @@
 """Backbones, weights, and the Zarr feature store: resume after SIGKILL, append, failures, bad input."""
 
+import dataclasses
 import hashlib
 import os
 import random
@@ -21,7 +22,7 @@ from aml_rapids.data.splits import make_split
 from aml_rapids.data.synthetic import write_demo_dataset
 from aml_rapids.errors import AmlRapidsError
 from aml_rapids.features.backbones import REGISTRY
-from aml_rapids.features.extract import extract
+from aml_rapids.features.extract import extract, load_backbones
 from aml_rapids.features.plan import STATUS_FAILED, STATUS_OK, STATUS_PADDING
 from aml_rapids.features.store import FeatureStore, StoreError
 from aml_rapids.features.weights import WeightsError, load_backbone
@@ -133,6 +134,20 @@ def test_store_layout_readable_without_aml_rapids(tmp_path):
     per_chunk = splits.reshape(-1, 32)
     assert all(len(set(chunk)) == 1 for chunk in per_chunk)
     assert set(group["rows/cell_id"][:][status == STATUS_OK]) == set(manifest.table["cell_id"])
+
+
+def test_preloaded_backbones_padded_to_one_shape_give_the_same_store(tmp_path):
+    """What a compiled run does: networks loaded once, every batch padded to the batch size (90 cells in
+    batches of 16 leave short batches); the features are those of an ordinary run."""
+    manifest = demo_manifest(tmp_path / "data")
+    config = cfg(**{"features.store_dtype": "float32"})
+    extract(manifest, tmp_path / "plain.zarr", config)
+    padded = dataclasses.replace(load_backbones(config, "cpu"), batch_size=16)
+    summary = extract(manifest, tmp_path / "padded.zarr", config, backbones=padded)
+    assert summary.rows_written == 90 and summary.rows_failed == 0
+    plain, other = (FeatureStore.open(tmp_path / f"{n}.zarr") for n in ("plain", "padded"))
+    assert plain.rows().equals(other.rows())
+    np.testing.assert_allclose(other.features("tiny")[:], plain.features("tiny")[:], rtol=1e-5, atol=1e-5)
 
 
 def test_oversampled_training_copies_are_augmented_and_distinct(tmp_path):

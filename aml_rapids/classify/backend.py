@@ -56,11 +56,10 @@ def _cuml() -> Backend:
     except ImportError as exc:
         raise AmlRapidsError(f"backend cuml asked for, but it does not import ({exc}); install aml-rapids[cu13] "
                              "or [cu12] on a GPU machine, or use --backend sklearn") from None
-    # cuML's SVC is one-vs-one by default; one-vs-rest gives one decision column per class, as scikit-learn's.
-    # The option is decision_function_shape since cuML 25.12, multiclass_strategy before.
+    # one-vs-one training, as scikit-learn's SVC (docs/classifier.md); the option's name depends on the version
     shape = "decision_function_shape" if "decision_function_shape" in inspect.signature(SVC).parameters \
         else "multiclass_strategy"
-    return Backend("cuml", cupy, PCA, IncrementalPCA, SVC, RandomForestClassifier, LogisticRegression, {shape: "ovr"}, {})
+    return Backend("cuml", cupy, PCA, IncrementalPCA, SVC, RandomForestClassifier, LogisticRegression, {shape: "ovo"}, {})
 
 
 def get_backend(name: str = "auto") -> Backend:

@@ -3,9 +3,10 @@
 Start, resume and append are one operation: the store is created from the plan if absent, extended by the
 plan's rows whose content (sha256 + augmentation index) it lacks, and then every chunk not marked done is
 computed. Batch norm is folded into the convolutions (inference only; the registry's networks stay unfused
-and differentiable). On a GPU the backbones run under bf16/fp16 autocast in channels_last, optionally compiled;
-features come back to the host asynchronously, one batch behind, and finished chunks are written on a
-background thread, so neither the copy nor the write stalls the device.
+and differentiable). On a GPU the backbones run under bf16/fp16 autocast in channels_last, optionally compiled
+(then every batch has one shape: the last is padded, so nothing recompiles mid-run); features come back to the
+host asynchronously, one batch behind, and finished chunks are written on a background thread, so neither the
+copy nor the write stalls the device.
 """
 
 from __future__ import annotations
@@ -60,9 +61,14 @@ class Backbones:
     norm_of: dict[str, str]
     normalizations: dict[str, Normalization]
     info: dict[str, dict]
+    batch_size: int | None = None  # compiled networks: every batch is padded to this size
 
 
 def load_backbones(cfg: RunConfig, device: str) -> Backbones:
+    """The configured networks, ready for inference on ``device`` ("cuda" or "cpu"). Load them once and pass
+    them to every ``extract`` of a process (shards, cohorts, benchmark repeats) to build and compile them once."""
+    if device == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed batch shapes: autotuned convolutions pay off at once
     nets, norm_of, norms, info = {}, {}, {}, {}
     for item in cfg.features.backbones:
         spec = get_spec(item.name)
@@ -74,14 +80,14 @@ def load_backbones(cfg: RunConfig, device: str) -> Backbones:
         if cfg.features.channels_last:
             net = net.to(memory_format=torch.channels_last)
         if cfg.features.compile:
-            net = torch.compile(net)
+            net = torch.compile(net, dynamic=False)
         nets[item.name] = net
         key = next((k for k, v in norms.items() if v == spec.normalization), item.name)
         norms[key] = spec.normalization
         norm_of[item.name] = key
         info[item.name] = {"dim": spec.dim, "layer": spec.layer, "weights": weights.source,
                            "sha256": weights.sha256, "pretrained": weights.pretrained}
-    return Backbones(nets, norm_of, norms, info)
+    return Backbones(nets, norm_of, norms, info, cfg.loader.batch_size if cfg.features.compile else None)
 
 
 def precision_of(cfg: RunConfig, device: str) -> str:
@@ -178,6 +184,13 @@ def _runs(chunks: list[int], augment_of_chunk: np.ndarray) -> list[list[int]]:
     return runs
 
 
+def _padded(images: torch.Tensor, size: int | None) -> torch.Tensor:
+    """A short batch filled up with zero images to ``size`` rows (None: as it is)."""
+    if size is None or len(images) >= size:
+        return images
+    return torch.cat([images, images.new_zeros((size - len(images), *images.shape[1:]))])
+
+
 @dataclass
 class _InFlight:
     """One batch's features on their way to the host. On a GPU the copies are asynchronous (into pinned memory)
@@ -191,8 +204,10 @@ class _InFlight:
     @classmethod
     def launch(cls, batch, backbones: Backbones, channels_last: bool) -> "_InFlight":
         layout = torch.channels_last if channels_last else torch.contiguous_format
-        images = {key: tensor.contiguous(memory_format=layout) for key, tensor in batch.images.items()}  # once each
-        host = {name: net(images[backbones.norm_of[name]]).float().to("cpu", non_blocking=True)
+        rows = len(batch.positions)
+        images = {key: _padded(tensor, backbones.batch_size).contiguous(memory_format=layout)  # once each
+                  for key, tensor in batch.images.items()}
+        host = {name: net(images[backbones.norm_of[name]])[:rows].float().to("cpu", non_blocking=True)
                 for name, net in backbones.nets.items()}
         done = None
         if next(iter(batch.images.values())).is_cuda:
@@ -218,12 +233,14 @@ def _pass_table(manifest: Manifest, index: dict[str, int], real: pd.DataFrame, s
 
 def extract(manifest: Manifest, store_path: Path, cfg: RunConfig,
             progress: Callable[[int], None] | None = None,
-            on_total: Callable[[int], None] | None = None) -> ExtractSummary:
-    """Fill every chunk of the store that is not done; returns counts and failures."""
+            on_total: Callable[[int], None] | None = None,
+            backbones: Backbones | None = None) -> ExtractSummary:
+    """Fill every chunk of the store that is not done; returns counts and failures. ``backbones``: networks
+    already loaded by ``load_backbones`` with this ``cfg`` (default: loaded here)."""
     device = resolve_device(cfg.loader.device)
     if device == "cpu":
         torch.set_num_threads(usable_cores())
-    backbones = load_backbones(cfg, "cuda" if device == "gpu" else "cpu")
+    backbones = backbones or load_backbones(cfg, "cuda" if device == "gpu" else "cpu")
     identity = store_identity(cfg, backbones)
     store, appended = open_or_extend(store_path, manifest, cfg, identity, device)
     rows = store.rows()
