@@ -29,6 +29,10 @@ class Backend:
     svc_options: dict
     forest_options: dict
 
+    def pca_options(self, seed: int) -> dict:
+        """cuML's PCA has no random_state (its solvers are deterministic); scikit-learn's takes one."""
+        return {"random_state": seed} if self.name == "sklearn" else {}
+
     def asarray(self, values) -> Any:
         return self.xp.asarray(values, dtype=self.xp.float32)
 

@@ -82,7 +82,7 @@ class FeatureStackingClassifier(ClassifierMixin, BaseEstimator):
         """Row z-score and PCA, outputs side by side; ``fit`` fits the PCAs on X first."""
         inputs = self._zscored(be, X)
         if fit:
-            self._fit_pcas([be.PCA(n_components=n, random_state=self.seed).fit(block)
+            self._fit_pcas([be.PCA(n_components=n, **be.pca_options(self.seed)).fit(block)
                                 for n, block in zip(self.pca_fit_components(X.shape[0]), inputs)])
         out = [pca.transform(block)[:, :kept] for pca, kept, block in zip(self.pcas_, self.kept_, inputs)]
         return be.xp.concatenate(out, axis=1).astype(be.xp.float32)
