@@ -75,14 +75,16 @@ def machine_info() -> dict:
 
 
 def git_commit(path: Path | None = None) -> str | None:
-    """The commit of the aml-rapids checkout, when it runs from one; else ``AML_RAPIDS_COMMIT`` (for a copy of
-    the tree without its .git, as on a borrowed GPU machine)."""
+    """``AML_RAPIDS_COMMIT`` when set (a copy of the tree whose .git is missing or stale, as on a borrowed GPU
+    machine), else the commit of the aml-rapids checkout it runs from."""
+    if os.environ.get("AML_RAPIDS_COMMIT"):
+        return os.environ["AML_RAPIDS_COMMIT"]
     here = path or Path(__file__).resolve().parent
     try:
         out = subprocess.run(["git", "-C", str(here), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
     except (OSError, subprocess.SubprocessError):
-        out = None
-    return (out.stdout.strip() if out else "") or os.environ.get("AML_RAPIDS_COMMIT") or None
+        return None
+    return out.stdout.strip() or None
 
 
 def run_record(stage: str, config: RunConfig, **details) -> dict:

@@ -5,7 +5,8 @@ predict, for every available backend in the same run; scikit-learn on this machi
 scikit-learn's RBF SVM grows quadratically with rows, so on a GPU machine the baseline may be measured on fewer
 rows (``baseline_rows``) than cuML; ratios only compare the two at the same row count. The features are drawn
 so that classes overlap (held-out accuracy well below 1), and both backends' models, fitted on the same rows,
-predict the same held-out rows: the share on which they agree is recorded."""
+predict the same held-out rows: the share on which they agree is recorded, next to the share on which two
+scikit-learn models differing only in their seed agree (what agreement to expect from equivalent models)."""
 
 from __future__ import annotations
 
@@ -78,13 +79,17 @@ def run(rows: int, pca: int, baseline_rows: int | None = None, folds: tuple[int,
                             "heldout_accuracy": accuracy})
     baseline = {(r["variant"].split(" ", 1)[1], r["train_rows"]): r["items_per_s"] for r in results
                 if r["variant"].startswith("sklearn")}
-    agree = {}
+    # The control: how often two scikit-learn models that differ only in their seed agree on the same rows.
+    other_seed = FeatureStackingClassifier(block_dims=DIMS, pca_components=pca, folds=folds[0], seed=1,
+                                           backend="sklearn").fit(X[:baseline_rows], y[:baseline_rows])
+    agree = {"heldout_agreement_sklearn_seed_0_vs_1": float(np.mean(other_seed.predict(X_test)
+                                                                    == predictions["sklearn", baseline_rows]))}
     if ("cuml", baseline_rows) in predictions:
-        agree = {"heldout_agreement_with_sklearn": float(np.mean(predictions["cuml", baseline_rows]
-                                                                 == predictions["sklearn", baseline_rows]))}
+        agree["heldout_agreement_with_sklearn"] = float(np.mean(predictions["cuml", baseline_rows]
+                                                                == predictions["sklearn", baseline_rows]))
     for r in results:
         base = baseline.get((r["variant"].split(" ", 1)[1], r["train_rows"]))
         r["x_naive"] = r["items_per_s"] / base if base else None
-        if r["variant"].startswith("cuml") and r["train_rows"] == baseline_rows:
+        if r["train_rows"] == baseline_rows:
             r.update(agree)
     return results

@@ -36,15 +36,17 @@ def _ratio(value) -> str:
 
 
 def markdown(rows: list[dict]) -> str:
-    lines = ["| machine | stage | variant | n (cells or rows) | per s | x naive | x naive-full | of floor "
-             "| run (UTC), commit |",
-             "|---|---|---|---:|---:|---:|---:|---:|---|"]
+    lines = ["| machine | stage | variant | n (cells or rows) | seconds | per s | x naive | x naive-full | of floor "
+             "| warm-up (s for n) | run (UTC), commit |",
+             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in rows:
         commit = (r.get("git_commit") or "?")[:8]
         floor = f"{r['floor_fraction']:.1%}" if "floor_fraction" in r else ""
-        lines.append(f"| {_machine(r)} | {r['stage']} | {r['variant']} | {r['items']:,} | {r['items_per_s']:,.1f} "
-                     f"| {_ratio(r.get('x_naive'))} | {_ratio(r.get('x_naive_full'))} | {floor} "
-                     f"| {r['time_utc']}, {commit} |")
+        first = r.get("first_run_seconds")
+        warmup = "" if first is None else f"{first:.1f} for {r.get('first_run_items') or r['items']:,}"
+        lines.append(f"| {_machine(r)} | {r['stage']} | {r['variant']} | {r['items']:,} | {r['seconds_median']:.2f} "
+                     f"| {r['items_per_s']:,.1f} | {_ratio(r.get('x_naive'))} | {_ratio(r.get('x_naive_full'))} "
+                     f"| {floor} | {warmup} | {r['time_utc']}, {commit} |")
     return "\n".join(lines)
 
 

@@ -23,6 +23,9 @@ def test_the_suite_writes_well_formed_results(tmp_path):
     for row in rows:
         assert row["items_per_s"] > 0 and row["machine"]["cores"] >= 1 and "torch" in row["versions"]
     assert {r["items"] for r in by_stage["loader"]} == {256, 512}  # the naive loaders read the first 256 cells
+    for row in by_stage["classify"]:
+        assert 0 < row["heldout_accuracy"] <= 1 and 0 < row["heldout_agreement_sklearn_seed_0_vs_1"] <= 1
+    assert all(r["first_batch_seconds"] > 0 for r in by_stage["loader"])
     forward = [r for r in by_stage["extract"] if "forward" in r["variant"]]
     assert all(0 < r["floor_fraction"] and r["floor_images_per_s"] > 0 for r in forward)
     table = markdown(latest_runs(results))

@@ -26,6 +26,7 @@ from ..config import RunConfig
 from ..data.manifest import Manifest
 from ..errors import AmlRapidsError
 from ..data.scan import Problem
+from ..loader.augment import DRAWS
 from ..loader.loader import CellLoader, resolve_device, usable_cores
 from ..loader.pipeline import Normalization
 from ..provenance import machine_info, software_versions
@@ -108,7 +109,7 @@ def store_identity(cfg: RunConfig, backbones: Backbones) -> dict:
             "features_seed": cfg.features.seed,
             "preprocess": {"image_size": cfg.loader.image_size, "segmentation": cfg.segmentation.model_dump(),
                            "augment": cfg.augment.model_dump(), "oversample": cfg.oversample.model_dump(),
-                           "augment_seed": cfg.loader.seed}}
+                           "augment_seed": cfg.loader.seed, "augment_draws": DRAWS}}
 
 
 def _check_identity(store: FeatureStore, identity: dict) -> None:
