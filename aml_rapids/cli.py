@@ -176,11 +176,13 @@ def extract(
     write_run_record(manifest.parent, "extract", cfg, manifest=str(manifest), store=str(store),
                      rows_written=summary.rows_written, rows_failed=summary.rows_failed,
                      rows_skipped=summary.rows_skipped, rows_appended=summary.rows_appended,
-                     seconds=summary.seconds, images_per_s=summary.images_per_s, store_summary=totals,
+                     seconds=summary.seconds, images_per_s=summary.images_per_s, seconds_in=summary.seconds_in,
+                     store_summary=totals,
                      failures=[(p.path, p.reason) for p in summary.failures])
     console.print(f"{summary.rows_written:,} rows written, {summary.rows_skipped:,} already done (skipped), "
                   f"{summary.rows_failed:,} failed, {summary.rows_appended:,} new rows appended; "
                   f"{summary.images_per_s:,.0f} images/s over {summary.seconds:.1f} s")
+    console.print("time in: " + ", ".join(f"{part} {seconds:.1f} s" for part, seconds in summary.seconds_in.items()))
     for problem in summary.failures[:5]:
         console.print(f"  [yellow]failed[/yellow] {problem.path}: {problem.reason}", highlight=False)
     console.print(f"store: {store} ({totals['ok']:,} of {totals['rows'] - totals['padding']:,} rows ready)")

@@ -7,7 +7,7 @@ The model defaults are the published method's settings; ``configs/default.yaml``
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Literal, Union
+from typing import Annotated, Literal, Optional, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, model_validator
@@ -132,6 +132,8 @@ class ClassifyConfig(_Section):
         "per_backbone", description="a PCA per backbone (the method), or one over the backbones side by side")
     svm_c: float = Field(1.0, gt=0)
     rf_trees: int = Field(100, ge=1)
+    rf_max_depth: Optional[PositiveInt] = Field(
+        None, description="forest depth limit; none grows every tree until its leaves are pure (both backends' default)")
     folds: int = Field(5, ge=2, description="grouped folds for the meta-learner's out-of-fold inputs")
     seed: int = 0
     memory_gb: float = Field(8.0, gt=0, description="training features above this size are streamed from the "

@@ -20,6 +20,7 @@ from aml_rapids.errors import AmlRapidsError
 
 DIMS = (1280, 2048, 4096)
 HELD_OUT = 2048
+SHALLOW = 16  # a depth-limited forest, timed next to the default (cuML's default depth until 26.08)
 
 
 def synthetic_features(rows: int, classes: int = 5, seed: int = 0, spread: float = 0.04):
@@ -40,7 +41,8 @@ def _timed(fn) -> float:
 
 
 def stages(backend_name: str, X, y, X_test, y_test, pca: int, folds: list[int]):
-    """Seconds per step, the held-out accuracy and the held-out predictions of the model fitted first."""
+    """Seconds per step, each stacking fit's breakdown, the held-out accuracy and predictions of the model
+    fitted first."""
     be = get_backend(backend_name)
     model = FeatureStackingClassifier(block_dims=DIMS, pca_components=pca, backend=backend_name)
     codes = be.xp.asarray(np.unique(y, return_inverse=True)[1].astype(np.int32))
@@ -49,16 +51,20 @@ def stages(backend_name: str, X, y, X_test, y_test, pca: int, folds: list[int]):
     svm, forest = model._base_learners(be)
     out["svm fit"] = _timed(lambda: svm.fit(Z, codes))
     out["rf fit"] = _timed(lambda: forest.fit(Z, codes))
-    del Z, svm, forest
-    predicted = None
+    shallow = FeatureStackingClassifier(rf_max_depth=SHALLOW, backend=backend_name)._base_learners(be)[1]
+    out[f"rf fit (max_depth {SHALLOW})"] = _timed(lambda: shallow.fit(Z, codes))
+    del Z, svm, forest, shallow
+    predicted, breakdown = None, {}
     for k in folds:
         fitted = FeatureStackingClassifier(block_dims=DIMS, pca_components=pca, folds=k, backend=backend_name)
-        out[f"stacking fit (all, {k} folds)"] = _timed(lambda: fitted.fit(X, y))
+        name = f"stacking fit (all, {k} folds)"
+        out[name] = _timed(lambda: fitted.fit(X, y))
+        breakdown[name] = fitted.fit_seconds_
         if predicted is None:
             holder = []
             out["predict"] = _timed(lambda: holder.append(fitted.predict(X_test)))
             predicted = holder[0]
-    return out, float(np.mean(predicted == y_test)), predicted
+    return out, breakdown, float(np.mean(predicted == y_test)), predicted
 
 
 def run(rows: int, pca: int, baseline_rows: int | None = None, folds: tuple[int, ...] = (5,)) -> list[dict]:
@@ -69,14 +75,16 @@ def run(rows: int, pca: int, baseline_rows: int | None = None, folds: tuple[int,
     results, predictions = [], {}
     for name, n in plan:
         try:
-            timings, accuracy, predictions[name, n] = stages(name, X[:n], y[:n], X_test, y_test, pca, list(folds))
+            timings, breakdown, accuracy, predictions[name, n] = stages(name, X[:n], y[:n], X_test, y_test, pca,
+                                                                        list(folds))
         except AmlRapidsError:
             continue  # cuML is not installed here
         for stage, seconds in timings.items():
             items = len(X_test) if stage == "predict" else n
             results.append({"variant": f"{name} {stage}", "items": items, "train_rows": n, "seconds_median": seconds,
                             "seconds": [seconds], "items_per_s": items / seconds, "warmup": False,
-                            "heldout_accuracy": accuracy})
+                            "heldout_accuracy": accuracy, **({"breakdown": breakdown[stage]} if stage in breakdown
+                                                              else {})})
     baseline = {(r["variant"].split(" ", 1)[1], r["train_rows"]): r["items_per_s"] for r in results
                 if r["variant"].startswith("sklearn")}
     # The control: how often two scikit-learn models that differ only in their seed agree on the same rows.

@@ -4,6 +4,7 @@ pipeline (PIL + DataLoader + fp32 NCHW batch 32 -> NumPy arrays), same images, s
 Networks are built once per variant, outside the timing, as a long run or a worker holding them would. The
 warm-up extracts the first ``WARMUP_CELLS`` cells (pipeline build, cuDNN autotuning, and on a GPU the
 ``torch.compile`` of the compiled variant): its wall time is reported separately as ``first_run_seconds``.
+Each aml-rapids row keeps the last timed run's breakdown (``ExtractSummary.seconds_in``).
 """
 
 from __future__ import annotations
@@ -46,13 +47,20 @@ def naive_extract(manifest: Manifest, nets: dict[str, torch.nn.Module], size: in
     return len(np.concatenate(next(iter(out.values()))))
 
 
-def aml_extract(manifest: Manifest, cfg: RunConfig, prepared: Backbones) -> int:
-    store = Path(tempfile.mkdtemp()) / "bench.zarr"
-    try:
-        summary = extract(manifest, store, cfg, backbones=prepared)
-    finally:
-        shutil.rmtree(store.parent, ignore_errors=True)
-    return summary.rows_written
+class AmlExtract:
+    """One extraction into a fresh store, returning the rows written; keeps the last run's time breakdown."""
+
+    def __init__(self, cfg: RunConfig, prepared: Backbones):
+        self.cfg, self.prepared, self.seconds_in = cfg, prepared, {}
+
+    def __call__(self, manifest: Manifest) -> int:
+        store = Path(tempfile.mkdtemp()) / "bench.zarr"
+        try:
+            summary = extract(manifest, store, self.cfg, backbones=self.prepared)
+        finally:
+            shutil.rmtree(store.parent, ignore_errors=True)
+        self.seconds_in = summary.seconds_in
+        return summary.rows_written
 
 
 def run(manifest: Manifest, naive_manifest: Manifest, device: str, repeats: int, batch_size: int,
@@ -67,11 +75,12 @@ def run(manifest: Manifest, naive_manifest: Manifest, device: str, repeats: int,
     modes = {"eager": False, "torch.compile": True} if device == "gpu" else {"eager": False}
     for mode, compiled in modes.items():
         cfg = bench_config(backbones, device, batch_size, compiled=compiled)
-        prepared = load_backbones(cfg, where)
-        rows.append({"variant": f"aml-rapids {device} -> Zarr, HSV mask, {mode}",
-                     **throughput(lambda: aml_extract(manifest, cfg, prepared), repeats, warmup,
-                                  lambda: aml_extract(head(manifest, WARMUP_CELLS), cfg, prepared))})
-        del prepared
+        run_once = AmlExtract(cfg, load_backbones(cfg, where))
+        timing = throughput(lambda: run_once(manifest), repeats, warmup,
+                            lambda: run_once(head(manifest, WARMUP_CELLS)))
+        rows.append({"variant": f"aml-rapids {device} -> Zarr, HSV mask, {mode}", **timing,
+                     "breakdown": run_once.seconds_in})
+        del run_once
     for row in rows:
         row["x_naive"] = row["items_per_s"] / rows[0]["items_per_s"]
     return rows + backbone_rows(backbones, device, batch_size, repeats) + store_rows(manifest, backbones, repeats)

@@ -49,6 +49,6 @@ wait "$drawing" || { echo "drawing the synthetic cells failed:"; cat "$logs/synt
 echo "synthetic cells ready: ${SECONDS}s"
 timeout "${SUITE_S:-400}" python3 -m benchmarks suite --device gpu --count "$count" --cache "$cache" \
   --naive-count "${NAIVE_COUNT:-4096}" --repeats "${REPEATS:-1}" --rows "${ROWS:-56850}" \
-  --baseline-rows "${BASELINE_ROWS:-4096}" --folds "${FOLDS:-5,2}" --results "$results" "$@" 2>&1 | tee "$logs/suite.log"
+  --baseline-rows "${BASELINE_ROWS:-4096}" --folds "${FOLDS:-5}" --results "$results" "$@" 2>&1 | tee "$logs/suite.log"
 echo "suite: ${SECONDS}s"
 python3 -m benchmarks.report --results "$results" | tee "$logs/table.md"

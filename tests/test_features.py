@@ -22,7 +22,7 @@ from aml_rapids.data.splits import make_split
 from aml_rapids.data.synthetic import write_demo_dataset
 from aml_rapids.errors import AmlRapidsError
 from aml_rapids.features.backbones import REGISTRY
-from aml_rapids.features.extract import extract, load_backbones
+from aml_rapids.features.extract import TIME_PARTS, extract, load_backbones
 from aml_rapids.features.plan import STATUS_FAILED, STATUS_OK, STATUS_PADDING
 from aml_rapids.features.store import FeatureStore, StoreError
 from aml_rapids.features.weights import WeightsError, load_backbone
@@ -121,6 +121,8 @@ def test_store_layout_readable_without_aml_rapids(tmp_path):
     manifest = demo_manifest(tmp_path / "data")
     summary = extract(manifest, tmp_path / "s.zarr", cfg())
     assert summary.rows_written == 90 and summary.rows_failed == 0
+    assert tuple(summary.seconds_in) == TIME_PARTS and min(summary.seconds_in.values()) >= 0
+    assert 0 < sum(summary.seconds_in.values()) <= summary.seconds
     group = zarr.open_group(str(tmp_path / "s.zarr"), mode="r")
     status = group["rows/status"][:]
     feats = da.from_zarr(str(tmp_path / "s.zarr"), component="features/tiny").compute()

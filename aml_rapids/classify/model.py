@@ -10,7 +10,9 @@ probabilities; both backends compute them the same way.
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import time
 
 import numpy as np
 from sklearn.base import BaseEstimator, ClassifierMixin
@@ -27,6 +29,33 @@ def row_zscore(xp, block):
     return (block - mean) / xp.where(std > 0, std, 1)
 
 
+class _StepTimer:
+    """Wall seconds per named step, summed; the device is synchronised at each step's end, so a step's GPU
+    work is counted in that step and not the next."""
+
+    def __init__(self, be: Backend, totals: dict[str, float] | None = None):
+        self.be, self.totals, self.seconds = be, totals if totals is not None else {}, 0.0
+
+    def _sync(self) -> None:
+        if self.be.name == "cuml":
+            self.be.xp.cuda.get_current_stream().synchronize()
+
+    def __enter__(self) -> "_StepTimer":
+        self._sync()
+        self._start = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._sync()
+        self.seconds = time.perf_counter() - self._start
+
+    @contextlib.contextmanager
+    def step(self, name: str):
+        with self:
+            yield
+        self.totals[name] = self.totals.get(name, 0.0) + self.seconds
+
+
 class FeatureStackingClassifier(ClassifierMixin, BaseEstimator):
     """``X`` is the backbones' features side by side; ``block_dims`` says where each backbone's columns are.
 
@@ -35,12 +64,13 @@ class FeatureStackingClassifier(ClassifierMixin, BaseEstimator):
     ``concatenated`` (z-scored backbones side by side, then one PCA)."""
 
     def __init__(self, block_dims=(1280,), pca_components=128, pca_mode="per_backbone", svm_c=1.0, rf_trees=100,
-                 folds=5, seed=0, backend="auto"):
+                 rf_max_depth=None, folds=5, seed=0, backend="auto"):
         self.block_dims = block_dims
         self.pca_components = pca_components
         self.pca_mode = pca_mode
         self.svm_c = svm_c
         self.rf_trees = rf_trees
+        self.rf_max_depth = rf_max_depth
         self.folds = folds
         self.seed = seed
         self.backend = backend
@@ -89,7 +119,8 @@ class FeatureStackingClassifier(ClassifierMixin, BaseEstimator):
 
     def _base_learners(self, be: Backend):
         return (be.SVC(kernel="rbf", C=self.svm_c, gamma="scale", **be.svc_options),
-                be.RandomForestClassifier(n_estimators=self.rf_trees, random_state=self.seed, **be.forest_options))
+                be.RandomForestClassifier(n_estimators=self.rf_trees, max_depth=self.rf_max_depth,
+                                          random_state=self.seed, **be.forest_options))
 
     def _base_outputs(self, be: Backend, svm, forest, Z):
         """SVM scores and forest probabilities, one column per class of the whole training set, even when a
@@ -107,7 +138,9 @@ class FeatureStackingClassifier(ClassifierMixin, BaseEstimator):
 
     def fit(self, X, y, groups=None):
         be = self._backend()
-        return self._fit_reduced(be, self._reduce(be, X, fit=True), y, groups)
+        with _StepTimer(be) as timer:
+            Z = self._reduce(be, X, fit=True)
+        return self._fit_reduced(be, Z, y, groups, {"zscore+pca": timer.seconds})
 
     def fit_streaming(self, blocks, y, groups=None):
         """The same model from features too large for memory: ``blocks()`` yields the rows of X in order, a
@@ -115,15 +148,17 @@ class FeatureStackingClassifier(ClassifierMixin, BaseEstimator):
         PCAs are fitted incrementally (IncrementalPCA), so only the reduced features are ever held whole."""
         be = self._backend()
         pcas = [be.IncrementalPCA(n_components=n) for n in self.pca_fit_components(len(y))]
-        for X in blocks():
-            for pca, block in zip(pcas, self._zscored(be, X)):
-                pca.partial_fit(block)
-        self._fit_pcas(pcas)
-        Z = be.xp.concatenate([self._reduce(be, X, fit=False) for X in blocks()])
-        return self._fit_reduced(be, Z, y, groups)
+        with _StepTimer(be) as timer:
+            for X in blocks():
+                for pca, block in zip(pcas, self._zscored(be, X)):
+                    pca.partial_fit(block)
+            self._fit_pcas(pcas)
+            Z = be.xp.concatenate([self._reduce(be, X, fit=False) for X in blocks()])
+        return self._fit_reduced(be, Z, y, groups, {"zscore+pca": timer.seconds})
 
-    def _fit_reduced(self, be: Backend, Z, y, groups):
-        """Base learners on out-of-fold groups, the meta-learner on their outputs, then the base learners on all."""
+    def _fit_reduced(self, be: Backend, Z, y, groups, seconds: dict[str, float]):
+        """Base learners on out-of-fold groups, the meta-learner on their outputs, then the base learners on all.
+        ``fit_seconds_`` keeps where the time went, summed over folds (the device synchronised at each step)."""
         y = np.asarray(y)
         self.classes_, codes = np.unique(y, return_inverse=True)
         if len(self.classes_) < 2:
@@ -134,19 +169,27 @@ class FeatureStackingClassifier(ClassifierMixin, BaseEstimator):
         labels = be.xp.asarray(codes.astype(np.int32))
         folds = StratifiedGroupKFold(n_splits=self.folds, shuffle=True, random_state=self.seed)
         self.oof_ = None
+        timer = _StepTimer(be, seconds)
         for train_idx, held_idx in folds.split(np.zeros(len(y)), codes, groups):
             train_idx, held_idx = be.xp.asarray(train_idx), be.xp.asarray(held_idx)
             svm, forest = self._base_learners(be)
-            svm.fit(Z[train_idx], labels[train_idx])
-            forest.fit(Z[train_idx], labels[train_idx])
-            outputs = self._base_outputs(be, svm, forest, Z[held_idx])
+            with timer.step("fold svm fit"):
+                svm.fit(Z[train_idx], labels[train_idx])
+            with timer.step("fold rf fit"):
+                forest.fit(Z[train_idx], labels[train_idx])
+            with timer.step("fold outputs"):
+                outputs = self._base_outputs(be, svm, forest, Z[held_idx])
             if self.oof_ is None:
                 self.oof_ = be.xp.zeros((len(y), outputs.shape[1]), dtype=be.xp.float32)
             self.oof_[held_idx] = outputs
-        self.meta_ = be.LogisticRegression(max_iter=2000).fit(self.oof_, labels)
+        with timer.step("meta fit"):
+            self.meta_ = be.LogisticRegression(max_iter=2000).fit(self.oof_, labels)
         self.svm_, self.forest_ = self._base_learners(be)
-        self.svm_.fit(Z, labels)
-        self.forest_.fit(Z, labels)
+        with timer.step("svm refit"):
+            self.svm_.fit(Z, labels)
+        with timer.step("rf refit"):
+            self.forest_.fit(Z, labels)
+        self.fit_seconds_ = timer.totals
         self.backend_ = be.name
         return self
 

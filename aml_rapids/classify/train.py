@@ -33,7 +33,8 @@ def describe_features(store: FeatureStore, backbones: list[str]) -> dict:
 def new_model(block_dims: tuple[int, ...], cfg: RunConfig) -> FeatureStackingClassifier:
     c = cfg.classify
     return FeatureStackingClassifier(block_dims=block_dims, pca_components=c.pca_components, pca_mode=c.pca_mode,
-                                     svm_c=c.svm_c, rf_trees=c.rf_trees, folds=c.folds, seed=c.seed,
+                                     svm_c=c.svm_c, rf_trees=c.rf_trees, rf_max_depth=c.rf_max_depth,
+                                     folds=c.folds, seed=c.seed,
                                      backend=c.backend)
 
 

@@ -11,6 +11,7 @@ copy nor the write stalls the device.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import time
 from collections.abc import Callable
@@ -37,6 +38,10 @@ from .weights import load_backbone
 from .writer import ChunkWriter
 
 AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
+# Where an extraction's wall time goes, as the host sees it: waiting for the loader's next batch, launching the
+# networks (all of their compute on a CPU; on a GPU, queueing), waiting for the device to finish a batch,
+# converting and handing features to the writer (blocks while its queue is full), the last writes at the end.
+TIME_PARTS = ("loader wait", "launch", "device wait", "host + hand-off", "final writes")
 
 
 @dataclass
@@ -48,6 +53,7 @@ class ExtractSummary:
     chunks_written: int = 0
     seconds: float = 0.0
     failures: list[Problem] = field(default_factory=list)
+    seconds_in: dict[str, float] = field(default_factory=lambda: dict.fromkeys(TIME_PARTS, 0.0))
 
     @property
     def images_per_s(self) -> float:
@@ -222,6 +228,26 @@ class _InFlight:
         return self.host
 
 
+@contextlib.contextmanager
+def _span(totals: dict[str, float], part: str):
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        totals[part] += time.perf_counter() - start
+
+
+def _timed_batches(loader, totals: dict[str, float]):
+    """The loader's batches, the time spent waiting for each added to ``totals``."""
+    batches = iter(loader)
+    while True:
+        with _span(totals, "loader wait"):
+            batch = next(batches, None)
+        if batch is None:
+            return
+        yield batch
+
+
 def _pass_table(manifest: Manifest, index: dict[str, int], real: pd.DataFrame, store_path: Path) -> pd.DataFrame:
     """The manifest rows of one loader pass, in store order, with their augmentation index."""
     unknown = [c for c in real["cell_id"] if c not in index]
@@ -284,16 +310,20 @@ def extract(manifest: Manifest, store_path: Path, cfg: RunConfig,
                     progress(len(positions))
 
             def land(flight: _InFlight) -> None:
-                feats = {name: _storable(values.numpy(), name, cfg.features.store_dtype)
-                         for name, values in flight.wait().items()}
-                delivered[flight.positions] = True
-                summary.rows_written += len(flight.positions)
-                deliver(flight.positions, feats)
+                with _span(summary.seconds_in, "device wait"):
+                    host = flight.wait()
+                with _span(summary.seconds_in, "host + hand-off"):
+                    feats = {name: _storable(values.numpy(), name, cfg.features.store_dtype)
+                             for name, values in host.items()}
+                    delivered[flight.positions] = True
+                    summary.rows_written += len(flight.positions)
+                    deliver(flight.positions, feats)
 
             previous = None
             with torch.inference_mode(), autocast:
-                for batch in loader:
-                    current = _InFlight.launch(batch, backbones, cfg.features.channels_last)
+                for batch in _timed_batches(loader, summary.seconds_in):
+                    with _span(summary.seconds_in, "launch"):
+                        current = _InFlight.launch(batch, backbones, cfg.features.channels_last)
                     if previous is not None:
                         land(previous)  # while the device computes ``current``
                     previous = current
@@ -304,5 +334,7 @@ def extract(manifest: Manifest, store_path: Path, cfg: RunConfig,
             if len(missing):
                 summary.rows_failed += len(missing)
                 deliver(missing, None)
+        drain = time.perf_counter()
+    summary.seconds_in["final writes"] = time.perf_counter() - drain
     summary.seconds = time.perf_counter() - start
     return summary
