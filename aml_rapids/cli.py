@@ -206,6 +206,7 @@ def train(
     write_run_record(out, "train", cfg, model=info)
     console.print(f"trained on {info['training_rows']:,} rows ({info['backend']}), classes {info['classes']}; "
                   f"model: {out}")
+    console.print("time in: " + ", ".join(f"{step} {seconds:.1f} s" for step, seconds in info["fit_seconds"].items()))
 
 
 @app.command()

@@ -118,6 +118,7 @@ def test_train_and_evaluate_commands_on_a_synthetic_store(tmp_path):
     result = runner.invoke(app, ["evaluate", str(run / "model"), str(run / "features.zarr"), "--split", "train"])
     assert result.exit_code == 1 and "fitted on" in result.output
     info = json.loads((run / "model" / "model.json").read_text())
+    assert {"fold svm fit", "meta fit", "rf refit"} <= set(info["fit_seconds"])
     (run / "model" / "model.json").write_text(json.dumps({**info, "aml_rapids": "0.0.1"}))
     result = runner.invoke(app, ["evaluate", str(run / "model"), str(run / "features.zarr")])
     assert result.exit_code == 1 and "retrain" in result.output

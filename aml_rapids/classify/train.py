@@ -62,6 +62,7 @@ def train(store_path: Path, cfg: RunConfig, out: Path, backbones: list[str] | No
     info = {"aml_rapids": __version__, "backend": model.backend_, "portable": _save_portable(model, out),
             "classes": [str(k) for k in model.classes_], "training_rows": len(rows),
             "reduction": "incremental PCA, streamed from the store" if streamed else "PCA in memory",
+            "fit_seconds": model.fit_seconds_,
             "store": str(store_path), **describe_features(store, backbones),
             "config": cfg.classify.model_dump(), "extract_config": store.meta.get("config")}
     (out / INFO_FILE).write_text(json.dumps(info, indent=2))
