@@ -16,7 +16,7 @@ from aml_rapids.data.manifest import Manifest, build_manifest
 from aml_rapids.loader.loader import resolve_device
 
 from . import classify_bench, extract_bench, loader_bench
-from .harness import RESULTS, append_results, synthetic_manifest
+from .harness import RESULTS, append_results, head, synthetic_manifest
 
 STAGES = ("loader", "extract", "classify")
 
@@ -44,13 +44,10 @@ def _parser() -> argparse.ArgumentParser:
 def _cells(args) -> tuple[Manifest, Manifest]:
     """The cells to read, and the first ``--naive-count`` of them for the naive baselines."""
     if args.data:
-        manifest = build_manifest(args.data, IndexConfig(verify_decode=False)).manifest
-        manifest.table = manifest.table.iloc[:args.count].reset_index(drop=True)
+        manifest = head(build_manifest(args.data, IndexConfig(verify_decode=False)).manifest, args.count)
     else:
         manifest = synthetic_manifest(args.count, args.cache)
-    naive = Manifest(manifest.table.iloc[:args.naive_count or len(manifest.table)].reset_index(drop=True),
-                     manifest.root, manifest.meta)
-    return manifest, naive
+    return manifest, head(manifest, args.naive_count)
 
 
 def run_stage(stage: str, args, cells: tuple[Manifest, Manifest] | None) -> None:

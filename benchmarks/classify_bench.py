@@ -34,10 +34,23 @@ def synthetic_features(rows: int, classes: int = 5, seed: int = 0, spread: float
     return X, labels.astype(str)
 
 
-def _timed(fn) -> float:
+def _timed(fn):
+    """Seconds ``fn()`` took, and what it returned."""
     start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
+    result = fn()
+    return time.perf_counter() - start, result
+
+
+def _step_seconds(be, model: FeatureStackingClassifier, X, codes) -> dict[str, float]:
+    """Each step alone: row z-score + PCA, SVM fit, forest fit, and a depth-limited forest fit."""
+    out = {"zscore+pca": _timed(lambda: model._reduce(be, X, fit=True))[0]}
+    Z = model._reduce(be, X, fit=False)
+    svm, forest = model._base_learners(be)
+    shallow = FeatureStackingClassifier(rf_max_depth=SHALLOW, backend=model.backend)._base_learners(be)[1]
+    out["svm fit"] = _timed(lambda: svm.fit(Z, codes))[0]
+    out["rf fit"] = _timed(lambda: forest.fit(Z, codes))[0]
+    out[f"rf fit (max_depth {SHALLOW})"] = _timed(lambda: shallow.fit(Z, codes))[0]
+    return out
 
 
 def stages(backend_name: str, X, y, X_test, y_test, pca: int, folds: list[int]):
@@ -46,24 +59,15 @@ def stages(backend_name: str, X, y, X_test, y_test, pca: int, folds: list[int]):
     be = get_backend(backend_name)
     model = FeatureStackingClassifier(block_dims=DIMS, pca_components=pca, backend=backend_name)
     codes = be.xp.asarray(np.unique(y, return_inverse=True)[1].astype(np.int32))
-    out = {"zscore+pca": _timed(lambda: model._reduce(be, X, fit=True))}
-    Z = model._reduce(be, X, fit=False)
-    svm, forest = model._base_learners(be)
-    out["svm fit"] = _timed(lambda: svm.fit(Z, codes))
-    out["rf fit"] = _timed(lambda: forest.fit(Z, codes))
-    shallow = FeatureStackingClassifier(rf_max_depth=SHALLOW, backend=backend_name)._base_learners(be)[1]
-    out[f"rf fit (max_depth {SHALLOW})"] = _timed(lambda: shallow.fit(Z, codes))
-    del Z, svm, forest, shallow
+    out = _step_seconds(be, model, X, codes)
     predicted, breakdown = None, {}
     for k in folds:
         fitted = FeatureStackingClassifier(block_dims=DIMS, pca_components=pca, folds=k, backend=backend_name)
         name = f"stacking fit (all, {k} folds)"
-        out[name] = _timed(lambda: fitted.fit(X, y))
+        out[name] = _timed(lambda: fitted.fit(X, y))[0]
         breakdown[name] = fitted.fit_seconds_
         if predicted is None:
-            holder = []
-            out["predict"] = _timed(lambda: holder.append(fitted.predict(X_test)))
-            predicted = holder[0]
+            out["predict"], predicted = _timed(lambda: fitted.predict(X_test))
     return out, breakdown, float(np.mean(predicted == y_test)), predicted
 
 

@@ -24,14 +24,10 @@ from aml_rapids.features.weights import load_backbone
 from aml_rapids.loader.loader import usable_cores
 
 from .extract_parts import backbone_rows, bench_config, store_rows
-from .harness import throughput
+from .harness import head, throughput
 from .loader_bench import NaiveCells
 
 WARMUP_CELLS = 4096
-
-
-def head(manifest: Manifest, count: int) -> Manifest:
-    return Manifest(manifest.table.iloc[:count].reset_index(drop=True), manifest.root, manifest.meta)
 
 
 def naive_extract(manifest: Manifest, nets: dict[str, torch.nn.Module], size: int) -> int:
@@ -63,24 +59,29 @@ class AmlExtract:
         return summary.rows_written
 
 
+def _naive_row(manifest: Manifest, backbones: list[str], where: str, repeats: int, warmup: bool) -> dict:
+    size = load_config().loader.image_size
+    nets = {name: load_backbone(name, "none")[0].to(where).eval() for name in backbones}
+    return {"variant": f"naive (PIL+DataLoader, fp32 NCHW b32 -> NumPy) {'+'.join(backbones)}",
+            **throughput(lambda: naive_extract(manifest, nets, size), repeats, warmup,
+                         lambda: naive_extract(head(manifest, WARMUP_CELLS), nets, size))}
+
+
+def _aml_row(manifest: Manifest, cfg: RunConfig, where: str, repeats: int, warmup: bool) -> dict:
+    run_once = AmlExtract(cfg, load_backbones(cfg, where))
+    timing = throughput(lambda: run_once(manifest), repeats, warmup, lambda: run_once(head(manifest, WARMUP_CELLS)))
+    mode = "torch.compile" if cfg.features.compile else "eager"
+    return {"variant": f"aml-rapids {cfg.loader.device} -> Zarr, HSV mask, {mode}", **timing,
+            "breakdown": run_once.seconds_in}
+
+
 def run(manifest: Manifest, naive_manifest: Manifest, device: str, repeats: int, batch_size: int,
         backbones: list[str], warmup: bool) -> list[dict]:
-    size = load_config().loader.image_size
     where = "cuda" if device == "gpu" else "cpu"
-    naive_nets = {name: load_backbone(name, "none")[0].to(where).eval() for name in backbones}
-    rows = [{"variant": f"naive (PIL+DataLoader, fp32 NCHW b32 -> NumPy) {'+'.join(backbones)}",
-             **throughput(lambda: naive_extract(naive_manifest, naive_nets, size), repeats, warmup,
-                          lambda: naive_extract(head(naive_manifest, WARMUP_CELLS), naive_nets, size))}]
-    del naive_nets
-    modes = {"eager": False, "torch.compile": True} if device == "gpu" else {"eager": False}
-    for mode, compiled in modes.items():
-        cfg = bench_config(backbones, device, batch_size, compiled=compiled)
-        run_once = AmlExtract(cfg, load_backbones(cfg, where))
-        timing = throughput(lambda: run_once(manifest), repeats, warmup,
-                            lambda: run_once(head(manifest, WARMUP_CELLS)))
-        rows.append({"variant": f"aml-rapids {device} -> Zarr, HSV mask, {mode}", **timing,
-                     "breakdown": run_once.seconds_in})
-        del run_once
+    rows = [_naive_row(naive_manifest, backbones, where, repeats, warmup)]
+    for compiled in ((False, True) if device == "gpu" else (False,)):
+        rows.append(_aml_row(manifest, bench_config(backbones, device, batch_size, compiled=compiled), where,
+                             repeats, warmup))
     for row in rows:
         row["x_naive"] = row["items_per_s"] / rows[0]["items_per_s"]
     return rows + backbone_rows(backbones, device, batch_size, repeats) + store_rows(manifest, backbones, repeats)

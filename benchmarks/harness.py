@@ -17,6 +17,11 @@ from aml_rapids.provenance import git_commit, machine_info, software_versions
 RESULTS = Path(__file__).resolve().parent / "results" / "results.jsonl"
 
 
+def head(manifest: Manifest, count: int | None) -> Manifest:
+    """The manifest's first ``count`` cells (all when None)."""
+    return Manifest(manifest.table.iloc[:count].reset_index(drop=True), manifest.root, manifest.meta)
+
+
 def synthetic_manifest(count: int, cache: Path) -> Manifest:
     """At least ``count`` synthetic 144x144 TIFF cells, drawn and indexed once per cache folder."""
     per_patient = 50
@@ -30,8 +35,7 @@ def synthetic_manifest(count: int, cache: Path) -> Manifest:
             write_demo_dataset(folder, patients, per_patient, workers=usable_cores())
         manifest = build_manifest(folder, IndexConfig(verify_decode=False)).manifest
         write_manifest(manifest, indexed)
-    manifest.table = manifest.table.iloc[:count].reset_index(drop=True)
-    return manifest
+    return head(manifest, count)
 
 
 def throughput(run: Callable[[], int], repeats: int, warmup: bool = True,

@@ -110,6 +110,9 @@ def test_train_and_evaluate_commands_on_a_synthetic_store(tmp_path):
     assert len(cells) == 20 and len(patients) == 5 and set(patients["n_cells"]) == {4}
     prob = cells.filter(like="p_")
     assert prob.shape[1] == 5 and np.allclose(prob.sum(axis=1), 1, atol=1e-4)
+    by_hand = cells.groupby("patient")[list(prob.columns)].mean()
+    assert np.allclose(patients.set_index("patient")[list(prob.columns)].loc[by_hand.index], by_hand)
+    assert (patients["predicted"] == patients[list(prob.columns)].idxmax(axis=1).str[2:]).all()
     from_store = runner.invoke(app, ["predict", str(run / "model"), str(tmp_path / "pred" / "features.zarr"),
                                      "-o", str(tmp_path / "pred2")])
     assert from_store.exit_code == 0, from_store.output
@@ -179,7 +182,7 @@ def test_a_gpu_model_loads_on_a_cpu_through_its_scikit_learn_twin(tmp_path):
     gpu = FeatureStackingClassifier(**fitted.get_params())
     gpu.__dict__.update(fitted.__dict__, backend_="cuml", pcas_=[_FakeCuml(p) for p in fitted.pcas_],
                         svm_=_FakeCuml(fitted.svm_), forest_=_FakeCuml(fitted.forest_), meta_=_FakeCuml(fitted.meta_))
-    assert _save_portable(gpu, tmp_path) is True
+    assert _save_portable(gpu, tmp_path) is True and (tmp_path / PORTABLE_FILE).is_file()
     (tmp_path / MODEL_FILE).write_text("a cuML model: cannot be unpickled without cuML")
     (tmp_path / INFO_FILE).write_text(json.dumps({"aml_rapids": __version__, "backend": "cuml", "portable": True}))
     twin, _ = load_model(tmp_path)
@@ -188,6 +191,7 @@ def test_a_gpu_model_loads_on_a_cpu_through_its_scikit_learn_twin(tmp_path):
     gpu.svm_ = _FakeCuml(fitted.svm_, refuse=True)
     reason = _save_portable(gpu, tmp_path / "refused")
     assert "cannot convert" in reason and "multiclass" in reason
+    assert not (tmp_path / "refused" / PORTABLE_FILE).exists()
     (tmp_path / INFO_FILE).write_text(json.dumps({"aml_rapids": __version__, "backend": "cuml", "portable": reason}))
     with pytest.raises(AmlRapidsError, match="no scikit-learn twin.*multiclass"):
         load_model(tmp_path)

@@ -15,7 +15,7 @@ import numpy as np
 from ..config import RunConfig
 from ..errors import AmlRapidsError
 from ..evaluate.metrics import patient_level, summary
-from ..evaluate.report import write_report
+from ..evaluate.report import prediction_table, write_report
 from ..features.store import FeatureStore
 from ..loader.oversample import oversample
 from .data import block_dims, load_features, select_rows
@@ -73,7 +73,6 @@ def cross_validate(store_path: Path, cfg: RunConfig, out: Path, backbones: list[
              "fold_mean_sd": {k: [float(np.mean(v)), float(np.std(v))] for k, v in aucs.items() if v},
              "classify_config": cfg.classify.model_dump()}
     report = write_report(rows, proba, classes, info, f"{len(per_fold)}-fold out-of-fold", out, extra)
-    predictions = rows[["cell_id", "path", "patient", "label", "fold"]].assign(
-        predicted=classes[proba.argmax(axis=1)], **{f"p_{c}": proba[:, i] for i, c in enumerate(classes)})
-    predictions.to_csv(out / "oof_predictions.csv", index=False)
+    prediction_table(rows, proba, classes, ["cell_id", "path", "patient", "label", "fold"]).to_csv(
+        out / "oof_predictions.csv", index=False)
     return report

@@ -10,6 +10,8 @@ import pandas as pd
 from ..config import load_config
 from ..data.manifest import build_manifest
 from ..errors import AmlRapidsError
+from ..evaluate.metrics import patient_means
+from ..evaluate.report import prediction_table
 from ..features.extract import extract
 from ..features.store import ATTRS_KEY, FeatureStore
 from .train import load_model, predict_store
@@ -36,14 +38,13 @@ def predict(model_dir: Path, source: Path, out: Path, overrides: list[str] | Non
         extract(manifest, store_path, cfg, progress=progress, on_total=on_total)
     proba, rows = predict_store(model, FeatureStore.open(store_path), list(info["backbones"]), None,
                                 originals_only=True)
-    cells = rows[["cell_id", "path", "patient", "label", "split"]].copy()
-    cells["predicted"] = model.classes_[proba.argmax(axis=1)]
-    for i, name in enumerate(model.classes_):
-        cells[f"p_{name}"] = proba[:, i]
-    prob_cols = [f"p_{name}" for name in model.classes_]
-    patients = (cells[cells["patient"] != ""].groupby("patient")
-                .agg(n_cells=("cell_id", "size"), **{c: (c, "mean") for c in prob_cols}).reset_index())
-    patients["predicted"] = [model.classes_[i] for i in patients[prob_cols].to_numpy().argmax(axis=1)]
+    classes = model.classes_
+    cells = prediction_table(rows, proba, classes, ["cell_id", "path", "patient", "label", "split"])
+    with_patient = (rows["patient"] != "").to_numpy()
+    means = patient_means(rows[with_patient], proba[with_patient], classes)
+    patients = pd.DataFrame({"patient": means.index, "n_cells": means["n_cells"].to_numpy(),
+                             **{f"p_{c}": means[c].to_numpy() for c in classes}})
+    patients["predicted"] = classes[means[list(classes)].to_numpy().argmax(axis=1)]
     cells.to_csv(out / "predictions.csv", index=False)
     patients.to_csv(out / "patients.csv", index=False)
     return cells, patients

@@ -72,9 +72,16 @@ def bootstrap(y_true: np.ndarray, proba: np.ndarray, classes: np.ndarray, groups
     return {k: [float(np.percentile(v, 2.5)), float(np.percentile(v, 97.5))] for k, v in draws.items() if v}
 
 
-def patient_level(rows: pd.DataFrame, proba: np.ndarray, classes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Each patient's label and the mean of its cells' class probabilities."""
+def patient_means(rows: pd.DataFrame, proba: np.ndarray, classes: np.ndarray) -> pd.DataFrame:
+    """The method's patient-level prediction: per patient (the index), the mean of its cells' class
+    probabilities (one column per class), its cell count (``n_cells``) and its label (``label``)."""
     frame = pd.DataFrame(proba, columns=list(classes)).assign(patient=rows["patient"].to_numpy(),
                                                               label=rows["label"].to_numpy())
     grouped = frame.groupby("patient")
-    return grouped["label"].first().to_numpy(), grouped[list(classes)].mean().to_numpy()
+    return grouped[list(classes)].mean().assign(n_cells=grouped.size(), label=grouped["label"].first())
+
+
+def patient_level(rows: pd.DataFrame, proba: np.ndarray, classes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Each patient's label and the mean of its cells' class probabilities."""
+    means = patient_means(rows, proba, classes)
+    return means["label"].to_numpy(), means[list(classes)].to_numpy()

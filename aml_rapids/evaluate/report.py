@@ -11,6 +11,13 @@ from .metrics import bootstrap, patient_level, summary
 from .plots import confusion_png, roc_png
 
 
+def prediction_table(rows, proba, classes, columns: list[str]):
+    """One line per cell: the chosen columns of ``rows``, the predicted class and each class's probability
+    (``p_<class>``), as predict and cv write them."""
+    return rows[columns].reset_index(drop=True).assign(
+        predicted=classes[proba.argmax(axis=1)], **{f"p_{c}": proba[:, i] for i, c in enumerate(classes)})
+
+
 def write_report(rows, proba, classes, info: dict, split: str, out: Path, extra: dict | None = None) -> dict:
     """metrics.json and plots for predictions on held-out rows; ``info`` names protocol, backbones, backend;
     ``extra`` is added to the report as it is."""
