@@ -98,6 +98,8 @@ class LoaderConfig(_Section):
     num_threads: int | None = Field(None, ge=1, description="DALI CPU threads; None uses every usable core")
     gpu_dtype: Literal["fp16", "bf16", "fp32"] = "fp16"
     prefetch: int = Field(2, ge=1)
+    exec_dynamic: bool = Field(False, description="DALI's dynamic executor, outputs handed to torch without a copy; "
+                                                  "off: copied into torch-owned tensors (docs/loader.md)")
     seed: int = 0
 
 
@@ -119,6 +121,9 @@ class FeaturesConfig(_Section):
         "float16", description="float16 halves the store; float32 for features outside float16's range")
     channels_last: bool = True
     compile: bool = Field(False, description="torch.compile the backbones (GPU; pays off on large runs)")
+    streams: bool = Field(True, description="GPU: each backbone on its own CUDA stream, so one's kernels can run "
+                                            "in another's gaps")
+    writers: int = Field(2, ge=1, description="threads writing finished chunks to the store")
     seed: int = Field(0, description="seed of random initialisation for weights 'none'")
 
 
@@ -133,7 +138,8 @@ class ClassifyConfig(_Section):
     svm_c: float = Field(1.0, gt=0)
     rf_trees: int = Field(100, ge=1)
     rf_max_depth: Optional[PositiveInt] = Field(
-        None, description="forest depth limit; none grows every tree until its leaves are pure (both backends' default)")
+        16, description="forest depth limit, on both backends (null grows every tree until its leaves are pure; see "
+                        "docs/classifier.md)")
     folds: int = Field(5, ge=2, description="grouped folds for the meta-learner's out-of-fold inputs")
     seed: int = 0
     memory_gb: float = Field(8.0, gt=0, description="training features above this size are streamed from the "

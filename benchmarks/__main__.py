@@ -38,6 +38,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--baseline-rows", type=int, help="classify: rows for scikit-learn (default: --rows)")
     parser.add_argument("--pca", type=int, default=128, help="classify: PCA components per backbone")
     parser.add_argument("--folds", default="5", help="classify: stacking fold counts to time, comma-separated")
+    parser.add_argument("--stages", default=",".join(STAGES), help="suite: the stages to run, in this order")
     return parser
 
 
@@ -78,7 +79,10 @@ def main(argv=None) -> None:
     """Each stage's results are appended as soon as it ends; in a suite, a stage that fails is reported and the
     next one still runs (the exit status says which failed)."""
     args = _parser().parse_args(argv)
-    stages = STAGES if args.stage == "suite" else (args.stage,)
+    stages = tuple(args.stages.split(",")) if args.stage == "suite" else (args.stage,)
+    unknown = set(stages) - set(STAGES)
+    if unknown:
+        raise SystemExit(f"unknown stages: {', '.join(sorted(unknown))} (choose from {', '.join(STAGES)})")
     cells = _cells(args) if set(stages) & {"loader", "extract"} else None
     failed = []
     for stage in stages:

@@ -6,7 +6,9 @@ scikit-learn's RBF SVM grows quadratically with rows, so on a GPU machine the ba
 rows (``baseline_rows``) than cuML; ratios only compare the two at the same row count. The features are drawn
 so that classes overlap (held-out accuracy well below 1), and both backends' models, fitted on the same rows,
 predict the same held-out rows: the share on which they agree is recorded, next to the share on which two
-scikit-learn models differing only in their seed agree (what agreement to expect from equivalent models)."""
+scikit-learn models differing only in their seed agree (what agreement to expect from equivalent models). A cuML
+model and its own scikit-learn twin (``to_sklearn``, the model a CPU loads) must agree on nearly every row: that
+share is recorded too."""
 
 from __future__ import annotations
 
@@ -20,7 +22,8 @@ from aml_rapids.errors import AmlRapidsError
 
 DIMS = (1280, 2048, 4096)
 HELD_OUT = 2048
-SHALLOW = 16  # a depth-limited forest, timed next to the default (cuML's default depth until 26.08)
+TWIN_ROWS = 512  # the twin's RBF SVM predicts one kernel row per support vector on one CPU core: keep it short
+UNLIMITED = None  # a forest grown until its leaves are pure, timed next to the default depth limit
 
 
 def synthetic_features(rows: int, classes: int = 5, seed: int = 0, spread: float = 0.04):
@@ -42,25 +45,38 @@ def _timed(fn):
 
 
 def _step_seconds(be, model: FeatureStackingClassifier, X, codes) -> dict[str, float]:
-    """Each step alone: row z-score + PCA, SVM fit, forest fit, and a depth-limited forest fit."""
+    """Each step alone: row z-score + PCA, SVM fit, forest fit, and a forest fit without depth limit."""
     out = {"zscore+pca": _timed(lambda: model._reduce(be, X, fit=True))[0]}
     Z = model._reduce(be, X, fit=False)
     svm, forest = model._base_learners(be)
-    shallow = FeatureStackingClassifier(rf_max_depth=SHALLOW, backend=model.backend)._base_learners(be)[1]
+    deep = FeatureStackingClassifier(rf_max_depth=UNLIMITED, backend=model.backend)._base_learners(be)[1]
     out["svm fit"] = _timed(lambda: svm.fit(Z, codes))[0]
     out["rf fit"] = _timed(lambda: forest.fit(Z, codes))[0]
-    out[f"rf fit (max_depth {SHALLOW})"] = _timed(lambda: shallow.fit(Z, codes))[0]
+    out["rf fit (unlimited depth)"] = _timed(lambda: deep.fit(Z, codes))[0]
     return out
+
+
+def twin_agreement(fitted: FeatureStackingClassifier, X_test, predicted) -> dict:
+    """How often a cuML model's scikit-learn twin predicts what the model does, or why it has none."""
+    if fitted.backend_ == "sklearn":
+        return {}
+    try:
+        twin = fitted.to_sklearn()
+    except AmlRapidsError as exc:
+        return {"heldout_agreement_with_cpu_twin": None, "cpu_twin": str(exc)}
+    rows = slice(0, TWIN_ROWS)
+    return {"heldout_agreement_with_cpu_twin": float(np.mean(twin.predict(X_test[rows]) == predicted[rows])),
+            "cpu_twin_rows": len(X_test[rows])}
 
 
 def stages(backend_name: str, X, y, X_test, y_test, pca: int, folds: list[int]):
     """Seconds per step, each stacking fit's breakdown, the held-out accuracy and predictions of the model
-    fitted first."""
+    fitted first, and its twin's agreement with it."""
     be = get_backend(backend_name)
     model = FeatureStackingClassifier(block_dims=DIMS, pca_components=pca, backend=backend_name)
     codes = be.xp.asarray(np.unique(y, return_inverse=True)[1].astype(np.int32))
     out = _step_seconds(be, model, X, codes)
-    predicted, breakdown = None, {}
+    predicted, breakdown, twin = None, {}, {}
     for k in folds:
         fitted = FeatureStackingClassifier(block_dims=DIMS, pca_components=pca, folds=k, backend=backend_name)
         name = f"stacking fit (all, {k} folds)"
@@ -68,7 +84,8 @@ def stages(backend_name: str, X, y, X_test, y_test, pca: int, folds: list[int]):
         breakdown[name] = fitted.fit_seconds_
         if predicted is None:
             out["predict"], predicted = _timed(lambda: fitted.predict(X_test))
-    return out, breakdown, float(np.mean(predicted == y_test)), predicted
+            twin = twin_agreement(fitted, X_test, predicted)
+    return out, breakdown, {"heldout_accuracy": float(np.mean(predicted == y_test)), **twin}, predicted
 
 
 def run(rows: int, pca: int, baseline_rows: int | None = None, folds: tuple[int, ...] = (5,)) -> list[dict]:
@@ -79,7 +96,7 @@ def run(rows: int, pca: int, baseline_rows: int | None = None, folds: tuple[int,
     results, predictions = [], {}
     for name, n in plan:
         try:
-            timings, breakdown, accuracy, predictions[name, n] = stages(name, X[:n], y[:n], X_test, y_test, pca,
+            timings, breakdown, quality, predictions[name, n] = stages(name, X[:n], y[:n], X_test, y_test, pca,
                                                                         list(folds))
         except AmlRapidsError:
             continue  # cuML is not installed here
@@ -87,7 +104,7 @@ def run(rows: int, pca: int, baseline_rows: int | None = None, folds: tuple[int,
             items = len(X_test) if stage == "predict" else n
             results.append({"variant": f"{name} {stage}", "items": items, "train_rows": n, "seconds_median": seconds,
                             "seconds": [seconds], "items_per_s": items / seconds, "warmup": False,
-                            "heldout_accuracy": accuracy, **({"breakdown": breakdown[stage]} if stage in breakdown
+                            **quality, **({"breakdown": breakdown[stage]} if stage in breakdown
                                                               else {})})
     baseline = {(r["variant"].split(" ", 1)[1], r["train_rows"]): r["items_per_s"] for r in results
                 if r["variant"].startswith("sklearn")}

@@ -15,6 +15,7 @@ from aml_rapids.loader.loader import usable_cores
 from aml_rapids.provenance import git_commit, machine_info, software_versions
 
 RESULTS = Path(__file__).resolve().parent / "results" / "results.jsonl"
+WARMUP_CELLS = 4096  # a stage's warm-up reads this many cells: start-up, autotuning and compilation, not a full pass
 
 
 def head(manifest: Manifest, count: int | None) -> Manifest:

@@ -1,6 +1,8 @@
 """Render the latest benchmark run of each machine as Markdown; ``--readme`` rewrites the README's table.
 
-One table row per measured variant, grouped by machine; ratios only ever compare rows of the same run.
+One table row per measured variant, grouped by machine; ratios only ever compare rows of the same run. "steady
+per s" leaves start-up out: the extraction loop alone (store creation excluded), or a loader epoch after its
+first batch.
 """
 
 from __future__ import annotations
@@ -36,16 +38,18 @@ def _ratio(value) -> str:
 
 
 def markdown(rows: list[dict]) -> str:
-    lines = ["| machine | stage | variant | n (cells or rows) | seconds | per s | x naive | x naive-full | of floor "
-             "| warm-up (s for n) | run (UTC), commit |",
-             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+    lines = ["| machine | stage | variant | n (cells or rows) | seconds | per s | steady per s | x naive | x naive-full "
+             "| of floor | warm-up (s for n) | run (UTC), commit |",
+             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in rows:
         commit = (r.get("git_commit") or "?")[:8]
         floor = f"{r['floor_fraction']:.1%}" if "floor_fraction" in r else ""
         first = r.get("first_run_seconds")
         warmup = "" if first is None else f"{first:.1f} for {r.get('first_run_items') or r['items']:,}"
+        steady = r.get("loop_images_per_s") or r.get("after_first_batch_per_s")
         lines.append(f"| {_machine(r)} | {r['stage']} | {r['variant']} | {r['items']:,} | {r['seconds_median']:.2f} "
-                     f"| {r['items_per_s']:,.1f} | {_ratio(r.get('x_naive'))} | {_ratio(r.get('x_naive_full'))} "
+                     f"| {r['items_per_s']:,.1f} | {'' if steady is None else f'{steady:,.1f}'} "
+                     f"| {_ratio(r.get('x_naive'))} | {_ratio(r.get('x_naive_full'))} "
                      f"| {floor} | {warmup} | {r['time_utc']}, {commit} |")
     return "\n".join(lines)
 

@@ -17,9 +17,9 @@ def test_the_suite_writes_well_formed_results(tmp_path):
           "--pca", "8"])
     rows = [json.loads(line) for line in results.read_text().splitlines()]
     by_stage = {stage: [r for r in rows if r["stage"] == stage] for stage in ("loader", "extract", "classify")}
-    # loader: 2 naive + 3 DALI; extract: naive + 1 end to end (eager; a GPU adds compiled), naive + fast forward
-    # per backbone, 2 store writes; classify: 6 scikit-learn steps (no cuML here)
-    assert [len(v) for v in by_stage.values()] == [5, 6, 6] and len(rows) == 17
+    # loader: 2 naive + 4 DALI; extract: naive + 1 end to end (eager; a GPU adds two compiled), naive + fast
+    # forward per backbone, 2 store writes; classify: 6 scikit-learn steps (no cuML here)
+    assert [len(v) for v in by_stage.values()] == [6, 6, 6] and len(rows) == 18
     for row in rows:
         assert row["items_per_s"] > 0 and row["machine"]["cores"] >= 1 and "torch" in row["versions"]
     assert {r["items"] for r in by_stage["loader"]} == {256, 512}  # the naive loaders read the first 256 cells
@@ -30,8 +30,9 @@ def test_the_suite_writes_well_formed_results(tmp_path):
     assert sum(stacking["breakdown"].values()) <= stacking["seconds_median"]
     assert all(r["first_batch_seconds"] > 0 for r in by_stage["loader"])
     end_to_end = [r for r in by_stage["extract"] if r["variant"].startswith("aml-rapids")]
-    assert all(0 < sum(r["breakdown"].values()) <= r["seconds_median"] for r in end_to_end)
+    assert all(0 < sum(r["breakdown"].values()) <= r["loop_seconds"] <= r["seconds_median"] for r in end_to_end)
+    assert all(r["loop_images_per_s"] >= r["items_per_s"] for r in end_to_end)
     forward = [r for r in by_stage["extract"] if "forward" in r["variant"]]
     assert all(0 < r["floor_fraction"] and r["floor_images_per_s"] > 0 for r in forward)
     table = markdown(latest_runs(results))
-    assert table.count("\n") == 2 + 17 - 1 and "of floor" in table and "sklearn stacking fit" in table
+    assert table.count("\n") == 2 + 18 - 1 and "of floor" in table and "sklearn stacking fit" in table

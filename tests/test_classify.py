@@ -1,7 +1,10 @@
 """The stacking classifier: no leakage into the meta-learner, metrics, and the train/evaluate commands."""
 
+import copy
 import json
+from types import SimpleNamespace
 
+import joblib
 import numpy as np
 import pandas as pd
 import pytest
@@ -195,6 +198,41 @@ def test_a_gpu_model_loads_on_a_cpu_through_its_scikit_learn_twin(tmp_path):
     (tmp_path / INFO_FILE).write_text(json.dumps({"aml_rapids": __version__, "backend": "cuml", "portable": reason}))
     with pytest.raises(AmlRapidsError, match="no scikit-learn twin.*multiclass"):
         load_model(tmp_path)
+
+
+class _FakeCumlMulticlassSVC:
+    """Stands in for cuML's multiclass SVC: scikit-learn's OneVsOneClassifier over two-class cuML SVCs, kept in
+    ``_multiclass.multiclass_estimator``; cuML refuses to convert the whole."""
+
+    def __init__(self, ovo):
+        inner = copy.copy(ovo)
+        inner.estimators_ = [_FakeCuml(pair) for pair in ovo.estimators_]
+        self._multiclass = SimpleNamespace(multiclass_estimator=inner)
+
+    def as_sklearn(self):
+        raise NotImplementedError("Converting multiclass models from GPU is not yet supported")
+
+
+def test_a_multiclass_gpu_svm_is_converted_pair_by_pair(tmp_path):
+    from sklearn.multiclass import OneVsOneClassifier
+    from sklearn.svm import SVC
+
+    rng = np.random.default_rng(0)
+    y = rng.choice(["a", "b", "c", "d"], 240)
+    X = rng.normal(0, 1, (240, 24)) + 2 * (y[:, None] == np.array(["a", "b", "c", "d"])).repeat(6, axis=1)
+    fitted = FeatureStackingClassifier(block_dims=(24,), pca_components=8, rf_trees=5, folds=2,
+                                       backend="sklearn").fit(X, y)
+    codes = np.unique(y, return_inverse=True)[1]
+    reference = copy.copy(fitted)  # the model as cuML trains it: one-vs-one over two-class SVMs
+    Z = fitted._reduce(fitted._backend(), X, fit=False)
+    reference.svm_ = OneVsOneClassifier(SVC(kernel="rbf", gamma="scale")).fit(Z, codes)
+    gpu = copy.copy(reference)
+    gpu.__dict__.update(backend_="cuml", pcas_=[_FakeCuml(p) for p in fitted.pcas_], forest_=_FakeCuml(fitted.forest_),
+                        meta_=_FakeCuml(fitted.meta_), svm_=_FakeCumlMulticlassSVC(reference.svm_))
+    joblib.dump(gpu.to_sklearn(), tmp_path / "twin.joblib")
+    twin = joblib.load(tmp_path / "twin.joblib")
+    assert isinstance(twin.svm_, OneVsOneClassifier) and isinstance(twin.svm_.estimator, SVC)
+    assert np.array_equal(twin.predict_proba(X), reference.predict_proba(X))
 
 
 @pytest.mark.slow

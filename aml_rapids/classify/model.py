@@ -15,7 +15,7 @@ import copy
 import time
 
 import numpy as np
-from sklearn.base import BaseEstimator, ClassifierMixin
+from sklearn.base import BaseEstimator, ClassifierMixin, clone
 from sklearn.model_selection import StratifiedGroupKFold
 
 from ..errors import AmlRapidsError
@@ -56,6 +56,19 @@ class _StepTimer:
         self.totals[name] = self.totals.get(name, 0.0) + self.seconds
 
 
+def _svc_as_sklearn(svc):
+    """cuML's multiclass SVC is scikit-learn's OneVsOneClassifier over two-class cuML SVCs (kept in its
+    ``_multiclass``), and cuML converts only two-class SVCs; the twin is that OneVsOneClassifier over the
+    converted pairs, which votes and scores as the cuML model does (scikit-learn's own code on both sides)."""
+    wrapper = getattr(getattr(svc, "_multiclass", None), "multiclass_estimator", None)
+    if wrapper is None:
+        return svc.as_sklearn()
+    twin = copy.copy(wrapper)
+    twin.estimators_ = [pair.as_sklearn() for pair in wrapper.estimators_]
+    twin.estimator = clone(twin.estimators_[0])  # not the cuML template, so the twin unpickles without cuML
+    return twin
+
+
 class FeatureStackingClassifier(ClassifierMixin, BaseEstimator):
     """``X`` is the backbones' features side by side; ``block_dims`` says where each backbone's columns are.
 
@@ -64,7 +77,7 @@ class FeatureStackingClassifier(ClassifierMixin, BaseEstimator):
     ``concatenated`` (z-scored backbones side by side, then one PCA)."""
 
     def __init__(self, block_dims=(1280,), pca_components=128, pca_mode="per_backbone", svm_c=1.0, rf_trees=100,
-                 rf_max_depth=None, folds=5, seed=0, backend="auto"):
+                 rf_max_depth=16, folds=5, seed=0, backend="auto"):
         self.block_dims = block_dims
         self.pca_components = pca_components
         self.pca_mode = pca_mode
@@ -196,14 +209,16 @@ class FeatureStackingClassifier(ClassifierMixin, BaseEstimator):
     def to_sklearn(self) -> "FeatureStackingClassifier":
         """A copy whose fitted estimators are scikit-learn's (cuML's ``as_sklearn``), usable on any CPU.
 
-        cuML 26.x converts PCA, random forest, logistic regression and two-class SVC; a multiclass SVC it
-        refuses, and so does this (AmlRapidsError naming the reason)."""
+        cuML 26.x converts PCA, random forest, logistic regression and two-class SVC; its multiclass SVC is
+        converted pair by pair (``_svc_as_sklearn``). Whatever cuML cannot convert raises AmlRapidsError
+        naming cuML's reason."""
         if self.backend_ == "sklearn":
             return self
         twin = copy.copy(self)
         try:
             twin.pcas_ = [pca.as_sklearn() for pca in self.pcas_]
-            twin.svm_, twin.forest_, twin.meta_ = (e.as_sklearn() for e in (self.svm_, self.forest_, self.meta_))
+            twin.svm_ = _svc_as_sklearn(self.svm_)
+            twin.forest_, twin.meta_ = (e.as_sklearn() for e in (self.forest_, self.meta_))
         except Exception as exc:  # cuML raises its own UnsupportedOnCPU, or NotImplementedError in older versions
             raise AmlRapidsError(f"cuML cannot convert this model to scikit-learn ({type(exc).__name__}: {exc}); "
                                  "it runs only where cuML and a GPU are (train with --backend sklearn for a "

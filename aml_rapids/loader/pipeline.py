@@ -46,12 +46,13 @@ def _resize(image, size: int):
 
 
 class _MatrixBatches:
-    """Feeds each reader batch its rows' affine matrices, in reader order, the last batch padded as the reader
-    pads it, starting over at each epoch as the reader does."""
+    """Feeds each reader batch its rows' affine matrices, in reader order, as one (batch, 2, 3) array, the last
+    batch padded as the reader pads it, starting over at each epoch as the reader does."""
 
     def __init__(self, matrices: np.ndarray, batch_size: int):
-        self.batches = [list(matrices[i:i + batch_size]) for i in range(0, len(matrices), batch_size)]
-        self.batches[-1] += [self.batches[-1][-1]] * (batch_size - len(self.batches[-1]))
+        pad = -len(matrices) % batch_size
+        padded = np.concatenate([matrices, np.repeat(matrices[-1:], pad, axis=0)])
+        self.batches = np.split(np.ascontiguousarray(padded, dtype=np.float32), len(padded) // batch_size)
 
     def __iter__(self):
         return iter(self.batches)
@@ -91,13 +92,13 @@ def cell_graph(files: list[str], positions: list[int], spec: GraphSpec, matrices
 
 
 def build_pipeline(files, positions, spec: GraphSpec, matrices: np.ndarray | None, batch_size: int,
-                   num_threads: int, device_id: int | None, prefetch: int):
+                   num_threads: int, device_id: int | None, prefetch: int, exec_dynamic: bool = False):
     """A built DALI pipeline for the given files; ``device_id=None`` is DALI's CPU-only mode; ``matrices``
-    (one 2x3 affine per file, or None for no augmentation) come from ``loader.augment``."""
-    # exec_dynamic=False: DALI's torch iterator then copies outputs into torch-owned tensors, so a batch stays
-    # valid for as long as its consumer holds it, whatever DALI does next.
+    (one 2x3 affine per file, or None for no augmentation) come from ``loader.augment``; ``exec_dynamic``
+    picks DALI's executor (docs/loader.md)."""
     pipe = pipeline_def(cell_graph, batch_size=batch_size, num_threads=num_threads, device_id=device_id,
-                        prefetch_queue_depth=prefetch, exec_dynamic=False)(files, positions, spec, matrices, batch_size)
+                        prefetch_queue_depth=prefetch, exec_dynamic=exec_dynamic)(files, positions, spec, matrices,
+                                                                                  batch_size)
     pipe.build()
     return pipe
 
