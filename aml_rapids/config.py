@@ -98,6 +98,8 @@ class LoaderConfig(_Section):
     num_threads: int | None = Field(None, ge=1, description="DALI CPU threads; None uses every usable core")
     gpu_dtype: Literal["fp16", "bf16", "fp32"] = "fp16"
     prefetch: int = Field(2, ge=1)
+    gpu_decode: bool = Field(True, description="on a GPU, DALI's mixed decoder (JPEG decoded on the GPU; TIFF still "
+                                               "on CPU threads); false: the CPU decoder, then one copy to the GPU")
     exec_dynamic: bool = Field(False, description="DALI's dynamic executor, outputs handed to torch without a copy; "
                                                   "off: copied into torch-owned tensors (docs/loader.md)")
     seed: int = 0

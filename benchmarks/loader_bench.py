@@ -2,7 +2,8 @@
 
 Two naive baselines: ``naive`` is exactly the field's usual loader (Resize/ToTensor/Normalize); ``naive-full``
 also does the method's HSV mask and augmentation, so the DALI graph is compared like for like. The full graph
-runs once more under DALI's dynamic executor (outputs handed over without a copy), to choose the default. Each epoch is
+runs once more under DALI's dynamic executor (outputs handed over without a copy), and on a GPU once more with
+DALI's CPU decoder instead of its mixed one, to choose the defaults. Each epoch is
 timed whole (its images/s); the last epoch's set-up (time to the first batch) and rate after it are kept too.
 """
 
@@ -90,6 +91,7 @@ def run(manifest: Manifest, naive_manifest: Manifest, device: str, repeats: int,
     cfg = load_config(None, [f"loader.device={device}", f"loader.batch_size={batch_size}"])
     plain = cfg.model_copy(update={"segmentation": cfg.segmentation.model_copy(update={"enabled": False})})
     dynamic = cfg.model_copy(update={"loader": cfg.loader.model_copy(update={"exec_dynamic": True})})
+    cpu_decode = cfg.model_copy(update={"loader": cfg.loader.model_copy(update={"gpu_decode": False})})
     variants = {  # name: (cells it reads, batches of a manifest)
         "naive (PIL+torchvision, resize+normalise)": (naive_manifest, lambda m: naive_batches(m, False, cfg, workers)),
         "naive-full (+HSV mask, affine, flips)": (naive_manifest, lambda m: naive_batches(m, True, cfg, workers)),
@@ -98,6 +100,8 @@ def run(manifest: Manifest, naive_manifest: Manifest, device: str, repeats: int,
         f"dali-{device} +HSV mask+augment": (manifest, lambda m: dali_batches(m, cfg, True)),
         f"dali-{device} +HSV mask+augment, dynamic executor": (manifest, lambda m: dali_batches(m, dynamic, True)),
     }
+    if device == "gpu":
+        variants[f"dali-{device} +HSV mask+augment, CPU decoder"] = (manifest, lambda m: dali_batches(m, cpu_decode, True))
     rows = []
     for name, (cells, batches) in variants.items():
         epoch = Epoch(lambda: batches(cells))

@@ -65,7 +65,7 @@ def test_forest_depth_limit_reaches_the_trees_and_the_fit_says_where_its_time_we
     model = FeatureStackingClassifier(block_dims=(24,), pca_components=8, rf_trees=10, rf_max_depth=3, folds=3,
                                       backend="sklearn").fit(X, y, groups=cells)
     assert max(tree.get_depth() for tree in model.forest_.estimators_) <= 3
-    assert set(model.fit_seconds_) == {"zscore+pca", "fold svm fit", "fold rf fit", "fold outputs", "meta fit",
+    assert set(model.fit_seconds_) == {"zscore+pca", "fold split", "fold svm fit", "fold rf fit", "fold outputs", "meta fit",
                                        "svm refit", "rf refit"}
     assert all(seconds >= 0 for seconds in model.fit_seconds_.values())
 
@@ -342,3 +342,31 @@ def test_a_corrupt_model_file_is_named(tmp_path):
     (tmp_path / MODEL_FILE).write_bytes(b"\x80\x04 truncated")
     with pytest.raises(AmlRapidsError, match=f"cannot load {tmp_path / MODEL_FILE}: .*retrain it"):
         load_model(tmp_path)
+
+
+@pytest.mark.parametrize("mixed", [False, True])
+def test_grouped_folds_keep_groups_whole_and_classes_balanced(mixed):
+    from aml_rapids.classify.model import grouped_folds
+
+    rng = np.random.default_rng(0)
+    groups = rng.integers(0, 300, 3000)
+    codes = groups % 3  # one class per group, as a cell and its copies, or a patient
+    if mixed:
+        codes = codes.copy()
+        codes[:5] = (codes[:5] + 1) % 3  # a few groups now hold two classes: scikit-learn's search decides
+    folds = grouped_folds(codes, groups, 5, seed=0)
+    held = np.concatenate([h for _, h in folds])
+    assert np.array_equal(np.sort(held), np.arange(3000))  # every row held out exactly once
+    for train, test in folds:
+        assert not set(groups[train]) & set(groups[test])
+        shares = np.bincount(codes[test], minlength=3) / len(test)
+        assert np.all(np.abs(shares - 1 / 3) < 0.06)
+    assert [len(h) for _, h in grouped_folds(codes, groups, 5, seed=0)] == [len(h) for _, h in folds]
+
+
+def test_grouped_folds_without_groups_are_stratified_row_folds():
+    from aml_rapids.classify.model import grouped_folds
+
+    codes = np.repeat([0, 1], [900, 100])
+    folds = grouped_folds(codes, None, 5, seed=0)
+    assert all(np.bincount(codes[h]).tolist() == [180, 20] for _, h in folds)

@@ -143,14 +143,15 @@ def test_asking_for_a_gpu_without_one_is_an_error():
 
 
 @pytest.mark.gpu
-def test_gpu_graph_matches_cpu_graph(tmp_path):
+@pytest.mark.parametrize("gpu_decode", [True, False])
+def test_gpu_graph_matches_cpu_graph(tmp_path, gpu_decode):
     if not torch.cuda.is_available():
         pytest.skip("no CUDA GPU")
     manifest = colour_tree(tmp_path, 130)
     out = {}
     for device in ("cpu", "gpu"):
-        loader = CellLoader(manifest.table, manifest.root, cfg(**{"loader.device": device,
-                                                                  "segmentation.enabled": True}))
+        loader = CellLoader(manifest.table, manifest.root, cfg(**{"loader.device": device, "segmentation.enabled": True,
+                                                                  "loader.gpu_decode": gpu_decode}))
         batches = list(loader)
         assert all(b.images["imagenet"].device.type == ("cuda" if device == "gpu" else "cpu") for b in batches)
         out[device] = torch.cat([b.images["imagenet"].float().cpu() for b in batches])

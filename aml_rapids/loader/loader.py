@@ -67,7 +67,7 @@ class CellLoader:
         self.spec = GraphSpec(
             image_size=cfg.loader.image_size, segmentation=cfg.segmentation, normalizations=normalizations or {"imagenet": Normalization()},
             gpu=self.device == "gpu", output_dtype=GPU_DTYPES[cfg.loader.gpu_dtype] if self.device == "gpu"
-            else types.FLOAT, debug=debug)
+            else types.FLOAT, gpu_decode=cfg.loader.gpu_decode, debug=debug)
         self.failures: list[Problem] = []
         self._files = [str(self.root / p) for p in self.table["path"]]
         self._mine = np.arange(len(self.table))[shard_id::num_shards]

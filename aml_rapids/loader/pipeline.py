@@ -38,6 +38,7 @@ class GraphSpec:
     normalizations: dict[str, Normalization]
     gpu: bool
     output_dtype: types.DALIDataType
+    gpu_decode: bool = True
     debug: bool = False
 
 
@@ -63,7 +64,10 @@ def cell_graph(files: list[str], positions: list[int], spec: GraphSpec, matrices
     """The pipeline body; outputs one tensor per normalisation, then the row positions (and debug views)."""
     encoded, position = fn.readers.file(files=files, labels=positions, random_shuffle=False, pad_last_batch=True,
                                         name=READER)
-    decoded = fn.decoders.image(encoded, device="mixed" if spec.gpu else "cpu", output_type=types.RGB)
+    mixed = spec.gpu and spec.gpu_decode
+    decoded = fn.decoders.image(encoded, device="mixed" if mixed else "cpu", output_type=types.RGB)
+    if spec.gpu and not mixed:
+        decoded = decoded.gpu()
     image = decoded
     mask = None
     if spec.segmentation.enabled:
