@@ -98,10 +98,9 @@ class LoaderConfig(_Section):
     num_threads: int | None = Field(None, ge=1, description="DALI CPU threads; None uses every usable core")
     gpu_dtype: Literal["fp16", "bf16", "fp32"] = "fp16"
     prefetch: int = Field(2, ge=1)
-    gpu_decode: bool = Field(True, description="on a GPU, DALI's mixed decoder (JPEG decoded on the GPU; TIFF still "
-                                               "on CPU threads); false: the CPU decoder, then one copy to the GPU")
-    exec_dynamic: bool = Field(False, description="DALI's dynamic executor, outputs handed to torch without a copy; "
-                                                  "off: copied into torch-owned tensors (docs/loader.md)")
+    gpu_decode: bool = Field(False, description="on a GPU, DALI's mixed decoder (JPEG decoded on the GPU; TIFF still on "
+                                                "CPU threads, and it starts slower); false: the CPU decoder, then one "
+                                                "copy to the GPU (docs/loader.md)")
     seed: int = 0
 
 
@@ -123,8 +122,6 @@ class FeaturesConfig(_Section):
         "float16", description="float16 halves the store; float32 for features outside float16's range")
     channels_last: bool = True
     compile: bool = Field(False, description="torch.compile the backbones (GPU; pays off on large runs)")
-    streams: bool = Field(True, description="GPU: each backbone on its own CUDA stream, so one's kernels can run "
-                                            "in another's gaps")
     writers: int = Field(2, ge=1, description="threads writing finished chunks to the store")
     seed: int = Field(0, description="seed of random initialisation for weights 'none'")
 

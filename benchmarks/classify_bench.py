@@ -45,8 +45,7 @@ def _timed(fn):
 
 
 def _step_seconds(be, model: FeatureStackingClassifier, X, codes) -> dict[str, float]:
-    """Each step alone: row z-score + PCA, SVM fit, forest fit, a forest fit without depth limit, and on cuML
-    forest fits growing fewer trees at once."""
+    """Each step alone: row z-score + PCA, SVM fit, forest fit, and a forest fit without depth limit."""
     out = {"zscore+pca": _timed(lambda: model._reduce(be, X, fit=True))[0]}
     Z = model._reduce(be, X, fit=False)
     svm, forest = model._base_learners(be)
@@ -54,11 +53,6 @@ def _step_seconds(be, model: FeatureStackingClassifier, X, codes) -> dict[str, f
     out["svm fit"] = _timed(lambda: svm.fit(Z, codes))[0]
     out["rf fit"] = _timed(lambda: forest.fit(Z, codes))[0]
     out["rf fit (unlimited depth)"] = _timed(lambda: deep.fit(Z, codes))[0]
-    if be.name == "cuml":  # how many trees cuML grows at once: its default, and ours (FOREST_STREAMS)
-        for streams in (4, 8):
-            forest = be.RandomForestClassifier(n_estimators=model.rf_trees, max_depth=model.rf_max_depth,
-                                               random_state=model.seed, n_streams=streams)
-            out[f"rf fit (n_streams {streams})"] = _timed(lambda: forest.fit(Z, codes))[0]
     return out
 
 

@@ -3,18 +3,16 @@ pipeline (PIL + DataLoader + fp32 NCHW batch 32 -> NumPy arrays), same images, s
 
 Networks are built once per variant, outside the timing, as a long run or a worker holding them would. The
 warm-up extracts the first ``WARMUP_CELLS`` cells (pipeline build, cuDNN autotuning, and on a GPU the
-``torch.compile`` of the compiled variants, which share their networks): its wall time is reported separately as
-``first_run_seconds``. A timed run is the whole ``extract`` call (store creation included); each aml-rapids row
-also keeps the last run's steady part, the extraction loop alone (``loop_seconds``, ``loop_images_per_s``), and
-where its time went (``breakdown``). On a GPU the networks run on a stream each unless the variant says
-"one stream".
+``torch.compile`` of the compiled variant): its wall time is reported separately as ``first_run_seconds``. A
+timed run is the whole ``extract`` call (store creation included); each aml-rapids row also keeps the last run's
+steady part, the extraction loop alone (``loop_seconds``, ``loop_images_per_s``), and where its time went
+(``breakdown``).
 """
 
 from __future__ import annotations
 
 import shutil
 import tempfile
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -69,13 +67,12 @@ def _naive_row(manifest: Manifest, backbones: list[str], where: str, repeats: in
                          lambda: naive_extract(head(manifest, WARMUP_CELLS), nets, size))}
 
 
-def _aml_row(manifest: Manifest, cfg: RunConfig, prepared: Backbones, repeats: int, warmup: bool) -> dict:
-    run_once = AmlExtract(cfg, prepared)
+def _aml_row(manifest: Manifest, cfg: RunConfig, where: str, repeats: int, warmup: bool) -> dict:
+    run_once = AmlExtract(cfg, load_backbones(cfg, where))
     timing = throughput(lambda: run_once(manifest), repeats, warmup, lambda: run_once(head(manifest, WARMUP_CELLS)))
     mode = "torch.compile" if cfg.features.compile else "eager"
-    one_stream = ", one stream" if cfg.loader.device == "gpu" and prepared.streams is None else ""
     summary = run_once.summary
-    return {"variant": f"aml-rapids {cfg.loader.device} -> Zarr, HSV mask, {mode}{one_stream}", **timing,
+    return {"variant": f"aml-rapids {cfg.loader.device} -> Zarr, HSV mask, {mode}", **timing,
             "loop_seconds": summary.seconds, "loop_images_per_s": summary.images_per_s,
             "breakdown": summary.seconds_in}
 
@@ -84,13 +81,9 @@ def run(manifest: Manifest, naive_manifest: Manifest, device: str, repeats: int,
         backbones: list[str], warmup: bool) -> list[dict]:
     where = "cuda" if device == "gpu" else "cpu"
     rows = [_naive_row(naive_manifest, backbones, where, repeats, warmup)]
-    cfg = bench_config(backbones, device, batch_size)
-    rows.append(_aml_row(manifest, cfg, load_backbones(cfg, where), repeats, warmup))
-    if device == "gpu":
-        cfg = bench_config(backbones, device, batch_size, compiled=True)
-        prepared = load_backbones(cfg, where)
-        for variant in (replace(prepared, streams=None), prepared):
-            rows.append(_aml_row(manifest, cfg, variant, repeats, warmup))
+    for compiled in ((False, True) if device == "gpu" else (False,)):
+        rows.append(_aml_row(manifest, bench_config(backbones, device, batch_size, compiled=compiled), where,
+                             repeats, warmup))
     for row in rows:
         row["x_naive"] = row["items_per_s"] / rows[0]["items_per_s"]
     return rows + backbone_rows(backbones, device, batch_size, repeats) + store_rows(manifest, backbones, repeats)

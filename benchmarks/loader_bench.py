@@ -1,9 +1,8 @@
 """Loader stage: DALI (CPU-only or GPU) against PIL + torchvision in a DataLoader, same images, same run.
 
 Two naive baselines: ``naive`` is exactly the field's usual loader (Resize/ToTensor/Normalize); ``naive-full``
-also does the method's HSV mask and augmentation, so the DALI graph is compared like for like. The full graph
-runs once more under DALI's dynamic executor (outputs handed over without a copy), and on a GPU once more with
-DALI's CPU decoder instead of its mixed one, to choose the defaults. Each epoch is
+also does the method's HSV mask and augmentation, so the DALI graph is compared like for like. On a GPU the
+full graph runs once more with DALI's mixed decoder instead of the CPU decoder (``loader.gpu_decode``). Each epoch is
 timed whole (its images/s); the last epoch's set-up (time to the first batch) and rate after it are kept too.
 """
 
@@ -90,18 +89,16 @@ def run(manifest: Manifest, naive_manifest: Manifest, device: str, repeats: int,
     workers = usable_cores()
     cfg = load_config(None, [f"loader.device={device}", f"loader.batch_size={batch_size}"])
     plain = cfg.model_copy(update={"segmentation": cfg.segmentation.model_copy(update={"enabled": False})})
-    dynamic = cfg.model_copy(update={"loader": cfg.loader.model_copy(update={"exec_dynamic": True})})
-    cpu_decode = cfg.model_copy(update={"loader": cfg.loader.model_copy(update={"gpu_decode": False})})
+    mixed = cfg.model_copy(update={"loader": cfg.loader.model_copy(update={"gpu_decode": True})})
     variants = {  # name: (cells it reads, batches of a manifest)
         "naive (PIL+torchvision, resize+normalise)": (naive_manifest, lambda m: naive_batches(m, False, cfg, workers)),
         "naive-full (+HSV mask, affine, flips)": (naive_manifest, lambda m: naive_batches(m, True, cfg, workers)),
         f"dali-{device} resize+normalise": (manifest, lambda m: dali_batches(m, plain, False)),
         f"dali-{device} +HSV mask": (manifest, lambda m: dali_batches(m, cfg, False)),
         f"dali-{device} +HSV mask+augment": (manifest, lambda m: dali_batches(m, cfg, True)),
-        f"dali-{device} +HSV mask+augment, dynamic executor": (manifest, lambda m: dali_batches(m, dynamic, True)),
     }
     if device == "gpu":
-        variants[f"dali-{device} +HSV mask+augment, CPU decoder"] = (manifest, lambda m: dali_batches(m, cpu_decode, True))
+        variants[f"dali-{device} +HSV mask+augment, mixed decoder"] = (manifest, lambda m: dali_batches(m, mixed, True))
     rows = []
     for name, (cells, batches) in variants.items():
         epoch = Epoch(lambda: batches(cells))

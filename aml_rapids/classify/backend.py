@@ -41,9 +41,6 @@ class Backend:
         return values.get() if hasattr(values, "get") else np.asarray(values)
 
 
-FOREST_STREAMS = 16  # trees cuML grows at once (its default is 4); a speed setting only (docs/classifier.md)
-
-
 def _sklearn() -> Backend:
     from sklearn.decomposition import PCA, IncrementalPCA
     from sklearn.ensemble import RandomForestClassifier
@@ -66,8 +63,7 @@ def _cuml() -> Backend:
     # one-vs-one training, as scikit-learn's SVC (docs/classifier.md); the option's name depends on the version
     shape = "decision_function_shape" if "decision_function_shape" in inspect.signature(SVC).parameters \
         else "multiclass_strategy"
-    return Backend("cuml", cupy, PCA, IncrementalPCA, SVC, RandomForestClassifier, LogisticRegression, {shape: "ovo"},
-                   {"n_streams": FOREST_STREAMS})
+    return Backend("cuml", cupy, PCA, IncrementalPCA, SVC, RandomForestClassifier, LogisticRegression, {shape: "ovo"}, {})
 
 
 def get_backend(name: str = "auto") -> Backend:

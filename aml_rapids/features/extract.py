@@ -3,8 +3,7 @@
 Start, resume and append are one operation: the store is created from the plan if absent, extended by the
 plan's rows whose content (sha256 + augmentation index) it lacks, and then every chunk not marked done is
 computed. Batch norm is folded into the convolutions (inference only; the registry's networks stay unfused
-and differentiable). On a GPU the backbones run under bf16/fp16 autocast in channels_last, each on its own CUDA
-stream (MobileNetV2's memory-bound kernels can then run beside VGG-16's compute-bound ones), optionally compiled
+and differentiable). On a GPU the backbones run under bf16/fp16 autocast in channels_last, optionally compiled
 (then every batch has one shape: the last is padded, so nothing recompiles mid-run); features come back to the
 host asynchronously, one batch behind, and finished chunks are written on background threads, so neither the
 copy nor the write stalls the device.
@@ -70,7 +69,6 @@ class Backbones:
     normalizations: dict[str, Normalization]
     info: dict[str, dict]
     batch_size: int | None = None  # compiled networks: every batch is padded to this size
-    streams: dict[str, torch.cuda.Stream] | None = None  # a CUDA stream per network, or None: one after another
 
 
 def load_backbones(cfg: RunConfig, device: str) -> Backbones:
@@ -96,8 +94,7 @@ def load_backbones(cfg: RunConfig, device: str) -> Backbones:
         norm_of[item.name] = key
         info[item.name] = {"dim": spec.dim, "layer": spec.layer, "weights": weights.source,
                            "sha256": weights.sha256, "pretrained": weights.pretrained}
-    streams = {name: torch.cuda.Stream() for name in nets} if device == "cuda" and cfg.features.streams else None
-    return Backbones(nets, norm_of, norms, info, cfg.loader.batch_size if cfg.features.compile else None, streams)
+    return Backbones(nets, norm_of, norms, info, cfg.loader.batch_size if cfg.features.compile else None)
 
 
 def precision_of(cfg: RunConfig, device: str) -> str:
@@ -204,13 +201,12 @@ def _padded(images: torch.Tensor, size: int | None) -> torch.Tensor:
 @dataclass
 class _InFlight:
     """One batch's features on their way to the host. On a GPU the copies are asynchronous (into pinned memory)
-    and the host reads them one batch later, after their events, so it never waits on the device while the next
-    batch could already be queued; on a CPU everything is already there. With a stream per network, nothing
-    orders one batch's networks after the previous batch's others, so batches overlap too."""
+    and the host reads them one batch later, after their event, so it never waits on the device while the next
+    batch could already be queued; on a CPU everything is already there."""
 
     positions: np.ndarray
     host: dict[str, torch.Tensor]
-    done: list[torch.cuda.Event]
+    done: torch.cuda.Event | None
 
     @classmethod
     def launch(cls, batch, backbones: Backbones, channels_last: bool) -> "_InFlight":
@@ -218,24 +214,17 @@ class _InFlight:
         rows = len(batch.positions)
         images = {key: _padded(tensor, backbones.batch_size).contiguous(memory_format=layout)  # once each
                   for key, tensor in batch.images.items()}
-        if not next(iter(images.values())).is_cuda:
-            return cls(batch.positions, {name: net(images[backbones.norm_of[name]])[:rows].float()
-                                         for name, net in backbones.nets.items()}, [])
-        main, host, done = torch.cuda.current_stream(), {}, []
-        for name, net in backbones.nets.items():
-            stream = backbones.streams[name] if backbones.streams else main
-            stream.wait_stream(main)  # the images are ready
-            with torch.cuda.stream(stream):
-                inputs = images[backbones.norm_of[name]]
-                inputs.record_stream(stream)  # its memory is not reused until this stream is past it
-                host[name] = net(inputs)[:rows].float().to("cpu", non_blocking=True)
-                done.append(torch.cuda.Event())
-                done[-1].record(stream)
+        host = {name: net(images[backbones.norm_of[name]])[:rows].float().to("cpu", non_blocking=True)
+                for name, net in backbones.nets.items()}
+        done = None
+        if next(iter(batch.images.values())).is_cuda:
+            done = torch.cuda.Event()
+            done.record()
         return cls(batch.positions, host, done)
 
     def wait(self) -> dict[str, torch.Tensor]:
-        for event in self.done:
-            event.synchronize()
+        if self.done is not None:
+            self.done.synchronize()
         return self.host
 
 

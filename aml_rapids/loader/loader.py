@@ -82,7 +82,7 @@ class CellLoader:
         return build_pipeline(
             [self._files[i] for i in positions], positions.tolist(), self.spec, matrices, batch_size=cfg.batch_size,
             num_threads=cfg.num_threads or usable_cores(), device_id=0 if self.device == "gpu" else None,
-            prefetch=cfg.prefetch, exec_dynamic=cfg.exec_dynamic)
+            prefetch=cfg.prefetch)
 
     def _precheck(self, positions: np.ndarray) -> np.ndarray:
         """Drop rows whose file is gone or changed size since indexing, recording why: DALI's decoders fail

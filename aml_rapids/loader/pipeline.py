@@ -38,7 +38,7 @@ class GraphSpec:
     normalizations: dict[str, Normalization]
     gpu: bool
     output_dtype: types.DALIDataType
-    gpu_decode: bool = True
+    gpu_decode: bool
     debug: bool = False
 
 
@@ -96,13 +96,13 @@ def cell_graph(files: list[str], positions: list[int], spec: GraphSpec, matrices
 
 
 def build_pipeline(files, positions, spec: GraphSpec, matrices: np.ndarray | None, batch_size: int,
-                   num_threads: int, device_id: int | None, prefetch: int, exec_dynamic: bool = False):
+                   num_threads: int, device_id: int | None, prefetch: int):
     """A built DALI pipeline for the given files; ``device_id=None`` is DALI's CPU-only mode; ``matrices``
-    (one 2x3 affine per file, or None for no augmentation) come from ``loader.augment``; ``exec_dynamic``
-    picks DALI's executor (docs/loader.md)."""
+    (one 2x3 affine per file, or None for no augmentation) come from ``loader.augment``."""
+    # exec_dynamic=False: DALI's torch iterator then copies outputs into torch-owned tensors, so a batch stays
+    # valid for as long as its consumer holds it, whatever DALI does next (docs/loader.md).
     pipe = pipeline_def(cell_graph, batch_size=batch_size, num_threads=num_threads, device_id=device_id,
-                        prefetch_queue_depth=prefetch, exec_dynamic=exec_dynamic)(files, positions, spec, matrices,
-                                                                                  batch_size)
+                        prefetch_queue_depth=prefetch, exec_dynamic=False)(files, positions, spec, matrices, batch_size)
     pipe.build()
     return pipe
 
