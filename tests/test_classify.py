@@ -364,6 +364,13 @@ def test_grouped_folds_keep_groups_whole_and_classes_balanced(mixed):
     assert [len(h) for _, h in grouped_folds(codes, groups, 5, seed=0)] == [len(h) for _, h in folds]
 
 
+def test_too_few_groups_for_the_folds_is_a_clear_error():
+    from aml_rapids.classify.model import grouped_folds
+
+    with pytest.raises(AmlRapidsError, match="5 grouped stacking folds from 4 groups.*lower classify.folds"):
+        grouped_folds(np.array([0, 0, 1, 1, 1, 0]), np.array(["a", "a", "b", "b", "c", "d"]), 5, seed=0)
+
+
 def test_grouped_folds_without_groups_are_stratified_row_folds():
     from aml_rapids.classify.model import grouped_folds
 

@@ -34,17 +34,21 @@ def grouped_folds(codes: np.ndarray, groups, n_folds: int, seed: int) -> list[tu
 
     When each group holds one class (a cell and its oversampled copies; a patient, whose class is their
     diagnosis) and every class has a group per fold, the groups themselves are split by StratifiedKFold and their
-    rows follow. scikit-learn's StratifiedGroupKFold, which also handles groups of mixed classes and classes with
-    fewer groups than folds, searches group by group in Python (8 s for 56,850 one-row groups on the reference
-    machine); it is kept for those cases, where groups are few."""
+    rows follow. Otherwise (groups of mixed classes, classes with fewer groups than folds) scikit-learn's
+    StratifiedGroupKFold decides; it searches group by group in Python (8 s for 56,850 one-row groups on the
+    reference machine), so it is not the common path."""
     rows = np.arange(len(codes))
     groups = rows if groups is None else np.asarray(groups)
     names, group_of = np.unique(groups, return_inverse=True)
     group_code = np.zeros(len(names), dtype=codes.dtype)
     group_code[group_of] = codes
-    if not np.array_equal(group_code[group_of], codes) or np.bincount(group_code).min() < n_folds:
-        return list(StratifiedGroupKFold(n_folds, shuffle=True, random_state=seed).split(rows, codes, groups))
-    split = StratifiedKFold(n_folds, shuffle=True, random_state=seed).split(np.zeros(len(names)), group_code)
+    try:
+        if not np.array_equal(group_code[group_of], codes) or np.bincount(group_code).min() < n_folds:
+            return list(StratifiedGroupKFold(n_folds, shuffle=True, random_state=seed).split(rows, codes, groups))
+        split = StratifiedKFold(n_folds, shuffle=True, random_state=seed).split(np.zeros(len(names)), group_code)
+    except ValueError as exc:  # too few groups (patients or cells) for the folds
+        raise AmlRapidsError(f"cannot make {n_folds} grouped stacking folds from {len(names)} groups (patients, or "
+                             f"cells without patients): {str(exc).rstrip('.')}; lower classify.folds") from None
     return [(rows[np.isin(group_of, train)], rows[np.isin(group_of, held)]) for train, held in split]
 
 
@@ -145,7 +149,7 @@ class FeatureStackingClassifier(ClassifierMixin, BaseEstimator):
         inputs = self._zscored(be, X)
         if fit:
             self._fit_pcas([be.PCA(n_components=n, **be.pca_options(self.seed)).fit(block)
-                                for n, block in zip(self.pca_fit_components(X.shape[0]), inputs)])
+                            for n, block in zip(self.pca_fit_components(X.shape[0]), inputs)])
         out = [pca.transform(block)[:, :kept] for pca, kept, block in zip(self.pcas_, self.kept_, inputs)]
         return be.xp.concatenate(out, axis=1).astype(be.xp.float32)
 
