@@ -54,6 +54,17 @@ def test_every_row_exactly_once_with_a_partial_last_batch(tmp_path):
     assert sorted(manifest.table["cell_id"].iloc[seen]) == sorted(manifest.table["cell_id"])
 
 
+def test_batches_stay_intact_while_their_consumer_holds_them(tmp_path):
+    """On a CPU DALI hands its own buffers over without a copy: a held batch must not be overwritten by later
+    ones (64 rows a batch, three colours cycling, so a recycled buffer would also show the wrong colours)."""
+    manifest = colour_tree(tmp_path, 640)
+    held = [(batch, batch.images["imagenet"].clone()) for batch in CellLoader(manifest.table, manifest.root, cfg())]
+    assert len(held) == 10
+    for batch, at_delivery in held:
+        assert torch.equal(batch.images["imagenet"], at_delivery)
+        assert dominant(batch.images["imagenet"]) == list(manifest.table["label"].iloc[batch.positions])
+
+
 def test_shards_partition_the_rows(tmp_path):
     manifest = colour_tree(tmp_path, 203)
     parts = [check_labels(CellLoader(manifest.table, manifest.root, cfg(), shard_id=k, num_shards=3), manifest.table)

@@ -99,10 +99,12 @@ def build_pipeline(files, positions, spec: GraphSpec, matrices: np.ndarray | Non
                    num_threads: int, device_id: int | None, prefetch: int):
     """A built DALI pipeline for the given files; ``device_id=None`` is DALI's CPU-only mode; ``matrices``
     (one 2x3 affine per file, or None for no augmentation) come from ``loader.augment``."""
-    # exec_dynamic=False: DALI's torch iterator then copies outputs into torch-owned tensors, so a batch stays
-    # valid for as long as its consumer holds it, whatever DALI does next (docs/loader.md).
+    # Either executor leaves each batch valid for as long as its consumer holds it: the dynamic one hands its
+    # own buffers over (no copy: faster on a CPU), the other is copied into torch tensors (as tested on a GPU,
+    # where the copy cost nothing measurable). docs/loader.md has the numbers.
     pipe = pipeline_def(cell_graph, batch_size=batch_size, num_threads=num_threads, device_id=device_id,
-                        prefetch_queue_depth=prefetch, exec_dynamic=False)(files, positions, spec, matrices, batch_size)
+                        prefetch_queue_depth=prefetch, exec_dynamic=device_id is None)(files, positions, spec,
+                                                                                       matrices, batch_size)
     pipe.build()
     return pipe
 
