@@ -39,16 +39,19 @@ def hue_span(cfg: SegmentationConfig) -> float:
     return cfg.hue_max - cfg.hue_min + (360.0 if cfg.hue_max < cfg.hue_min else 0.0)
 
 
-def _planes(rgb):
-    """R, G and B as three HxW nodes: one transpose to planes, then a contiguous copy of each (indexing the HWC
-    image channel by channel, a strided copy, made the mask about 10% slower on a CPU)."""
+def _channels(rgb):
+    """R, G and B as three HxW nodes. On a CPU: one transpose to planes, then a contiguous copy of each
+    (indexing the HWC image channel by channel, a strided copy each, made the masked loader about 10% slower
+    there); on a GPU: the channel slices, as measured and tested there (docs/loader.md)."""
+    if rgb.device == "gpu":
+        return [rgb[:, :, c] for c in range(3)]
     planes = fn.reshape(fn.transpose(rgb, perm=[2, 0, 1]), layout="FHW")
     return list(fn.element_extract(planes, element_map=[0, 1, 2]))
 
 
 def hsv_mask(rgb, cfg: SegmentationConfig):
     """A boolean HxWx1 mask (True = cell) from an HWC uint8 RGB DataNode, on whatever device the node lives on."""
-    channels = _planes(rgb)
+    channels = _channels(rgb)
     value = dmath.max(dmath.max(channels[0], channels[1]), channels[2])
     low = dmath.min(dmath.min(channels[0], channels[1]), channels[2])
     keep = (low <= (1.0 - cfg.saturation_min) * value) & (value > low)  # saturation; grey pixels have no hue
