@@ -29,6 +29,10 @@ def test_the_suite_writes_well_formed_results(tmp_path):
     assert {"zscore+pca", "fold svm fit", "fold rf fit", "meta fit", "rf refit"} <= set(stacking["breakdown"])
     assert sum(stacking["breakdown"].values()) <= stacking["seconds_median"]
     assert all(r["first_batch_seconds"] > 0 for r in by_stage["loader"])
+    for row in (r for r in by_stage["loader"] if r["variant"].startswith("dali")):
+        parts = row["startup_seconds"]  # where the time before the first batch went
+        assert set(parts) == {"file checks", "augmentation draws", "pipeline build", "first batch"}
+        assert 0 < sum(parts.values()) <= row["first_batch_seconds"]
     end_to_end = [r for r in by_stage["extract"] if r["variant"].startswith("aml-rapids")]
     assert all(0 < sum(r["breakdown"].values()) <= r["loop_seconds"] <= r["seconds_median"] for r in end_to_end)
     assert all(r["loop_images_per_s"] >= r["items_per_s"] for r in end_to_end)

@@ -11,7 +11,6 @@ copy nor the write stalls the device.
 
 from __future__ import annotations
 
-import contextlib
 import datetime as _dt
 import time
 from collections.abc import Callable
@@ -31,6 +30,7 @@ from ..loader.augment import DRAWS
 from ..loader.loader import CellLoader, resolve_device, usable_cores
 from ..loader.pipeline import Normalization
 from ..provenance import machine_info, software_versions
+from ..timing import span
 from .backbones import get_spec
 from .plan import STATUS_FAILED, STATUS_OK, STATUS_PADDING, pad_segments, plan_rows
 from .store import FeatureStore, StoreError
@@ -228,20 +228,11 @@ class _InFlight:
         return self.host
 
 
-@contextlib.contextmanager
-def _span(totals: dict[str, float], part: str):
-    start = time.perf_counter()
-    try:
-        yield
-    finally:
-        totals[part] += time.perf_counter() - start
-
-
 def _timed_batches(loader, totals: dict[str, float]):
     """The loader's batches, the time spent waiting for each added to ``totals``."""
     batches = iter(loader)
     while True:
-        with _span(totals, "loader wait"):
+        with span(totals, "loader wait"):
             batch = next(batches, None)
         if batch is None:
             return
@@ -286,8 +277,8 @@ def extract(manifest: Manifest, store_path: Path, cfg: RunConfig,
     with ChunkWriter(store, workers=cfg.features.writers) as writer:
         for run in _runs(pending, augment_of_chunk):
             first = run[0] * store.chunk_rows
-            span = rows.iloc[first:(run[-1] + 1) * store.chunk_rows]
-            real = span[span["status"] != STATUS_PADDING]
+            window = rows.iloc[first:(run[-1] + 1) * store.chunk_rows]
+            real = window[window["status"] != STATUS_PADDING]
             buffers = {k: _ChunkBuffer(status[store.chunk_slice(k)], dims, cfg.features.store_dtype)
                        for k in run}
             table = _pass_table(manifest, index, real, store_path)
@@ -310,9 +301,9 @@ def extract(manifest: Manifest, store_path: Path, cfg: RunConfig,
                     progress(len(positions))
 
             def land(flight: _InFlight) -> None:
-                with _span(summary.seconds_in, "device wait"):
+                with span(summary.seconds_in, "device wait"):
                     host = flight.wait()
-                with _span(summary.seconds_in, "host + hand-off"):
+                with span(summary.seconds_in, "host + hand-off"):
                     feats = {name: _storable(values.numpy(), name, cfg.features.store_dtype)
                              for name, values in host.items()}
                     delivered[flight.positions] = True
@@ -322,7 +313,7 @@ def extract(manifest: Manifest, store_path: Path, cfg: RunConfig,
             previous = None
             with torch.inference_mode(), autocast:
                 for batch in _timed_batches(loader, summary.seconds_in):
-                    with _span(summary.seconds_in, "launch"):
+                    with span(summary.seconds_in, "launch"):
                         current = _InFlight.launch(batch, backbones, cfg.features.channels_last)
                     if previous is not None:
                         land(previous)  # while the device computes ``current``

@@ -22,6 +22,7 @@ from ..config import RunConfig
 from ..data.inspect import ImageProblem, inspect_image
 from ..data.scan import Problem
 from ..errors import AmlRapidsError
+from ..timing import span
 from .augment import affine_matrices
 from .pipeline import READER, GraphSpec, Normalization, build_pipeline, output_names
 
@@ -69,16 +70,20 @@ class CellLoader:
             gpu=self.device == "gpu", output_dtype=GPU_DTYPES[cfg.loader.gpu_dtype] if self.device == "gpu"
             else types.FLOAT, gpu_decode=cfg.loader.gpu_decode, debug=debug)
         self.failures: list[Problem] = []
+        self.startup: dict[str, float] = {}  # the latest epoch's seconds before its first batch, by part
         self._files = [str(self.root / p) for p in self.table["path"]]
         self._mine = np.arange(len(self.table))[shard_id::num_shards]
 
     def __len__(self) -> int:
         return len(self._mine)
 
-    def _pipeline(self, positions: np.ndarray):
+    def _matrices(self, positions: np.ndarray) -> np.ndarray | None:
         cfg = self.cfg.loader
-        matrices = (affine_matrices(self.table.iloc[positions], self.cfg.augment, cfg.seed, cfg.image_size)
-                    if self.augment else None)
+        return (affine_matrices(self.table.iloc[positions], self.cfg.augment, cfg.seed, cfg.image_size)
+                if self.augment else None)
+
+    def _pipeline(self, positions: np.ndarray, matrices: np.ndarray | None):
+        cfg = self.cfg.loader
         return build_pipeline(
             [self._files[i] for i in positions], positions.tolist(), self.spec, matrices, batch_size=cfg.batch_size,
             num_threads=cfg.num_threads or usable_cores(), device_id=0 if self.device == "gpu" else None,
@@ -117,12 +122,18 @@ class CellLoader:
     def __iter__(self) -> Iterator[Batch]:
         names = output_names(self.spec)
         image_keys = [n for n in names if n.startswith("image_")]
-        pending = self._precheck(self._mine)
+        self.startup = {}
+        with span(self.startup, "file checks"):
+            pending = self._precheck(self._mine)
         if not len(pending):
             return
-        pipe = self._pipeline(pending)
-        iterator = DALIGenericIterator(pipe, names, reader_name=READER, auto_reset=False,
-                                       last_batch_policy=LastBatchPolicy.PARTIAL)
+        with span(self.startup, "augmentation draws"):
+            matrices = self._matrices(pending)
+        with span(self.startup, "pipeline build"):
+            pipe = self._pipeline(pending, matrices)
+        with span(self.startup, "first batch"):  # DALI's iterator runs the pipeline up to its first batch
+            iterator = DALIGenericIterator(pipe, names, reader_name=READER, auto_reset=False,
+                                           last_batch_policy=LastBatchPolicy.PARTIAL)
         delivered = 0
         try:
             for (out,) in iterator:
