@@ -139,6 +139,10 @@ class ClassifyConfig(_Section):
     rf_max_depth: Optional[PositiveInt] = Field(
         16, description="forest depth limit, on both backends (null grows every tree until its leaves are pure; see "
                         "docs/classifier.md)")
+    rf_max_samples: float = Field(0.5, gt=0, le=1, description="share of the training rows each tree is grown "
+                                                               "on (a bootstrap sample), on both backends; 1 is "
+                                                               "MATLAB's and scikit-learn's default (see "
+                                                               "docs/classifier.md)")
     folds: int = Field(5, ge=2, description="grouped folds for the meta-learner's out-of-fold inputs")
     seed: int = 0
     memory_gb: float = Field(8.0, gt=0, description="training features above this size are streamed from the "

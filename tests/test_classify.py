@@ -60,11 +60,14 @@ def test_single_class_and_wrong_width_are_refused():
         model.predict(X[:, :10])
 
 
-def test_forest_depth_limit_reaches_the_trees_and_the_fit_says_where_its_time_went():
+def test_forest_limits_reach_the_trees_and_the_fit_says_where_its_time_went():
     X, y, cells = planted_copies()
-    model = FeatureStackingClassifier(block_dims=(24,), pca_components=8, rf_trees=10, rf_max_depth=3, folds=3,
-                                      backend="sklearn").fit(X, y, groups=cells)
+    model = FeatureStackingClassifier(block_dims=(24,), pca_components=8, rf_trees=10, rf_max_depth=3,
+                                      rf_max_samples=0.25, folds=3, backend="sklearn").fit(X, y, groups=cells)
     assert max(tree.get_depth() for tree in model.forest_.estimators_) <= 3
+    assert model.forest_.max_samples == 0.25
+    # each tree's bootstrap sample holds about a quarter of the rows (sampled with replacement: fewer distinct)
+    assert all(tree.tree_.weighted_n_node_samples[0] == round(0.25 * len(X)) for tree in model.forest_.estimators_)
     assert set(model.fit_seconds_) == {"zscore+pca", "fold split", "fold svm fit", "fold rf fit", "fold outputs", "meta fit",
                                        "svm refit", "rf refit"}
     assert all(seconds >= 0 for seconds in model.fit_seconds_.values())

@@ -100,13 +100,14 @@ class FeatureStackingClassifier(ClassifierMixin, BaseEstimator):
     ``concatenated`` (z-scored backbones side by side, then one PCA)."""
 
     def __init__(self, block_dims=(1280,), pca_components=128, pca_mode="per_backbone", svm_c=1.0, rf_trees=100,
-                 rf_max_depth=16, folds=5, seed=0, backend="auto"):
+                 rf_max_depth=16, rf_max_samples=0.5, folds=5, seed=0, backend="auto"):
         self.block_dims = block_dims
         self.pca_components = pca_components
         self.pca_mode = pca_mode
         self.svm_c = svm_c
         self.rf_trees = rf_trees
         self.rf_max_depth = rf_max_depth
+        self.rf_max_samples = rf_max_samples
         self.folds = folds
         self.seed = seed
         self.backend = backend
@@ -156,7 +157,8 @@ class FeatureStackingClassifier(ClassifierMixin, BaseEstimator):
     def _base_learners(self, be: Backend):
         return (be.SVC(kernel="rbf", C=self.svm_c, gamma="scale", **be.svc_options),
                 be.RandomForestClassifier(n_estimators=self.rf_trees, max_depth=self.rf_max_depth,
-                                          random_state=self.seed, **be.forest_options))
+                                          max_samples=self.rf_max_samples, random_state=self.seed,
+                                          **be.forest_options))
 
     def _base_outputs(self, be: Backend, svm, forest, Z):
         """SVM scores and forest probabilities, one column per class of the whole training set, even when a
@@ -171,6 +173,12 @@ class FeatureStackingClassifier(ClassifierMixin, BaseEstimator):
         full_proba = be.xp.zeros((Z.shape[0], n), dtype=be.xp.float32)
         full_proba[:, be.to_host(forest.classes_).astype(int)] = be.asarray(forest.predict_proba(Z))
         return be.xp.concatenate([full_scores, full_proba], axis=1)
+
+    def _meta_inputs(self, be: Backend, outputs):
+        """Base outputs standardised per column with the out-of-fold outputs' mean and spread: SVM scores span
+        about ten times the forest's probabilities, and unscaled they took the meta-learner's lbfgs 1,087
+        iterations (9 s) on PBC, against 77 (0.7 s) scaled."""
+        return (outputs - be.asarray(self.meta_center_)) / be.asarray(self.meta_scale_)
 
     def fit(self, X, y, groups=None):
         be = self._backend()
@@ -219,7 +227,10 @@ class FeatureStackingClassifier(ClassifierMixin, BaseEstimator):
                 self.oof_ = be.xp.zeros((len(y), outputs.shape[1]), dtype=be.xp.float32)
             self.oof_[held_idx] = outputs
         with timer.step("meta fit"):
-            self.meta_ = be.LogisticRegression(max_iter=2000).fit(self.oof_, labels)
+            oof = Backend.to_host(self.oof_)
+            self.meta_center_, spread = oof.mean(axis=0), oof.std(axis=0)
+            self.meta_scale_ = np.where(spread > 0, spread, 1.0).astype(np.float32)
+            self.meta_ = be.LogisticRegression(max_iter=2000).fit(self._meta_inputs(be, self.oof_), labels)
         self.svm_, self.forest_ = self._base_learners(be)
         with timer.step("svm refit"):
             self.svm_.fit(Z, labels)
@@ -253,7 +264,8 @@ class FeatureStackingClassifier(ClassifierMixin, BaseEstimator):
     def predict_proba(self, X):
         be = get_backend(self.backend_)
         Z = self._reduce(be, X, fit=False)
-        return be.to_host(self.meta_.predict_proba(self._base_outputs(be, self.svm_, self.forest_, Z)))
+        outputs = self._base_outputs(be, self.svm_, self.forest_, Z)
+        return be.to_host(self.meta_.predict_proba(self._meta_inputs(be, outputs)))
 
     def predict(self, X):
         return self.classes_[self.predict_proba(X).argmax(axis=1)]

@@ -34,7 +34,7 @@ def new_model(block_dims: tuple[int, ...], cfg: RunConfig) -> FeatureStackingCla
     c = cfg.classify
     return FeatureStackingClassifier(block_dims=block_dims, pca_components=c.pca_components, pca_mode=c.pca_mode,
                                      svm_c=c.svm_c, rf_trees=c.rf_trees, rf_max_depth=c.rf_max_depth,
-                                     folds=c.folds, seed=c.seed, backend=c.backend)
+                                     rf_max_samples=c.rf_max_samples, folds=c.folds, seed=c.seed, backend=c.backend)
 
 
 def fit_model(X, rows, block_dims: tuple[int, ...], cfg: RunConfig) -> FeatureStackingClassifier:
