@@ -1,5 +1,8 @@
 """The DALI loader on the CPU: exactly once, corrupt files mid-run, sharding, decoding, reproducible augmentation."""
 
+import os
+import time
+
 import numpy as np
 import pytest
 import torch
@@ -13,7 +16,7 @@ from aml_rapids.loader.loader import CellLoader, resolve_device
 COLORS = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220)}
 
 
-def colour_tree(root, n):
+def colour_tree(root, n, suffix=".png"):
     """n images cycling through three classes whose colour is their label, so a shifted label shows."""
     for i in range(n):
         label = list(COLORS)[i % 3]
@@ -21,7 +24,7 @@ def colour_tree(root, n):
         pixels[0, 0] = [i % 256, i // 256, 0]
         folder = root / label / f"p{i % 7}"
         folder.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(pixels).save(folder / f"{i:05d}.png")
+        Image.fromarray(pixels).save(folder / f"{i:05d}{suffix}")
     return build_manifest(root, IndexConfig(verify_decode=False)).manifest
 
 
@@ -90,6 +93,27 @@ def test_corrupt_files_mid_run_are_reported_and_labels_stay_right(tmp_path):
     loader = CellLoader(manifest.table, manifest.root, cfg())
     assert sorted(check_labels(loader, manifest.table)) == sorted(set(range(400)) - {10, 150, 333, 334})
     assert "unreadable since indexing" in {f.path: f.reason for f in loader.failures}[str(paths[10])]
+
+
+def test_files_rewritten_at_the_same_size_are_caught_before_dali(tmp_path):
+    """Same size, new content (garbage, or another cell's image): left out by the modification-time check and
+    the hash, never handed to DALI, whose decoders can crash the process on such files. A file merely touched
+    (same content, new time) is still used, and so is a manifest from before 0.4 (no mtime_ns)."""
+    manifest = colour_tree(tmp_path, 300, suffix=".tif")  # uncompressed: every file has the same size
+    paths = manifest.paths()
+    paths[100].write_bytes(os.urandom(paths[100].stat().st_size))
+    paths[200].write_bytes(paths[201].read_bytes())  # another class's cell, same size
+    later = time.time_ns() + 10**9
+    os.utime(paths[50], ns=(later, later))
+    loader = CellLoader(manifest.table, manifest.root, cfg())
+    assert sorted(check_labels(loader, manifest.table)) == sorted(set(range(300)) - {100, 200})
+    failed = {f.path: f.reason for f in loader.failures}
+    assert set(failed) == {str(paths[100]), str(paths[200])}
+    assert "modified since indexing and now unusable: not an image" in failed[str(paths[100])]
+    assert "content differs from the indexed file" in failed[str(paths[200])]
+    before_0_4 = manifest.table.drop(index=[100, 200], columns="mtime_ns").reset_index(drop=True)
+    old = CellLoader(before_0_4, manifest.root, cfg())
+    assert len(check_labels(old, before_0_4)) == 298 and not old.failures
 
 
 @pytest.mark.parametrize("mode", ["L", "RGBA", "P", "I;16"])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +21,7 @@ class ImageInfo:
 
     bytes: int
     sha256: str
+    mtime_ns: int  # when the content read was last modified: the loader's cheap "changed since indexing?" test
     width: int
     height: int
     mode: str
@@ -36,7 +38,8 @@ def inspect_image(path: Path, verify_decode: bool = True) -> ImageInfo:
     Raises ImageProblem with a reason a person can act on.
     """
     try:
-        data = Path(path).read_bytes()
+        with open(path, "rb") as file:
+            data, mtime_ns = file.read(), os.fstat(file.fileno()).st_mtime_ns
     except OSError as exc:
         raise ImageProblem(f"cannot read file: {exc.strerror or exc}") from None
     if not data:
@@ -57,4 +60,4 @@ def inspect_image(path: Path, verify_decode: bool = True) -> ImageInfo:
         raise
     except (OSError, SyntaxError, ValueError) as exc:
         raise ImageProblem(f"truncated or corrupt image data ({exc})") from None
-    return ImageInfo(len(data), digest, width, height, mode, fmt)
+    return ImageInfo(len(data), digest, mtime_ns, width, height, mode, fmt)

@@ -1,7 +1,7 @@
 """The manifest: one row per usable cell image, the table every later stage reads.
 
 Columns: cell_id (stable: hash of cohort and relative path), path (relative to the root kept in the
-Parquet metadata), label, patient, cohort, bytes, sha256, width, height, mode, format, any extra CSV
+Parquet metadata), label, patient, cohort, bytes, sha256, mtime_ns, width, height, mode, format, any extra CSV
 columns, and, once split, ``split`` or ``fold``.
 """
 
@@ -24,7 +24,9 @@ from .inspect import ImageProblem, inspect_image
 from .scan import Candidate, Problem, ScanResult, scan_csv, scan_folder
 
 META_KEY = b"aml_rapids"
-CORE_COLUMNS = ["cell_id", "path", "label", "patient", "cohort", "bytes", "sha256", "width", "height", "mode", "format"]
+CORE_COLUMNS = ["cell_id", "path", "label", "patient", "cohort", "bytes", "sha256", "mtime_ns", "width", "height",
+                "mode", "format"]
+SINCE_0_4 = {"mtime_ns"}  # manifests made before lack it; their files are checked by size alone
 
 
 @dataclass
@@ -109,7 +111,7 @@ def build_manifest(source: Path, cfg: IndexConfig, progress: Callable[[int], Non
         rows.append({
             "cell_id": cell_id(cohort, cand.rel), "path": cand.rel, "label": cand.label,
             "patient": cand.patient, "cohort": cohort, "bytes": info.bytes, "sha256": info.sha256,
-            "width": info.width, "height": info.height, "mode": info.mode, "format": info.format, **cand.extra,
+            "mtime_ns": info.mtime_ns, "width": info.width, "height": info.height, "mode": info.mode, "format": info.format, **cand.extra,
         })
     extra_columns = list(scan.candidates[0].extra) if scan.candidates else []
     table = pd.DataFrame(rows, columns=CORE_COLUMNS + extra_columns)
@@ -152,7 +154,7 @@ def read_manifest(path: Path) -> Manifest:
         raise DataError(f"{path} is a Parquet file but not an aml-rapids manifest (no {META_KEY.decode()} metadata)")
     meta = json.loads(raw)
     frame = table.to_pandas()
-    missing = [c for c in CORE_COLUMNS if c not in frame.columns]
+    missing = [c for c in CORE_COLUMNS if c not in frame.columns and c not in SINCE_0_4]
     if missing:
         raise DataError(f"manifest {path} lacks columns {', '.join(missing)}")
     return Manifest(frame, Path(meta.pop("root")), {k: v for k, v in meta.items() if k != "digest"})

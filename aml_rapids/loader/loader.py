@@ -90,21 +90,41 @@ class CellLoader:
             prefetch=cfg.prefetch)
 
     def _precheck(self, positions: np.ndarray) -> np.ndarray:
-        """Drop rows whose file is gone or changed size since indexing, recording why: DALI's decoders fail
-        on such files in a way a process cannot always survive (see docs/loader.md)."""
+        """Drop rows whose file is gone or changed since indexing, recording why: DALI's decoders fail on such
+        files in a way a process cannot always survive (see docs/loader.md). A file of the indexed size but
+        modified since is hashed: its content must still be the indexed one."""
         keep = []
-        for pos, expected in zip(positions, self.table["bytes"].to_numpy()[positions]):
+        sizes = self.table["bytes"].to_numpy()
+        modified = (self.table["mtime_ns"].to_numpy() if "mtime_ns" in self.table else
+                    np.full(len(self.table), -1))  # manifests from before 0.4: size alone
+        for pos in positions:
+            path, expected = self._files[pos], sizes[pos]
             try:
-                size = os.stat(self._files[pos]).st_size
+                stat = os.stat(path)
             except OSError as exc:
-                self.failures.append(Problem(self._files[pos], f"unreadable since indexing: {exc.strerror}"))
+                self.failures.append(Problem(path, f"unreadable since indexing: {exc.strerror}"))
                 continue
-            if size != expected:
-                self.failures.append(Problem(self._files[pos], f"changed since indexing: {size} bytes, manifest "
-                                                               f"says {expected}; re-run `aml-rapids index`"))
+            if stat.st_size != expected:
+                self.failures.append(Problem(path, f"changed since indexing: {stat.st_size} bytes, manifest says "
+                                                   f"{expected}; re-run `aml-rapids index`"))
                 continue
+            if modified[pos] >= 0 and stat.st_mtime_ns != modified[pos]:
+                problem = self._content_changed(pos)
+                if problem:
+                    self.failures.append(Problem(path, problem))
+                    continue
             keep.append(pos)
         return np.asarray(keep, dtype=np.int64)
+
+    def _content_changed(self, pos: int) -> str | None:
+        """Why a file modified since indexing can no longer be used, or None when its content is the indexed one."""
+        try:
+            now = inspect_image(Path(self._files[pos]), verify_decode=False).sha256
+        except ImageProblem as problem:
+            return f"modified since indexing and now unusable: {problem}; re-run `aml-rapids index`"
+        if now != self.table["sha256"].iat[pos]:
+            return "modified since indexing: content differs from the indexed file; re-run `aml-rapids index`"
+        return None
 
     def _name_undecodable(self, pending: np.ndarray, exc: Exception) -> AmlRapidsError:
         """DALI's error does not name the file: decode the rows in flight to find it."""
