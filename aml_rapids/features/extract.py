@@ -38,10 +38,11 @@ from .weights import load_backbone
 from .writer import ChunkWriter
 
 AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
-# Where an extraction's wall time goes, as the host sees it: waiting for the loader's next batch, launching the
-# networks (all of their compute on a CPU; on a GPU, queueing), waiting for the device to finish a batch,
-# converting and handing features to the writer (blocks while its queue is full), the last writes at the end.
-TIME_PARTS = ("loader wait", "launch", "device wait", "host + hand-off", "final writes")
+# Where an extraction's wall time goes, as the host sees it: the loader's start (to its first batch: file checks,
+# pipeline build), waiting for its later batches, launching the networks (all of their compute on a CPU; on a
+# GPU, queueing), waiting for the device to finish a batch, converting and handing features to the writer
+# (blocks while its queue is full), the last writes at the end.
+TIME_PARTS = ("loader start", "loader wait", "launch", "device wait", "host + hand-off", "final writes")
 
 
 @dataclass
@@ -229,13 +230,14 @@ class _InFlight:
 
 
 def _timed_batches(loader, totals: dict[str, float]):
-    """The loader's batches, the time spent waiting for each added to ``totals``."""
-    batches = iter(loader)
+    """The loader's batches, the time spent waiting for each added to ``totals`` (the first: its start)."""
+    batches, part = iter(loader), "loader start"
     while True:
-        with span(totals, "loader wait"):
+        with span(totals, part):
             batch = next(batches, None)
         if batch is None:
             return
+        part = "loader wait"
         yield batch
 
 
