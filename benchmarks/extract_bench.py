@@ -26,7 +26,7 @@ from aml_rapids.features.weights import load_backbone
 from aml_rapids.loader.loader import usable_cores
 
 from .extract_parts import backbone_rows, bench_config, store_rows
-from .harness import WARMUP_CELLS, head, throughput
+from .harness import WARMUP_CELLS, Variant, head, throughputs
 from .loader_bench import NaiveCells
 
 
@@ -59,31 +59,27 @@ class AmlExtract:
         return self.summary.rows_written
 
 
-def _naive_row(manifest: Manifest, backbones: list[str], where: str, repeats: int, warmup: bool) -> dict:
-    size = load_config().loader.image_size
-    nets = {name: load_backbone(name, "none")[0].to(where).eval() for name in backbones}
-    return {"variant": f"naive (PIL+DataLoader, fp32 NCHW b32 -> NumPy) {'+'.join(backbones)}",
-            **throughput(lambda: naive_extract(manifest, nets, size), repeats, warmup,
-                         lambda: naive_extract(head(manifest, WARMUP_CELLS), nets, size))}
-
-
-def _aml_row(manifest: Manifest, cfg: RunConfig, where: str, repeats: int, warmup: bool) -> dict:
-    run_once = AmlExtract(cfg, load_backbones(cfg, where))
-    timing = throughput(lambda: run_once(manifest), repeats, warmup, lambda: run_once(head(manifest, WARMUP_CELLS)))
-    mode = "torch.compile" if cfg.features.compile else "eager"
-    summary = run_once.summary
-    return {"variant": f"aml-rapids {cfg.loader.device} -> Zarr, HSV mask, {mode}", **timing,
-            "loop_seconds": summary.seconds, "loop_images_per_s": summary.images_per_s,
-            "breakdown": summary.seconds_in}
-
-
 def run(manifest: Manifest, naive_manifest: Manifest, device: str, repeats: int, batch_size: int,
         backbones: list[str], warmup: bool) -> list[dict]:
+    """The naive pipeline and aml-rapids (eager; on a GPU also compiled), timed in turns."""
     where = "cuda" if device == "gpu" else "cpu"
-    rows = [_naive_row(naive_manifest, backbones, where, repeats, warmup)]
+    size = load_config().loader.image_size
+    nets = {name: load_backbone(name, "none")[0].to(where).eval() for name in backbones}
+    naive = f"naive (PIL+DataLoader, fp32 NCHW b32 -> NumPy) {'+'.join(backbones)}"
+    variants = {naive: Variant(lambda: naive_extract(naive_manifest, nets, size),
+                               lambda: naive_extract(head(naive_manifest, WARMUP_CELLS), nets, size))}
+    extractions = {}
     for compiled in ((False, True) if device == "gpu" else (False,)):
-        rows.append(_aml_row(manifest, bench_config(backbones, device, batch_size, compiled=compiled), where,
-                             repeats, warmup))
+        cfg = bench_config(backbones, device, batch_size, compiled=compiled)
+        name = f"aml-rapids {device} -> Zarr, HSV mask, {'torch.compile' if compiled else 'eager'}"
+        extractions[name] = run_once = AmlExtract(cfg, load_backbones(cfg, where))
+        variants[name] = Variant(lambda r=run_once: r(manifest), lambda r=run_once: r(head(manifest, WARMUP_CELLS)))
+    timings = throughputs(variants, repeats, warmup)
+    rows = [{"variant": name, **timing} for name, timing in timings.items()]
+    for row in rows[1:]:  # the last timed run's extraction loop alone, and where its time went
+        summary = extractions[row["variant"]].summary
+        row.update(loop_seconds=summary.seconds, loop_images_per_s=summary.images_per_s,
+                   breakdown=summary.seconds_in)
     for row in rows:
         row["x_naive"] = row["items_per_s"] / rows[0]["items_per_s"]
     return rows + backbone_rows(backbones, device, batch_size, repeats) + store_rows(manifest, backbones, repeats)

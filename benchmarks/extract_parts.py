@@ -25,7 +25,7 @@ from aml_rapids.features.weights import load_backbone
 from aml_rapids.features.writer import ChunkWriter
 
 from .floor import flops_per_image, matmul_rate
-from .harness import throughput
+from .harness import Variant, throughputs
 
 
 def bench_config(backbones: list[str], device: str, batch_size: int, compiled: bool = False) -> RunConfig:
@@ -63,9 +63,11 @@ def backbone_rows(backbones: list[str], device: str, batch_size: int, repeats: i
     for name in backbones:
         naive = load_backbone(name, "none")[0].to(where).eval()
         floor = rate["flops_per_s"] / flops_per_image(naive, size, where)
-        base = throughput(_forward(naive, naive_images, batches, contextlib.nullcontext), repeats)
-        fast = throughput(_forward(prepared.nets[name], fast_images, batches, lambda: autocast_for(cfg, device)),
-                          repeats)
+        timings = throughputs({
+            "naive": Variant(_forward(naive, naive_images, batches, contextlib.nullcontext)),
+            "fast": Variant(_forward(prepared.nets[name], fast_images, batches, lambda: autocast_for(cfg, device)))},
+            repeats)
+        base, fast = timings["naive"], timings["fast"]
         extra = {"floor_images_per_s": floor, "matmul": rate}
         rows += [{"variant": f"{name} forward, naive (fp32 eager, batch 32)", **base, **extra,
                   "x_naive": 1.0, "floor_fraction": base["items_per_s"] / floor},
@@ -108,7 +110,8 @@ def store_rows(manifest: Manifest, backbones: list[str], repeats: int) -> list[d
             shutil.rmtree(folder, ignore_errors=True)
         return len(rows)
 
-    base, zarr = throughput(numpy_save, repeats), throughput(zarr_write, repeats)
+    timings = throughputs({"naive": Variant(numpy_save), "zarr": Variant(zarr_write)}, repeats)
+    base, zarr = timings["naive"], timings["zarr"]
     return [{"variant": f"store write, naive (np.save float32) {'+'.join(backbones)}", **base, "x_naive": 1.0},
             {"variant": f"store write, Zarr v3 chunks of {cfg.chunk_rows} rows (float32, "
                         f"{cfg.features.writers} writer threads)", **zarr,

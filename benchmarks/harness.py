@@ -6,6 +6,7 @@ import json
 import statistics
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from aml_rapids.config import IndexConfig
@@ -39,25 +40,43 @@ def synthetic_manifest(count: int, cache: Path) -> Manifest:
     return head(manifest, count)
 
 
-def throughput(run: Callable[[], int], repeats: int, warmup: bool = True,
-               warmup_run: Callable[[], int] | None = None) -> dict:
-    """Run ``run`` (which returns the items it processed) once to warm up, then ``repeats`` times; the median.
-    The warm-up (``warmup_run`` if given, e.g. the same work on fewer items) is timed on its own, start-up and
-    any compilation included, as ``first_run_seconds`` for ``first_run_items``; without warm-up the timed runs
+@dataclass
+class Variant:
+    """One way of doing a stage's work: ``run`` returns the items it processed; ``warmup_run``, if given, warms
+    up on less (e.g. the same work on fewer items)."""
+
+    run: Callable[[], int]
+    warmup_run: Callable[[], int] | None = None
+
+
+def throughputs(variants: dict[str, Variant], repeats: int, warmup: bool = True) -> dict[str, dict]:
+    """Each variant's median over ``repeats`` timed runs, the variants taking turns: round by round, forward then
+    backward (A B, B A, ...), so that a machine whose speed drifts during a run favours none of them (the 2-core
+    machine's matrix-multiply rate fell 10-15% over 90 s of load). Each warm-up is timed on its own, start-up and
+    any compilation included (``first_run_seconds`` for ``first_run_items``); without warm-up the timed runs
     include start-up (pipeline build, first calls)."""
-    first = first_items = None
+    first = dict.fromkeys(variants)
+    first_items = dict.fromkeys(variants)
     if warmup:
-        start = time.perf_counter()
-        first_items = (warmup_run or run)()
-        first = time.perf_counter() - start
-    seconds, items = [], 0
-    for _ in range(repeats):
-        start = time.perf_counter()
-        items = run()
-        seconds.append(time.perf_counter() - start)
-    median = statistics.median(seconds)
-    return {"items": items, "seconds_median": median, "seconds": seconds, "items_per_s": items / median,
-            "warmup": warmup, "first_run_seconds": first, "first_run_items": first_items}
+        for name, variant in variants.items():
+            start = time.perf_counter()
+            first_items[name] = (variant.warmup_run or variant.run)()
+            first[name] = time.perf_counter() - start
+    seconds = {name: [] for name in variants}
+    items = dict.fromkeys(variants, 0)
+    names = list(variants)
+    for round_ in range(repeats):
+        for name in names if round_ % 2 == 0 else names[::-1]:
+            start = time.perf_counter()
+            items[name] = variants[name].run()
+            seconds[name].append(time.perf_counter() - start)
+    timings = {}
+    for name in names:
+        median = statistics.median(seconds[name])
+        timings[name] = {"items": items[name], "seconds_median": median, "seconds": seconds[name],
+                         "items_per_s": items[name] / median, "warmup": warmup, "first_run_seconds": first[name],
+                         "first_run_items": first_items[name]}
+    return timings
 
 
 def append_results(stage: str, rows: list[dict], params: dict, path: Path = RESULTS) -> None:

@@ -3,8 +3,8 @@
 Two naive baselines: ``naive`` is exactly the field's usual loader (Resize/ToTensor/Normalize); ``naive-full``
 also does the method's HSV mask and augmentation, so the DALI graph is compared like for like. On a GPU the
 full graph runs once more with DALI's mixed decoder instead of the CPU decoder (``loader.gpu_decode``). Each epoch is
-timed whole (its images/s); the last epoch's set-up (time to the first batch, and for DALI its parts) and rate
-after it are kept too.
+timed whole (its images/s), the variants taking turns; the last epoch's set-up (time to the first batch, and for
+DALI its parts) and rate after it are kept too.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from aml_rapids.config import RunConfig, SegmentationConfig, load_config
 from aml_rapids.data.manifest import Manifest
 from aml_rapids.loader.loader import CellLoader, usable_cores
 
-from .harness import WARMUP_CELLS, head, throughput
+from .harness import WARMUP_CELLS, Variant, head, throughputs
 
 NORMALIZE = transforms.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 
@@ -107,14 +107,17 @@ def run(manifest: Manifest, naive_manifest: Manifest, device: str, repeats: int,
     }
     if device == "gpu":
         variants[f"dali-{device} +HSV mask+augment, mixed decoder"] = (manifest, DaliBatches(mixed, True))
+    epochs = {name: Epoch(lambda cells=cells, batches=batches: batches(cells))
+              for name, (cells, batches) in variants.items()}
+    timings = throughputs({name: Variant(epochs[name], Epoch(lambda cells=cells, batches=batches:
+                                                               batches(head(cells, WARMUP_CELLS))))
+                           for name, (cells, batches) in variants.items()}, repeats)
     rows = []
-    for name, (cells, batches) in variants.items():
-        epoch = Epoch(lambda: batches(cells))
-        timing = throughput(epoch, repeats, True, Epoch(lambda: batches(head(cells, WARMUP_CELLS))))
-        rows.append({"variant": name, **timing, "first_batch_seconds": epoch.first_batch_seconds,
-                     "after_first_batch_per_s": epoch.steady_per_s})
+    for name, (_, batches) in variants.items():  # the last timed epoch's start and rate after it
+        rows.append({"variant": name, **timings[name], "first_batch_seconds": epochs[name].first_batch_seconds,
+                     "after_first_batch_per_s": epochs[name].steady_per_s})
         if isinstance(batches, DaliBatches):
-            rows[-1]["startup_seconds"] = batches.loader.startup  # the last timed epoch's
+            rows[-1]["startup_seconds"] = batches.loader.startup
     naive, naive_full = rows[0]["items_per_s"], rows[1]["items_per_s"]
     for row in rows:
         row["x_naive"] = row["items_per_s"] / naive
