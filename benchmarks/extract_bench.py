@@ -2,8 +2,8 @@
 pipeline (PIL + DataLoader + fp32 NCHW batch 32 -> NumPy arrays), same images, same backbones, same run.
 
 Networks are built once per variant, outside the timing, as a long run or a worker holding them would. The
-warm-up extracts the first ``WARMUP_CELLS`` cells (pipeline build, cuDNN autotuning, and on a GPU the
-``torch.compile`` of the compiled variant): its wall time is reported separately as ``first_run_seconds``. A
+warm-up extracts the first ``WARMUP_CELLS`` cells (pipeline build, cuDNN autotuning, and the ``torch.compile``
+of the compiled variant): its wall time is reported separately as ``first_run_seconds``. A
 timed run is the whole ``extract`` call (store creation included); each aml-rapids row also keeps the last run's
 steady part, the extraction loop alone (``loop_seconds``, ``loop_images_per_s``), and where its time went
 (``breakdown``).
@@ -61,7 +61,7 @@ class AmlExtract:
 
 def run(manifest: Manifest, naive_manifest: Manifest, device: str, repeats: int, batch_size: int,
         backbones: list[str], warmup: bool) -> list[dict]:
-    """The naive pipeline and aml-rapids (eager; on a GPU also compiled), timed in turns."""
+    """The naive pipeline and aml-rapids, eager and compiled (the compile is part of the warm-up), in turns."""
     where = "cuda" if device == "gpu" else "cpu"
     size = load_config().loader.image_size
     nets = {name: load_backbone(name, "none")[0].to(where).eval() for name in backbones}
@@ -69,7 +69,7 @@ def run(manifest: Manifest, naive_manifest: Manifest, device: str, repeats: int,
     variants = {naive: Variant(lambda: naive_extract(naive_manifest, nets, size),
                                lambda: naive_extract(head(naive_manifest, WARMUP_CELLS), nets, size))}
     extractions = {}
-    for compiled in ((False, True) if device == "gpu" else (False,)):
+    for compiled in (False, True):
         cfg = bench_config(backbones, device, batch_size, compiled=compiled)
         name = f"aml-rapids {device} -> Zarr, HSV mask, {'torch.compile' if compiled else 'eager'}"
         extractions[name] = run_once = AmlExtract(cfg, load_backbones(cfg, where))

@@ -152,6 +152,21 @@ def test_preloaded_backbones_padded_to_one_shape_give_the_same_store(tmp_path):
     np.testing.assert_allclose(other.features("tiny")[:], plain.features("tiny")[:], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
+def test_a_compiled_extraction_on_the_cpu_gives_the_eager_features(tmp_path):
+    """torch.compile on a CPU (weights frozen in, every batch padded to one shape) changes speed, not features."""
+    manifest = demo_manifest(tmp_path / "data")
+    eager = cfg(**{"features.store_dtype": "float32"})
+    compiled = cfg(**{"features.store_dtype": "float32", "features.compile": "true"})
+    extract(manifest, tmp_path / "eager.zarr", eager)
+    prepared = load_backbones(compiled, "cpu")
+    assert all(hasattr(net, "_orig_mod") for net in prepared.nets.values())  # torch.compile's wrapper
+    extract(manifest, tmp_path / "compiled.zarr", compiled, backbones=prepared)
+    plain, other = (FeatureStore.open(tmp_path / f"{n}.zarr") for n in ("eager", "compiled"))
+    assert plain.rows().equals(other.rows())
+    np.testing.assert_allclose(other.features("tiny")[:], plain.features("tiny")[:], rtol=1e-4, atol=1e-4)
+
+
 def test_oversampled_training_copies_are_augmented_and_distinct(tmp_path):
     manifest = demo_manifest(tmp_path / "data", patients=2, cells=6)
     keep = ~((manifest.table["label"] == "NPM1") & (manifest.table["split"] == "train")) | (
