@@ -111,7 +111,8 @@ def build_manifest(source: Path, cfg: IndexConfig, progress: Callable[[int], Non
         rows.append({
             "cell_id": cell_id(cohort, cand.rel), "path": cand.rel, "label": cand.label,
             "patient": cand.patient, "cohort": cohort, "bytes": info.bytes, "sha256": info.sha256,
-            "mtime_ns": info.mtime_ns, "width": info.width, "height": info.height, "mode": info.mode, "format": info.format, **cand.extra,
+            "mtime_ns": info.mtime_ns, "width": info.width, "height": info.height, "mode": info.mode,
+            "format": info.format, **cand.extra,
         })
     extra_columns = list(scan.candidates[0].extra) if scan.candidates else []
     table = pd.DataFrame(rows, columns=CORE_COLUMNS + extra_columns)
