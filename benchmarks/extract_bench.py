@@ -30,7 +30,6 @@ from .harness import WARMUP_CELLS, Variant, head, throughputs
 from .loader_bench import NaiveCells
 
 
-
 def naive_extract(manifest: Manifest, nets: dict[str, torch.nn.Module], size: int) -> int:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     data = NaiveCells(manifest.paths(), False, None, size)

@@ -10,15 +10,15 @@ probabilities; both backends compute them the same way.
 
 from __future__ import annotations
 
-import contextlib
 import copy
-import time
+from collections.abc import Callable
 
 import numpy as np
 from sklearn.base import BaseEstimator, ClassifierMixin, clone
 from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
 
 from ..errors import AmlRapidsError
+from ..timing import span
 from .backend import Backend, get_backend
 
 
@@ -52,31 +52,9 @@ def grouped_folds(codes: np.ndarray, groups, n_folds: int, seed: int) -> list[tu
     return [(rows[np.isin(group_of, train)], rows[np.isin(group_of, held)]) for train, held in split]
 
 
-class _StepTimer:
-    """Wall seconds per named step, summed; the device is synchronised at each step's end, so a step's GPU
-    work is counted in that step and not the next."""
-
-    def __init__(self, be: Backend, totals: dict[str, float] | None = None):
-        self.be, self.totals, self.seconds = be, totals if totals is not None else {}, 0.0
-
-    def _sync(self) -> None:
-        if self.be.name == "cuml":
-            self.be.xp.cuda.get_current_stream().synchronize()
-
-    def __enter__(self) -> "_StepTimer":
-        self._sync()
-        self._start = time.perf_counter()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._sync()
-        self.seconds = time.perf_counter() - self._start
-
-    @contextlib.contextmanager
-    def step(self, name: str):
-        with self:
-            yield
-        self.totals[name] = self.totals.get(name, 0.0) + self.seconds
+def _device_sync(be: Backend) -> Callable[[], None] | None:
+    """What a fit step's timing waits for at its ends: cuML's stream (its work is asynchronous), else nothing."""
+    return (lambda: be.xp.cuda.get_current_stream().synchronize()) if be.name == "cuml" else None
 
 
 def _svc_as_sklearn(svc):
@@ -182,9 +160,10 @@ class FeatureStackingClassifier(ClassifierMixin, BaseEstimator):
 
     def fit(self, X, y, groups=None):
         be = self._backend()
-        with _StepTimer(be) as timer:
+        seconds: dict[str, float] = {}
+        with span(seconds, "zscore+pca", _device_sync(be)):
             Z = self._reduce(be, X, fit=True)
-        return self._fit_reduced(be, Z, y, groups, {"zscore+pca": timer.seconds})
+        return self._fit_reduced(be, Z, y, groups, seconds)
 
     def fit_streaming(self, blocks, y, groups=None):
         """The same model from features too large for memory: ``blocks()`` yields the rows of X in order, a
@@ -192,13 +171,14 @@ class FeatureStackingClassifier(ClassifierMixin, BaseEstimator):
         PCAs are fitted incrementally (IncrementalPCA), so only the reduced features are ever held whole."""
         be = self._backend()
         pcas = [be.IncrementalPCA(n_components=n) for n in self.pca_fit_components(len(y))]
-        with _StepTimer(be) as timer:
+        seconds: dict[str, float] = {}
+        with span(seconds, "zscore+pca", _device_sync(be)):
             for X in blocks():
                 for pca, block in zip(pcas, self._zscored(be, X)):
                     pca.partial_fit(block)
             self._fit_pcas(pcas)
             Z = be.xp.concatenate([self._reduce(be, X, fit=False) for X in blocks()])
-        return self._fit_reduced(be, Z, y, groups, {"zscore+pca": timer.seconds})
+        return self._fit_reduced(be, Z, y, groups, seconds)
 
     def _fit_reduced(self, be: Backend, Z, y, groups, seconds: dict[str, float]):
         """Base learners on out-of-fold groups, the meta-learner on their outputs, then the base learners on all.
@@ -211,32 +191,32 @@ class FeatureStackingClassifier(ClassifierMixin, BaseEstimator):
             raise AmlRapidsError(f"{Z.shape[0]} feature rows but {len(y)} labels")
         labels = be.xp.asarray(codes.astype(np.int32))
         self.oof_ = None
-        timer = _StepTimer(be, seconds)
-        with timer.step("fold split"):
+        sync = _device_sync(be)
+        with span(seconds, "fold split", sync):
             folds = grouped_folds(codes, groups, self.folds, self.seed)
         for train_idx, held_idx in folds:
             train_idx, held_idx = be.xp.asarray(train_idx), be.xp.asarray(held_idx)
             svm, forest = self._base_learners(be)
-            with timer.step("fold svm fit"):
+            with span(seconds, "fold svm fit", sync):
                 svm.fit(Z[train_idx], labels[train_idx])
-            with timer.step("fold rf fit"):
+            with span(seconds, "fold rf fit", sync):
                 forest.fit(Z[train_idx], labels[train_idx])
-            with timer.step("fold outputs"):
+            with span(seconds, "fold outputs", sync):
                 outputs = self._base_outputs(be, svm, forest, Z[held_idx])
             if self.oof_ is None:
                 self.oof_ = be.xp.zeros((len(y), outputs.shape[1]), dtype=be.xp.float32)
             self.oof_[held_idx] = outputs
-        with timer.step("meta fit"):
+        with span(seconds, "meta fit", sync):
             oof = Backend.to_host(self.oof_)
             self.meta_center_, spread = oof.mean(axis=0), oof.std(axis=0)
             self.meta_scale_ = np.where(spread > 0, spread, 1.0).astype(np.float32)
             self.meta_ = be.LogisticRegression(max_iter=2000).fit(self._meta_inputs(be, self.oof_), labels)
         self.svm_, self.forest_ = self._base_learners(be)
-        with timer.step("svm refit"):
+        with span(seconds, "svm refit", sync):
             self.svm_.fit(Z, labels)
-        with timer.step("rf refit"):
+        with span(seconds, "rf refit", sync):
             self.forest_.fit(Z, labels)
-        self.fit_seconds_ = timer.totals
+        self.fit_seconds_ = seconds
         self.backend_ = be.name
         return self
 
