@@ -57,18 +57,22 @@ def _gpus() -> list[dict[str, str]]:
     return gpus
 
 
+def usable_cores() -> int:
+    """Cores this process may run on (its affinity mask, which a batch scheduler may narrow)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def machine_info() -> dict:
     """CPU model, usable cores, memory and GPUs of this machine."""
     try:
         mem_gib = round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)
     except (ValueError, OSError, AttributeError):
         mem_gib = None
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     return {
         "hostname": platform.node(),
         "os": platform.platform(),
         "cpu": _cpu_model(),
-        "cores": cores,
+        "cores": usable_cores(),
         "memory_gib": mem_gib,
         "gpus": _gpus(),
     }

@@ -23,7 +23,7 @@ from aml_rapids.config import RunConfig, load_config
 from aml_rapids.data.manifest import Manifest
 from aml_rapids.features.extract import Backbones, extract, load_backbones
 from aml_rapids.features.weights import load_backbone
-from aml_rapids.loader.loader import usable_cores
+from aml_rapids.provenance import usable_cores
 
 from .extract_parts import backbone_rows, bench_config, store_rows
 from .harness import WARMUP_CELLS, Variant, head, throughputs

@@ -12,8 +12,7 @@ from pathlib import Path
 from aml_rapids.config import IndexConfig
 from aml_rapids.data.manifest import Manifest, build_manifest, read_manifest, write_manifest
 from aml_rapids.data.synthetic import CLASSES, write_demo_dataset
-from aml_rapids.loader.loader import usable_cores
-from aml_rapids.provenance import git_commit, machine_info, software_versions
+from aml_rapids.provenance import git_commit, machine_info, software_versions, usable_cores
 
 RESULTS = Path(__file__).resolve().parent / "results" / "results.jsonl"
 WARMUP_CELLS = 4096  # a stage's warm-up reads this many cells: start-up, autotuning and compilation, not a full pass

@@ -20,7 +20,8 @@ from torchvision import transforms
 
 from aml_rapids.config import RunConfig, SegmentationConfig, load_config
 from aml_rapids.data.manifest import Manifest
-from aml_rapids.loader.loader import CellLoader, usable_cores
+from aml_rapids.loader.loader import CellLoader
+from aml_rapids.provenance import usable_cores
 
 from .harness import WARMUP_CELLS, Variant, head, throughputs
 

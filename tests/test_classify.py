@@ -2,6 +2,7 @@
 
 import copy
 import json
+import threading
 from types import SimpleNamespace
 
 import joblib
@@ -10,6 +11,7 @@ import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
+import aml_rapids.classify.model as model_module
 from aml_rapids.classify.data import fold_groups
 from aml_rapids.classify.model import FeatureStackingClassifier
 from aml_rapids.cli import app
@@ -68,9 +70,34 @@ def test_forest_limits_reach_the_trees_and_the_fit_says_where_its_time_went():
     assert model.forest_.max_samples == 0.25
     # each tree's bootstrap sample holds about a quarter of the rows (sampled with replacement: fewer distinct)
     assert all(tree.tree_.weighted_n_node_samples[0] == round(0.25 * len(X)) for tree in model.forest_.estimators_)
-    assert set(model.fit_seconds_) == {"zscore+pca", "fold split", "fold svm fit", "fold rf fit", "fold outputs", "meta fit",
-                                       "svm refit", "rf refit"}
-    assert all(seconds >= 0 for seconds in model.fit_seconds_.values())
+    assert set(model.fit_seconds_) == {"zscore+pca", "fold split", "base learner fits", "fold outputs", "meta fit"}
+    assert set(model.learner_seconds_) == {"fold svm fit", "fold rf fit", "svm refit", "rf refit"}
+    assert all(seconds > 0 for seconds in [*model.fit_seconds_.values(), *model.learner_seconds_.values()])
+
+
+def test_base_learners_fitted_side_by_side_give_the_same_model(monkeypatch):
+    fit_threads = []
+
+    def recording(*args):
+        fit_threads.append(threading.get_ident())
+        return fit_learner(*args)
+
+    fit_learner = model_module._fit_learner
+    monkeypatch.setattr(model_module, "_fit_learner", recording)
+    X, y, cells = planted_copies()
+    kwargs = dict(block_dims=(24,), pca_components=8, rf_trees=20, folds=3, backend="sklearn")
+    models = {}
+    for jobs in (1, 3):
+        fit_threads.clear()
+        models[jobs] = FeatureStackingClassifier(n_jobs=jobs, **kwargs).fit(X, y, groups=cells)
+        assert len(fit_threads) == 2 * (3 + 1)  # an SVM and a forest per fold, and the final pair
+        if jobs == 1:
+            assert set(fit_threads) == {threading.get_ident()}
+        else:
+            assert len(set(fit_threads)) > 1
+    np.testing.assert_array_equal(models[1].oof_, models[3].oof_)
+    np.testing.assert_array_equal(models[1].meta_.coef_, models[3].meta_.coef_)
+    np.testing.assert_array_equal(models[1].predict_proba(X), models[3].predict_proba(X))
 
 
 def test_per_class_metrics_by_hand():
@@ -127,7 +154,7 @@ def test_train_and_evaluate_commands_on_a_synthetic_store(tmp_path):
     result = runner.invoke(app, ["evaluate", str(run / "model"), str(run / "features.zarr"), "--split", "train"])
     assert result.exit_code == 1 and "fitted on" in result.output
     info = json.loads((run / "model" / "model.json").read_text())
-    assert {"fold svm fit", "meta fit", "rf refit"} <= set(info["fit_seconds"])
+    assert {"base learner fits", "meta fit"} <= set(info["fit_seconds"]) and "rf refit" in info["learner_seconds"]
     (run / "model" / "model.json").write_text(json.dumps({**info, "aml_rapids": "0.0.1"}))
     result = runner.invoke(app, ["evaluate", str(run / "model"), str(run / "features.zarr")])
     assert result.exit_code == 1 and "retrain" in result.output

@@ -55,6 +55,18 @@ def test_cuml_and_scikit_learn_models_agree():
     assert (predicted["cuml"] == predicted["sklearn"]).mean() >= 0.99
 
 
+def test_cuml_base_learners_fitted_on_threads_give_the_model_fitted_one_at_a_time():
+    needs_cuml()
+    X, y = separable()
+    X += np.random.default_rng(1).normal(0, 4, X.shape).astype(np.float32)  # overlapping classes
+    models = {jobs: FeatureStackingClassifier(block_dims=(64,), pca_components=16, rf_trees=50, folds=3,
+                                              backend="cuml", n_jobs=jobs).fit(X[:1500], y[:1500])
+              for jobs in (1, 4)}
+    oof = {jobs: model.oof_.get() for jobs, model in models.items()}
+    np.testing.assert_allclose(oof[4][:, :5], oof[1][:, :5], atol=1e-3)  # the SVMs' out-of-fold scores
+    assert (models[4].predict(X[1500:]) == models[1].predict(X[1500:])).mean() >= 0.99
+
+
 @pytest.mark.parametrize("classes", [2, 5])
 def test_a_cuml_model_has_a_scikit_learn_twin_that_predicts_as_it_does(classes, tmp_path):
     needs_cuml()

@@ -12,12 +12,15 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 
 import numpy as np
 from sklearn.base import BaseEstimator, ClassifierMixin, clone
 from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
 
 from ..errors import AmlRapidsError
+from ..provenance import usable_cores
 from ..timing import span
 from .backend import Backend, get_backend
 
@@ -57,6 +60,19 @@ def _device_sync(be: Backend) -> Callable[[], None] | None:
     return (lambda: be.xp.cuda.get_current_stream().synchronize()) if be.name == "cuml" else None
 
 
+def _fit_learner(estimator, Z, labels, rows, step: str, sync) -> dict[str, float]:
+    """Fit one base learner on ``rows`` of Z (all of Z when None); returns its seconds under ``step``."""
+    took: dict[str, float] = {}
+    with span(took, step, sync):
+        estimator.fit(Z if rows is None else Z[rows], labels if rows is None else labels[rows])
+    return took
+
+
+def _add_seconds(seconds: dict[str, float], took: dict[str, float]) -> None:
+    for step, value in took.items():
+        seconds[step] = seconds.get(step, 0.0) + value
+
+
 def _svc_as_sklearn(svc):
     """cuML's multiclass SVC is scikit-learn's OneVsOneClassifier over two-class cuML SVCs (kept in its
     ``_multiclass``), and cuML converts only two-class SVCs; the twin is that OneVsOneClassifier over the
@@ -75,10 +91,11 @@ class FeatureStackingClassifier(ClassifierMixin, BaseEstimator):
 
     ``pca_components``: an int is a count of components, a float in (0, 1) the share of variance to keep.
     ``pca_mode``: ``per_backbone`` (a PCA per backbone, outputs side by side, as the method) or
-    ``concatenated`` (z-scored backbones side by side, then one PCA)."""
+    ``concatenated`` (z-scored backbones side by side, then one PCA).
+    ``n_jobs``: base learners fitted at once, on threads (None: every core with scikit-learn, one with cuML)."""
 
     def __init__(self, block_dims=(1280,), pca_components=128, pca_mode="per_backbone", svm_c=1.0, rf_trees=100,
-                 rf_max_depth=16, rf_max_samples=0.5, folds=5, seed=0, backend="auto"):
+                 rf_max_depth=16, rf_max_samples=0.5, folds=5, seed=0, backend="auto", n_jobs=None):
         self.block_dims = block_dims
         self.pca_components = pca_components
         self.pca_mode = pca_mode
@@ -89,6 +106,7 @@ class FeatureStackingClassifier(ClassifierMixin, BaseEstimator):
         self.folds = folds
         self.seed = seed
         self.backend = backend
+        self.n_jobs = n_jobs
 
     def _backend(self) -> Backend:
         return get_backend(self.backend)
@@ -152,6 +170,16 @@ class FeatureStackingClassifier(ClassifierMixin, BaseEstimator):
         full_proba[:, be.to_host(forest.classes_).astype(int)] = be.asarray(forest.predict_proba(Z))
         return be.xp.concatenate([full_scores, full_proba], axis=1)
 
+    def _in_parallel(self, be: Backend, calls: list[Callable]) -> list:
+        """The calls' results in order, ``n_jobs`` of them running at once. The fits release the GIL
+        (libsvm, the forest's trees, cuML's C++), and each cuML thread queues on its own per-thread stream;
+        scikit-learn's SVC uses one core, so on a CPU the SVMs of different folds run side by side."""
+        jobs = self.n_jobs or (usable_cores() if be.name == "sklearn" else 1)
+        if jobs == 1:
+            return [call() for call in calls]
+        with ThreadPoolExecutor(min(jobs, len(calls))) as pool:
+            return [future.result() for future in [pool.submit(call) for call in calls]]
+
     def _meta_inputs(self, be: Backend, outputs):
         """Base outputs standardised per column with the out-of-fold outputs' mean and spread: SVM scores span
         about ten times the forest's probabilities, and unscaled they took the meta-learner's lbfgs 1,087
@@ -181,8 +209,11 @@ class FeatureStackingClassifier(ClassifierMixin, BaseEstimator):
         return self._fit_reduced(be, Z, y, groups, seconds)
 
     def _fit_reduced(self, be: Backend, Z, y, groups, seconds: dict[str, float]):
-        """Base learners on out-of-fold groups, the meta-learner on their outputs, then the base learners on all.
-        ``fit_seconds_`` keeps where the time went, summed over folds (the device synchronised at each step)."""
+        """Base learners on each fold's training groups and on all rows (independent fits, ``n_jobs`` at once),
+        then the meta-learner on the folds' held-out outputs.
+        ``fit_seconds_`` keeps the wall time of each phase (the device synchronised at each end);
+        ``learner_seconds_`` each kind of base-learner fit, summed over folds: with ``n_jobs`` above one the fits
+        overlap, and their sum exceeds the phase's wall time."""
         y = np.asarray(y)
         self.classes_, codes = np.unique(y, return_inverse=True)
         if len(self.classes_) < 2:
@@ -190,32 +221,33 @@ class FeatureStackingClassifier(ClassifierMixin, BaseEstimator):
         if Z.shape[0] != len(y):
             raise AmlRapidsError(f"{Z.shape[0]} feature rows but {len(y)} labels")
         labels = be.xp.asarray(codes.astype(np.int32))
-        self.oof_ = None
         sync = _device_sync(be)
         with span(seconds, "fold split", sync):
-            folds = grouped_folds(codes, groups, self.folds, self.seed)
-        for train_idx, held_idx in folds:
-            train_idx, held_idx = be.xp.asarray(train_idx), be.xp.asarray(held_idx)
-            svm, forest = self._base_learners(be)
-            with span(seconds, "fold svm fit", sync):
-                svm.fit(Z[train_idx], labels[train_idx])
-            with span(seconds, "fold rf fit", sync):
-                forest.fit(Z[train_idx], labels[train_idx])
-            with span(seconds, "fold outputs", sync):
-                outputs = self._base_outputs(be, svm, forest, Z[held_idx])
-            if self.oof_ is None:
-                self.oof_ = be.xp.zeros((len(y), outputs.shape[1]), dtype=be.xp.float32)
-            self.oof_[held_idx] = outputs
+            folds = [(be.xp.asarray(train), be.xp.asarray(held))
+                     for train, held in grouped_folds(codes, groups, self.folds, self.seed)]
+        # One (SVM, forest) pair per fold and the final pair on all rows: independent fits, the largest first.
+        pairs = [self._base_learners(be) for _ in range(len(folds) + 1)]
+        parts = [(None, "svm refit", "rf refit")] + [(train, "fold svm fit", "fold rf fit") for train, _ in folds]
+        fits = []
+        for (svm, forest), (rows, svm_step, rf_step) in zip(pairs, parts):
+            fits += [partial(_fit_learner, svm, Z, labels, rows, svm_step, sync),
+                     partial(_fit_learner, forest, Z, labels, rows, rf_step, sync)]
+        self.learner_seconds_: dict[str, float] = {}
+        with span(seconds, "base learner fits", sync):
+            for took in self._in_parallel(be, fits):
+                _add_seconds(self.learner_seconds_, took)
+        (self.svm_, self.forest_), fold_pairs = pairs[0], pairs[1:]
+        with span(seconds, "fold outputs", sync):
+            outputs = self._in_parallel(be, [partial(self._base_outputs, be, svm, forest, Z[held])
+                                             for (svm, forest), (_, held) in zip(fold_pairs, folds)])
+            self.oof_ = be.xp.zeros((len(y), outputs[0].shape[1]), dtype=be.xp.float32)
+            for (_, held), fold_outputs in zip(folds, outputs):
+                self.oof_[held] = fold_outputs
         with span(seconds, "meta fit", sync):
             oof = Backend.to_host(self.oof_)
             self.meta_center_, spread = oof.mean(axis=0), oof.std(axis=0)
             self.meta_scale_ = np.where(spread > 0, spread, 1.0).astype(np.float32)
             self.meta_ = be.LogisticRegression(max_iter=2000).fit(self._meta_inputs(be, self.oof_), labels)
-        self.svm_, self.forest_ = self._base_learners(be)
-        with span(seconds, "svm refit", sync):
-            self.svm_.fit(Z, labels)
-        with span(seconds, "rf refit", sync):
-            self.forest_.fit(Z, labels)
         self.fit_seconds_ = seconds
         self.backend_ = be.name
         return self

@@ -34,7 +34,8 @@ def new_model(block_dims: tuple[int, ...], cfg: RunConfig) -> FeatureStackingCla
     c = cfg.classify
     return FeatureStackingClassifier(block_dims=block_dims, pca_components=c.pca_components, pca_mode=c.pca_mode,
                                      svm_c=c.svm_c, rf_trees=c.rf_trees, rf_max_depth=c.rf_max_depth,
-                                     rf_max_samples=c.rf_max_samples, folds=c.folds, seed=c.seed, backend=c.backend)
+                                     rf_max_samples=c.rf_max_samples, folds=c.folds, seed=c.seed, backend=c.backend,
+                                     n_jobs=c.n_jobs)
 
 
 def fit_model(X, rows, block_dims: tuple[int, ...], cfg: RunConfig) -> FeatureStackingClassifier:
@@ -61,7 +62,7 @@ def train(store_path: Path, cfg: RunConfig, out: Path, backbones: list[str] | No
     info = {"aml_rapids": __version__, "backend": model.backend_, "portable": _save_portable(model, out),
             "classes": [str(k) for k in model.classes_], "training_rows": len(rows),
             "reduction": "incremental PCA, streamed from the store" if streamed else "PCA in memory",
-            "fit_seconds": model.fit_seconds_,
+            "fit_seconds": model.fit_seconds_, "learner_seconds": model.learner_seconds_,
             "store": str(store_path), **describe_features(store, backbones),
             "config": cfg.classify.model_dump(), "extract_config": store.meta.get("config")}
     (out / INFO_FILE).write_text(json.dumps(info, indent=2))

@@ -27,9 +27,9 @@ from ..data.manifest import Manifest
 from ..errors import AmlRapidsError
 from ..data.scan import Problem
 from ..loader.augment import DRAWS
-from ..loader.loader import CellLoader, resolve_device, usable_cores
+from ..loader.loader import CellLoader, resolve_device
 from ..loader.pipeline import Normalization
-from ..provenance import machine_info, software_versions
+from ..provenance import machine_info, software_versions, usable_cores
 from ..timing import span
 from .backbones import get_spec
 from .plan import STATUS_FAILED, STATUS_OK, STATUS_PADDING, pad_segments, plan_rows

@@ -22,6 +22,7 @@ from ..config import RunConfig
 from ..data.inspect import ImageProblem, inspect_image
 from ..data.scan import Problem
 from ..errors import AmlRapidsError
+from ..provenance import usable_cores
 from ..timing import span
 from .augment import affine_matrices
 from .pipeline import READER, GraphSpec, Normalization, build_pipeline, output_names
@@ -44,10 +45,6 @@ def resolve_device(requested: str) -> str:
     if requested == "gpu" and not has_gpu:
         raise AmlRapidsError("loader.device=gpu, but no CUDA GPU is visible; use loader.device=cpu or auto")
     return "gpu" if requested == "gpu" or (requested == "auto" and has_gpu) else "cpu"
-
-
-def usable_cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 class CellLoader:
