@@ -6,7 +6,8 @@
 # baselines read the first NAIVE_COUNT cells and scikit-learn fits BASELINE_ROWS rows, since at full size they
 # alone would take the whole budget. A failing test or stage does not stop the rest. Results are appended to
 # benchmarks/results/results.jsonl and shown as the README's table; with OUT set, results (OUT/results.jsonl: add
-# them to benchmarks/results/results.jsonl) and logs are written there as they appear.
+# them to benchmarks/results/results.jsonl) and logs are written there as they appear. Last, outside the budget,
+# a profiled compiled extraction of TRACE_COUNT cells (0 skips it) writes OUT/trace/ (benchmarks/trace_extract.py).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-}
@@ -58,3 +59,12 @@ timeout "${SUITE_S:-600}" python3 -m benchmarks suite --device gpu --count "$cou
 took=$((SECONDS - suite_start))
 echo "benchmark suite: ${took}s ($([ "$took" -le "${BUDGET_S:-300}" ] && echo within || echo OVER) its ${BUDGET_S:-300}s budget); all: ${SECONDS}s"
 python3 -m benchmarks.report --results "$results" | tee "$logs/table.md"
+if [ "${TRACE_COUNT:-8192}" -gt 0 ]; then  # after the budget: where the compiled extraction's time goes
+  if timeout "${TRACE_S:-180}" python3 -m benchmarks.trace_extract --device gpu --compile --count "$TRACE_COUNT" \
+      --cache "$cache" --out "$logs/trace" >"$logs/trace.log" 2>&1; then
+    grep -A3 '"gpu_busy_seconds"' "$logs/trace/summary.json"
+  else
+    echo "extraction trace failed: see $logs/trace.log"
+  fi
+fi
+echo "all: ${SECONDS}s"

@@ -1,11 +1,13 @@
 """The benchmark suite runs end to end on a tiny count and writes well-formed results (no speed is asserted)."""
 
+import gzip
 import json
 
 import pytest
 
 from benchmarks.__main__ import main
 from benchmarks.report import latest_runs, markdown
+from benchmarks.trace_extract import device_time, trace
 
 
 @pytest.mark.slow
@@ -41,3 +43,24 @@ def test_the_suite_writes_well_formed_results(tmp_path):
     assert all(0 < r["floor_fraction"] and r["floor_images_per_s"] > 0 for r in forward)
     table = markdown(latest_runs(results))
     assert table.count("\n") == 2 + 17 - 1 and "of floor" in table and "sklearn stacking fit" in table
+
+
+def test_device_time_counts_overlapping_work_once():
+    events = [{"name": "triton_poi_fused_0", "ts": 0.0, "dur": 10.0, "tid": 7},
+              {"name": "sm90_xmma_fprop_implicit_gemm", "ts": 5.0, "dur": 10.0, "tid": 8},
+              {"name": "Memcpy DtoH (Device -> Pinned)", "ts": 20.0, "dur": 5.0, "tid": 7}]
+    summary = device_time(events, loop_seconds=50e-6)
+    assert summary["gpu_busy_seconds"] == pytest.approx(20e-6)  # 0-15 and 20-25
+    assert summary["gpu_busy_share_of_loop"] == pytest.approx(0.4)
+    assert summary["busy_seconds_by_stream"] == pytest.approx({"7": 15e-6, "8": 10e-6})
+    assert summary["busy_seconds_by_kind"] == pytest.approx({"fused (inductor, Triton)": 10e-6,
+                                                             "convolution": 10e-6, "copy": 5e-6})
+
+
+def test_the_extraction_trace_writes_its_files_on_a_cpu(tmp_path):
+    summary = trace(64, "cpu", 32, ["mobilenet_v2"], False, tmp_path / "trace", tmp_path / "cells")
+    assert summary["images"] == 64 and summary["loop_seconds"] > 0
+    assert json.loads((tmp_path / "trace" / "summary.json").read_text()) == summary
+    with gzip.open(tmp_path / "trace" / "trace.json.gz", "rt") as fh:
+        assert any("convolution" in e.get("name", "") for e in json.load(fh)["traceEvents"])
+    assert "convolution" in (tmp_path / "trace" / "ops.txt").read_text()
