@@ -122,6 +122,9 @@ class FeaturesConfig(_Section):
         "float16", description="float16 halves the store; float32 for features outside float16's range")
     channels_last: bool = True
     compile: bool = Field(False, description="torch.compile the backbones (GPU; pays off on large runs)")
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = Field(
+        "default", description="torch.compile's mode: reduce-overhead replays CUDA graphs on a GPU, max-autotune "
+                               "also searches kernel variants (minutes of compiling)")
     writers: int = Field(2, ge=1, description="threads writing finished chunks to the store")
     seed: int = Field(0, description="seed of random initialisation for weights 'none'")
 

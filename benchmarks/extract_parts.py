@@ -28,12 +28,14 @@ from .floor import flops_per_image, matmul_rate
 from .harness import Variant, throughputs
 
 
-def bench_config(backbones: list[str], device: str, batch_size: int, compiled: bool = False) -> RunConfig:
+def bench_config(backbones: list[str], device: str, batch_size: int, compiled: bool = False,
+                 compile_mode: str = "default") -> RunConfig:
     """The config every extraction benchmark uses: random weights (nothing to download), float32 store."""
     spec = ", ".join(f"{{name: {b}, weights: none}}" for b in backbones)
     return load_config(None, [f"features.backbones=[{spec}]", f"loader.device={device}",
                               f"loader.batch_size={batch_size}", "features.chunk_batches=4",
-                              "features.store_dtype=float32", f"features.compile={compiled}"])
+                              "features.store_dtype=float32", f"features.compile={compiled}",
+                              f"features.compile_mode={compile_mode}"])
 
 
 def _forward(net, images: torch.Tensor, batches: int, context) -> Callable[[], int]:

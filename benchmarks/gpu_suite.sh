@@ -7,7 +7,8 @@
 # alone would take the whole budget. A failing test or stage does not stop the rest. Results are appended to
 # benchmarks/results/results.jsonl and shown as the README's table; with OUT set, results (OUT/results.jsonl: add
 # them to benchmarks/results/results.jsonl) and logs are written there as they appear. Last, outside the budget,
-# a profiled compiled extraction of TRACE_COUNT cells (0 skips it) writes OUT/trace/ (benchmarks/trace_extract.py).
+# a profiled compiled extraction of TRACE_COUNT cells per torch.compile mode in TRACE_MODES (empty skips them)
+# writes OUT/trace-<mode>/ (benchmarks/trace_extract.py).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-}
@@ -59,12 +60,13 @@ timeout "${SUITE_S:-600}" python3 -m benchmarks suite --device gpu --count "$cou
 took=$((SECONDS - suite_start))
 echo "benchmark suite: ${took}s ($([ "$took" -le "${BUDGET_S:-300}" ] && echo within || echo OVER) its ${BUDGET_S:-300}s budget); all: ${SECONDS}s"
 python3 -m benchmarks.report --results "$results" | tee "$logs/table.md"
-if [ "${TRACE_COUNT:-8192}" -gt 0 ]; then  # after the budget: where the compiled extraction's time goes
-  if timeout "${TRACE_S:-180}" python3 -m benchmarks.trace_extract --device gpu --compile --count "$TRACE_COUNT" \
-      --cache "$cache" --out "$logs/trace" >"$logs/trace.log" 2>&1; then
-    grep -A3 '"gpu_busy_seconds"' "$logs/trace/summary.json"
+for mode in ${TRACE_MODES-default reduce-overhead}; do  # after the budget: where a compiled extraction's time goes
+  if timeout "${TRACE_S:-150}" python3 -m benchmarks.trace_extract --device gpu --compile "$mode" \
+      --count "${TRACE_COUNT:-8192}" --cache "$cache" --out "$logs/trace-$mode" >"$logs/trace-$mode.log" 2>&1; then
+    echo "trace, torch.compile $mode: $(grep -E '"(loop_images_per_s|gpu_busy_share_of_loop)"' \
+      "$logs/trace-$mode/summary.json" | tr -s ' \n' ' ')"
   else
-    echo "extraction trace failed: see $logs/trace.log"
+    echo "trace, torch.compile $mode: failed (see $logs/trace-$mode.log)"
   fi
-fi
+done
 echo "all: ${SECONDS}s"

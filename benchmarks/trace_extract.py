@@ -61,10 +61,11 @@ def device_time(events: list[dict], loop_seconds: float) -> dict:
                for key, groups in by.items()}}
 
 
-def trace(count: int, device: str, batch_size: int, backbones: list[str], compiled: bool, out: Path,
+def trace(count: int, device: str, batch_size: int, backbones: list[str], compile_mode: str | None, out: Path,
           cache: Path) -> dict:
+    """``compile_mode``: torch.compile's mode, None for eager networks."""
     manifest = synthetic_manifest(count, cache)
-    cfg = bench_config(backbones, device, batch_size, compiled)
+    cfg = bench_config(backbones, device, batch_size, compile_mode is not None, compile_mode or "default")
     run = AmlExtract(cfg, load_backbones(cfg, "cuda" if device == "gpu" else "cpu"))
     run(head(manifest, min(WARMUP_CELLS, count)))  # start-up, autotuning, compilation: not traced
     activities = [ProfilerActivity.CUDA] if device == "gpu" else [ProfilerActivity.CPU]
@@ -79,8 +80,8 @@ def trace(count: int, device: str, batch_size: int, backbones: list[str], compil
     raw.unlink()
     sort_by = "self_device_time_total" if device == "gpu" else "self_cpu_time_total"
     (out / "ops.txt").write_text(prof.key_averages().table(sort_by=sort_by, row_limit=40))
-    summary = {"images": run.summary.rows_written, "device": device, "backbones": backbones, "compiled": compiled,
-               "batch_size": batch_size, "loop_seconds": run.summary.seconds,
+    summary = {"images": run.summary.rows_written, "device": device, "backbones": backbones,
+               "compile_mode": compile_mode, "batch_size": batch_size, "loop_seconds": run.summary.seconds,
                "loop_images_per_s": run.summary.images_per_s, "breakdown": run.summary.seconds_in}
     if device == "gpu":
         summary.update(device_time([e for e in events if e.get("cat") in DEVICE_EVENTS], run.summary.seconds))
@@ -96,7 +97,9 @@ def main(argv=None) -> None:
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "gpu"])
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--backbones", default="mobilenet_v2,resnet101,vgg16")
-    parser.add_argument("--compile", action="store_true", help="torch.compile the networks (compiled in the warm-up)")
+    parser.add_argument("--compile", nargs="?", const="default", metavar="MODE",
+                        choices=["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"],
+                        help="torch.compile the networks, in this mode (default: default), during the warm-up")
     parser.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "aml-rapids-bench")
     args = parser.parse_args(argv)
     summary = trace(args.count, resolve_device(args.device), args.batch_size, args.backbones.split(","),

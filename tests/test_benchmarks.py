@@ -58,7 +58,7 @@ def test_device_time_counts_overlapping_work_once():
 
 
 def test_the_extraction_trace_writes_its_files_on_a_cpu(tmp_path):
-    summary = trace(64, "cpu", 32, ["mobilenet_v2"], False, tmp_path / "trace", tmp_path / "cells")
+    summary = trace(64, "cpu", 32, ["mobilenet_v2"], None, tmp_path / "trace", tmp_path / "cells")
     assert summary["images"] == 64 and summary["loop_seconds"] > 0
     assert json.loads((tmp_path / "trace" / "summary.json").read_text()) == summary
     with gzip.open(tmp_path / "trace" / "trace.json.gz", "rt") as fh:

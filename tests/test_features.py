@@ -22,7 +22,7 @@ from aml_rapids.data.splits import make_split
 from aml_rapids.data.synthetic import write_demo_dataset
 from aml_rapids.errors import AmlRapidsError
 from aml_rapids.features.backbones import REGISTRY
-from aml_rapids.features.extract import TIME_PARTS, extract, load_backbones
+from aml_rapids.features.extract import TIME_PARTS, compile_settings, extract, load_backbones
 from aml_rapids.features.plan import STATUS_FAILED, STATUS_OK, STATUS_PADDING
 from aml_rapids.features.store import FeatureStore, StoreError
 from aml_rapids.features.weights import WeightsError, load_backbone
@@ -150,6 +150,15 @@ def test_preloaded_backbones_padded_to_one_shape_give_the_same_store(tmp_path):
     plain, other = (FeatureStore.open(tmp_path / f"{n}.zarr") for n in ("plain", "padded"))
     assert plain.rows().equals(other.rows())
     np.testing.assert_allclose(other.features("tiny")[:], plain.features("tiny")[:], rtol=1e-5, atol=1e-5)
+
+
+def test_the_compile_mode_reaches_torch_compile(monkeypatch):
+    calls = []
+    monkeypatch.setattr(torch, "compile", lambda net, **kwargs: calls.append(kwargs) or net)
+    load_backbones(cfg(**{"features.compile": "true", "features.compile_mode": "reduce-overhead"}), "cpu")
+    assert calls == [{"dynamic": False, "options": {"triton.cudagraphs": True, "freezing": True}}]
+    assert compile_settings("reduce-overhead", "cuda") == {"mode": "reduce-overhead"}  # a GPU: the mode alone
+    assert compile_settings("default", "cpu") == {"options": {"freezing": True}}
 
 
 @pytest.mark.slow
