@@ -2,7 +2,8 @@
 its own (row z-score + PCA, SVM fit, forest fit), the whole stacking fit for each fold count asked for, and
 predict, for every available backend in the same run; scikit-learn on this machine's cores is the baseline. A
 stacking fit runs its independent base-learner fits on threads (``n_jobs``): scikit-learn's on every core, cuML's
-one at a time by default and, timed beside it, ``CUML_THREADS`` at once (per-thread CUDA streams).
+one at a time by default and, timed beside it at the full row count, ``CUML_THREADS`` at once (per-thread CUDA
+streams).
 
 scikit-learn's RBF SVM grows quadratically with rows, so on a GPU machine the baseline may be measured on fewer
 rows (``baseline_rows``) than cuML; ratios only compare the two at the same row count. The features are drawn
@@ -79,16 +80,16 @@ def twin_agreement(fitted: FeatureStackingClassifier, X_test, predicted) -> dict
             "cpu_twin_rows": len(X_test[rows])}
 
 
-def stages(backend_name: str, X, y, X_test, y_test, pca: int, folds: list[int]):
+def stages(backend_name: str, X, y, X_test, y_test, pca: int, folds: list[int], threads_trial: bool = False):
     """Seconds per step, each stacking fit's breakdown, the held-out accuracy and predictions of the model
-    fitted first, and its twin's agreement with it."""
+    fitted first, and its twin's agreement with it; ``threads_trial`` adds the fit on ``CUML_THREADS``."""
     be = get_backend(backend_name)
     model = FeatureStackingClassifier(block_dims=DIMS, pca_components=pca, backend=backend_name)
     codes = be.xp.asarray(np.unique(y, return_inverse=True)[1].astype(np.int32))
     out = _step_seconds(be, model, X, codes)
     predicted, breakdown, twin = None, {}, {}
     fits = [(k, None, f"stacking fit (all, {k} folds)") for k in folds]
-    if backend_name == "cuml":
+    if threads_trial:
         fits.append((folds[0], CUML_THREADS, f"stacking fit (all, {folds[0]} folds, {CUML_THREADS} threads)"))
     for k, jobs, name in fits:
         fitted = FeatureStackingClassifier(block_dims=DIMS, pca_components=pca, folds=k, backend=backend_name,
@@ -121,7 +122,7 @@ def run(rows: int, pca: int, baseline_rows: int | None = None, folds: tuple[int,
     results, predictions = [], {}
     for name, n in plan:
         timings, breakdown, quality, predictions[name, n] = stages(name, X[:n], y[:n], X_test, y_test, pca,
-                                                                    list(folds))
+                                                                    list(folds), name == "cuml" and n == rows)
         for stage, seconds in timings.items():
             items = len(X_test) if stage == "predict" else n
             results.append({"variant": f"{name} {stage}", "items": items, "train_rows": n, "seconds_median": seconds,

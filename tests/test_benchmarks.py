@@ -6,6 +6,7 @@ import json
 import pytest
 
 from benchmarks.__main__ import main
+from benchmarks.classify_bench import CUML_THREADS, stages, synthetic_features
 from benchmarks.report import latest_runs, markdown
 from benchmarks.trace_extract import device_time, trace
 
@@ -64,3 +65,11 @@ def test_the_extraction_trace_writes_its_files_on_a_cpu(tmp_path):
     with gzip.open(tmp_path / "trace" / "trace.json.gz", "rt") as fh:
         assert any("convolution" in e.get("name", "") for e in json.load(fh)["traceEvents"])
     assert "convolution" in (tmp_path / "trace" / "ops.txt").read_text()
+
+
+def test_the_threads_trial_adds_a_fit_that_predicts_as_the_default_one():
+    X, y = synthetic_features(800)
+    out, breakdown, _, _ = stages("sklearn", X[:600], y[:600], X[600:], y[600:], 8, [3], threads_trial=True)
+    trial = f"stacking fit (all, 3 folds, {CUML_THREADS} threads)"
+    assert out[trial] > 0 and breakdown[trial]["n_jobs"] == CUML_THREADS
+    assert breakdown[trial]["heldout_agreement_with_default_n_jobs"] == 1.0
