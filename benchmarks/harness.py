@@ -24,9 +24,12 @@ def head(manifest: Manifest, count: int | None) -> Manifest:
 
 
 def synthetic_manifest(count: int, cache: Path) -> Manifest:
-    """At least ``count`` synthetic 144x144 TIFF cells, drawn and indexed once per cache folder."""
+    """The first ``count`` of a set of synthetic 144x144 TIFF cells in ``cache``: the smallest set already drawn
+    and indexed there that is large enough (e.g. the full-size set of an earlier stage), else a new one."""
     per_patient = 50
     patients = max(1, -(-count // (len(CLASSES) * per_patient)))
+    drawn = [int(p.stem.split("-")[1].split("x")[0]) for p in cache.glob(f"synthetic-*x{per_patient}.parquet")]
+    patients = min((n for n in drawn if n >= patients), default=patients)
     folder = cache / f"synthetic-{patients}x{per_patient}"
     indexed = folder.with_suffix(".parquet")
     if indexed.is_file():

@@ -7,6 +7,7 @@ import pytest
 
 from benchmarks.__main__ import main
 from benchmarks.classify_bench import CUML_THREADS, stages, synthetic_features
+from benchmarks.harness import synthetic_manifest
 from benchmarks.report import latest_runs, markdown
 from benchmarks.trace_extract import device_time, trace
 
@@ -73,3 +74,11 @@ def test_the_threads_trial_adds_a_fit_that_predicts_as_the_default_one():
     trial = f"stacking fit (all, 3 folds, {CUML_THREADS} threads)"
     assert out[trial] > 0 and breakdown[trial]["n_jobs"] == CUML_THREADS
     assert breakdown[trial]["heldout_agreement_with_default_n_jobs"] == 1.0
+
+
+def test_a_smaller_count_reuses_a_larger_synthetic_set(tmp_path):
+    larger = synthetic_manifest(300, tmp_path)  # two patients per class: 500 cells drawn
+    smaller = synthetic_manifest(100, tmp_path)
+    assert len(larger.table) == 300 and len(smaller.table) == 100
+    assert [p.name for p in tmp_path.iterdir() if p.is_dir()] == ["synthetic-2x50"]
+    assert smaller.table["path"].tolist() == larger.table["path"].tolist()[:100]
