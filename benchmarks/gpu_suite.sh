@@ -8,7 +8,8 @@
 # benchmarks/results/results.jsonl and shown as the README's table; with OUT set, results (OUT/results.jsonl: add
 # them to benchmarks/results/results.jsonl) and logs are written there as they appear. Last, outside the budget,
 # a profiled compiled extraction of TRACE_COUNT cells per torch.compile mode in TRACE_MODES (empty skips them)
-# writes OUT/trace-<mode>/ (benchmarks/trace_extract.py).
+# writes OUT/trace-<mode>/ (benchmarks/trace_extract.py). A device call runs at most 10 minutes: run the tests and
+# the suite with TRACE_MODES= first, then the traces with TEST_S=0 STAGES= (the cells stay in /tmp meanwhile).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-}
@@ -52,14 +53,17 @@ if [ "${TEST_S:-180}" -gt 0 ]; then
 fi
 wait "$drawing" || { echo "drawing the synthetic cells failed:"; cat "$logs/synthetic.log"; exit 4; }
 echo "synthetic cells ready: ${SECONDS}s"
-suite_start=$SECONDS
-timeout "${SUITE_S:-600}" python3 -m benchmarks suite --device gpu --count "$count" --cache "$cache" \
-  --naive-count "${NAIVE_COUNT:-4096}" --repeats "${REPEATS:-1}" --rows "${ROWS:-56850}" \
-  --baseline-rows "${BASELINE_ROWS:-4096}" --folds "${FOLDS:-5}" --stages "${STAGES:-loader,extract,classify}" \
-  --results "$results" "$@" 2>&1 | tee "$logs/suite.log"
-took=$((SECONDS - suite_start))
-echo "benchmark suite: ${took}s ($([ "$took" -le "${BUDGET_S:-300}" ] && echo within || echo OVER) its ${BUDGET_S:-300}s budget); all: ${SECONDS}s"
-python3 -m benchmarks.report --results "$results" | tee "$logs/table.md"
+stages=${STAGES-loader,extract,classify}  # empty: no suite (e.g. a second call for the traces alone)
+if [ -n "$stages" ]; then
+  suite_start=$SECONDS
+  timeout "${SUITE_S:-600}" python3 -m benchmarks suite --device gpu --count "$count" --cache "$cache" \
+    --naive-count "${NAIVE_COUNT:-4096}" --repeats "${REPEATS:-1}" --rows "${ROWS:-56850}" \
+    --baseline-rows "${BASELINE_ROWS:-4096}" --folds "${FOLDS:-5}" --stages "$stages" \
+    --results "$results" "$@" 2>&1 | tee "$logs/suite.log"
+  took=$((SECONDS - suite_start))
+  echo "benchmark suite: ${took}s ($([ "$took" -le "${BUDGET_S:-300}" ] && echo within || echo OVER) its ${BUDGET_S:-300}s budget); all: ${SECONDS}s"
+  python3 -m benchmarks.report --results "$results" | tee "$logs/table.md"
+fi
 for mode in ${TRACE_MODES-default reduce-overhead}; do  # after the budget: where a compiled extraction's time goes
   if timeout "${TRACE_S:-150}" python3 -m benchmarks.trace_extract --device gpu --compile "$mode" \
       --count "${TRACE_COUNT:-8192}" --cache "$cache" --out "$logs/trace-$mode" >"$logs/trace-$mode.log" 2>&1; then
