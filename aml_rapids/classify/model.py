@@ -3,7 +3,8 @@ an RBF SVM and a random forest, stacked by a logistic-regression meta-learner.
 
 Stacking without leakage: the meta-learner is fitted on out-of-fold outputs only. Folds are grouped (by
 patient, or by cell so that oversampled copies of one cell stay together), so no base-learner output it sees
-was fitted on the same row, the same cell or the same patient. The base learners are then refitted on all rows.
+was fitted on the same row, the same cell or the same patient. The base learners that predict are fitted on all
+rows; every base-learner fit is independent of the others, and they run side by side.
 SVM scores are ``decision_function`` values (cuML's SVC has no ``probability``), the forest's are class
 probabilities; both backends compute them the same way.
 """
@@ -11,6 +12,7 @@ probabilities; both backends compute them the same way.
 from __future__ import annotations
 
 import copy
+from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
@@ -66,11 +68,6 @@ def _fit_learner(estimator, Z, labels, rows, step: str, sync) -> dict[str, float
     with span(took, step, sync):
         estimator.fit(Z if rows is None else Z[rows], labels if rows is None else labels[rows])
     return took
-
-
-def _add_seconds(seconds: dict[str, float], took: dict[str, float]) -> None:
-    for step, value in took.items():
-        seconds[step] = seconds.get(step, 0.0) + value
 
 
 def _svc_as_sklearn(svc):
@@ -232,10 +229,11 @@ class FeatureStackingClassifier(ClassifierMixin, BaseEstimator):
         for (svm, forest), (rows, svm_step, rf_step) in zip(pairs, parts):
             fits += [partial(_fit_learner, svm, Z, labels, rows, svm_step, sync),
                      partial(_fit_learner, forest, Z, labels, rows, rf_step, sync)]
-        self.learner_seconds_: dict[str, float] = {}
+        busy: Counter[str] = Counter()
         with span(seconds, "base learner fits", sync):
             for took in self._in_parallel(be, fits):
-                _add_seconds(self.learner_seconds_, took)
+                busy.update(took)
+        self.learner_seconds_ = dict(busy)
         (self.svm_, self.forest_), fold_pairs = pairs[0], pairs[1:]
         with span(seconds, "fold outputs", sync):
             outputs = self._in_parallel(be, [partial(self._base_outputs, be, svm, forest, Z[held])
