@@ -46,6 +46,25 @@ def test_gpu_extraction_matches_the_cpu_store(tmp_path):
     assert cosine.min() > 0.98
 
 
+@needs_gpu
+def test_cuda_graph_extraction_gives_the_eager_features(tmp_path):
+    """``reduce-overhead`` replays each network as a CUDA graph over the same output memory, while the host reads
+    a batch's features only after the next batch is launched: outputs overwritten too early would show here."""
+    write_demo_dataset(tmp_path / "cells", 2, 40)
+    manifest = build_manifest(tmp_path / "cells", IndexConfig(verify_decode=False)).manifest
+    stores = {}
+    graphs = ["features.compile=true", "features.compile_mode=reduce-overhead"]
+    for name, compiled in (("eager", []), ("graphs", graphs)):
+        cfg = load_config(None, ["features.backbones=[{name: mobilenet_v2, weights: none}]", "loader.batch_size=64",
+                                 "features.chunk_batches=1", "loader.device=gpu", "features.store_dtype=float32",
+                                 *compiled])
+        assert extract(manifest, tmp_path / f"{name}.zarr", cfg).rows_written == 400  # 7 batches, the last padded
+        stores[name] = FeatureStore.open(tmp_path / f"{name}.zarr").features("mobilenet_v2")[:400]
+    eager, graphs = stores["eager"], stores["graphs"]
+    cosine = (eager * graphs).sum(1) / np.linalg.norm(eager, axis=1) / np.linalg.norm(graphs, axis=1)
+    assert cosine.min() > 0.999
+
+
 def test_cuml_and_scikit_learn_models_agree():
     needs_cuml()
     X, y = separable()
