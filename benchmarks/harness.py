@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import statistics
 import time
 from collections.abc import Callable
@@ -28,7 +29,8 @@ def synthetic_manifest(count: int, cache: Path) -> Manifest:
     and indexed there that is large enough (e.g. the full-size set of an earlier stage), else a new one."""
     per_patient = 50
     patients = max(1, -(-count // (len(CLASSES) * per_patient)))
-    drawn = [int(p.stem.split("-")[1].split("x")[0]) for p in cache.glob(f"synthetic-*x{per_patient}.parquet")]
+    drawn = [int(m[1]) for p in cache.glob("synthetic-*.parquet")
+             if (m := re.fullmatch(rf"synthetic-(\d+)x{per_patient}", p.stem))]
     patients = min((n for n in drawn if n >= patients), default=patients)
     folder = cache / f"synthetic-{patients}x{per_patient}"
     indexed = folder.with_suffix(".parquet")

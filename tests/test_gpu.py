@@ -53,8 +53,8 @@ def test_cuda_graph_extraction_gives_the_eager_features(tmp_path):
     write_demo_dataset(tmp_path / "cells", 2, 40)
     manifest = build_manifest(tmp_path / "cells", IndexConfig(verify_decode=False)).manifest
     stores = {}
-    graphs = ["features.compile=true", "features.compile_mode=reduce-overhead"]
-    for name, compiled in (("eager", []), ("graphs", graphs)):
+    cuda_graphs = ["features.compile=true", "features.compile_mode=reduce-overhead"]
+    for name, compiled in (("eager", []), ("graphs", cuda_graphs)):
         cfg = load_config(None, ["features.backbones=[{name: mobilenet_v2, weights: none}]", "loader.batch_size=64",
                                  "features.chunk_batches=1", "loader.device=gpu", "features.store_dtype=float32",
                                  *compiled])

@@ -58,14 +58,17 @@ def grouped_folds(codes: np.ndarray, groups, n_folds: int, seed: int) -> list[tu
 
 
 def _device_sync(be: Backend) -> Callable[[], None] | None:
-    """What a fit step's timing waits for at its ends: cuML's stream (its work is asynchronous), else nothing."""
+    """What a fit phase's timing waits for at its ends: on cuML, CuPy's current stream, where the model's own
+    array work (z-score, indexing, outputs) is queued asynchronously; else nothing."""
     return (lambda: be.xp.cuda.get_current_stream().synchronize()) if be.name == "cuml" else None
 
 
-def _fit_learner(estimator, Z, labels, rows, step: str, sync) -> dict[str, float]:
-    """Fit one base learner on ``rows`` of Z (all of Z when None); returns its seconds under ``step``."""
+def _fit_learner(estimator, Z, labels, rows, step: str) -> dict[str, float]:
+    """Fit one base learner on ``rows`` of Z (all of Z when None); returns its seconds under ``step``. No device
+    wait: cuML's fits return once their GPU work is done (its SVC synchronises its handle, its forest returns a
+    Treelite model on the host), and a wait in one thread would stall on the others' queued work."""
     took: dict[str, float] = {}
-    with span(took, step, sync):
+    with span(took, step):
         estimator.fit(Z if rows is None else Z[rows], labels if rows is None else labels[rows])
     return took
 
@@ -227,8 +230,8 @@ class FeatureStackingClassifier(ClassifierMixin, BaseEstimator):
         parts = [(None, "svm refit", "rf refit")] + [(train, "fold svm fit", "fold rf fit") for train, _ in folds]
         fits = []
         for (svm, forest), (rows, svm_step, rf_step) in zip(pairs, parts):
-            fits += [partial(_fit_learner, svm, Z, labels, rows, svm_step, sync),
-                     partial(_fit_learner, forest, Z, labels, rows, rf_step, sync)]
+            fits += [partial(_fit_learner, svm, Z, labels, rows, svm_step),
+                     partial(_fit_learner, forest, Z, labels, rows, rf_step)]
         busy: Counter[str] = Counter()
         with span(seconds, "base learner fits", sync):
             for took in self._in_parallel(be, fits):
