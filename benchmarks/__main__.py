@@ -33,6 +33,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "aml-rapids-bench")
     parser.add_argument("--results", type=Path, default=RESULTS)
     parser.add_argument("--backbones", default="mobilenet_v2,resnet101,vgg16", help="extract: comma-separated")
+    parser.add_argument("--extract-modes", default="eager,default",
+                        help="extract: aml-rapids variants, comma-separated: eager and/or torch.compile modes "
+                             "(default, reduce-overhead, max-autotune, max-autotune-no-cudagraphs)")
     parser.add_argument("--no-warmup", action="store_true", help="time start-up too (for slow CPU runs)")
     parser.add_argument("--rows", type=int, default=56850, help="classify: training rows (default: 70%% of 81,214)")
     parser.add_argument("--baseline-rows", type=int, help="classify: rows for scikit-learn (default: --rows)")
@@ -66,8 +69,9 @@ def run_stage(stage: str, args, cells: tuple[Manifest, Manifest] | None) -> None
             rows = loader_bench.run(manifest, naive, device, args.repeats, args.batch_size)
         else:
             params["backbones"] = args.backbones.split(",")
+            params["modes"] = args.extract_modes.split(",")
             rows = extract_bench.run(manifest, naive, device, args.repeats, args.batch_size, params["backbones"],
-                                     not args.no_warmup)
+                                     not args.no_warmup, tuple(params["modes"]))
     append_results(stage, rows, params, args.results)
     for row in rows:
         ratio = f"x{row['x_naive']:.2f} naive" if row.get("x_naive") is not None else "(no baseline at this size)"

@@ -58,9 +58,16 @@ class AmlExtract:
         return self.summary.rows_written
 
 
+def variant_name(device: str, mode: str) -> str:
+    """``mode``: ``eager``, or the torch.compile mode of a compiled variant."""
+    how = {"eager": "eager", "default": "torch.compile"}.get(mode, f"torch.compile {mode}")
+    return f"aml-rapids {device} -> Zarr, HSV mask, {how}"
+
+
 def run(manifest: Manifest, naive_manifest: Manifest, device: str, repeats: int, batch_size: int,
-        backbones: list[str], warmup: bool) -> list[dict]:
-    """The naive pipeline and aml-rapids, eager and compiled (the compile is part of the warm-up), in turns."""
+        backbones: list[str], warmup: bool, modes: tuple[str, ...] = ("eager", "default")) -> list[dict]:
+    """The naive pipeline and aml-rapids in each of ``modes`` (eager, or a torch.compile mode, whose compile is
+    part of the warm-up), in turns."""
     where = "cuda" if device == "gpu" else "cpu"
     size = load_config().loader.image_size
     nets = {name: load_backbone(name, "none")[0].to(where).eval() for name in backbones}
@@ -68,9 +75,10 @@ def run(manifest: Manifest, naive_manifest: Manifest, device: str, repeats: int,
     variants = {naive: Variant(lambda: naive_extract(naive_manifest, nets, size),
                                lambda: naive_extract(head(naive_manifest, WARMUP_CELLS), nets, size))}
     extractions = {}
-    for compiled in (False, True):
-        cfg = bench_config(backbones, device, batch_size, compiled=compiled)
-        name = f"aml-rapids {device} -> Zarr, HSV mask, {'torch.compile' if compiled else 'eager'}"
+    for mode in modes:
+        compiled = mode != "eager"
+        cfg = bench_config(backbones, device, batch_size, compiled, mode if compiled else "default")
+        name = variant_name(device, mode)
         extractions[name] = run_once = AmlExtract(cfg, load_backbones(cfg, where))
         variants[name] = Variant(lambda r=run_once: r(manifest), lambda r=run_once: r(head(manifest, WARMUP_CELLS)))
     timings = throughputs(variants, repeats, warmup)

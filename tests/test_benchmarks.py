@@ -7,6 +7,7 @@ import pytest
 
 from benchmarks.__main__ import main
 from benchmarks.classify_bench import CUML_THREADS, stages, synthetic_features
+from benchmarks.extract_bench import variant_name
 from benchmarks.harness import synthetic_manifest
 from benchmarks.report import latest_runs, markdown
 from benchmarks.trace_extract import device_time, trace
@@ -71,9 +72,10 @@ def test_the_extraction_trace_writes_its_files_on_a_cpu(tmp_path):
 def test_the_threads_trial_adds_a_fit_that_predicts_as_the_default_one():
     X, y = synthetic_features(800)
     out, breakdown, _, _ = stages("sklearn", X[:600], y[:600], X[600:], y[600:], 8, [3], threads_trial=True)
-    trial = f"stacking fit (all, 3 folds, {CUML_THREADS} threads)"
-    assert out[trial] > 0 and breakdown[trial]["n_jobs"] == CUML_THREADS
-    assert breakdown[trial]["heldout_agreement_with_default_n_jobs"] == 1.0
+    for threads in CUML_THREADS:
+        trial = f"stacking fit (all, 3 folds, {threads} threads)"
+        assert out[trial] > 0 and breakdown[trial]["n_jobs"] == threads
+        assert breakdown[trial]["heldout_agreement_with_default_n_jobs"] == 1.0
 
 
 def test_a_smaller_count_reuses_a_larger_synthetic_set(tmp_path):
@@ -82,3 +84,12 @@ def test_a_smaller_count_reuses_a_larger_synthetic_set(tmp_path):
     assert len(larger.table) == 300 and len(smaller.table) == 100
     assert [p.name for p in tmp_path.iterdir() if p.is_dir()] == ["synthetic-2x50"]
     assert smaller.table["path"].tolist() == larger.table["path"].tolist()[:100]
+
+
+def test_the_extract_stage_times_the_modes_asked_for(tmp_path):
+    results = tmp_path / "results.jsonl"
+    main(["extract", "--count", "64", "--repeats", "1", "--batch-size", "32", "--cache", str(tmp_path),
+          "--results", str(results), "--backbones", "mobilenet_v2", "--no-warmup", "--extract-modes", "eager"])
+    ends = [r for r in map(json.loads, results.read_text().splitlines()) if "Zarr, HSV" in r["variant"]]
+    assert [r["variant"] for r in ends] == [variant_name("cpu", "eager")]
+    assert ends[0]["params"]["modes"] == ["eager"] and ends[0]["items"] == 64
