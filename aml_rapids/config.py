@@ -149,7 +149,7 @@ class ClassifyConfig(_Section):
     folds: int = Field(5, ge=2, description="grouped folds for the meta-learner's out-of-fold inputs")
     seed: int = 0
     n_jobs: Optional[PositiveInt] = Field(
-        None, description="base learners fitted at once, on threads; null: every core with scikit-learn, one "
+        None, description="base learners fitted at once, on threads; null: every core with scikit-learn, 4 "
                           "with cuML (see docs/classifier.md)")
     memory_gb: float = Field(8.0, gt=0, description="training features above this size are streamed from the "
                                                     "store chunk by chunk (incremental PCA) instead of loaded")

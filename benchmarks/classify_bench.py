@@ -2,8 +2,8 @@
 its own (row z-score + PCA, SVM fit, forest fit), the whole stacking fit for each fold count asked for, and
 predict, for every available backend in the same run; scikit-learn on this machine's cores is the baseline. A
 stacking fit runs its independent base-learner fits on threads (``n_jobs``): scikit-learn's on every core, cuML's
-one at a time by default and, timed beside it at the full row count, with each of ``CUML_THREADS`` at once
-(per-thread CUDA streams).
+4 at once by default (per-thread CUDA streams) and, timed beside it at the full row count, with each of
+``CUML_THREADS`` at once.
 
 scikit-learn's RBF SVM grows quadratically with rows, so on a GPU machine the baseline may be measured on fewer
 rows (``baseline_rows``) than cuML; ratios only compare the two at the same row count. The features are drawn
@@ -27,7 +27,7 @@ from aml_rapids.errors import AmlRapidsError
 DIMS = (1280, 2048, 4096)
 HELD_OUT = 2048
 TWIN_ROWS = 512  # the twin's RBF SVM predicts one kernel row per support vector on one CPU core: keep it short
-CUML_THREADS = (2, 4)
+CUML_THREADS = (1, 2)
 
 
 def synthetic_features(rows: int, classes: int = 5, seed: int = 0, spread: float = 0.04):
@@ -90,7 +90,8 @@ def stages(backend_name: str, X, y, X_test, y_test, pca: int, folds: list[int], 
     predicted, breakdown, twin = None, {}, {}
     fits = [(k, None, f"stacking fit (all, {k} folds)") for k in folds]
     if threads_trial:
-        fits += [(folds[0], n, f"stacking fit (all, {folds[0]} folds, {n} threads)") for n in CUML_THREADS]
+        fits += [(folds[0], n, f"stacking fit (all, {folds[0]} folds, {n} thread{'s' * (n > 1)})")
+                 for n in CUML_THREADS]
     for k, jobs, name in fits:
         fitted = FeatureStackingClassifier(block_dims=DIMS, pca_components=pca, folds=k, backend=backend_name,
                                            n_jobs=jobs)

@@ -5,7 +5,8 @@ Networks are built once per variant, outside the timing, as a long run or a work
 warm-up extracts the first ``WARMUP_CELLS`` cells (pipeline build, cuDNN autotuning, and the ``torch.compile``
 of the compiled variant): its wall time is reported separately as ``first_run_seconds``. A
 timed run is the whole ``extract`` call (store creation included); each aml-rapids row also keeps the last run's
-steady part, the extraction loop alone (``loop_seconds``, ``loop_images_per_s``), and where its time went
+extraction loop alone (``loop_seconds``, ``loop_images_per_s``), its steady rate once the loader's first batch is
+in hand (``after_first_batch_per_s``: every cell over the loop less the loader's start), and where its time went
 (``breakdown``).
 """
 
@@ -67,7 +68,8 @@ def variant_name(device: str, mode: str) -> str:
 def run(manifest: Manifest, naive_manifest: Manifest, device: str, repeats: int, batch_size: int,
         backbones: list[str], warmup: bool, modes: tuple[str, ...] = ("eager", "default")) -> list[dict]:
     """The naive pipeline and aml-rapids in each of ``modes`` (eager, or a torch.compile mode, whose compile is
-    part of the warm-up), in turns."""
+    part of the warm-up), in turns; each against the floor of all its backbones (their FLOPs over the
+    matrix-multiply rate, from the backbone rows of the same run)."""
     where = "cuda" if device == "gpu" else "cpu"
     size = load_config().loader.image_size
     nets = {name: load_backbone(name, "none")[0].to(where).eval() for name in backbones}
@@ -86,7 +88,10 @@ def run(manifest: Manifest, naive_manifest: Manifest, device: str, repeats: int,
     for row in rows[1:]:  # the last timed run's extraction loop alone, and where its time went
         summary = extractions[row["variant"]].summary
         row.update(loop_seconds=summary.seconds, loop_images_per_s=summary.images_per_s,
-                   breakdown=summary.seconds_in)
+                   after_first_batch_per_s=summary.after_start_per_s, breakdown=summary.seconds_in)
+    parts = backbone_rows(backbones, device, batch_size, repeats)
+    floor = 1 / sum(1 / row["floor_images_per_s"] for row in parts[::2])  # all the backbones, one after another
     for row in rows:
-        row["x_naive"] = row["items_per_s"] / rows[0]["items_per_s"]
-    return rows + backbone_rows(backbones, device, batch_size, repeats) + store_rows(manifest, backbones, repeats)
+        row.update(x_naive=row["items_per_s"] / rows[0]["items_per_s"], floor_images_per_s=floor,
+                   floor_fraction=row["items_per_s"] / floor)
+    return rows + parts + store_rows(manifest, backbones, repeats)

@@ -67,7 +67,7 @@ fi
 for mode in ${TRACE_MODES-default reduce-overhead}; do  # after the budget: where a compiled extraction's time goes
   if timeout "${TRACE_S:-150}" python3 -m benchmarks.trace_extract --device gpu --compile "$mode" \
       --count "${TRACE_COUNT:-8192}" --cache "$cache" --out "$logs/trace-$mode" >"$logs/trace-$mode.log" 2>&1; then
-    echo "trace, torch.compile $mode: $(grep -E '"(loop_images_per_s|gpu_busy_share_of_loop)"' \
+    echo "trace, torch.compile $mode: $(grep -E '"(loop_images_per_s|gpu_busy_share_of_loop|gpu_busy_share_after_start)"' \
       "$logs/trace-$mode/summary.json" | tr -s ' \n' ' ')"
   else
     echo "trace, torch.compile $mode: failed (see $logs/trace-$mode.log)"

@@ -1,8 +1,9 @@
 """Render the latest benchmark run of each machine as Markdown; ``--readme`` rewrites the README's table.
 
-One table row per measured variant, grouped by machine; ratios only ever compare rows of the same run. "steady
-per s" leaves start-up out: the extraction loop alone (store creation excluded), or a loader epoch after its
-first batch.
+One table row per measured variant of the newest run of each kind (machine, stage, extraction variants); ratios
+only ever compare rows of the same run. "steady per s" leaves start-up out: a loader epoch or an extraction loop
+after the loader's first batch (extraction rows recorded before that was: the extraction loop alone, store
+creation excluded).
 """
 
 from __future__ import annotations
@@ -23,14 +24,19 @@ def _machine(row: dict) -> str:
     return f"{m['cpu']} ({m['cores']} cores), {gpus}"
 
 
+def _run_kind(row: dict) -> tuple:
+    """Runs of one kind replace each other in the table: same machine, stage and extraction variants asked for
+    (``--extract-modes``; runs from before it timed eager and compiled)."""
+    return _machine(row), row["stage"], tuple(row["params"].get("modes", ("eager", "default")))
+
+
 def latest_runs(path: Path = RESULTS) -> list[dict]:
-    """Rows of the newest run per (machine, stage)."""
+    """Rows of the newest run of each kind."""
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
     newest: dict[tuple, str] = {}
     for row in rows:
-        key = (_machine(row), row["stage"])
-        newest[key] = max(newest.get(key, ""), row["time_utc"])
-    return [r for r in rows if newest[(_machine(r), r["stage"])] == r["time_utc"]]
+        newest[_run_kind(row)] = max(newest.get(_run_kind(row), ""), row["time_utc"])
+    return [r for r in rows if newest[_run_kind(r)] == r["time_utc"]]
 
 
 def _ratio(value) -> str:
@@ -46,7 +52,7 @@ def markdown(rows: list[dict]) -> str:
         floor = f"{r['floor_fraction']:.1%}" if "floor_fraction" in r else ""
         first = r.get("first_run_seconds")
         warmup = "" if first is None else f"{first:.1f} for {r.get('first_run_items') or r['items']:,}"
-        steady = r.get("loop_images_per_s") or r.get("after_first_batch_per_s")
+        steady = r.get("after_first_batch_per_s") or r.get("loop_images_per_s")
         lines.append(f"| {_machine(r)} | {r['stage']} | {r['variant']} | {r['items']:,} | {r['seconds_median']:.2f} "
                      f"| {r['items_per_s']:,.1f} | {'' if steady is None else f'{steady:,.1f}'} "
                      f"| {_ratio(r.get('x_naive'))} | {_ratio(r.get('x_naive_full'))} "

@@ -4,7 +4,8 @@ The extraction (networks loaded once, a warm-up pass first) runs over ``--count`
 torch.profiler. Written to ``DIR``: ``trace.json.gz`` (open it in https://ui.perfetto.dev), ``ops.txt`` (kernels
 on a GPU, operators on a CPU, by time) and ``summary.json``: the extraction loop's seconds and breakdown, and on
 a GPU the seconds during which at least one kernel or copy ran (concurrent ones counted once), their share of the
-loop, and that time by kind of kernel and by stream. A share near 1 means the GPU is the limit and only faster
+loop (whole, and once the loader's first batch is in hand: a short trace weighs the loader's start heavily), and
+that time by kind of kernel and by stream. A share near 1 means the GPU is the limit and only faster
 kernels help; well below 1, the host (launches, the loader, the hand-off) leaves the GPU idle, and CUDA graphs
 or more overlap would help.
 """
@@ -47,8 +48,9 @@ def kind_of(name: str) -> str:
     return next((kind for pattern, kind in KINDS if pattern in lowered), "other")
 
 
-def device_time(events: list[dict], loop_seconds: float) -> dict:
-    """Busy seconds of the device events of a Chrome trace: in all, by kind of work and by stream."""
+def device_time(events: list[dict], loop_seconds: float, after_start_seconds: float) -> dict:
+    """Busy seconds of the device events of a Chrome trace: in all, by kind of work and by stream, and their share
+    of the loop, whole and once the loader's first batch was in hand."""
     spans = [(e["ts"], e["ts"] + e["dur"]) for e in events]
     busy = busy_seconds(spans)
     by = {"kind": {}, "stream": {}}
@@ -56,7 +58,7 @@ def device_time(events: list[dict], loop_seconds: float) -> dict:
         by["kind"].setdefault(kind_of(e["name"]), []).append(span)
         by["stream"].setdefault(str(e.get("tid")), []).append(span)
     return {"gpu_busy_seconds": busy, "gpu_busy_share_of_loop": busy / loop_seconds,
-            "gpu_events": len(events),
+            "gpu_busy_share_after_start": busy / after_start_seconds, "gpu_events": len(events),
             **{f"busy_seconds_by_{key}": {name: busy_seconds(s) for name, s in sorted(groups.items())}
                for key, groups in by.items()}}
 
@@ -84,7 +86,8 @@ def trace(count: int, device: str, batch_size: int, backbones: list[str], compil
                "compile_mode": compile_mode, "batch_size": batch_size, "loop_seconds": run.summary.seconds,
                "loop_images_per_s": run.summary.images_per_s, "breakdown": run.summary.seconds_in}
     if device == "gpu":
-        summary.update(device_time([e for e in events if e.get("cat") in DEVICE_EVENTS], run.summary.seconds))
+        summary.update(device_time([e for e in events if e.get("cat") in DEVICE_EVENTS], run.summary.seconds,
+                                   run.summary.seconds_after_start))
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
 

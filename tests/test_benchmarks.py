@@ -52,9 +52,10 @@ def test_device_time_counts_overlapping_work_once():
     events = [{"name": "triton_poi_fused_0", "ts": 0.0, "dur": 10.0, "tid": 7},
               {"name": "sm90_xmma_fprop_implicit_gemm", "ts": 5.0, "dur": 10.0, "tid": 8},
               {"name": "Memcpy DtoH (Device -> Pinned)", "ts": 20.0, "dur": 5.0, "tid": 7}]
-    summary = device_time(events, loop_seconds=50e-6)
+    summary = device_time(events, loop_seconds=50e-6, after_start_seconds=25e-6)
     assert summary["gpu_busy_seconds"] == pytest.approx(20e-6)  # 0-15 and 20-25
     assert summary["gpu_busy_share_of_loop"] == pytest.approx(0.4)
+    assert summary["gpu_busy_share_after_start"] == pytest.approx(0.8)
     assert summary["busy_seconds_by_stream"] == pytest.approx({"7": 15e-6, "8": 10e-6})
     assert summary["busy_seconds_by_kind"] == pytest.approx({"fused (inductor, Triton)": 10e-6,
                                                              "convolution": 10e-6, "copy": 5e-6})
@@ -73,7 +74,7 @@ def test_the_threads_trial_adds_a_fit_that_predicts_as_the_default_one():
     X, y = synthetic_features(800)
     out, breakdown, _, _ = stages("sklearn", X[:600], y[:600], X[600:], y[600:], 8, [3], threads_trial=True)
     for threads in CUML_THREADS:
-        trial = f"stacking fit (all, 3 folds, {threads} threads)"
+        trial = f"stacking fit (all, 3 folds, {threads} thread{'s' * (threads > 1)})"
         assert out[trial] > 0 and breakdown[trial]["n_jobs"] == threads
         assert breakdown[trial]["heldout_agreement_with_default_n_jobs"] == 1.0
 
@@ -93,3 +94,5 @@ def test_the_extract_stage_times_the_modes_asked_for(tmp_path):
     ends = [r for r in map(json.loads, results.read_text().splitlines()) if "Zarr, HSV" in r["variant"]]
     assert [r["variant"] for r in ends] == [variant_name("cpu", "eager")]
     assert ends[0]["params"]["modes"] == ["eager"] and ends[0]["items"] == 64
+    assert ends[0]["after_first_batch_per_s"] > ends[0]["loop_images_per_s"]  # the loader's start left out
+    assert 0 < ends[0]["floor_fraction"] == ends[0]["items_per_s"] / ends[0]["floor_images_per_s"]

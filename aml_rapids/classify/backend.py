@@ -15,6 +15,9 @@ from typing import Any
 import numpy as np
 
 from ..errors import AmlRapidsError
+from ..provenance import usable_cores
+
+CUML_FIT_JOBS = 4  # the fastest of 1, 2 and 4 on an H200 (docs/classifier.md)
 
 
 @dataclass(frozen=True)
@@ -28,6 +31,7 @@ class Backend:
     LogisticRegression: Any
     svc_options: dict
     forest_options: dict
+    fit_jobs: int  # base-learner fits run at once by default (docs/classifier.md)
 
     def pca_options(self, seed: int) -> dict:
         """cuML's PCA has no random_state (its solvers are deterministic); scikit-learn's takes one."""
@@ -47,7 +51,7 @@ def _sklearn() -> Backend:
     from sklearn.linear_model import LogisticRegression
     from sklearn.svm import SVC
     return Backend("sklearn", np, PCA, IncrementalPCA, SVC, RandomForestClassifier, LogisticRegression,
-                   {"decision_function_shape": "ovr"}, {"n_jobs": -1})
+                   {"decision_function_shape": "ovr"}, {"n_jobs": -1}, usable_cores())
 
 
 def _cuml() -> Backend:
@@ -63,7 +67,8 @@ def _cuml() -> Backend:
     # one-vs-one training, as scikit-learn's SVC (docs/classifier.md); the option's name depends on the version
     shape = "decision_function_shape" if "decision_function_shape" in inspect.signature(SVC).parameters \
         else "multiclass_strategy"
-    return Backend("cuml", cupy, PCA, IncrementalPCA, SVC, RandomForestClassifier, LogisticRegression, {shape: "ovo"}, {})
+    return Backend("cuml", cupy, PCA, IncrementalPCA, SVC, RandomForestClassifier, LogisticRegression,
+                   {shape: "ovo"}, {}, CUML_FIT_JOBS)
 
 
 def get_backend(name: str = "auto") -> Backend:

@@ -22,7 +22,6 @@ from sklearn.base import BaseEstimator, ClassifierMixin, clone
 from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
 
 from ..errors import AmlRapidsError
-from ..provenance import usable_cores
 from ..timing import span
 from .backend import Backend, get_backend
 
@@ -92,7 +91,7 @@ class FeatureStackingClassifier(ClassifierMixin, BaseEstimator):
     ``pca_components``: an int is a count of components, a float in (0, 1) the share of variance to keep.
     ``pca_mode``: ``per_backbone`` (a PCA per backbone, outputs side by side, as the method) or
     ``concatenated`` (z-scored backbones side by side, then one PCA).
-    ``n_jobs``: base learners fitted at once, on threads (None: every core with scikit-learn, one with cuML)."""
+    ``n_jobs``: base learners fitted at once, on threads (None: every core with scikit-learn, 4 with cuML)."""
 
     def __init__(self, block_dims=(1280,), pca_components=128, pca_mode="per_backbone", svm_c=1.0, rf_trees=100,
                  rf_max_depth=16, rf_max_samples=0.5, folds=5, seed=0, backend="auto", n_jobs=None):
@@ -174,7 +173,7 @@ class FeatureStackingClassifier(ClassifierMixin, BaseEstimator):
         """The calls' results in order, ``n_jobs`` of them running at once. The fits release the GIL
         (libsvm, the forest's trees, cuML's C++), and each cuML thread queues on its own per-thread stream;
         scikit-learn's SVC uses one core, so on a CPU the SVMs of different folds run side by side."""
-        jobs = self.n_jobs or (usable_cores() if be.name == "sklearn" else 1)
+        jobs = self.n_jobs or be.fit_jobs
         if jobs == 1:
             return [call() for call in calls]
         with ThreadPoolExecutor(min(jobs, len(calls))) as pool:

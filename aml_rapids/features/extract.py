@@ -60,6 +60,16 @@ class ExtractSummary:
     def images_per_s(self) -> float:
         return (self.rows_written + self.rows_failed) / self.seconds if self.seconds else 0.0
 
+    @property
+    def seconds_after_start(self) -> float:
+        """The loop once the loader's first batch is in hand: the steady part, its start-up left out."""
+        return self.seconds - self.seconds_in["loader start"]
+
+    @property
+    def after_start_per_s(self) -> float:
+        running = self.seconds_after_start
+        return (self.rows_written + self.rows_failed) / running if running > 0 else 0.0
+
 
 @dataclass
 class Backbones:
