@@ -14,6 +14,9 @@ from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError,
 
 from .errors import ConfigError
 
+# torch.compile's modes
+CompileMode = Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
+
 IMAGE_EXTENSIONS = (".tif", ".tiff", ".png", ".jpg", ".jpeg", ".bmp")
 
 
@@ -122,7 +125,7 @@ class FeaturesConfig(_Section):
         "float16", description="float16 halves the store; float32 for features outside float16's range")
     channels_last: bool = True
     compile: bool = Field(False, description="torch.compile the backbones (GPU; pays off on large runs)")
-    compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = Field(
+    compile_mode: CompileMode = Field(
         "default", description="torch.compile's mode: reduce-overhead replays CUDA graphs on a GPU, max-autotune "
                                "also searches kernel variants (minutes of compiling)")
     writers: int = Field(2, ge=1, description="threads writing finished chunks to the store")

@@ -10,8 +10,9 @@ import argparse
 import tempfile
 import traceback
 from pathlib import Path
+from typing import get_args
 
-from aml_rapids.config import IndexConfig
+from aml_rapids.config import CompileMode, IndexConfig
 from aml_rapids.data.manifest import Manifest, build_manifest
 from aml_rapids.loader.loader import resolve_device
 
@@ -19,6 +20,7 @@ from . import classify_bench, extract_bench, loader_bench
 from .harness import RESULTS, append_results, head, synthetic_manifest
 
 STAGES = ("loader", "extract", "classify")
+EXTRACT_MODES = ("eager", *get_args(CompileMode))  # eager, or a compiled variant in one of torch.compile's modes
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -34,8 +36,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--results", type=Path, default=RESULTS)
     parser.add_argument("--backbones", default="mobilenet_v2,resnet101,vgg16", help="extract: comma-separated")
     parser.add_argument("--extract-modes", default="eager,default",
-                        help="extract: aml-rapids variants, comma-separated: eager and/or torch.compile modes "
-                             "(default, reduce-overhead, max-autotune, max-autotune-no-cudagraphs)")
+                        help=f"extract: aml-rapids variants, comma-separated: {', '.join(EXTRACT_MODES)}")
     parser.add_argument("--no-warmup", action="store_true", help="time start-up too (for slow CPU runs)")
     parser.add_argument("--rows", type=int, default=56850, help="classify: training rows (default: 70%% of 81,214)")
     parser.add_argument("--baseline-rows", type=int, help="classify: rows for scikit-learn (default: --rows)")
@@ -87,6 +88,10 @@ def main(argv=None) -> None:
     unknown = set(stages) - set(STAGES)
     if unknown:
         raise SystemExit(f"unknown stages: {', '.join(sorted(unknown))} (choose from {', '.join(STAGES)})")
+    unknown = set(args.extract_modes.split(",")) - set(EXTRACT_MODES)
+    if unknown:
+        raise SystemExit(f"unknown --extract-modes: {', '.join(sorted(unknown))} (choose from "
+                         f"{', '.join(EXTRACT_MODES)})")
     cells = _cells(args) if set(stages) & {"loader", "extract"} else None
     failed = []
     for stage in stages:

@@ -97,7 +97,7 @@ def stages(backend_name: str, X, y, X_test, y_test, pca: int, folds: list[int], 
                                            n_jobs=jobs)
         try:
             out[name] = _timed(lambda: fitted.fit(X, y))[0]
-        except Exception:  # the threaded cuML fit is on trial: report its failure, keep the stage's other rows
+        except Exception:  # a trial with another n_jobs: report its failure, keep the stage's other rows
             if jobs is None:
                 raise
             traceback.print_exc()

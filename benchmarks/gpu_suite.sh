@@ -61,7 +61,7 @@ if [ -n "$stages" ]; then
     --baseline-rows "${BASELINE_ROWS:-4096}" --folds "${FOLDS:-5}" --stages "$stages" \
     --results "$results" "$@" 2>&1 | tee "$logs/suite.log"
   took=$((SECONDS - suite_start))
-  echo "benchmark suite: ${took}s ($([ "$took" -le "${BUDGET_S:-300}" ] && echo within || echo OVER) its ${BUDGET_S:-300}s budget); all: ${SECONDS}s"
+  echo "benchmark suite ($stages): ${took}s ($([ "$took" -le "${BUDGET_S:-300}" ] && echo within || echo OVER) its ${BUDGET_S:-300}s budget); all: ${SECONDS}s"
   python3 -m benchmarks.report --results "$results" | tee "$logs/table.md"
 fi
 for mode in ${TRACE_MODES-default reduce-overhead}; do  # after the budget: where a compiled extraction's time goes

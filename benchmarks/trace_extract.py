@@ -17,9 +17,11 @@ import gzip
 import json
 import tempfile
 from pathlib import Path
+from typing import get_args
 
 from torch.profiler import ProfilerActivity, profile
 
+from aml_rapids.config import CompileMode
 from aml_rapids.features.extract import load_backbones
 from aml_rapids.loader.loader import resolve_device
 
@@ -101,7 +103,7 @@ def main(argv=None) -> None:
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--backbones", default="mobilenet_v2,resnet101,vgg16")
     parser.add_argument("--compile", nargs="?", const="default", metavar="MODE",
-                        choices=["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"],
+                        choices=get_args(CompileMode),
                         help="torch.compile the networks, in this mode (default: default), during the warm-up")
     parser.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "aml-rapids-bench")
     args = parser.parse_args(argv)

@@ -96,3 +96,9 @@ def test_the_extract_stage_times_the_modes_asked_for(tmp_path):
     assert ends[0]["params"]["modes"] == ["eager"] and ends[0]["items"] == 64
     assert ends[0]["after_first_batch_per_s"] > ends[0]["loop_images_per_s"]  # the loader's start left out
     assert 0 < ends[0]["floor_fraction"] == ends[0]["items_per_s"] / ends[0]["floor_images_per_s"]
+
+
+def test_an_unknown_extract_mode_is_refused_before_any_work(tmp_path):
+    with pytest.raises(SystemExit, match="unknown --extract-modes: eagre .choose from eager, default, reduce"):
+        main(["extract", "--cache", str(tmp_path), "--extract-modes", "eager,eagre"])
+    assert not any(tmp_path.iterdir())  # no cells drawn
