@@ -3,17 +3,19 @@ pipeline (PIL + DataLoader + fp32 NCHW batch 32 -> NumPy arrays), same images, s
 
 Networks are built once per variant, outside the timing, as a long run or a worker holding them would. The
 warm-up extracts the first ``WARMUP_CELLS`` cells (pipeline build, cuDNN autotuning, and the ``torch.compile``
-of the compiled variant): its wall time is reported separately as ``first_run_seconds``. A
-timed run is the whole ``extract`` call (store creation included); each aml-rapids row also keeps the last run's
-extraction loop alone (``loop_seconds``, ``loop_images_per_s``), its steady rate once the loader's first batch is
-in hand (``after_first_batch_per_s``: every cell over the loop less the loader's start), and where its time went
-(``breakdown``).
+of the compiled variant): its wall time is reported separately as ``first_run_seconds``. A timed run is the whole
+``extract`` call (store creation included). Each aml-rapids row also keeps, over its timed runs, the extraction
+loop alone (medians: ``loop_seconds``, ``loop_images_per_s``), the steady rate once the loader's first batch is in
+hand (``after_first_batch_per_s``: every cell over the loop less its start-up, i.e. the pass setup and the
+loader's start; the median, and each run's in ``after_first_batch_per_s_runs``), and where the last run's time
+went (``breakdown``).
 """
 
 from __future__ import annotations
 
 import shutil
 import tempfile
+from statistics import median
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +24,7 @@ from torch.utils.data import DataLoader
 
 from aml_rapids.config import RunConfig, load_config
 from aml_rapids.data.manifest import Manifest
-from aml_rapids.features.extract import Backbones, extract, load_backbones
+from aml_rapids.features.extract import Backbones, ExtractSummary, extract, load_backbones
 from aml_rapids.features.weights import load_backbone
 from aml_rapids.provenance import usable_cores
 
@@ -45,18 +47,19 @@ def naive_extract(manifest: Manifest, nets: dict[str, torch.nn.Module], size: in
 
 
 class AmlExtract:
-    """One extraction into a fresh store, returning the rows written; keeps the last run's summary."""
+    """One extraction into a fresh store, returning the rows written; keeps every run's summary."""
 
     def __init__(self, cfg: RunConfig, prepared: Backbones):
-        self.cfg, self.prepared, self.summary = cfg, prepared, None
+        self.cfg, self.prepared = cfg, prepared
+        self.summaries: list[ExtractSummary] = []
 
     def __call__(self, manifest: Manifest) -> int:
         store = Path(tempfile.mkdtemp()) / "bench.zarr"
         try:
-            self.summary = extract(manifest, store, self.cfg, backbones=self.prepared)
+            self.summaries.append(extract(manifest, store, self.cfg, backbones=self.prepared))
         finally:
             shutil.rmtree(store.parent, ignore_errors=True)
-        return self.summary.rows_written
+        return self.summaries[-1].rows_written
 
 
 def variant_name(device: str, mode: str) -> str:
@@ -85,10 +88,12 @@ def run(manifest: Manifest, naive_manifest: Manifest, device: str, repeats: int,
         variants[name] = Variant(lambda r=run_once: r(manifest), lambda r=run_once: r(head(manifest, WARMUP_CELLS)))
     timings = throughputs(variants, repeats, warmup)
     rows = [{"variant": name, **timing} for name, timing in timings.items()]
-    for row in rows[1:]:  # the last timed run's extraction loop alone, and where its time went
-        summary = extractions[row["variant"]].summary
-        row.update(loop_seconds=summary.seconds, loop_images_per_s=summary.images_per_s,
-                   after_first_batch_per_s=summary.after_start_per_s, breakdown=summary.seconds_in)
+    for row in rows[1:]:  # the timed runs' extraction loops alone (medians, and each run's steady rate)
+        timed = extractions[row["variant"]].summaries[-repeats:]
+        steady = [s.after_start_per_s for s in timed]
+        row.update(loop_seconds=median(s.seconds for s in timed),
+                   loop_images_per_s=median(s.images_per_s for s in timed), after_first_batch_per_s=median(steady),
+                   after_first_batch_per_s_runs=steady, breakdown=timed[-1].seconds_in)
     parts = backbone_rows(backbones, device, batch_size, repeats)
     floor = 1 / sum(1 / row["floor_images_per_s"] for row in parts[::2])  # all the backbones, one after another
     for row in rows:

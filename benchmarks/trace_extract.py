@@ -84,12 +84,13 @@ def trace(count: int, device: str, batch_size: int, backbones: list[str], compil
     raw.unlink()
     sort_by = "self_device_time_total" if device == "gpu" else "self_cpu_time_total"
     (out / "ops.txt").write_text(prof.key_averages().table(sort_by=sort_by, row_limit=40))
-    summary = {"images": run.summary.rows_written, "device": device, "backbones": backbones,
-               "compile_mode": compile_mode, "batch_size": batch_size, "loop_seconds": run.summary.seconds,
-               "loop_images_per_s": run.summary.images_per_s, "breakdown": run.summary.seconds_in}
+    traced = run.summaries[-1]
+    summary = {"images": traced.rows_written, "device": device, "backbones": backbones,
+               "compile_mode": compile_mode, "batch_size": batch_size, "loop_seconds": traced.seconds,
+               "loop_images_per_s": traced.images_per_s, "breakdown": traced.seconds_in}
     if device == "gpu":
-        summary.update(device_time([e for e in events if e.get("cat") in DEVICE_EVENTS], run.summary.seconds,
-                                   run.summary.seconds_after_start))
+        summary.update(device_time([e for e in events if e.get("cat") in DEVICE_EVENTS], traced.seconds,
+                                   traced.seconds_after_start))
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
 

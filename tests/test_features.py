@@ -122,7 +122,7 @@ def test_store_layout_readable_without_aml_rapids(tmp_path):
     summary = extract(manifest, tmp_path / "s.zarr", cfg())
     assert summary.rows_written == 90 and summary.rows_failed == 0
     assert tuple(summary.seconds_in) == TIME_PARTS and min(summary.seconds_in.values()) >= 0
-    assert 0 < sum(summary.seconds_in.values()) <= summary.seconds
+    assert 0.95 * summary.seconds <= sum(summary.seconds_in.values()) <= summary.seconds  # every part accounted
     group = zarr.open_group(str(tmp_path / "s.zarr"), mode="r")
     status = group["rows/status"][:]
     feats = da.from_zarr(str(tmp_path / "s.zarr"), component="features/tiny").compute()

@@ -38,11 +38,12 @@ from .weights import load_backbone
 from .writer import ChunkWriter
 
 AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
-# Where an extraction's wall time goes, as the host sees it: the loader's start (to its first batch: file checks,
-# pipeline build), waiting for its later batches, launching the networks (all of their compute on a CPU; on a
-# GPU, queueing), waiting for the device to finish a batch, converting and handing features to the writer
-# (blocks while its queue is full), the last writes at the end.
-TIME_PARTS = ("loader start", "loader wait", "launch", "device wait", "host + hand-off", "final writes")
+# Where an extraction's wall time goes, as the host sees it: setting up each loader pass (its rows, the loader
+# object), the loader's start (to its first batch: file checks, pipeline build), waiting for its later batches,
+# launching the networks (all of their compute on a CPU; on a GPU, queueing), waiting for the device to finish a
+# batch, converting and handing features to the writer (blocks while its queue is full), the last writes at the end.
+TIME_PARTS = ("pass setup", "loader start", "loader wait", "launch", "device wait", "host + hand-off",
+              "final writes")
 
 
 @dataclass
@@ -62,8 +63,9 @@ class ExtractSummary:
 
     @property
     def seconds_after_start(self) -> float:
-        """The loop once the loader's first batch is in hand: the steady part, its start-up left out."""
-        return self.seconds - self.seconds_in["loader start"]
+        """The loop once the loader's first batch is in hand: the steady part, its start-up (each pass's setup
+        and the loader's start) left out."""
+        return self.seconds - self.seconds_in["pass setup"] - self.seconds_in["loader start"]
 
     @property
     def after_start_per_s(self) -> float:
@@ -167,17 +169,22 @@ def open_or_extend(path: Path, manifest: Manifest, cfg: RunConfig, identity: dic
 
 
 class _ChunkBuffer:
-    """Features of one chunk gathered batch by batch; complete when every non-padding row has arrived."""
+    """Features of one chunk gathered batch by batch; complete when every non-padding row has arrived. Made when
+    its first row arrives and every row written once (NaN for padding and failed rows), so host memory holds the
+    chunks in flight rather than a whole pass filled in advance."""
 
     def __init__(self, status: np.ndarray, dims: dict[str, int], dtype: str):
-        self.features = {n: np.full((len(status), d), np.nan, dtype) for n, d in dims.items()}
+        padding = status == STATUS_PADDING
+        self.features = {n: np.empty((len(status), d), dtype) for n, d in dims.items()}
+        for values in self.features.values():
+            values[padding] = np.nan
         self.status = status.copy()
-        self.expected = int((status != STATUS_PADDING).sum())
+        self.expected = int((~padding).sum())
         self.arrived = 0
 
     def put(self, offsets: np.ndarray, feats: dict[str, np.ndarray] | None) -> None:
-        for name, values in (feats or {}).items():
-            self.features[name][offsets] = values
+        for name, values in self.features.items():
+            values[offsets] = np.nan if feats is None else feats[name]
         self.status[offsets] = STATUS_OK if feats is not None else STATUS_FAILED
         self.arrived += len(offsets)
 
@@ -297,20 +304,21 @@ def extract(manifest: Manifest, store_path: Path, cfg: RunConfig,
     start = time.perf_counter()
     with ChunkWriter(store, workers=cfg.features.writers) as writer:
         for run in _runs(pending, augment_of_chunk):
-            first = run[0] * store.chunk_rows
-            window = rows.iloc[first:(run[-1] + 1) * store.chunk_rows]
-            real = window[window["status"] != STATUS_PADDING]
-            buffers = {k: _ChunkBuffer(status[store.chunk_slice(k)], dims, cfg.features.store_dtype)
-                       for k in run}
-            table = _pass_table(manifest, index, real, store_path)
-            global_rows = real.index.to_numpy()
-            loader = CellLoader(table, manifest.root, cfg, augment=bool(augment_of_chunk[run[0]]),
-                                normalizations=backbones.normalizations)
-            delivered = np.zeros(len(table), dtype=bool)
+            with span(summary.seconds_in, "pass setup"):
+                window = rows.iloc[run[0] * store.chunk_rows:(run[-1] + 1) * store.chunk_rows]
+                real = window[window["status"] != STATUS_PADDING]
+                table = _pass_table(manifest, index, real, store_path)
+                global_rows = real.index.to_numpy()
+                loader = CellLoader(table, manifest.root, cfg, augment=bool(augment_of_chunk[run[0]]),
+                                    normalizations=backbones.normalizations)
+                delivered = np.zeros(len(table), dtype=bool)
+            buffers: dict[int, _ChunkBuffer] = {}
 
             def deliver(positions: np.ndarray, feats: dict[str, np.ndarray] | None) -> None:
                 where = global_rows[positions]
                 for k in np.unique(where // store.chunk_rows):
+                    if k not in buffers:
+                        buffers[k] = _ChunkBuffer(status[store.chunk_slice(k)], dims, cfg.features.store_dtype)
                     mine = where // store.chunk_rows == k
                     buffers[k].put(where[mine] - k * store.chunk_rows,
                                    None if feats is None else {n: v[mine] for n, v in feats.items()})
@@ -345,7 +353,8 @@ def extract(manifest: Manifest, store_path: Path, cfg: RunConfig,
             missing = np.flatnonzero(~delivered)
             if len(missing):
                 summary.rows_failed += len(missing)
-                deliver(missing, None)
+                with span(summary.seconds_in, "host + hand-off"):
+                    deliver(missing, None)
         drain = time.perf_counter()
     summary.seconds_in["final writes"] = time.perf_counter() - drain
     summary.seconds = time.perf_counter() - start

@@ -68,7 +68,8 @@ class CellLoader:
             else types.FLOAT, gpu_decode=cfg.loader.gpu_decode, debug=debug)
         self.failures: list[Problem] = []
         self.startup: dict[str, float] = {}  # the latest epoch's seconds before its first batch, by part
-        self._files = [str(self.root / p) for p in self.table["path"]]
+        root = str(self.root)
+        self._files = [os.path.join(root, p) for p in self.table["path"]]
         self._mine = np.arange(len(self.table))[shard_id::num_shards]
 
     def __len__(self) -> int:
