@@ -1,9 +1,12 @@
-"""Render the latest benchmark run of each machine as Markdown; ``--readme`` rewrites the README's table.
+"""Render the newest benchmark results as Markdown; ``--readme`` rewrites the README's table.
 
-One table row per measured variant of the newest run of each kind (machine, stage, extraction variants); ratios
-only ever compare rows of the same run. "steady per s" leaves start-up out: a loader epoch or an extraction loop
-after the loader's first batch (extraction rows recorded before that was: the extraction loop alone, store
-creation excluded).
+The newest run of each kind (machine, stage, extraction variants asked for), one row per measured variant, less
+the rows that a newer run shown measured again (same variant and item count): a run of one ``--extract-modes``
+replaces the naive and per-backbone rows of the suite's run but keeps its other modes. Ratios are computed when
+measured and only ever compare rows of the same run (same time and commit), so a row's "x naive" is to its own
+run's naive baseline, which may have been replaced in the table by a newer one. "steady per s" leaves start-up
+out: a loader epoch or an extraction loop after the loader's first batch (extraction rows recorded before that
+was: the extraction loop alone, store creation excluded).
 """
 
 from __future__ import annotations
@@ -30,13 +33,22 @@ def _run_kind(row: dict) -> tuple:
     return _machine(row), row["stage"], tuple(row["params"].get("modes", ("eager", "default")))
 
 
-def latest_runs(path: Path = RESULTS) -> list[dict]:
-    """Rows of the newest run of each kind."""
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+def _measurement(row: dict) -> tuple:
+    return _machine(row), row["stage"], row["variant"], row["items"]
+
+
+def _newest(rows: list[dict], key) -> list[dict]:
+    """The rows whose run is the newest among the rows of their ``key``."""
     newest: dict[tuple, str] = {}
     for row in rows:
-        newest[_run_kind(row)] = max(newest.get(_run_kind(row), ""), row["time_utc"])
-    return [r for r in rows if newest[_run_kind(r)] == r["time_utc"]]
+        newest[key(row)] = max(newest.get(key(row), ""), row["time_utc"])
+    return [r for r in rows if newest[key(r)] == r["time_utc"]]
+
+
+def latest_runs(path: Path = RESULTS) -> list[dict]:
+    """Rows of the newest run of each kind, less those a newer run among them measured again."""
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+    return _newest(_newest(rows, _run_kind), _measurement)
 
 
 def _ratio(value) -> str:

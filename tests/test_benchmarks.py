@@ -48,6 +48,21 @@ def test_the_suite_writes_well_formed_results(tmp_path):
     assert table.count("\n") == 2 + 17 - 1 and "of floor" in table and "sklearn stacking fit" in table
 
 
+def test_the_table_keeps_each_variants_newest_run_of_each_kind(tmp_path):
+    def run(time, modes, *variants):
+        machine = {"cpu": "EPYC", "cores": 2}
+        return [{"time_utc": time, "stage": "extract", "variant": v, "items": 8, "seconds_median": 1.0,
+                 "items_per_s": 8.0, "params": {"modes": modes}, "machine": machine} for v in variants]
+    rows = (run("1", ["eager", "default"], "naive", "eager", "compiled", "renamed since")
+            + run("2", ["eager", "default"], "naive", "eager", "compiled")
+            + run("3", ["reduce-overhead"], "naive", "graphs")
+            + run("4", ["default"], "naive", "compiled"))
+    results = tmp_path / "results.jsonl"
+    results.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    shown = [(r["time_utc"], r["variant"]) for r in latest_runs(results)]
+    assert shown == [("2", "eager"), ("3", "graphs"), ("4", "naive"), ("4", "compiled")]
+
+
 def test_device_time_counts_overlapping_work_once():
     events = [{"name": "triton_poi_fused_0", "ts": 0.0, "dur": 10.0, "tid": 7},
               {"name": "sm90_xmma_fprop_implicit_gemm", "ts": 5.0, "dur": 10.0, "tid": 8},
