@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import shutil
 import tempfile
-from statistics import median
 from pathlib import Path
+from statistics import median
 
 import numpy as np
 import torch

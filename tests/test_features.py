@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+import weakref
 from pathlib import Path
 
 import dask.array as da
@@ -21,6 +22,7 @@ from aml_rapids.data.manifest import build_manifest, write_manifest
 from aml_rapids.data.splits import make_split
 from aml_rapids.data.synthetic import write_demo_dataset
 from aml_rapids.errors import AmlRapidsError
+from aml_rapids.features import extract as extract_module
 from aml_rapids.features.backbones import REGISTRY
 from aml_rapids.features.extract import TIME_PARTS, compile_settings, extract, load_backbones
 from aml_rapids.features.plan import STATUS_FAILED, STATUS_OK, STATUS_PADDING
@@ -136,6 +138,21 @@ def test_store_layout_readable_without_aml_rapids(tmp_path):
     per_chunk = splits.reshape(-1, 32)
     assert all(len(set(chunk)) == 1 for chunk in per_chunk)
     assert set(group["rows/cell_id"][:][status == STATUS_OK]) == set(manifest.table["cell_id"])
+
+
+def test_only_the_chunks_in_flight_are_held_in_memory(tmp_path, monkeypatch):
+    alive, alive_at_creation = weakref.WeakSet(), []
+
+    class Counted(extract_module._ChunkBuffer):
+        def __init__(self, *args):
+            super().__init__(*args)
+            alive.add(self)
+            alive_at_creation.append(len(alive))
+
+    monkeypatch.setattr(extract_module, "_ChunkBuffer", Counted)
+    extract(demo_manifest(tmp_path / "data", patients=4, split=False), tmp_path / "s.zarr", cfg())  # one pass
+    chunks = FeatureStore.open(tmp_path / "s.zarr").n_chunks
+    assert chunks >= 5 and len(alive_at_creation) == chunks and max(alive_at_creation) <= 2
 
 
 def test_preloaded_backbones_padded_to_one_shape_give_the_same_store(tmp_path):
