@@ -95,7 +95,8 @@ def run(manifest: Manifest, naive_manifest: Manifest, device: str, repeats: int,
                    loop_images_per_s=median(s.images_per_s for s in timed), after_first_batch_per_s=median(steady),
                    after_first_batch_per_s_runs=steady, breakdown=timed[-1].seconds_in)
     parts = backbone_rows(backbones, device, batch_size, repeats)
-    floor = 1 / sum(1 / row["floor_images_per_s"] for row in parts[::2])  # all the backbones, one after another
+    floors = {row["backbone"]: row["floor_images_per_s"] for row in parts}
+    floor = 1 / sum(1 / each for each in floors.values())  # all the backbones, one after another
     for row in rows:
         row.update(x_naive=row["items_per_s"] / rows[0]["items_per_s"], floor_images_per_s=floor,
                    floor_fraction=row["items_per_s"] / floor)

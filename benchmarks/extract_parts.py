@@ -70,7 +70,7 @@ def backbone_rows(backbones: list[str], device: str, batch_size: int, repeats: i
             "fast": Variant(_forward(prepared.nets[name], fast_images, batches, lambda: autocast_for(cfg, device)))},
             repeats)
         base, fast = timings["naive"], timings["fast"]
-        extra = {"floor_images_per_s": floor, "matmul": rate}
+        extra = {"backbone": name, "floor_images_per_s": floor, "matmul": rate}
         rows += [{"variant": f"{name} forward, naive (fp32 eager, batch 32)", **base, **extra,
                   "x_naive": 1.0, "floor_fraction": base["items_per_s"] / floor},
                  {"variant": f"{name} forward, aml-rapids ({precision_of(cfg, device)}, BN folded, "

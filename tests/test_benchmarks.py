@@ -106,13 +106,17 @@ def test_the_extract_stage_times_the_modes_asked_for(tmp_path):
     results = tmp_path / "results.jsonl"
     main(["extract", "--count", "64", "--repeats", "2", "--batch-size", "32", "--cache", str(tmp_path),
           "--results", str(results), "--backbones", "mobilenet_v2", "--no-warmup", "--extract-modes", "eager"])
-    ends = [r for r in map(json.loads, results.read_text().splitlines()) if "Zarr, HSV" in r["variant"]]
+    rows = [json.loads(line) for line in results.read_text().splitlines()]
+    ends = [r for r in rows if "Zarr, HSV" in r["variant"]]
     assert [r["variant"] for r in ends] == [variant_name("cpu", "eager")]
     assert ends[0]["params"]["modes"] == ["eager"] and ends[0]["items"] == 64
     assert ends[0]["after_first_batch_per_s"] > ends[0]["loop_images_per_s"]  # the start-up left out
     runs = ends[0]["after_first_batch_per_s_runs"]
     assert len(runs) == 2 and ends[0]["after_first_batch_per_s"] == pytest.approx(sum(runs) / 2)
     assert 0 < ends[0]["floor_fraction"] == ends[0]["items_per_s"] / ends[0]["floor_images_per_s"]
+    forward = [r for r in rows if r.get("backbone") == "mobilenet_v2"]  # naive and aml-rapids, one floor
+    assert len(forward) == 2 and forward[0]["floor_images_per_s"] == forward[1]["floor_images_per_s"]
+    assert ends[0]["floor_images_per_s"] == pytest.approx(forward[0]["floor_images_per_s"])
 
 
 def test_an_unknown_extract_mode_is_refused_before_any_work(tmp_path):
