@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import functools
 import json
 import sys
@@ -12,8 +13,9 @@ import typer
 from rich.table import Table
 
 from .config import RunConfig, dump_config, load_config
-from .errors import AmlRapidsError
-from .progress import console, progress_bar
+from .errors import EXIT_INTERRUPTED, EXIT_REJECTS, AmlRapidsError, FailedRowsError, OutputError
+from .outputs import prepare_output_dir
+from .progress import console, progress_bar, say
 from .provenance import write_run_record
 
 app = typer.Typer(help="GPU-accelerated feature store and stacking classifier for single-cell AML images.",
@@ -22,22 +24,52 @@ app = typer.Typer(help="GPU-accelerated feature store and stacking classifier fo
 ConfigOpt = Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML config (default: built-in)")]
 SetOpt = Annotated[Optional[list[str]], typer.Option("--set", help="override a config key, e.g. split.seed=3")]
 ManifestArg = Annotated[Path, typer.Argument(help="manifest.parquet written by `aml-rapids index` (and split)")]
+AllowFailedOpt = Annotated[bool, typer.Option(
+    "--allow-failed", help="exit 0 even if some cells' files could not be read (they are stored as failed)")]
 
-EXIT_REJECTS = 5
+# A file system refusing a write is the user's to fix (space, permissions), wherever it happens.
+WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
 
 
 def _errors_to_exit_codes(fn):
-    """Show AmlRapidsError as one red line and exit with its code, instead of a traceback."""
+    """Show a user-fixable problem as one red line and exit with its code, instead of a traceback."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
         except AmlRapidsError as exc:
-            console.print(f"[red]error:[/red] {exc}", markup=True, highlight=False)
+            say(str(exc), "error: ", "red")
             raise typer.Exit(exc.exit_code) from None
+        except OSError as exc:
+            if exc.errno not in WRITE_ERRNOS:
+                raise
+            say(f"{exc.filename or ''}: {exc.strerror}".lstrip(": "), "error: ", "red")
+            raise typer.Exit(OutputError.exit_code) from None
+        except KeyboardInterrupt:
+            say("interrupted; finished work is kept (extract resumes where it stopped)", "error: ", "red")
+            raise typer.Exit(EXIT_INTERRUPTED) from None
 
     return wrapper
+
+
+def _warn(text: str) -> None:
+    say(text, "warning: ", "yellow")
+
+
+def _failed_rows(failures, what: str, allow_failed: bool) -> None:
+    """Name the cells whose files could not be read; without --allow-failed that is exit code 6."""
+    from .data.scan import printable
+
+    if not failures:
+        return
+    for problem in failures[:5]:
+        say(f"{printable(problem.path)}: {problem.reason}", "  failed ", "yellow")
+    message = (f"{len(failures):,} cells could not be read ({what}); a re-run retries them once their files are "
+               "back or re-indexed")
+    if not allow_failed:
+        raise FailedRowsError(message + "; --allow-failed accepts them")
+    _warn(message)
 
 
 def _config(path: Optional[Path], overrides: Optional[list[str]], **cli: object) -> RunConfig:
@@ -66,16 +98,25 @@ def index(
 ) -> None:
     """Scan images, check each one, and write manifest.parquet and rejects.csv."""
     from .data.manifest import build_manifest, summarize, write_manifest, write_rejects
+    from .data.scan import NoUsableImages, printable
 
     cfg = _config(config, set_, **{"index.label_column": label_column, "index.cohort": cohort})
-    out = out or Path("runs") / (source.stem if source.suffix.lower() == ".csv" else source.name)
-    with progress_bar(f"indexing {source}") as (advance, set_total):
-        result = build_manifest(source, cfg.index, progress=advance, on_total=set_total)
+    out = prepare_output_dir(out or Path("runs") / (source.stem if source.suffix.lower() == ".csv" else source.name))
+    try:
+        with progress_bar(f"indexing {source}") as (advance, set_total):
+            result = build_manifest(source, cfg.index, progress=advance, on_total=set_total)
+    except NoUsableImages as exc:
+        write_rejects(exc.problems, out / "rejects.csv")
+        raise
     write_manifest(result.manifest, out / "manifest.parquet")
     write_rejects(result.problems, out / "rejects.csv")
     summary = summarize(result.manifest)
+    if result.outside_root:
+        _warn(f"{len(result.outside_root):,} files lie outside the CSV's folder {result.manifest.root}, accepted: "
+              + ", ".join(result.outside_root[:5]) + (" ..." if len(result.outside_root) > 5 else ""))
     write_run_record(out, "index", cfg, source=str(source), layout=result.layout, found=result.found,
-                     rejected=sum(not p.skipped for p in result.problems), same_class_duplicates=result.same_class_duplicates, **summary)
+                     rejected=sum(not p.skipped for p in result.problems),
+                     same_class_duplicates=result.same_class_duplicates, outside_root=result.outside_root, **summary)
     table = Table(title=f"{source} ({result.layout})")
     table.add_column("class")
     table.add_column("cells", justify="right")
@@ -83,15 +124,15 @@ def index(
         table.add_row(label, f"{n:,}")
     console.print(table)
     rejected = [p for p in result.problems if not p.skipped]
-    console.print(f"{summary['cells']:,} cells, {summary['patients']:,} patients, {summary['classes']} classes "
-                  f"(of {result.found:,} candidate images); {result.same_class_duplicates:,} byte-identical copies "
-                  f"within a class kept; {len(rejected):,} rejected, {len(result.problems) - len(rejected):,} "
-                  f"non-image files skipped -> {out / 'rejects.csv'}")
+    say(f"{summary['cells']:,} cells, {summary['patients']:,} patients, {summary['classes']} classes "
+        f"(of {result.found:,} candidate images); {result.same_class_duplicates:,} byte-identical copies "
+        f"within a class kept; {len(rejected):,} rejected, {len(result.problems) - len(rejected):,} "
+        f"non-image files skipped -> {out / 'rejects.csv'}")
     for problem in rejected[:5]:
-        console.print(f"  [yellow]rejected[/yellow] {problem.path}: {problem.reason}", highlight=False)
-    console.print(f"manifest: {out / 'manifest.parquet'}")
+        say(f"{printable(problem.path)}: {problem.reason}", "  rejected ", "yellow")
+    say(f"manifest: {out / 'manifest.parquet'}")
     if strict and rejected:
-        console.print(f"[red]--strict: {len(rejected)} files or folders were rejected[/red]")
+        say(f"{len(rejected)} files or folders were rejected", "--strict: ", "red")
         raise typer.Exit(EXIT_REJECTS)
 
 
@@ -116,15 +157,14 @@ def split(
     data = read_manifest(manifest)
     result = make_split(data.table, cfg.split)
     if result.missing:
-        console.print(f"[yellow]warning:[/yellow] classes missing from parts: {result.missing}")
+        _warn(f"classes missing from parts: {result.missing}")
     data.table = result.table
     data.meta["split"] = cfg.split.model_dump(mode="json")
     write_manifest(data, manifest)
     write_run_record(manifest.parent, "split", cfg, manifest=str(manifest),
                      counts=result.counts_by_class(), missing=result.missing)
-    console.print(result.counts.to_string())
-    console.print(f"{cfg.split.method} split (seed {cfg.split.seed}) written to column "
-                  f"'{result.column}' of {manifest}")
+    say(result.counts.to_string())
+    say(f"{cfg.split.method} split (seed {cfg.split.seed}) written to column '{result.column}' of {manifest}")
 
 
 @app.command()
@@ -144,14 +184,15 @@ def preview(
     cfg = _config(config, set_)
     data = read_manifest(manifest)
     out = out or manifest.parent / "preview.png"
+    prepare_output_dir(out.parent)
     render_preview(data.table, data.root, cfg, out, per_class)
     stats = foreground_fractions(data.table, data.root, cfg, stats_per_class) if stats_per_class else None
     if stats is not None:
-        console.print("foreground fraction kept by the HSV mask, per class:")
-        console.print(stats.round(3).to_string())
+        say("foreground fraction kept by the HSV mask, per class:")
+        say(stats.round(3).to_string())
     write_run_record(manifest.parent, "preview", cfg, manifest=str(manifest), png=str(out),
                      foreground=None if stats is None else stats.round(4).to_dict(orient="index"))
-    console.print(f"preview: {out}")
+    say(f"preview: {out}")
 
 
 @app.command()
@@ -159,10 +200,12 @@ def preview(
 def extract(
     manifest: ManifestArg,
     store: Annotated[Optional[Path], typer.Option("--store", "-s", help="Zarr store [default: beside the manifest]")] = None,
+    allow_failed: AllowFailedOpt = False,
     config: ConfigOpt = None,
     set_: SetOpt = None,
 ) -> None:
-    """Extract features of every configured backbone into a Zarr v3 store; resumes and appends new cells."""
+    """Extract features of every configured backbone into a Zarr v3 store; resumes, retries rows that failed
+    before, and appends new cells. One process writes a store at a time (a second is refused, exit code 7)."""
     from .data.manifest import read_manifest
     from .features.extract import extract as run_extract
     from .features.store import FeatureStore
@@ -170,22 +213,28 @@ def extract(
     cfg = _config(config, set_)
     data = read_manifest(manifest)
     store = store or manifest.parent / "features.zarr"
+    prepare_output_dir(store.parent, "store folder")
     with progress_bar(f"extracting {', '.join(b.name for b in cfg.features.backbones)}") as (advance, set_total):
         summary = run_extract(data, store, cfg, progress=advance, on_total=set_total)
     totals = FeatureStore.open(store).summary()
     write_run_record(manifest.parent, "extract", cfg, manifest=str(manifest), store=str(store),
                      rows_written=summary.rows_written, rows_failed=summary.rows_failed,
                      rows_skipped=summary.rows_skipped, rows_appended=summary.rows_appended,
+                     rows_retried=summary.rows_retried, interrupted_writer=summary.interrupted_writer,
                      seconds=summary.seconds, images_per_s=summary.images_per_s, seconds_in=summary.seconds_in,
                      store_summary=totals,
                      failures=[(p.path, p.reason) for p in summary.failures])
-    console.print(f"{summary.rows_written:,} rows written, {summary.rows_skipped:,} already done (skipped), "
-                  f"{summary.rows_failed:,} failed, {summary.rows_appended:,} new rows appended; "
-                  f"{summary.images_per_s:,.0f} images/s over {summary.seconds:.1f} s")
-    console.print("time in: " + ", ".join(f"{part} {seconds:.1f} s" for part, seconds in summary.seconds_in.items()))
-    for problem in summary.failures[:5]:
-        console.print(f"  [yellow]failed[/yellow] {problem.path}: {problem.reason}", highlight=False)
-    console.print(f"store: {store} ({totals['ok']:,} of {totals['rows'] - totals['padding']:,} rows ready)")
+    if summary.interrupted_writer:
+        _warn(f"an earlier writer of {store} ended without finishing ({summary.interrupted_writer}); its work "
+              "was checked and completed")
+    if summary.rows_retried:
+        say(f"retried {summary.rows_retried:,} rows that had failed before")
+    say(f"{summary.rows_written:,} rows written, {summary.rows_skipped:,} already done (skipped), "
+        f"{summary.rows_failed:,} failed, {summary.rows_appended:,} new rows appended; "
+        f"{summary.images_per_s:,.0f} images/s over {summary.seconds:.1f} s")
+    say("time in: " + ", ".join(f"{part} {seconds:.1f} s" for part, seconds in summary.seconds_in.items()))
+    say(f"store: {store} ({totals['ok']:,} of {totals['rows'] - totals['padding']:,} rows ready)")
+    _failed_rows(summary.failures, f"listed in {store / 'rows' / 'status'} as failed", allow_failed)
 
 
 @app.command()
@@ -201,12 +250,12 @@ def train(
     from .classify.train import train as run_train
 
     cfg = _config(config, set_, **{"classify.backend": backend})
+    prepare_output_dir(out, "model folder")
     with console.status("training (z-score, PCA, out-of-fold SVM + random forest, meta-learner)"):
         info = run_train(store, cfg, out)
     write_run_record(out, "train", cfg, model=info)
-    console.print(f"trained on {info['training_rows']:,} rows ({info['backend']}), classes {info['classes']}; "
-                  f"model: {out}")
-    console.print("time in: " + ", ".join(f"{step} {seconds:.1f} s" for step, seconds in info["fit_seconds"].items()))
+    say(f"trained on {info['training_rows']:,} rows ({info['backend']}), classes {info['classes']}; model: {out}")
+    say("time in: " + ", ".join(f"{step} {seconds:.1f} s" for step, seconds in info["fit_seconds"].items()))
 
 
 @app.command()
@@ -217,21 +266,23 @@ def evaluate(
     split: Annotated[str, typer.Option(help="split to evaluate (never train)")] = "test",
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="report folder [default: MODEL/eval-SPLIT]")] = None,
 ) -> None:
-    """Metrics (per class, macro, AUC, bootstrap 95% intervals, patient level) to metrics.json, plots to PNG."""
+    """Metrics (per class, macro, AUC, bootstrap 95% intervals, patient level) to metrics.json, plots to PNG.
+    Refused (exit code 2) on any cell the model was trained on, matched by content, and on features extracted
+    otherwise than the model's."""
     from .classify.train import evaluate as run_evaluate
 
-    out = out or model / f"eval-{split}"
+    out = prepare_output_dir(out or model / f"eval-{split}", "report folder")
     report = run_evaluate(model, store, split, out)
     for warning in report["warnings"]:
-        console.print(f"[yellow]warning:[/yellow] {warning}")
+        _warn(warning)
     _show_report(report, f"{split} split")
-    console.print(f"report: {out / 'metrics.json'}, plots: {out}")
+    say(f"report: {out / 'metrics.json'}, plots: {out}")
 
 
 def _show_report(report: dict, title: str) -> None:
     """What was evaluated, then one line per level (cells; patients where there are some): accuracy, macro AUC
     and macro F1, each with its bootstrap 95% interval."""
-    console.print(f"{title} ({report['split_protocol']}), backbones {', '.join(report['backbones'])}:")
+    say(f"{title} ({report['split_protocol']}), backbones {', '.join(report['backbones'])}:")
     for name, key in (("cells", "cell_level"), ("patients", "patient_level")):
         if key not in report:
             continue
@@ -242,7 +293,7 @@ def _show_report(report: dict, title: str) -> None:
             interval = level["ci95"].get(ci)
             parts.append(f"{label} undefined" if value is None else f"{label} {value:.3f}"
                          + (f" (95% CI {interval[0]:.3f}-{interval[1]:.3f})" if interval else ""))
-        console.print(f"  {name}: {', '.join(parts)}, n={level['n']:,}")
+        say(f"  {name}: {', '.join(parts)}, n={level['n']:,}")
 
 
 @app.command()
@@ -258,18 +309,18 @@ def cv(
     from .classify.crossval import cross_validate
 
     cfg = _config(config, set_, **{"classify.backend": backend})
-    out = out or store.parent / "cv"
+    out = prepare_output_dir(out or store.parent / "cv", "report folder")
 
     def show(fold: dict) -> None:
-        console.print(f"fold {fold['fold']}: {fold['cells']:,} cells, cell AUC {fold['cell_macro_auc']:.3f}"
-                      + (f", patient AUC {fold['patient_macro_auc']:.3f} (n={fold['patients']})"
-                         if fold.get("patient_macro_auc") is not None else ""))
+        say(f"fold {fold['fold']}: {fold['cells']:,} cells, cell AUC {fold['cell_macro_auc']:.3f}"
+            + (f", patient AUC {fold['patient_macro_auc']:.3f} (n={fold['patients']})"
+               if fold.get("patient_macro_auc") is not None else ""))
 
     with console.status("cross-validating (one stacking classifier per fold)"):
         report = cross_validate(store, cfg, out, on_fold=show)
     write_run_record(out, "cv", cfg, store=str(store), folds=report["folds"])
     _show_report(report, report["split"])
-    console.print(f"report: {out / 'metrics.json'}, out-of-fold predictions: {out / 'oof_predictions.csv'}")
+    say(f"report: {out / 'metrics.json'}, out-of-fold predictions: {out / 'oof_predictions.csv'}")
 
 
 @app.command()
@@ -278,16 +329,30 @@ def predict(
     model: Annotated[Path, typer.Argument(help="model folder written by `aml-rapids train`")],
     source: Annotated[Path, typer.Argument(help="folder or CSV of new cell images, or a feature store")],
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="folder for predictions.csv and patients.csv")] = None,
+    overwrite: Annotated[bool, typer.Option(help="replace earlier predictions in the output folder")] = False,
+    allow_failed: AllowFailedOpt = False,
     set_: SetOpt = None,
 ) -> None:
-    """Class probabilities per cell and per patient; images are extracted exactly as the model's training data."""
-    from .classify.predict import predict as run_predict
+    """Class probabilities per cell and per patient (keyed by cohort and patient); images are extracted exactly
+    as the model's training data (a --set that would change their features is refused). The output folder must
+    be new or empty, or --overwrite replaces its predictions.
 
-    out = out or model / f"predict-{source.stem}"
+    A model folder is code: model.joblib is a pickle, run when loaded. Load only model folders you trust;
+    model.json records its sha256, checked before loading."""
+    from .classify.predict import predict as run_predict, prepare_predict_dir
+
+    out = prepare_predict_dir(out or model / f"predict-{source.stem}", overwrite)
     with progress_bar(f"extracting {source}") as (advance, set_total):
-        cells, patients = run_predict(model, source, out, set_, progress=advance, on_total=set_total)
-    console.print(f"{len(cells):,} cells, {len(patients):,} patients predicted: {out / 'predictions.csv'}, "
-                  f"{out / 'patients.csv'}")
+        result = run_predict(model, source, out, set_, progress=advance, on_total=set_total)
+    write_run_record(out, "predict", result.config or load_config(None), model=str(model), source=str(source), overrides=set_,
+                     cells=len(result.cells), patients=len(result.patients), seen_in_training=result.seen_in_training,
+                     failures=[(p.path, p.reason) for p in result.failures])
+    if result.seen_in_training:
+        _warn(f"{result.seen_in_training:,} of these cells were in the model's training set (column in_training "
+              "of predictions.csv): their predictions say nothing about new cells")
+    say(f"{len(result.cells):,} cells, {len(result.patients):,} patients predicted: {out / 'predictions.csv'}, "
+        f"{out / 'patients.csv'}")
+    _failed_rows(result.failures, f"listed in {out / 'failed.csv'}", allow_failed)
 
 
 DEMO_SETTINGS = [
@@ -303,6 +368,7 @@ DEMO_SETTINGS = [
 def run(
     data: Annotated[Optional[Path], typer.Argument(help="dataset folder or CSV [default: synthetic demo cells]")] = None,
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="run folder [default: runs/<data name>]")] = None,
+    allow_failed: AllowFailedOpt = False,
     config: ConfigOpt = None,
     set_: SetOpt = None,
 ) -> None:
@@ -311,14 +377,16 @@ def run(
     runs it offline with MobileNetV2 (random weights) on whatever device there is."""
     overrides = list(set_ or [])
     if data is None:
-        out = out or Path("runs") / "demo"
+        out = prepare_output_dir(out or Path("runs") / "demo", "run folder")
         data = out / "demo-data"
         overrides = DEMO_SETTINGS + overrides
         demo_data(data)
-    out = out or Path("runs") / (data.stem if data.suffix.lower() == ".csv" else data.name)
+    out = prepare_output_dir(out or Path("runs") / (data.stem if data.suffix.lower() == ".csv" else data.name),
+                             "run folder")
     index(data, out=out, config=config, set_=overrides)
     split(out / "manifest.parquet", config=config, set_=overrides)
-    extract(out / "manifest.parquet", store=out / "features.zarr", config=config, set_=overrides)
+    extract(out / "manifest.parquet", store=out / "features.zarr", allow_failed=allow_failed, config=config,
+            set_=overrides)
     if _config(config, overrides).split.method == "kfold":
         cv(out / "features.zarr", out=out / "cv", config=config, set_=overrides)
         return
@@ -338,10 +406,10 @@ def demo_data(
     from .data.synthetic import CLASSES, write_demo_dataset
 
     total = len(CLASSES) * patients * cells
+    prepare_output_dir(out, "demo folder")
     with progress_bar("drawing synthetic cells", total) as (advance, _):
         n = write_demo_dataset(out, patients, cells, seed, progress=advance)
-    console.print(f"wrote {n:,} synthetic 144x144 TIFF cells ({len(CLASSES)} classes x {patients} patients "
-                  f"x {cells}) to {out}")
+    say(f"wrote {n:,} synthetic 144x144 TIFF cells ({len(CLASSES)} classes x {patients} patients x {cells}) to {out}")
 
 
 if __name__ == "__main__":

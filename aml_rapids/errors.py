@@ -1,4 +1,7 @@
-"""Errors the CLI turns into a one-line message and a meaningful exit code."""
+"""Errors the CLI turns into a one-line message and an exit code of their own (the README's table).
+
+Every problem a user can fix is one of these; anything else is a bug, reported with its traceback (exit 1).
+"""
 
 
 class AmlRapidsError(Exception):
@@ -8,13 +11,15 @@ class AmlRapidsError(Exception):
 
 
 class ConfigError(AmlRapidsError):
-    """An invalid config file or override."""
+    """An invalid config file, override or option, or a request that contradicts how existing results were
+    made (another extraction config, evaluating rows the model trained on)."""
 
     exit_code = 2
 
 
 class DataError(AmlRapidsError):
-    """Input data that cannot be used as asked (missing root, bad CSV, empty dataset, bad manifest)."""
+    """Input data that cannot be used as asked (missing root, bad CSV, empty dataset, bad manifest, a damaged
+    store or model folder)."""
 
     exit_code = 3
 
@@ -23,3 +28,27 @@ class SplitError(AmlRapidsError):
     """A split that cannot give every class a place in every part."""
 
     exit_code = 4
+
+
+EXIT_REJECTS = 5  # `index --strict` and files were rejected
+
+
+class FailedRowsError(AmlRapidsError):
+    """Rows whose files could not be read during extraction: stored as failed (a re-run retries them)."""
+
+    exit_code = 6
+
+
+class BusyError(AmlRapidsError):
+    """A store that another process is writing right now."""
+
+    exit_code = 7
+
+
+class OutputError(AmlRapidsError):
+    """An output location that cannot be written: a file in the way, no permission, a full disk."""
+
+    exit_code = 8
+
+
+EXIT_INTERRUPTED = 130  # Ctrl-C or SIGTERM's usual code; every stage resumes or can be re-run

@@ -152,12 +152,12 @@ def test_train_and_evaluate_commands_on_a_synthetic_store(tmp_path):
     again = pd.read_csv(tmp_path / "pred2" / "predictions.csv")
     assert np.allclose(again.filter(like="p_").to_numpy(), prob.to_numpy())
     result = runner.invoke(app, ["evaluate", str(run / "model"), str(run / "features.zarr"), "--split", "train"])
-    assert result.exit_code == 1 and "fitted on" in result.output
+    assert result.exit_code == 2 and "fitted on" in result.output
     info = json.loads((run / "model" / "model.json").read_text())
     assert {"base learner fits", "meta fit"} <= set(info["fit_seconds"]) and "rf refit" in info["learner_seconds"]
     (run / "model" / "model.json").write_text(json.dumps({**info, "aml_rapids": "0.0.1"}))
     result = runner.invoke(app, ["evaluate", str(run / "model"), str(run / "features.zarr")])
-    assert result.exit_code == 1 and "retrain" in result.output
+    assert result.exit_code == 3 and "retrain" in result.output
 
 
 def test_fold_training_rows_never_include_the_held_out_fold():
@@ -204,10 +204,19 @@ class _FakeCuml:
         return self.estimator
 
 
-def test_a_gpu_model_loads_on_a_cpu_through_its_scikit_learn_twin(tmp_path):
-
+def write_info(folder, **info):
+    """A model.json as train writes it, naming the joblib files now in ``folder`` with their sha256."""
     from aml_rapids import __version__
-    from aml_rapids.classify.train import INFO_FILE, MODEL_FILE, PORTABLE_FILE, _save_portable, load_model
+    from aml_rapids.classify.io import INFO_FILE
+    from aml_rapids.features.weights import file_sha256
+
+    files = {p.name: file_sha256(p) for p in folder.glob("*.joblib")}
+    (folder / INFO_FILE).write_text(json.dumps({"aml_rapids": __version__, "backbones": {}, "classes": [],
+                                                "files": files, **info}))
+
+
+def test_a_gpu_model_loads_on_a_cpu_through_its_scikit_learn_twin(tmp_path):
+    from aml_rapids.classify.io import MODEL_FILE, PORTABLE_FILE, _save_portable, load_model
 
     X, y, cells = planted_copies()
     fitted = FeatureStackingClassifier(block_dims=(24,), pca_components=4, rf_trees=5, folds=2,
@@ -217,7 +226,7 @@ def test_a_gpu_model_loads_on_a_cpu_through_its_scikit_learn_twin(tmp_path):
                         svm_=_FakeCuml(fitted.svm_), forest_=_FakeCuml(fitted.forest_), meta_=_FakeCuml(fitted.meta_))
     assert _save_portable(gpu, tmp_path) is True and (tmp_path / PORTABLE_FILE).is_file()
     (tmp_path / MODEL_FILE).write_text("a cuML model: cannot be unpickled without cuML")
-    (tmp_path / INFO_FILE).write_text(json.dumps({"aml_rapids": __version__, "backend": "cuml", "portable": True}))
+    write_info(tmp_path, backend="cuml", portable=True)
     twin, _ = load_model(tmp_path)
     assert twin.backend_ == "sklearn" and np.array_equal(twin.predict_proba(X), fitted.predict_proba(X))
 
@@ -225,7 +234,7 @@ def test_a_gpu_model_loads_on_a_cpu_through_its_scikit_learn_twin(tmp_path):
     reason = _save_portable(gpu, tmp_path / "refused")
     assert "cannot convert" in reason and "multiclass" in reason
     assert not (tmp_path / "refused" / PORTABLE_FILE).exists()
-    (tmp_path / INFO_FILE).write_text(json.dumps({"aml_rapids": __version__, "backend": "cuml", "portable": reason}))
+    write_info(tmp_path, backend="cuml", portable=reason)
     with pytest.raises(AmlRapidsError, match="no scikit-learn twin.*multiclass"):
         load_model(tmp_path)
 
@@ -295,7 +304,8 @@ def test_training_streams_features_that_exceed_the_memory_budget(tmp_path, monke
     assert streamed["reduction"].startswith("incremental") and in_memory["reduction"] == "PCA in memory"
     assert sum(seen) == 2 * streamed["training_rows"] and max(seen) <= 16 * 8 + 8  # two passes, 8 chunks at a time
     store = FeatureStore.open(run / "features.zarr")
-    predictions = [train_module.predict_store(train_module.load_model(run / f)[0], store, ["tiny"], ("test",))[0]
+    from aml_rapids.classify.io import load_model
+    predictions = [train_module.predict_store(load_model(run / f)[0], store, ["tiny"], ("test",))[0]
                    for f in ("streamed", "in_memory")]
     assert (predictions[0].argmax(1) == predictions[1].argmax(1)).mean() >= 0.9
 
@@ -365,12 +375,15 @@ def test_oversampled_copies_can_be_left_out_of_a_selection(tmp_path):
 
 
 def test_a_corrupt_model_file_is_named(tmp_path):
-    from aml_rapids import __version__
-    from aml_rapids.classify.train import INFO_FILE, MODEL_FILE, load_model
+    from aml_rapids.classify.io import MODEL_FILE, load_model
 
-    (tmp_path / INFO_FILE).write_text(json.dumps({"aml_rapids": __version__, "backend": "sklearn", "portable": True}))
     (tmp_path / MODEL_FILE).write_bytes(b"\x80\x04 truncated")
+    write_info(tmp_path, backend="sklearn", portable=True)
     with pytest.raises(AmlRapidsError, match=f"cannot load {tmp_path / MODEL_FILE}: .*retrain it"):
+        load_model(tmp_path)
+    (tmp_path / MODEL_FILE).write_bytes(b"\x80\x04 another pickle")  # not the file model.json names
+    with pytest.raises(AmlRapidsError, match=f"{tmp_path / MODEL_FILE} is not the file model.json was written "
+                                             "with .*pickle, so it is not loaded"):
         load_model(tmp_path)
 
 

@@ -64,7 +64,7 @@ def test_preview_and_extract(tmp_path):
     record = json.loads((out / "runs" / "extract.json").read_text())
     assert record["details"]["store_summary"]["ok"] == 30
     result = runner.invoke(app, ["extract", manifest, *tiny, "--set", "segmentation.enabled=false"])
-    assert result.exit_code == 1 and "another configuration" in result.output
+    assert result.exit_code == 2 and "another configuration" in result.output
 
 
 @pytest.mark.slow

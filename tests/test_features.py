@@ -21,12 +21,12 @@ from aml_rapids.config import IndexConfig, load_config
 from aml_rapids.data.manifest import build_manifest, write_manifest
 from aml_rapids.data.splits import make_split
 from aml_rapids.data.synthetic import write_demo_dataset
-from aml_rapids.errors import AmlRapidsError
+from aml_rapids.errors import AmlRapidsError, OutputError
 from aml_rapids.features import extract as extract_module
 from aml_rapids.features.backbones import REGISTRY
 from aml_rapids.features.extract import TIME_PARTS, compile_settings, extract, load_backbones
 from aml_rapids.features.plan import STATUS_FAILED, STATUS_OK, STATUS_PADDING
-from aml_rapids.features.store import FeatureStore, StoreError
+from aml_rapids.features.store import FeatureStore, StoreError, StoreMismatch
 from aml_rapids.features.weights import WeightsError, load_backbone
 
 from conftest import REPO
@@ -279,9 +279,9 @@ def test_changed_files_fail_their_rows_and_the_store_stays_consistent(tmp_path):
 def test_mismatched_config_and_bad_stores_are_refused(tmp_path):
     manifest = demo_manifest(tmp_path / "data", split=False)
     extract(manifest, tmp_path / "s.zarr", cfg())
-    with pytest.raises(StoreError, match="another configuration.*preprocess"):
+    with pytest.raises(StoreMismatch, match="another configuration.*preprocess.segmentation"):
         extract(manifest, tmp_path / "s.zarr", cfg(**{"segmentation.enabled": "false"}))
-    with pytest.raises(StoreError, match="another configuration.*backbones"):
+    with pytest.raises(StoreMismatch, match="another configuration.*backbones"):
         extract(manifest, tmp_path / "s.zarr", cfg(**{"features.seed": 1, "features.backbones":
                                                       "[{name: tiny, weights: none}, {name: mobilenet_v2, weights: none}]"}))
     zarr.open_group(str(tmp_path / "other.zarr"), mode="w")
@@ -294,7 +294,7 @@ def test_mismatched_config_and_bad_stores_are_refused(tmp_path):
 def test_unwritable_store_location(tmp_path):
     manifest = demo_manifest(tmp_path / "data", split=False)
     (tmp_path / "a_file").write_text("not a folder")
-    with pytest.raises(StoreError, match="cannot create feature store"):
+    with pytest.raises(OutputError, match="store folder .*a_file/s.zarr: .*a_file is a file, not a folder"):
         extract(manifest, tmp_path / "a_file" / "s.zarr", cfg())
 
 
@@ -303,7 +303,7 @@ def test_read_only_output_folder(tmp_path):
     manifest = demo_manifest(tmp_path / "data", split=False)
     (tmp_path / "ro").mkdir()
     os.chmod(tmp_path / "ro", 0o500)
-    with pytest.raises(StoreError, match="cannot create feature store"):
+    with pytest.raises(OutputError, match="store folder .*ro cannot be written"):
         extract(manifest, tmp_path / "ro" / "s.zarr", cfg())
 
 
@@ -329,7 +329,7 @@ def test_a_failed_chunk_write_stops_the_run_and_a_rerun_completes_it(tmp_path, m
         real_write(self, k, features, status)
 
     monkeypatch.setattr(FeatureStore, "write_chunk", disk_full_at_chunk_2)
-    with pytest.raises(StoreError, match=r"could not write chunk 2 of .*No space left on device"):
+    with pytest.raises(OutputError, match=r"could not write chunk 2 of .*No space left on device"):
         extract(manifest, tmp_path / "s.zarr", cfg())
     monkeypatch.undo()
     done = FeatureStore.open(tmp_path / "s.zarr").done_chunks()

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import AmlRapidsError
+from ..errors import AmlRapidsError, ConfigError
 from ..provenance import usable_cores
 
 CUML_FIT_JOBS = 4  # the fastest of 1, 2 and 4 on an H200 (docs/classifier.md)
@@ -62,7 +62,7 @@ def _cuml() -> Backend:
         from cuml.linear_model import LogisticRegression
         from cuml.svm import SVC
     except ImportError as exc:
-        raise AmlRapidsError(f"backend cuml asked for, but it does not import ({exc}); install aml-rapids[cu13] "
+        raise ConfigError(f"backend cuml asked for, but it does not import ({exc}); install aml-rapids[cu13] "
                              "or [cu12] on a GPU machine, or use --backend sklearn") from None
     # one-vs-one training, as scikit-learn's SVC (docs/classifier.md); the option's name depends on the version
     shape = "decision_function_shape" if "decision_function_shape" in inspect.signature(SVC).parameters \
@@ -77,7 +77,7 @@ def get_backend(name: str = "auto") -> Backend:
     if name == "cuml":
         return _cuml()
     if name != "auto":
-        raise AmlRapidsError(f"unknown backend {name!r}; use auto, cuml or sklearn")
+        raise ConfigError(f"unknown backend {name!r}; use auto, cuml or sklearn")
     import torch
     if not torch.cuda.is_available():
         return _sklearn()

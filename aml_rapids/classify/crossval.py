@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from ..config import RunConfig
-from ..errors import AmlRapidsError
+from ..errors import DataError
 from ..evaluate.metrics import patient_level, summary
 from ..evaluate.report import prediction_table, write_report
 from ..features.store import FeatureStore
@@ -49,7 +49,7 @@ def cross_validate(store_path: Path, cfg: RunConfig, out: Path, backbones: list[
     X = load_features(store, backbones, keep)
     folds = rows["fold"].to_numpy()
     if (folds < 0).any():
-        raise AmlRapidsError(f"store {store_path} has rows without a fold: split the manifest with "
+        raise DataError(f"store {store_path} has rows without a fold: split the manifest with "
                              "`aml-rapids split --method kfold` before extracting, then cross-validate")
     classes = np.unique(rows["label"])
     dims = block_dims(store, backbones)
@@ -60,7 +60,7 @@ def cross_validate(store_path: Path, cfg: RunConfig, out: Path, backbones: list[
         train = training_positions(rows, np.flatnonzero(folds != k), cfg)
         model = fit_model(X[train], rows.iloc[train], dims, cfg)
         if list(model.classes_) != list(classes):
-            raise AmlRapidsError(f"fold {k}'s training part lacks class(es) "
+            raise DataError(f"fold {k}'s training part lacks class(es) "
                                  f"{', '.join(sorted(set(classes) - set(model.classes_)))}; use fewer folds")
         proba[held] = model.predict_proba(X[held])
         per_fold.append({"fold": int(k), "training_rows": len(train),

@@ -11,7 +11,8 @@ from collections.abc import Iterator
 import numpy as np
 import pandas as pd
 
-from ..errors import AmlRapidsError
+from ..errors import DataError
+from ..evaluate.metrics import patient_keys
 from ..features.plan import STATUS_OK
 from ..features.store import FeatureStore
 
@@ -32,7 +33,7 @@ def select_rows(store: FeatureStore, splits: tuple[str, ...] | None,
     if originals_only:
         keep &= (rows["aug_index"] <= 0).to_numpy()
     if not keep.any():
-        raise AmlRapidsError(f"store {store.path} has no usable rows in split(s) {', '.join(splits or ['any'])}")
+        raise DataError(f"store {store.path} has no usable rows in split(s) {', '.join(splits or ['any'])}")
     return keep, rows[keep].reset_index(drop=True)
 
 
@@ -51,7 +52,7 @@ def feature_blocks(store: FeatureStore, backbones: list[str], keep: np.ndarray, 
         block = np.concatenate([np.asarray(arrays[name][span][mine], dtype=np.float32) for name in backbones], axis=1)
         bad = ~np.isfinite(block).all(axis=1)
         if bad.any():
-            raise AmlRapidsError(f"store {store.path}: {int(bad.sum())} rows of features (rows "
+            raise DataError(f"store {store.path}: {int(bad.sum())} rows of features (rows "
                                  f"{span.start}-{span.stop - 1}) hold NaN or Inf")
         if pending is not None and min(len(pending), len(block)) < min_rows:
             block = np.concatenate([pending, block])
@@ -69,5 +70,5 @@ def load_features(store: FeatureStore, backbones: list[str], keep: np.ndarray) -
 
 def fold_groups(rows: pd.DataFrame) -> np.ndarray:
     """Patients where every row has one, else cells: copies of a cell (or a patient's cells) share a fold."""
-    patients = rows["patient"].to_numpy()
-    return patients if (patients != "").all() else rows["cell_id"].to_numpy()
+    has_patients = (rows["patient"] != "").all()
+    return patient_keys(rows) if has_patients else rows["cell_id"].to_numpy()

@@ -21,7 +21,7 @@ import numpy as np
 from sklearn.base import BaseEstimator, ClassifierMixin, clone
 from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
 
-from ..errors import AmlRapidsError
+from ..errors import AmlRapidsError, DataError
 from ..timing import span
 from .backend import Backend, get_backend
 
@@ -51,7 +51,7 @@ def grouped_folds(codes: np.ndarray, groups, n_folds: int, seed: int) -> list[tu
             return list(StratifiedGroupKFold(n_folds, shuffle=True, random_state=seed).split(rows, codes, groups))
         split = StratifiedKFold(n_folds, shuffle=True, random_state=seed).split(np.zeros(len(names)), group_code)
     except ValueError as exc:  # too few groups (patients or cells) for the folds
-        raise AmlRapidsError(f"cannot make {n_folds} grouped stacking folds from {len(names)} groups (patients, or "
+        raise DataError(f"cannot make {n_folds} grouped stacking folds from {len(names)} groups (patients, or "
                              f"cells without patients): {str(exc).rstrip('.')}; lower classify.folds") from None
     return [(rows[np.isin(group_of, train)], rows[np.isin(group_of, held)]) for train, held in split]
 
@@ -112,8 +112,8 @@ class FeatureStackingClassifier(ClassifierMixin, BaseEstimator):
 
     def _blocks(self, X):
         if X.shape[1] != sum(self.block_dims):
-            raise AmlRapidsError(f"features have {X.shape[1]} columns, the model expects {sum(self.block_dims)} "
-                                 f"({' + '.join(map(str, self.block_dims))})")
+            raise DataError(f"features have {X.shape[1]} columns, the model expects {sum(self.block_dims)} "
+                            f"({' + '.join(map(str, self.block_dims))})")
         edges = np.cumsum((0, *self.block_dims))
         return [X[:, a:b] for a, b in zip(edges[:-1], edges[1:])]
 
@@ -216,7 +216,7 @@ class FeatureStackingClassifier(ClassifierMixin, BaseEstimator):
         y = np.asarray(y)
         self.classes_, codes = np.unique(y, return_inverse=True)
         if len(self.classes_) < 2:
-            raise AmlRapidsError(f"training rows hold a single class ({self.classes_[0]!r}); need at least two")
+            raise DataError(f"training rows hold a single class ({self.classes_[0]!r}); need at least two")
         if Z.shape[0] != len(y):
             raise AmlRapidsError(f"{Z.shape[0]} feature rows but {len(y)} labels")
         labels = be.xp.asarray(codes.astype(np.int32))

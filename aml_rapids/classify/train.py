@@ -1,23 +1,19 @@
-"""Fit the stacking classifier on a store's training rows, save it as one folder, and evaluate it."""
+"""Fit the stacking classifier on a store's training rows, save it as one folder (``io``), and evaluate it."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-import joblib
 import numpy as np
 
 from .. import __version__
 from ..config import RunConfig
-from ..errors import AmlRapidsError
+from ..errors import ConfigError
 from ..evaluate.report import write_report
-from ..features.store import FeatureStore
+from ..features.store import FeatureStore, feature_identity
 from .data import block_dims, feature_blocks, fold_groups, load_features, select_rows
-from .backend import get_backend
+from .io import check_store_matches, load_model, save_model, training_cells
 from .model import FeatureStackingClassifier
-
-MODEL_FILE, PORTABLE_FILE, INFO_FILE = "model.joblib", "model-sklearn.joblib", "model.json"
 
 
 def describe_features(store: FeatureStore, backbones: list[str]) -> dict:
@@ -58,15 +54,13 @@ def train(store_path: Path, cfg: RunConfig, out: Path, backbones: list[str] | No
     else:
         model = fit_model(load_features(store, backbones, keep), rows, dims, cfg)
     out.mkdir(parents=True, exist_ok=True)
-    joblib.dump(model, out / MODEL_FILE)
-    info = {"aml_rapids": __version__, "backend": model.backend_, "portable": _save_portable(model, out),
+    info = {"aml_rapids": __version__, "backend": model.backend_,
             "classes": [str(k) for k in model.classes_], "training_rows": len(rows),
             "reduction": "incremental PCA, streamed from the store" if streamed else "PCA in memory",
             "fit_seconds": model.fit_seconds_, "learner_seconds": model.learner_seconds_,
             "store": str(store_path), **describe_features(store, backbones),
             "config": cfg.classify.model_dump(), "extract_config": store.meta.get("config")}
-    (out / INFO_FILE).write_text(json.dumps(info, indent=2))
-    return info
+    return save_model(model, out, info, rows, feature_identity(store.meta, backbones))
 
 
 def predict_store(model: FeatureStackingClassifier, store: FeatureStore, backbones: list[str],
@@ -76,42 +70,19 @@ def predict_store(model: FeatureStackingClassifier, store: FeatureStore, backbon
     return np.concatenate([model.predict_proba(X) for X in feature_blocks(store, backbones, keep)]), rows
 
 
-def _save_portable(model: FeatureStackingClassifier, out: Path) -> bool | str:
-    """Beside a cuML model, its scikit-learn twin for machines without a GPU: True, or why there is none."""
-    if model.backend_ == "sklearn":
-        return True
-    try:
-        joblib.dump(model.to_sklearn(), out / PORTABLE_FILE)
-    except AmlRapidsError as exc:
-        return str(exc)
-    return True
-
-
-def load_model(model_dir: Path) -> tuple[FeatureStackingClassifier, dict]:
-    """The model as trained where its backend runs here; else its scikit-learn twin; else a clear error."""
-    info_path = Path(model_dir) / INFO_FILE
-    if not info_path.is_file():
-        raise AmlRapidsError(f"{model_dir} is not a model folder (no {INFO_FILE}; make one with `aml-rapids train`)")
-    info = json.loads(info_path.read_text())
-    if info.get("aml_rapids") != __version__:
-        raise AmlRapidsError(f"model {model_dir} was made by aml-rapids {info.get('aml_rapids')}, this is "
-                             f"{__version__}; retrain it")
-    name = MODEL_FILE
-    if info["backend"] != "sklearn" and get_backend("auto").name != info["backend"]:
-        if info.get("portable") is not True:
-            raise AmlRapidsError(f"model {model_dir} was trained with {info['backend']}, which does not run here, "
-                                 f"and has no scikit-learn twin: {info.get('portable')}")
-        name = PORTABLE_FILE
-    try:
-        return joblib.load(Path(model_dir) / name), info
-    except Exception as exc:  # missing, truncated or written by other library versions
-        raise AmlRapidsError(f"cannot load {Path(model_dir) / name}: {type(exc).__name__}: {exc}; retrain it") from exc
-
-
 def evaluate(model_dir: Path, store_path: Path, split: str, out: Path) -> dict:
-    """Metrics on one split (never the training rows), at cell level and, with patients, patient level."""
+    """Metrics on one split, at cell level and, with patients, patient level; refused on features made
+    otherwise than the model's and on any cell the model was trained on (by content, whatever its split)."""
     if split == "train":
-        raise AmlRapidsError("evaluating on the training split would report data the model was fitted on")
+        raise ConfigError("evaluating on the training split would report data the model was fitted on")
     model, info = load_model(model_dir)
-    proba, rows = predict_store(model, FeatureStore.open(store_path), list(info["backbones"]), (split,))
+    store = FeatureStore.open(store_path)
+    check_store_matches(info, store)
+    proba, rows = predict_store(model, store, list(info["backbones"]), (split,))
+    seen = rows["sha256"].isin(training_cells(model_dir, info)["sha256"])
+    if seen.any():
+        example = rows.loc[seen.idxmax(), "path"]
+        raise ConfigError(f"{int(seen.sum()):,} of the {len(rows):,} rows of split {split} in {store_path} are "
+                          f"cells model {model_dir} was trained on (same content, e.g. {example}): their metrics "
+                          "would be leaked; evaluate on cells the model never saw")
     return write_report(rows, proba, model.classes_, info, split, out)

@@ -60,4 +60,6 @@ def inspect_image(path: Path, verify_decode: bool = True) -> ImageInfo:
         raise
     except (OSError, SyntaxError, ValueError) as exc:
         raise ImageProblem(f"truncated or corrupt image data ({exc})") from None
+    except Exception as exc:  # a decoder's own failure on an odd header (struct.error, IndexError, a bomb, ...)
+        raise ImageProblem(f"cannot be decoded ({type(exc).__name__}: {exc})") from None
     return ImageInfo(len(data), digest, mtime_ns, width, height, mode, fmt)

@@ -20,8 +20,9 @@ import pyarrow.parquet as pq
 
 from ..config import IndexConfig
 from ..errors import DataError
+from ..outputs import atomic_write
 from .inspect import ImageProblem, inspect_image
-from .scan import Candidate, Problem, ScanResult, scan_csv, scan_folder
+from .scan import Candidate, NoUsableImages, Problem, ScanResult, printable, scan_csv, scan_folder
 
 META_KEY = b"aml_rapids"
 CORE_COLUMNS = ["cell_id", "path", "label", "patient", "cohort", "bytes", "sha256", "mtime_ns", "width", "height",
@@ -56,6 +57,7 @@ class IndexResult:
     layout: str
     found: int
     same_class_duplicates: int
+    outside_root: list[str] = field(default_factory=list)  # accepted, with a warning: files outside the root
 
 
 def cell_id(cohort: str, rel: str) -> str:
@@ -69,6 +71,8 @@ def _inspect_all(candidates: list[Candidate], cfg: IndexConfig, progress: Callab
             return inspect_image(c.path, cfg.verify_decode)
         except ImageProblem as exc:
             return str(exc)
+        except Exception as exc:  # whatever one file does, it is that file's problem, not the index's
+            return f"cannot be read ({type(exc).__name__}: {exc})"
 
     with ThreadPoolExecutor(cfg.workers) as pool:
         for result in pool.map(work, candidates, chunksize=32):
@@ -122,11 +126,12 @@ def build_manifest(source: Path, cfg: IndexConfig, progress: Callable[[int], Non
         if name not in set(table["label"]):
             problems.append(Problem(str(folder), "class folder has no usable images"))
     if table.empty:
-        raise DataError(f"{source}: no usable images ({len(problems)} problems; see the rejects file)")
+        raise NoUsableImages(f"{source}: no usable images ({len(problems)} problems; see the rejects file)", problems)
     dupes = int(table.duplicated("sha256").sum())
     table = table.sort_values(["label", "patient", "path"], na_position="first", kind="stable").reset_index(drop=True)
     meta = {"source": str(source.resolve()), "layout": scan.layout}
-    return IndexResult(Manifest(table, scan.root.resolve(), meta), problems, scan.layout, len(scan.candidates), dupes)
+    return IndexResult(Manifest(table, scan.root.resolve(), meta), problems, scan.layout, len(scan.candidates), dupes,
+                       scan.outside_root)
 
 
 def write_manifest(manifest: Manifest, path: Path) -> None:
@@ -136,9 +141,7 @@ def write_manifest(manifest: Manifest, path: Path) -> None:
     meta = {**manifest.meta, "root": str(manifest.root), "digest": manifest.digest()}
     table = pa.Table.from_pandas(manifest.table, preserve_index=False)
     table = table.replace_schema_metadata({**(table.schema.metadata or {}), META_KEY: json.dumps(meta).encode()})
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    pq.write_table(table, tmp)
-    tmp.replace(path)
+    atomic_write(path, lambda tmp: pq.write_table(table, tmp))
 
 
 def read_manifest(path: Path) -> Manifest:
@@ -153,17 +156,22 @@ def read_manifest(path: Path) -> Manifest:
     raw = (table.schema.metadata or {}).get(META_KEY)
     if raw is None:
         raise DataError(f"{path} is a Parquet file but not an aml-rapids manifest (no {META_KEY.decode()} metadata)")
-    meta = json.loads(raw)
+    try:
+        meta = json.loads(raw)
+        root = Path(meta.pop("root"))
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise DataError(f"manifest {path} has damaged aml-rapids metadata ({type(exc).__name__}: {exc}); "
+                        "re-run `aml-rapids index`") from None
     frame = table.to_pandas()
     missing = [c for c in CORE_COLUMNS if c not in frame.columns and c not in SINCE_0_4]
     if missing:
         raise DataError(f"manifest {path} lacks columns {', '.join(missing)}")
-    return Manifest(frame, Path(meta.pop("root")), {k: v for k, v in meta.items() if k != "digest"})
+    return Manifest(frame, root, {k: v for k, v in meta.items() if k != "digest"})
 
 
 def write_rejects(problems: list[Problem], path: Path) -> None:
     """Every file or folder left out, with the reason, as CSV (written even when empty, so absence is news)."""
-    rows = [(p.path, "skipped" if p.skipped else "rejected", p.reason) for p in problems]
+    rows = [(printable(p.path), "skipped" if p.skipped else "rejected", p.reason) for p in problems]
     pd.DataFrame(rows, columns=["path", "action", "reason"]).to_csv(path, index=False)
 
 

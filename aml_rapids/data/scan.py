@@ -45,6 +45,21 @@ class ScanResult:
     candidates: list[Candidate]
     problems: list[Problem]
     class_dirs: dict[str, Path] = field(default_factory=dict)
+    outside_root: list[str] = field(default_factory=list)  # CSV paths that leave the CSV's folder
+
+
+class NoUsableImages(DataError):
+    """Nothing usable was found; ``problems`` says what was left out and why (the rejects file still lists it)."""
+
+    def __init__(self, message: str, problems: list[Problem]):
+        super().__init__(message)
+        self.problems = problems
+
+
+def printable(path: Path | str) -> str:
+    """A path as text that can be printed and written to CSV or Parquet: bytes that are not UTF-8 shown as
+    ``\\xNN`` escapes."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
 
 
 def _walk_files(root: Path, follow_symlinks: bool, problems: list[Problem]):
@@ -78,7 +93,9 @@ def scan_folder(root: Path, extensions: tuple[str, ...], follow_symlinks: bool =
     by_depth: dict[int, list[tuple[Path, tuple[str, ...]]]] = {}
     for path in _walk_files(root, follow_symlinks, problems):
         parts = path.relative_to(root).parts
-        if path.suffix.lower() not in exts:
+        if printable(path) != str(path):
+            problems.append(Problem(printable(path), "file or folder name is not valid UTF-8; rename it"))
+        elif path.suffix.lower() not in exts:
             problems.append(Problem(str(path), f"unsupported file type {path.suffix or '(no extension)'!r}", True))
         elif len(parts) == 1:
             problems.append(Problem(str(path), "image directly under the root, not inside a class folder"))
@@ -86,10 +103,10 @@ def scan_folder(root: Path, extensions: tuple[str, ...], follow_symlinks: bool =
             by_depth.setdefault(len(parts), []).append((path, parts))
     class_dirs = {p.name: p for p in sorted(root.iterdir()) if p.is_dir()}
     if not by_depth:
-        raise DataError(f"no images with extensions {', '.join(sorted(exts))} found under {root}")
+        raise NoUsableImages(f"no images with extensions {', '.join(sorted(exts))} found under {root}", problems)
     depth = max((d for d in by_depth if d in (2, 3)), key=lambda d: len(by_depth[d]), default=None)
     if depth is None:
-        raise DataError(f"{root}: images must sit at <class>/<image> or <class>/<patient>/<image>")
+        raise NoUsableImages(f"{root}: images must sit at <class>/<image> or <class>/<patient>/<image>", problems)
     layout = "class/patient/image" if depth == 3 else "class/image"
     candidates = []
     for d, files in sorted(by_depth.items()):
@@ -133,20 +150,28 @@ def scan_csv(csv: Path, label_column: str | None = None, patient_column: str | N
     patient_col = _pick_column(columns, patient_column, PATIENT_COLUMNS, csv, "patient", required=False)
     extra_cols = [c for c in columns if c not in {"path", label_col, patient_col, "cohort"}]
     root = csv.parent
-    candidates, problems = [], []
+    candidates, problems, outside, first_line = [], [], [], {}
     for line, row in enumerate(table.to_dict("records"), start=2):
         rel = row["path"]
         path = Path(rel) if Path(rel).is_absolute() else root / rel
         if not rel:
             problems.append(Problem(f"{csv}:{line}", "empty path"))
+        elif "\0" in rel:
+            problems.append(Problem(f"{csv}:{line}", "path holds a NUL character"))
         elif not row[label_col]:
             problems.append(Problem(str(path), f"no label in {csv} line {line}"))
         elif not path.is_file():
             problems.append(Problem(str(path), f"listed in {csv} line {line} but does not exist"))
+        elif rel in first_line:
+            problems.append(Problem(str(path), f"listed twice in {csv} (lines {first_line[rel]} and {line}); "
+                                               "the second is left out"))
         else:
+            first_line[rel] = line
+            if not path.resolve().is_relative_to(root.resolve()):
+                outside.append(str(path))
             candidates.append(Candidate(
                 path, rel, row[label_col], (row[patient_col] or None) if patient_col else None,
                 row.get("cohort") or None, {c: row[c] for c in extra_cols}))
     if not candidates and not problems:
         raise DataError(f"{csv} lists no images")
-    return ScanResult(root, "csv", candidates, problems)
+    return ScanResult(root, "csv", candidates, problems, outside_root=outside)

@@ -72,13 +72,23 @@ def bootstrap(y_true: np.ndarray, proba: np.ndarray, classes: np.ndarray, groups
     return {k: [float(np.percentile(v, 2.5)), float(np.percentile(v, 97.5))] for k, v in draws.items() if v}
 
 
+def patient_keys(rows: pd.DataFrame) -> np.ndarray:
+    """One key per patient: cohort and name, so same-named patients of two cohorts stay two patients."""
+    patients = rows["patient"].astype(str).to_numpy()
+    if "cohort" not in rows:
+        return patients
+    return (rows["cohort"].astype(str) + "/" + rows["patient"].astype(str)).to_numpy()
+
+
 def patient_means(rows: pd.DataFrame, proba: np.ndarray, classes: np.ndarray) -> pd.DataFrame:
-    """The method's patient-level prediction: per patient (the index), the mean of its cells' class
-    probabilities (one column per class), its cell count (``n_cells``) and its label (``label``)."""
-    frame = pd.DataFrame(proba, columns=list(classes)).assign(patient=rows["patient"].to_numpy(),
-                                                              label=rows["label"].to_numpy())
-    grouped = frame.groupby("patient")
-    return grouped[list(classes)].mean().assign(n_cells=grouped.size(), label=grouped["label"].first())
+    """The method's patient-level prediction: per patient (the index, ``patient_keys``), the mean of its cells'
+    class probabilities (one column per class), its cell count (``n_cells``), label, cohort and name."""
+    frame = pd.DataFrame(proba, columns=list(classes)).assign(
+        key=patient_keys(rows), patient=rows["patient"].to_numpy(), label=rows["label"].to_numpy(),
+        cohort=rows["cohort"].to_numpy() if "cohort" in rows else "")
+    grouped = frame.groupby("key")
+    first = grouped[["label", "cohort", "patient"]].first()
+    return grouped[list(classes)].mean().assign(n_cells=grouped.size(), **{c: first[c] for c in first})
 
 
 def patient_level(rows: pd.DataFrame, proba: np.ndarray, classes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -6,8 +6,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ..errors import AmlRapidsError
-from .metrics import bootstrap, patient_level, summary
+from ..errors import DataError
+from .metrics import bootstrap, patient_keys, patient_level, summary
 from .plots import confusion_png, roc_png
 
 
@@ -24,14 +24,14 @@ def write_report(rows, proba, classes, info: dict, split: str, out: Path, extra:
     y = rows["label"].to_numpy()
     unseen = sorted(set(y) - set(classes))
     if unseen:
-        raise AmlRapidsError(f"split {split} holds classes the model never saw: {', '.join(unseen)}")
+        raise DataError(f"split {split} holds classes the model never saw: {', '.join(unseen)}")
     has_patients = (rows["patient"] != "").all()
     absent = [str(c) for c in classes if c not in set(y)]
     report = {"split": split, **{k: info[k] for k in ("split_protocol", "backbones", "backend")},
               "warnings": [f"class {c} is absent from split {split}: its sensitivity and AUC are undefined"
                            for c in absent],
               "cell_level": {**summary(y, proba, classes),
-                             "ci95": bootstrap(y, proba, classes, rows["patient"].to_numpy() if has_patients else None)}}
+                             "ci95": bootstrap(y, proba, classes, patient_keys(rows) if has_patients else None)}}
     out.mkdir(parents=True, exist_ok=True)
     pretrained = "pretrained" if all(b["pretrained"] for b in info["backbones"].values()) else "NOT pretrained"
     title = f"{split} split ({info['split_protocol']}), {'+'.join(info['backbones'])} ({pretrained})"

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from torchvision import models
 
-from ..errors import AmlRapidsError
+from ..errors import ConfigError
 from ..loader.pipeline import Normalization
 
 
@@ -42,7 +42,7 @@ def get_spec(name: str) -> BackboneSpec:
     try:
         return REGISTRY[name]
     except KeyError:
-        raise AmlRapidsError(f"unknown backbone {name!r}; known: {', '.join(sorted(REGISTRY))}") from None
+        raise ConfigError(f"unknown backbone {name!r}; known: {', '.join(sorted(REGISTRY))}") from None
 
 
 def _global_pool(body: nn.Module) -> nn.Module:

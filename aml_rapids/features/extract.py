@@ -1,8 +1,8 @@
 """The extraction loop: loader batches through every configured backbone, whole chunks into the store.
 
-Start, resume and append are one operation: the store is created from the plan if absent, extended by the
-plan's rows whose content (sha256 + augmentation index) it lacks, and then every chunk not marked done is
-computed. Batch norm is folded into the convolutions (inference only; the registry's networks stay unfused
+Start, resume and append are one operation, under the store's lock: the store is created from the plan if
+absent, extended by the plan's rows whose content (sha256 + augmentation index) it lacks, and then every chunk
+not marked done, or holding rows that failed before (their files may be back), is computed. Batch norm is folded into the convolutions (inference only; the registry's networks stay unfused
 and differentiable). On a GPU the backbones run under bf16/fp16 autocast in channels_last, optionally compiled
 (then every batch has one shape: the last is padded, so nothing recompiles mid-run); features come back to the
 host asynchronously, one batch behind, and finished chunks are written on background threads, so neither the
@@ -24,7 +24,7 @@ from torch.fx.experimental.optimization import fuse
 
 from ..config import RunConfig
 from ..data.manifest import Manifest
-from ..errors import AmlRapidsError
+from ..errors import ConfigError
 from ..data.scan import Problem
 from ..loader.augment import DRAWS
 from ..loader.loader import CellLoader, resolve_device
@@ -33,7 +33,8 @@ from ..provenance import machine_info, software_versions, usable_cores
 from ..timing import span
 from .backbones import get_spec
 from .plan import STATUS_FAILED, STATUS_OK, STATUS_PADDING, pad_segments, plan_rows
-from .store import FeatureStore, StoreError
+from .lock import StoreLock
+from .store import FeatureStore, StoreError, StoreMismatch, identity_differences
 from .weights import load_backbone
 from .writer import ChunkWriter
 
@@ -52,7 +53,9 @@ class ExtractSummary:
     rows_failed: int = 0
     rows_skipped: int = 0
     rows_appended: int = 0
+    rows_retried: int = 0  # rows that had failed in an earlier run, tried again
     chunks_written: int = 0
+    interrupted_writer: str | None = None  # an earlier writer that ended without releasing the lock
     seconds: float = 0.0
     failures: list[Problem] = field(default_factory=list)
     seconds_in: dict[str, float] = field(default_factory=lambda: dict.fromkeys(TIME_PARTS, 0.0))
@@ -102,7 +105,7 @@ def load_backbones(cfg: RunConfig, device: str) -> Backbones:
     for item in cfg.features.backbones:
         spec = get_spec(item.name)
         if spec.input_size not in (None, cfg.loader.image_size):
-            raise AmlRapidsError(f"{item.name} takes {spec.input_size}x{spec.input_size} images only; set "
+            raise ConfigError(f"{item.name} takes {spec.input_size}x{spec.input_size} images only; set "
                                  f"loader.image_size={spec.input_size} (it is {cfg.loader.image_size})")
         net, weights = load_backbone(item.name, item.weights, cfg.features.seed)
         net = fuse(net).to(device)  # batch norm folded into the convolutions: 2x for MobileNetV2 on a CPU
@@ -141,27 +144,49 @@ def store_identity(cfg: RunConfig, backbones: Backbones) -> dict:
 
 
 def _check_identity(store: FeatureStore, identity: dict) -> None:
-    differs = [key for key in identity if store.meta.get(key) != identity[key]]
+    differs = identity_differences({key: store.meta.get(key) for key in identity}, identity)
     if differs:
-        raise StoreError(f"store {store.path} was made with another configuration (differs in "
-                         f"{', '.join(differs)}); extract into a new store, or use the config it was made with")
+        raise StoreMismatch(f"store {store.path} was made with another configuration (differs in "
+                            f"{', '.join(differs)}); extract into a new store, or use the config it was made with")
+
+
+def _check_split(store: FeatureStore, have: pd.DataFrame, rows: pd.DataFrame) -> None:
+    """A store keeps the split it was extracted with (its training rows are oversampled and augmented for it):
+    a manifest that puts any of the store's cells in another part, or fold, is refused, not silently ignored."""
+    stored = have.loc[have["status"] != STATUS_PADDING, ["cell_id", "split", "fold"]].drop_duplicates("cell_id")
+    asked = rows[["cell_id", "split", "fold"]].drop_duplicates("cell_id")
+    both = stored.merge(asked, on="cell_id", suffixes=("_store", "_manifest")).set_index("cell_id")
+    moved = both[(both["split_store"] != both["split_manifest"]) | (both["fold_store"] != both["fold_manifest"])]
+    if len(moved):
+        cell, row = moved.index[0], moved.iloc[0]
+        was = (store.meta.get("manifests") or [{}])[0].get("split") or "no split"
+        raise StoreMismatch(
+            f"this manifest's split puts {len(moved):,} of the cells in store {store.path} in another part than "
+            f"the store holds them (e.g. cell {cell}: store {row['split_store']} fold {row['fold_store']}, "
+            f"manifest {row['split_manifest']} fold {row['fold_manifest']}); the store was extracted with split "
+            f"{was}. A store keeps its split: extract into a new store for the new split")
 
 
 def open_or_extend(path: Path, manifest: Manifest, cfg: RunConfig, identity: dict, device: str) -> tuple[FeatureStore, int]:
-    """The store for this manifest: created, or checked and extended by the rows it lacks."""
+    """The store for this manifest: created, or checked and extended by the rows it lacks. The caller holds
+    the store's lock."""
     rows = plan_rows(manifest.table, cfg)
     record = {"digest": manifest.digest(), "source": manifest.meta.get("source", str(manifest.root)),
               "split": manifest.meta.get("split"),
               "time_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
-    if not Path(path).exists():
+    path = Path(path)
+    if not path.exists() or (path.is_dir() and not any(path.iterdir())):
+        if path.is_dir():
+            path.rmdir()  # an empty folder made for it
         meta = {**identity, "manifests": [{**record, "rows": len(rows)}], "versions": software_versions(),
                 "device": device, "machine": machine_info(), "config": cfg.model_dump(mode="json")}
         return FeatureStore.create(path, pad_segments(rows, cfg.chunk_rows),
                                    {n: b["dim"] for n, b in identity["backbones"].items()}, meta), len(rows)
     store = FeatureStore.open(path, mode="r+")
     _check_identity(store, identity)
-    have = store.rows()
-    have = set(zip(have["sha256"], have["aug_index"]))
+    stored = store.rows()
+    _check_split(store, stored, rows)
+    have = set(zip(stored["sha256"], stored["aug_index"]))
     new = rows[[key not in have for key in zip(rows["sha256"], rows["aug_index"])]]
     if len(new):
         store.append(pad_segments(new, cfg.chunk_rows), {**record, "rows": len(new)})
@@ -201,7 +226,7 @@ def _storable(values: np.ndarray, backbone: str, dtype: str) -> np.ndarray:
     if dtype == "float16":
         peak = float(np.abs(values).max()) if values.size else 0.0
         if peak > FLOAT16_NORMAL[1] or 0.0 < peak < FLOAT16_NORMAL[0]:
-            raise StoreError(f"features of {backbone} reach |x| = {peak:.3g}, outside float16's normal range "
+            raise ConfigError(f"features of {backbone} reach |x| = {peak:.3g}, outside float16's normal range "
                              f"({FLOAT16_NORMAL[0]:.1e} to {FLOAT16_NORMAL[1]:.0f}); extract into a new store with "
                              "features.store_dtype=float32")
     return values.astype(dtype)
@@ -287,14 +312,24 @@ def extract(manifest: Manifest, store_path: Path, cfg: RunConfig,
     if device == "cpu":
         torch.set_num_threads(usable_cores())
     backbones = backbones or load_backbones(cfg, "cuda" if device == "gpu" else "cpu")
+    with StoreLock(store_path) as lock:
+        summary = _extract_locked(manifest, store_path, cfg, backbones, device, progress, on_total)
+    summary.interrupted_writer = lock.interrupted
+    return summary
+
+
+def _extract_locked(manifest: Manifest, store_path: Path, cfg: RunConfig, backbones: Backbones, device: str,
+                    progress: Callable[[int], None] | None, on_total: Callable[[int], None] | None) -> ExtractSummary:
     identity = store_identity(cfg, backbones)
     store, appended = open_or_extend(store_path, manifest, cfg, identity, device)
     rows = store.rows()
     status = rows["status"].to_numpy()
     real_per_chunk = (status != STATUS_PADDING).reshape(-1, store.chunk_rows).sum(axis=1)
-    done = store.done_chunks()
+    failed_per_chunk = (status == STATUS_FAILED).reshape(-1, store.chunk_rows).sum(axis=1)
+    done = store.done_chunks() & (failed_per_chunk == 0)
     pending = [k for k in range(store.n_chunks) if not done[k]]
-    summary = ExtractSummary(rows_appended=appended, rows_skipped=int(real_per_chunk[done].sum()))
+    summary = ExtractSummary(rows_appended=appended, rows_skipped=int(real_per_chunk[done].sum()),
+                             rows_retried=int(failed_per_chunk.sum()))
     if on_total:
         on_total(int(real_per_chunk[pending].sum()))
     index = {cid: i for i, cid in enumerate(manifest.table["cell_id"])}

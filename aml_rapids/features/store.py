@@ -8,25 +8,69 @@
 Every write covers whole chunks and each chunk has one writer, so a run killed at any moment leaves
 finished chunks intact and unfinished ones marked not done. Appends start on a new chunk, so the files of
 existing chunks are never rewritten.
+
+The steps that touch many files are all-or-nothing. A store is laid out in ``<store>.partial`` and renamed into
+place, so a kill or a full disk while it is made leaves no store. An append first writes a journal (every
+metadata file as it was) and deletes it when done; a writer that finds a journal restores those files and
+removes the chunks past the old end before it goes on, and a reader refuses the store until then. zarr writes
+each file atomically (since 3.1.3), so no metadata file is ever half-written. Callers hold the store's lock
+(``lock.StoreLock``) around every write.
 """
 
 from __future__ import annotations
 
+import json
+import os
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import zarr
 
-from ..errors import AmlRapidsError
+from ..errors import ConfigError, DataError, OutputError
+from ..outputs import atomic_write_text
 from .plan import ROW_FIELDS, STATUS_FAILED, STATUS_OK, STATUS_PADDING, STATUS_PENDING
 
 ATTRS_KEY = "aml_rapids"
 FORMAT = "aml-rapids feature store"
+JOURNAL = "aml_rapids-append-journal.json"
 
 
-class StoreError(AmlRapidsError):
-    """A store that cannot be used as asked."""
+class StoreError(DataError):
+    """A store that cannot be used as asked (missing, damaged, or not a feature store)."""
+
+
+class StoreMismatch(ConfigError):
+    """A store made with another configuration or split than the one asked for."""
+
+
+def feature_identity(identity: dict, backbones: list[str] | None = None) -> dict:
+    """The part of a store's identity (``extract.store_identity``) that decides an un-augmented row's features,
+    for the chosen backbones (networks, weights by content, image size, segmentation, dtype): what a model's features and
+    the features it is later given must share. A backbone the identity lacks raises KeyError."""
+    nets = identity["backbones"]
+    chosen = {b: {k: nets[b][k] for k in ("dim", "sha256", "pretrained")} for b in (backbones or nets)}
+    return {"backbones": chosen, "features_seed": identity["features_seed"],
+            "store_dtype": identity["store_dtype"], "image_size": identity["preprocess"]["image_size"],
+            "segmentation": identity["preprocess"]["segmentation"]}
+
+
+def identity_differences(have: dict, want: dict) -> list[str]:
+    """The keys (``section.key``, one level down) in which two identities differ."""
+    out = []
+    for key in sorted(set(have) | set(want)):
+        a, b = have.get(key), want.get(key)
+        if a != b:
+            nested = isinstance(a, dict) and isinstance(b, dict)
+            inner = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k)) if nested else []
+            out += [f"{key}.{k}" for k in inner] or [key]
+    return out
+
+
+def partial_path(path: Path) -> Path:
+    """Where a store is laid out before it is renamed into place."""
+    return Path(path).with_name(Path(path).name + ".partial")
 
 
 class FeatureStore:
@@ -42,15 +86,27 @@ class FeatureStore:
 
     @classmethod
     def create(cls, path: Path, rows: pd.DataFrame, dims: dict[str, int], meta: dict) -> "FeatureStore":
-        chunk_rows = meta["chunk_rows"]
+        """Lay the store out in ``<path>.partial`` (removing one left by an interrupted creation), then rename it
+        to ``path``."""
+        path, chunk_rows = Path(path), meta["chunk_rows"]
         if len(rows) % chunk_rows:
             raise StoreError("store rows must fill whole chunks (pad segments first)")
+        if path.exists():
+            raise StoreError(f"{path} already exists")
+        partial = partial_path(path)
         try:
-            group = zarr.open_group(str(path), mode="w-", zarr_format=3)
-        except (FileExistsError, zarr.errors.ContainsGroupError, zarr.errors.ContainsArrayError):
-            raise StoreError(f"{path} already exists") from None
+            shutil.rmtree(partial, ignore_errors=True)
+            cls._lay_out(partial, rows, dims, meta)
+            os.rename(partial, path)
         except OSError as exc:
-            raise StoreError(f"cannot create feature store {path}: {exc}") from None
+            shutil.rmtree(partial, ignore_errors=True)
+            raise OutputError(f"cannot create feature store {path}: {exc.strerror or exc}") from None
+        return cls.open(path, mode="r+")
+
+    @classmethod
+    def _lay_out(cls, path: Path, rows: pd.DataFrame, dims: dict[str, int], meta: dict) -> None:
+        chunk_rows = meta["chunk_rows"]
+        group = zarr.open_group(str(path), mode="w-", zarr_format=3)
         group.attrs[ATTRS_KEY] = {"format": FORMAT, **meta}
         for name, dim in dims.items():
             group.create_array(f"features/{name}", shape=(len(rows), dim), chunks=(chunk_rows, dim),
@@ -60,18 +116,28 @@ class FeatureStore:
                                dimension_names=("row",))
         group.create_array("progress/chunk_done", shape=(len(rows) // chunk_rows,), chunks=(1,), dtype=bool,
                            fill_value=False)
-        store = cls(group, path)
-        store._write_rows(rows, 0)
-        return store
+        cls(group, path)._write_rows(rows, 0)
 
     @classmethod
     def open(cls, path: Path, mode: str = "r") -> "FeatureStore":
-        if not Path(path).exists():
+        """Open for reading (``r``) or, holding the store's lock, for writing (``r+``: an interrupted append is
+        rolled back first)."""
+        path = Path(path)
+        if not path.exists():
             raise StoreError(f"feature store {path} does not exist (make one with `aml-rapids extract`)")
+        if (path / JOURNAL).exists():
+            if mode == "r":
+                raise StoreError(f"an append to feature store {path} did not finish (it was interrupted, or is "
+                                 "running now); run `aml-rapids extract` on it again to roll it back and complete it")
+            cls._roll_back(path)
         try:
-            return cls(zarr.open_group(str(path), mode=mode, zarr_format=3), path)
-        except (FileNotFoundError, zarr.errors.GroupNotFoundError, ValueError) as exc:
+            store = cls(zarr.open_group(str(path), mode=mode, zarr_format=3), path)
+        except (FileNotFoundError, NotADirectoryError, zarr.errors.GroupNotFoundError, ValueError, KeyError) as exc:
             raise StoreError(f"{path} is not a readable Zarr v3 group: {exc}") from None
+        if mode != "r":
+            for leftover in path.rglob("*.partial"):  # a file zarr was writing when a run was killed
+                leftover.unlink()
+        return store
 
     @property
     def n_rows(self) -> int:
@@ -120,20 +186,53 @@ class FeatureStore:
         self.group["rows/status"][rows] = status
         self.group["progress/chunk_done"][k] = True
 
+    def _arrays(self) -> list[str]:
+        return [*(f"features/{n}" for n in self.backbones), *(f"rows/{f}" for f in ROW_FIELDS), "progress/chunk_done"]
+
     def append(self, rows: pd.DataFrame, manifest_record: dict) -> range:
-        """Grow every array by ``rows`` (whole chunks) and write their metadata; returns the new chunk indices."""
+        """Grow every array by ``rows`` (whole chunks) and write their metadata, journalled; returns the new
+        chunk indices."""
         if len(rows) % self.chunk_rows:
             raise StoreError("appended rows must fill whole chunks (pad segments first)")
         start, first_chunk = self.n_rows, self.n_chunks
-        for name in self.backbones:
-            arr = self.group[f"features/{name}"]
-            arr.resize((start + len(rows), arr.shape[1]))
-        for field in ROW_FIELDS:
-            self.group[f"rows/{field}"].resize((start + len(rows),))
-        self.group["progress/chunk_done"].resize((first_chunk + len(rows) // self.chunk_rows,))
-        self._write_rows(rows, start)
-        self.record_manifest(manifest_record)
+        metadata = ["zarr.json", "features/zarr.json", "rows/zarr.json", "progress/zarr.json",
+                    *(f"{a}/zarr.json" for a in self._arrays())]
+        atomic_write_text(self.path / JOURNAL, json.dumps(
+            {"chunks": first_chunk, "arrays": self._arrays(),
+             "metadata": {m: (self.path / m).read_text() for m in metadata}}))
+        try:
+            for name in self.backbones:
+                arr = self.group[f"features/{name}"]
+                arr.resize((start + len(rows), arr.shape[1]))
+            for field in ROW_FIELDS:
+                self.group[f"rows/{field}"].resize((start + len(rows),))
+            self.group["progress/chunk_done"].resize((first_chunk + len(rows) // self.chunk_rows,))
+            self._write_rows(rows, start)
+            self.record_manifest(manifest_record)
+        except OSError as exc:
+            try:
+                self._roll_back(self.path)
+            except (OSError, OutputError):
+                pass  # the journal stays; the next writer rolls back
+            raise OutputError(f"cannot append to feature store {self.path}: {exc.strerror or exc}") from None
+        (self.path / JOURNAL).unlink()
         return range(first_chunk, self.n_chunks)
+
+    @staticmethod
+    def _roll_back(path: Path) -> None:
+        """Undo an unfinished append: every metadata file as the journal holds it, chunks past the old end gone."""
+        try:
+            journal = json.loads((path / JOURNAL).read_text())
+        except ValueError as exc:
+            raise StoreError(f"{path / JOURNAL} is damaged ({exc}); the store cannot be recovered") from None
+        for name, text in journal["metadata"].items():
+            atomic_write_text(path / name, text)
+        for array in journal["arrays"]:
+            chunks = path / array / "c"
+            for entry in chunks.iterdir() if chunks.is_dir() else ():
+                if entry.name.isdigit() and int(entry.name) >= journal["chunks"]:
+                    shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+        (path / JOURNAL).unlink()
 
     def record_manifest(self, record: dict) -> None:
         meta = dict(self.group.attrs[ATTRS_KEY])

@@ -12,11 +12,11 @@ import torch
 from torch import nn
 from torchvision.models import get_weight
 
-from ..errors import AmlRapidsError
+from ..errors import DataError
 from .backbones import BackboneSpec, get_spec
 
 
-class WeightsError(AmlRapidsError):
+class WeightsError(DataError):
     """Weights that cannot be found or do not fit the network."""
 
 

@@ -16,6 +16,7 @@ import threading
 
 import numpy as np
 
+from ..errors import OutputError
 from .store import FeatureStore, StoreError
 
 
@@ -39,7 +40,8 @@ class ChunkWriter:
                 try:
                     self.store.write_chunk(k, features, status)
                 except Exception as exc:  # reported on the main thread by put() or on exit
-                    self.error = StoreError(f"could not write chunk {k} of {self.store.path}: {exc}")
+                    kind = OutputError if isinstance(exc, OSError) else StoreError
+                    self.error = kind(f"could not write chunk {k} of {self.store.path}: {exc}")
                     self.error.__cause__ = exc
 
     def put(self, k: int, features: dict[str, np.ndarray], status: np.ndarray) -> None:

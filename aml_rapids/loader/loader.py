@@ -21,7 +21,7 @@ from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 from ..config import RunConfig
 from ..data.inspect import ImageProblem, inspect_image
 from ..data.scan import Problem
-from ..errors import AmlRapidsError
+from ..errors import ConfigError, DataError
 from ..provenance import usable_cores
 from ..timing import span
 from .augment import affine_matrices
@@ -43,7 +43,7 @@ def resolve_device(requested: str) -> str:
     """``auto`` picks the GPU when torch sees one; asking for ``gpu`` without one is an error, not a fallback."""
     has_gpu = torch.cuda.is_available()
     if requested == "gpu" and not has_gpu:
-        raise AmlRapidsError("loader.device=gpu, but no CUDA GPU is visible; use loader.device=cpu or auto")
+        raise ConfigError("loader.device=gpu, but no CUDA GPU is visible; use loader.device=cpu or auto")
     return "gpu" if requested == "gpu" or (requested == "auto" and has_gpu) else "cpu"
 
 
@@ -124,7 +124,7 @@ class CellLoader:
             return "modified since indexing: content differs from the indexed file; re-run `aml-rapids index`"
         return None
 
-    def _name_undecodable(self, pending: np.ndarray, exc: Exception) -> AmlRapidsError:
+    def _name_undecodable(self, pending: np.ndarray, exc: Exception) -> DataError:
         """DALI's error does not name the file: decode the rows in flight to find it."""
         window = self.cfg.loader.batch_size * (self.cfg.loader.prefetch + 2)
         bad = []
@@ -134,7 +134,7 @@ class CellLoader:
             except ImageProblem as problem:
                 bad.append(f"{self._files[pos]} ({problem})")
         named = "; ".join(bad) or "no file in flight fails a PIL decode"
-        return AmlRapidsError(f"decoding failed although sizes match the manifest, so content changed since "
+        return DataError(f"decoding failed although sizes match the manifest, so content changed since "
                               f"indexing: {named}. Re-run `aml-rapids index`. DALI said: {exc}")
 
     def __iter__(self) -> Iterator[Batch]:

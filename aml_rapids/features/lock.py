@@ -1,0 +1,77 @@
+"""One writer per feature store: an exclusive lock on ``<store>.lock`` beside it, held while a process creates,
+appends to or fills the store.
+
+The lock is the kernel's (``flock``; NFS clients map it to a byte-range lock), so it goes with its holder: a
+writer killed by SIGKILL or a crashed node leaves no lock behind, only the holder's record in the file (host,
+pid, start time, command), which the next writer reports as an interrupted run it takes over. A second writer
+is refused at once with the holder named. The lock file itself stays: deleting it would let two processes lock
+two different files of one name.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import errno
+import fcntl
+import json
+import os
+import platform
+import sys
+from pathlib import Path
+
+from ..errors import BusyError, OutputError
+from ..outputs import prepare_output_dir
+
+
+def lock_path(store: Path) -> Path:
+    return Path(store).with_name(Path(store).name + ".lock")
+
+
+def _holder_text(raw: str) -> str:
+    try:
+        h = json.loads(raw)
+        return f"pid {h['pid']} on host {h['host']}, since {h['since']}: {' '.join(h['argv'])}"
+    except (ValueError, KeyError, TypeError):
+        return "a process whose record is unreadable"
+
+
+class StoreLock:
+    """``with StoreLock(store):`` holds the store's write lock or raises BusyError naming the holder.
+    ``interrupted`` is the record of an earlier writer that ended without releasing it (None if none)."""
+
+    def __init__(self, store: Path):
+        self.store, self.path = Path(store), lock_path(store)
+        self.fd: int | None = None
+        self.interrupted: str | None = None
+
+    def __enter__(self) -> "StoreLock":
+        prepare_output_dir(self.path.parent, "store folder")
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise OutputError(f"cannot create the lock file {self.path}: {exc.strerror or exc}") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            raw = os.pread(fd, 1 << 16, 0).decode(errors="replace")
+            os.close(fd)
+            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise BusyError(f"feature store {self.store} is being written by another process "
+                                f"({_holder_text(raw)}); wait for it to finish or write another store") from None
+            raise OutputError(f"cannot lock {self.path} ({exc.strerror}); this file system does not support "
+                              "file locks: put the store on one that does") from None
+        previous = os.pread(fd, 1 << 16, 0).decode(errors="replace").strip()
+        self.interrupted = _holder_text(previous) if previous else None
+        record = {"host": platform.node(), "pid": os.getpid(), "argv": sys.argv,
+                  "since": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(record).encode(), 0)
+        self.fd = fd
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.fd is not None:
+            os.ftruncate(self.fd, 0)  # an empty record: released cleanly
+            fcntl.flock(self.fd, fcntl.LOCK_UN)
+            os.close(self.fd)
+            self.fd = None
