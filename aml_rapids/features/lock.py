@@ -17,6 +17,7 @@ import json
 import os
 import platform
 import sys
+import time
 from pathlib import Path
 
 from ..errors import BusyError, OutputError
@@ -33,6 +34,17 @@ def _holder_text(raw: str) -> str:
         return f"pid {h['pid']} on host {h['host']}, since {h['since']}: {' '.join(h['argv'])}"
     except (ValueError, KeyError, TypeError):
         return "a process whose record is unreadable"
+
+
+def _read_holder(fd: int, wait_s: float = 1.0) -> str:
+    """The holder's record; a holder that has just taken the lock writes it a moment later, so wait a little."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        raw = os.pread(fd, 1 << 16, 0).decode(errors="replace")
+        text = _holder_text(raw)
+        if not text.startswith("a process") or time.monotonic() > deadline:
+            return text
+        time.sleep(0.05)
 
 
 class StoreLock:
@@ -53,11 +65,11 @@ class StoreLock:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:
-            raw = os.pread(fd, 1 << 16, 0).decode(errors="replace")
+            holder = _read_holder(fd) if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES) else None
             os.close(fd)
-            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                raise BusyError(f"feature store {self.store} is being written by another process "
-                                f"({_holder_text(raw)}); wait for it to finish or write another store") from None
+            if holder is not None:
+                raise BusyError(f"feature store {self.store} is being written by another process ({holder}); "
+                                "wait for it to finish or write another store") from None
             raise OutputError(f"cannot lock {self.path} ({exc.strerror}); this file system does not support "
                               "file locks: put the store on one that does") from None
         previous = os.pread(fd, 1 << 16, 0).decode(errors="replace").strip()
