@@ -1,0 +1,225 @@
+"""Everyday mistakes that used to give wrong results or tracebacks: each is now a refusal with its own exit code
+and one line naming the problem, or a warning, and nothing already made is lost or mixed."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import struct
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from aml_rapids.cli import app
+from aml_rapids.config import IndexConfig
+from aml_rapids.data.manifest import build_manifest, read_manifest
+from aml_rapids.data.synthetic import write_demo_dataset
+from aml_rapids.features.store import FeatureStore
+
+from conftest import write_image
+
+runner = CliRunner()
+TINY = [a for kv in ("features.backbones=[{name: tiny, weights: none}]", "loader.batch_size=16",
+                     "features.chunk_batches=2", "loader.image_size=32", "loader.device=cpu",
+                     "features.store_dtype=float32") for a in ("--set", kv)]
+SMALL = [a for kv in ("classify.pca_components=4", "classify.rf_trees=10", "classify.folds=2",
+                      "classify.backend=sklearn") for a in ("--set", kv)]
+
+
+def cli(*args) -> tuple[int, str]:
+    result = runner.invoke(app, [str(a) for a in args])
+    assert "Traceback" not in result.output, result.output
+    return result.exit_code, " ".join(result.output.split())
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A demo run: manifest (image-level split), store and model of the tiny backbone."""
+    run = tmp_path_factory.mktemp("trained")
+    write_demo_dataset(run / "data", 2, 6, seed=3)
+    assert cli("index", run / "data", "-o", run)[0] == 0
+    assert cli("split", run / "manifest.parquet", "--method", "image")[0] == 0
+    assert cli("extract", run / "manifest.parquet", *TINY)[0] == 0
+    code, out = cli("train", run / "features.zarr", "-o", run / "model", *SMALL)
+    assert code == 0, out
+    return run
+
+
+def test_failed_rows_exit_6_are_retried_on_a_rerun_and_can_be_accepted(tmp_path):
+    write_demo_dataset(tmp_path / "data", 1, 6, seed=0)
+    cli("index", tmp_path / "data", "-o", tmp_path / "run")
+    manifest = tmp_path / "run" / "manifest.parquet"
+    victim = read_manifest(manifest).paths()[4]
+    kept = victim.read_bytes()
+    victim.unlink()
+    code, out = cli("extract", manifest, *TINY)
+    assert code == 6 and "1 cells could not be read" in out and victim.name in out and "--allow-failed" in out
+    assert FeatureStore.open(tmp_path / "run" / "features.zarr").summary()["failed"] == 1
+    assert cli("extract", manifest, *TINY, "--allow-failed")[0] == 0  # still missing: accepted when asked
+    victim.write_bytes(kept)
+    code, out = cli("extract", manifest, *TINY)
+    assert code == 0 and "retried 1 rows that had failed before" in out
+    summary = FeatureStore.open(tmp_path / "run" / "features.zarr").summary()
+    assert summary["failed"] == 0 and summary["ok"] == 30
+
+
+def test_a_new_split_into_an_existing_store_is_refused(trained, tmp_path):
+    shutil.copy(trained / "manifest.parquet", tmp_path / "manifest.parquet")
+    cli("split", tmp_path / "manifest.parquet", "--method", "image", "--seed", "5")
+    code, out = cli("extract", tmp_path / "manifest.parquet", "-s", trained / "features.zarr", *TINY)
+    assert code == 2 and "in another part than the store holds them" in out and "extract into a new store" in out
+
+
+def test_predict_refuses_a_used_folder_and_overwrite_replaces_only_its_own_files(trained, tmp_path):
+    write_demo_dataset(tmp_path / "new", 1, 3, seed=11)
+    out = tmp_path / "pred"
+    assert cli("predict", trained / "model", tmp_path / "new", "-o", out)[0] == 0
+    before = pd.read_csv(out / "predictions.csv")
+    code, message = cli("predict", trained / "model", tmp_path / "new", "-o", out)
+    assert code == 8 and "already holds predictions" in message and "--overwrite" in message
+    pd.testing.assert_frame_equal(pd.read_csv(out / "predictions.csv"), before)  # nothing appended or lost
+    assert cli("predict", trained / "model", tmp_path / "new", "-o", out, "--overwrite")[0] == 0
+    pd.testing.assert_frame_equal(pd.read_csv(out / "predictions.csv"), before)
+    (out / "notes.txt").write_text("mine")
+    code, message = cli("predict", trained / "model", tmp_path / "new", "-o", out, "--overwrite")
+    assert code == 8 and "notes.txt" in message and (out / "notes.txt").read_text() == "mine"
+
+
+def test_same_named_patients_of_two_cohorts_stay_two_patients(trained, tmp_path):
+    for cohort in ("north", "south"):
+        write_demo_dataset(tmp_path / cohort, 1, 2, seed=20 + len(cohort))
+    rows = [f"{c}/{p.relative_to(tmp_path / c)},{p.parent.parent.name},P1,{c}"
+            for c in ("north", "south") for p in sorted((tmp_path / c).rglob("*.tif"))]
+    (tmp_path / "cells.csv").write_text("path,label,patient,cohort\n" + "\n".join(rows) + "\n")
+    code, out = cli("predict", trained / "model", tmp_path / "cells.csv", "-o", tmp_path / "pred")
+    assert code == 0, out
+    patients = pd.read_csv(tmp_path / "pred" / "patients.csv")
+    assert sorted(zip(patients["cohort"], patients["patient"])) == [("north", "P1"), ("south", "P1")]
+    assert set(patients["n_cells"]) == {10}
+
+
+def test_evaluate_refuses_cells_the_model_trained_on_even_copied_elsewhere(trained, tmp_path):
+    shutil.copytree(trained / "data", tmp_path / "copy")
+    cli("index", tmp_path / "copy", "-o", tmp_path / "run")
+    cli("split", tmp_path / "run" / "manifest.parquet", "--method", "image", "--seed", "9")
+    assert cli("extract", tmp_path / "run" / "manifest.parquet", *TINY)[0] == 0
+    code, out = cli("evaluate", trained / "model", tmp_path / "run" / "features.zarr", "-o", tmp_path / "eval")
+    assert code == 2 and "are cells model" in out and "trained on (same content" in out
+    assert not (tmp_path / "eval" / "metrics.json").exists()
+    code, out = cli("predict", trained / "model", tmp_path / "run" / "features.zarr", "-o", tmp_path / "pred")
+    assert code == 0 and "were in the model's training set" in out
+    cells = pd.read_csv(tmp_path / "pred" / "predictions.csv")
+    train_cells = pd.read_parquet(trained / "model" / "training_cells.parquet")
+    assert cells["in_training"].sum() == len(train_cells) > 0
+
+
+def test_features_made_otherwise_than_the_models_are_refused(trained, tmp_path):
+    write_demo_dataset(tmp_path / "new", 1, 2, seed=12)
+    code, out = cli("predict", trained / "model", tmp_path / "new", "-o", tmp_path / "p",
+                    "--set", "segmentation.enabled=false")
+    assert code == 2 and "differs in segmentation.enabled" in out and not (tmp_path / "p" / "features.zarr").exists()
+    assert cli("extract", trained / "manifest.parquet", "-s", tmp_path / "other.zarr", *TINY,
+               "--set", "loader.image_size=48")[0] == 0
+    code, out = cli("evaluate", trained / "model", tmp_path / "other.zarr", "-o", tmp_path / "e")
+    assert code == 2 and "differs in image_size" in out
+
+
+def test_a_damaged_or_edited_model_folder_is_a_data_error(trained, tmp_path):
+    model = tmp_path / "model"
+    shutil.copytree(trained / "model", model)
+    (model / "model.json").write_text("{ not json")
+    code, out = cli("evaluate", model, trained / "features.zarr", "-o", tmp_path / "e")
+    assert code == 3 and "model.json is damaged" in out
+    shutil.copy(trained / "model" / "model.json", model / "model.json")
+    (model / "training_cells.parquet").write_bytes(b"PAR1 edited")
+    code, out = cli("evaluate", model, trained / "features.zarr", "-o", tmp_path / "e")
+    assert code == 3 and "training_cells.parquet is not the file model.json was written with" in out
+
+
+@pytest.mark.parametrize("command", [
+    lambda run, f: ("index", run / "data", "-o", f / "out"),
+    lambda run, f: ("extract", run / "manifest.parquet", "-s", f / "s.zarr", *TINY),
+    lambda run, f: ("train", run / "features.zarr", "-o", f / "model", *SMALL),
+    lambda run, f: ("evaluate", run / "model", run / "features.zarr", "-o", f / "eval"),
+    lambda run, f: ("predict", run / "model", run / "features.zarr", "-o", f / "pred"),
+    lambda run, f: ("run", "-o", f / "demo"),
+], ids=["index", "extract", "train", "evaluate", "predict", "run"])
+def test_a_file_in_the_way_of_an_output_folder_is_exit_8_before_any_work(trained, tmp_path, command):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("in the way")
+    code, out = cli(*command(trained, blocker))
+    assert code == 8 and f"{blocker} is a file, not a folder" in out
+
+
+def test_config_mistakes_are_exit_2_in_one_line(tmp_path):
+    (tmp_path / "latin1.yaml").write_bytes("split: {seed: 1} # caf\xe9".encode("latin-1"))
+    for args, words in [(["-c", tmp_path], "cannot be read"), (["-c", tmp_path / "latin1.yaml"], "cannot be read"),
+                        (["--set", "loader.batch_size=many"], "loader.batch_size"),
+                        (["--set", "split.train=0.9"], "must sum to 1")]:
+        code, out = cli("config", *args)
+        assert code == 2 and words in out
+    code, out = cli("extract", tmp_path / "none.parquet")
+    assert code == 3 and "does not exist" in out
+
+
+def test_an_unknown_backbone_is_a_config_error(trained, tmp_path):
+    code, out = cli("extract", trained / "manifest.parquet", "-s", tmp_path / "s.zarr", *TINY,
+                    "--set", "features.backbones=[{name: resnet9000, weights: none}]")
+    assert code == 2 and "unknown backbone 'resnet9000'" in out
+
+
+def test_user_text_with_brackets_is_printed_literally(tmp_path):
+    """Class "[" and file "]broken.png" make the path .../[/]broken.png: rich markup would crash on it."""
+    for label in ("[bold]blast", "[", "mono[cyte]"):
+        for i in range(3):
+            write_image(tmp_path / "data" / label / f"[red]cell {i}.png", fmt="PNG")
+    (tmp_path / "data" / "[" / "]broken.png").write_bytes(b"not a png")
+    code, out = cli("index", tmp_path / "data", "-o", tmp_path / "run")
+    assert code == 0
+    assert "[bold]blast" in out and "mono[cyte]" in out and "[/]broken.png" in out
+    assert set(read_manifest(tmp_path / "run" / "manifest.parquet").table["label"]) == {"[bold]blast", "[",
+                                                                                          "mono[cyte]"}
+
+
+def test_any_decoder_failure_or_odd_name_rejects_one_file_and_index_goes_on(tiny_tree, monkeypatch):
+    odd = tiny_tree / "a" / "a_p0" / "odd.tif"
+    write_image(odd)
+    bad_name = Path(tiny_tree / "b" / "b_p0").joinpath(b"caf\xe9.tif".decode("utf-8", "surrogateescape"))
+    shutil.copy(tiny_tree / "b" / "b_p0" / "img0.tif", bad_name)
+    real_open, odd_bytes = Image.open, odd.read_bytes()
+
+    def open_that_explodes(fp, *args, **kwargs):  # as a decoder does on an odd header
+        if fp.getvalue() == odd_bytes:
+            raise struct.error("unpack requires a buffer of 4 bytes")
+        return real_open(fp, *args, **kwargs)
+
+    monkeypatch.setattr(Image, "open", open_that_explodes)
+    result = build_manifest(tiny_tree, IndexConfig())
+    why = {Path(p.path).name: p.reason for p in result.problems}
+    assert "cannot be decoded (error: unpack requires" in why["odd.tif"] and "not valid UTF-8" in why["caf\\xe9.tif"]
+    assert len(result.manifest.table) == 60
+
+
+def test_nothing_usable_still_writes_the_rejects_file(tmp_path):
+    (tmp_path / "data" / "x").mkdir(parents=True)
+    (tmp_path / "data" / "x" / "a.tif").write_bytes(b"")
+    (tmp_path / "data" / "x" / "b.png").write_text("text")
+    code, out = cli("index", tmp_path / "data", "-o", tmp_path / "run")
+    assert code == 3 and "no usable images" in out
+    rejects = pd.read_csv(tmp_path / "run" / "rejects.csv")
+    assert sorted(Path(p).name for p in rejects["path"] if p.endswith(("a.tif", "b.png"))) == ["a.tif", "b.png"]
+
+
+def test_csv_paths_outside_its_folder_are_accepted_with_a_warning_and_duplicates_rejected(tmp_path):
+    write_image(tmp_path / "elsewhere" / "x.png", fmt="PNG")
+    write_image(tmp_path / "lists" / "y.png", fmt="PNG")
+    (tmp_path / "lists" / "cells.csv").write_text("path,label\n../elsewhere/x.png,a\ny.png,b\ny.png,b\n")
+    code, out = cli("index", tmp_path / "lists" / "cells.csv", "-o", tmp_path / "run")
+    assert code == 0 and "1 files lie outside the CSV's folder" in out and "elsewhere/x.png" in out
+    assert "listed twice" in out
+    record = json.loads((tmp_path / "run" / "runs" / "index.json").read_text())
+    assert record["details"]["outside_root"] == [str(tmp_path / "lists" / "../elsewhere/x.png")]
+    assert len(read_manifest(tmp_path / "run" / "manifest.parquet").table) == 2
