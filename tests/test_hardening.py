@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 
 from aml_rapids.cli import app
 from aml_rapids.config import IndexConfig
-from aml_rapids.data.manifest import build_manifest, read_manifest
+from aml_rapids.data.manifest import build_manifest, read_manifest, write_manifest
 from aml_rapids.data.synthetic import write_demo_dataset
 from aml_rapids.features.store import FeatureStore
 
@@ -70,7 +70,12 @@ def test_a_new_split_into_an_existing_store_is_refused(trained, tmp_path):
     shutil.copy(trained / "manifest.parquet", tmp_path / "manifest.parquet")
     cli("split", tmp_path / "manifest.parquet", "--method", "image", "--seed", "5")
     code, out = cli("extract", tmp_path / "manifest.parquet", "-s", trained / "features.zarr", *TINY)
-    assert code == 2 and "in another part than the store holds them" in out and "extract into a new store" in out
+    assert code == 2 and "another split than the store holds" in out and "extract into a new store" in out
+    relabelled = read_manifest(trained / "manifest.parquet")
+    relabelled.table.loc[3, "label"] = "renamed"
+    write_manifest(relabelled, tmp_path / "relabelled.parquet")
+    code, out = cli("extract", tmp_path / "relabelled.parquet", "-s", trained / "features.zarr", *TINY)
+    assert code == 2 and "another label than the store holds" in out and "manifest 'renamed'" in out
 
 
 def test_predict_refuses_a_used_folder_and_overwrite_replaces_only_its_own_files(trained, tmp_path):

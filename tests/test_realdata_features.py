@@ -38,12 +38,12 @@ def held_out_accuracy(shared_data, tmp_path, weights: str, per_class: int) -> fl
 
 def test_random_mobilenet_features_are_refused_in_float16(shared_data, tmp_path):
     """Randomly initialised MobileNetV2 pools to |x| ~ 1e-8: float16 would store zeros, so it is refused."""
-    from aml_rapids.features.store import StoreError
+    from aml_rapids.errors import ConfigError
     manifest = build_manifest(shared_data / "pbc144", IndexConfig(verify_decode=False)).manifest
     manifest.table = manifest.table.head(8)
     cfg = load_config(None, ["features.backbones=[{name: mobilenet_v2, weights: none}]", "loader.batch_size=8",
                              "features.chunk_batches=1", "loader.device=cpu"])
-    with pytest.raises(StoreError, match="outside float16's normal range.*store_dtype=float32"):
+    with pytest.raises(ConfigError, match="outside float16's normal range.*store_dtype=float32"):
         extract(manifest, tmp_path / "f16.zarr", cfg)
 
 

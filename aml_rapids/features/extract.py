@@ -150,21 +150,27 @@ def _check_identity(store: FeatureStore, identity: dict) -> None:
                             f"{', '.join(differs)}); extract into a new store, or use the config it was made with")
 
 
-def _check_split(store: FeatureStore, have: pd.DataFrame, rows: pd.DataFrame) -> None:
-    """A store keeps the split it was extracted with (its training rows are oversampled and augmented for it):
-    a manifest that puts any of the store's cells in another part, or fold, is refused, not silently ignored."""
-    stored = have.loc[have["status"] != STATUS_PADDING, ["cell_id", "split", "fold"]].drop_duplicates("cell_id")
-    asked = rows[["cell_id", "split", "fold"]].drop_duplicates("cell_id")
+ROW_METADATA = ("split", "fold", "label", "patient")  # what a manifest says of a cell that the store keeps
+
+
+def _check_rows_agree(store: FeatureStore, have: pd.DataFrame, rows: pd.DataFrame) -> None:
+    """A store keeps the split it was extracted with (its training rows are oversampled and augmented for it),
+    and the labels and patients of its cells: a manifest that says otherwise of any cell it holds (another part
+    or fold, a relabelled class) is refused, not silently ignored."""
+    stored = have.loc[have["status"] != STATUS_PADDING, ["cell_id", *ROW_METADATA]].drop_duplicates("cell_id")
+    asked = rows[["cell_id", *ROW_METADATA]].drop_duplicates("cell_id")
     both = stored.merge(asked, on="cell_id", suffixes=("_store", "_manifest")).set_index("cell_id")
-    moved = both[(both["split_store"] != both["split_manifest"]) | (both["fold_store"] != both["fold_manifest"])]
-    if len(moved):
+    for column in ROW_METADATA:
+        moved = both[both[f"{column}_store"].astype(str) != both[f"{column}_manifest"].astype(str)]
+        if not len(moved):
+            continue
         cell, row = moved.index[0], moved.iloc[0]
         was = (store.meta.get("manifests") or [{}])[0].get("split") or "no split"
         raise StoreMismatch(
-            f"this manifest's split puts {len(moved):,} of the cells in store {store.path} in another part than "
-            f"the store holds them (e.g. cell {cell}: store {row['split_store']} fold {row['fold_store']}, "
-            f"manifest {row['split_manifest']} fold {row['fold_manifest']}); the store was extracted with split "
-            f"{was}. A store keeps its split: extract into a new store for the new split")
+            f"this manifest gives {len(moved):,} of the cells in store {store.path} another {column} than the "
+            f"store holds (e.g. cell {cell}: store {row[f'{column}_store']!r}, manifest "
+            f"{row[f'{column}_manifest']!r}); the store was extracted with split {was}. A store keeps what it "
+            "was extracted with: extract into a new store")
 
 
 def open_or_extend(path: Path, manifest: Manifest, cfg: RunConfig, identity: dict, device: str) -> tuple[FeatureStore, int]:
@@ -185,7 +191,7 @@ def open_or_extend(path: Path, manifest: Manifest, cfg: RunConfig, identity: dic
     store = FeatureStore.open(path, mode="r+")
     _check_identity(store, identity)
     stored = store.rows()
-    _check_split(store, stored, rows)
+    _check_rows_agree(store, stored, rows)
     have = set(zip(stored["sha256"], stored["aug_index"]))
     new = rows[[key not in have for key in zip(rows["sha256"], rows["aug_index"])]]
     if len(new):
