@@ -90,7 +90,8 @@ def store_rows(manifest: Manifest, backbones: list[str], repeats: int) -> list[d
     rows = pad_segments(plan_rows(manifest.table.iloc[:STORE_ROWS], cfg), cfg.chunk_rows)
     chunk = {name: np.random.default_rng(0).normal(size=(cfg.chunk_rows, d)).astype(np.float32) for name, d in dims.items()}
     status = np.full(cfg.chunk_rows, STATUS_OK, dtype=np.int8)
-    meta = {"chunk_rows": cfg.chunk_rows, "store_dtype": cfg.features.store_dtype}
+    meta = {"chunk_rows": cfg.chunk_rows, "store_dtype": cfg.features.store_dtype,
+            "backbones": {name: {"dim": d} for name, d in dims.items()}}
 
     def zarr_write() -> int:
         folder = Path(tempfile.mkdtemp())

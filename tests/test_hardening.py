@@ -228,3 +228,46 @@ def test_csv_paths_outside_its_folder_are_accepted_with_a_warning_and_duplicates
     record = json.loads((tmp_path / "run" / "runs" / "index.json").read_text())
     assert record["details"]["outside_root"] == [str(tmp_path / "lists" / "../elsewhere/x.png")]
     assert len(read_manifest(tmp_path / "run" / "manifest.parquet").table) == 2
+
+
+def test_a_damaged_store_is_named_not_a_codec_traceback(trained, tmp_path):
+    lost = tmp_path / "lost.zarr"
+    shutil.copytree(trained / "features.zarr", lost)
+    (lost / "rows" / "status" / "zarr.json").unlink()
+    code, out = cli("train", lost, "-o", tmp_path / "m1", *SMALL)
+    assert code == 3 and "is damaged: rows/status missing" in out
+    torn = tmp_path / "torn.zarr"
+    shutil.copytree(trained / "features.zarr", torn)
+    (torn / "features" / "tiny" / "c" / "0" / "0").write_bytes(b"\x00garbage")  # chunk (0, 0)
+    code, out = cli("train", torn, "-o", tmp_path / "m2", *SMALL)
+    assert code == 3 and "is damaged: cannot read features/tiny" in out
+    (tmp_path / "a_file").write_text("x")
+    code, out = cli("extract", trained / "manifest.parquet", "-s", tmp_path / "a_file", *TINY)
+    assert code == 3 and "is a file, not a feature store" in out and not (tmp_path / "a_file.lock").exists()
+
+
+def test_a_manifest_that_was_emptied_or_edited_is_a_data_error(trained, tmp_path):
+    manifest = read_manifest(trained / "manifest.parquet")
+    empty = read_manifest(trained / "manifest.parquet")
+    empty.table = empty.table.iloc[:0]
+    write_manifest(empty, tmp_path / "empty.parquet")
+    code, out = cli("extract", tmp_path / "empty.parquet", "-s", tmp_path / "s.zarr", *TINY)
+    assert code == 3 and "lists no cells" in out
+    manifest.table["width"] = "wide"
+    write_manifest(manifest, tmp_path / "edited.parquet")
+    code, out = cli("extract", tmp_path / "edited.parquet", "-s", tmp_path / "s.zarr", *TINY)
+    assert code == 3 and "column(s) width hold missing or non-integer values" in out
+
+
+def test_a_stacking_fold_with_a_single_class_is_named():
+    import numpy as np
+
+    from aml_rapids.classify.model import FeatureStackingClassifier
+    from aml_rapids.errors import DataError
+
+    X = np.random.default_rng(0).normal(size=(12, 8))
+    y = np.array(["a"] * 10 + ["b"] * 2)
+    groups = np.array(["p1"] * 5 + ["p2"] * 5 + ["p3"] * 2)  # b's only patient is held out in one fold
+    with pytest.raises(DataError, match="training part holds a single class.*lower classify.folds"):
+        FeatureStackingClassifier(block_dims=(8,), pca_components=2, rf_trees=3, folds=2,
+                                  backend="sklearn").fit(X, y, groups=groups)

@@ -49,7 +49,8 @@ def feature_blocks(store: FeatureStore, backbones: list[str], keep: np.ndarray, 
         mine = keep[span]
         if not mine.any():
             continue
-        block = np.concatenate([np.asarray(arrays[name][span][mine], dtype=np.float32) for name in backbones], axis=1)
+        block = np.concatenate([np.asarray(store.read(arrays[name].path, span)[mine], dtype=np.float32)
+                                for name in backbones], axis=1)
         bad = ~np.isfinite(block).all(axis=1)
         if bad.any():
             raise DataError(f"store {store.path}: {int(bad.sum())} rows of features (rows "

@@ -222,8 +222,13 @@ class FeatureStackingClassifier(ClassifierMixin, BaseEstimator):
         labels = be.xp.asarray(codes.astype(np.int32))
         sync = _device_sync(be)
         with span(seconds, "fold split", sync):
-            folds = [(be.xp.asarray(train), be.xp.asarray(held))
-                     for train, held in grouped_folds(codes, groups, self.folds, self.seed)]
+            host_folds = grouped_folds(codes, groups, self.folds, self.seed)
+            folds = [(be.xp.asarray(train), be.xp.asarray(held)) for train, held in host_folds]
+        single = [k for k, (train, _) in enumerate(host_folds) if len(np.unique(codes[train])) < 2]
+        if single:
+            raise DataError(f"stacking fold {single[0]}'s training part holds a single class: too few groups "
+                            f"(patients, or cells) of the other classes for classify.folds={self.folds}; lower "
+                            "classify.folds or train on more patients")
         # One (SVM, forest) pair per fold and the final pair on all rows: independent fits, the largest first.
         pairs = [self._base_learners(be) for _ in range(len(folds) + 1)]
         parts = [(None, "svm refit", "rf refit")] + [(train, "fold svm fit", "fold rf fit") for train, _ in folds]

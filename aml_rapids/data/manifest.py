@@ -27,6 +27,7 @@ from .scan import Candidate, NoUsableImages, Problem, ScanResult, printable, sca
 META_KEY = b"aml_rapids"
 CORE_COLUMNS = ["cell_id", "path", "label", "patient", "cohort", "bytes", "sha256", "mtime_ns", "width", "height",
                 "mode", "format"]
+INTEGER_COLUMNS = ("bytes", "mtime_ns", "width", "height")
 SINCE_0_4 = {"mtime_ns"}  # manifests made before lack it; their files are checked by size alone
 
 
@@ -166,6 +167,13 @@ def read_manifest(path: Path) -> Manifest:
     missing = [c for c in CORE_COLUMNS if c not in frame.columns and c not in SINCE_0_4]
     if missing:
         raise DataError(f"manifest {path} lacks columns {', '.join(missing)}")
+    if frame.empty:
+        raise DataError(f"manifest {path} lists no cells")
+    odd = [c for c in INTEGER_COLUMNS if c in frame and not pd.api.types.is_integer_dtype(frame[c])]
+    odd += [c for c in ("cell_id", "path", "label", "sha256") if frame[c].isna().any()]
+    if odd:
+        raise DataError(f"manifest {path}: column(s) {', '.join(odd)} hold missing or non-integer values (edited, or "
+                        "not written by `aml-rapids index`); re-run `aml-rapids index`")
     return Manifest(frame, root, {k: v for k, v in meta.items() if k != "digest"})
 
 

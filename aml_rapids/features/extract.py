@@ -318,6 +318,8 @@ def extract(manifest: Manifest, store_path: Path, cfg: RunConfig,
     if device == "cpu":
         torch.set_num_threads(usable_cores())
     backbones = backbones or load_backbones(cfg, "cuda" if device == "gpu" else "cpu")
+    if Path(store_path).is_file():
+        raise StoreError(f"{store_path} is a file, not a feature store (a store is a folder)")
     with StoreLock(store_path) as lock:
         summary = _extract_locked(manifest, store_path, cfg, backbones, device, progress, on_total)
     summary.interrupted_writer = lock.interrupted

@@ -83,6 +83,10 @@ class FeatureStore:
             raise StoreError(f"{path} is a Zarr group but not an aml-rapids feature store")
         self.meta = meta
         self.chunk_rows = int(meta["chunk_rows"])
+        missing = [a for a in self._arrays() if a not in group]
+        if missing:
+            raise StoreError(f"feature store {path} is damaged: {', '.join(missing)} missing; extract into a new "
+                             "store")
 
     @classmethod
     def create(cls, path: Path, rows: pd.DataFrame, dims: dict[str, int], meta: dict) -> "FeatureStore":
@@ -151,12 +155,21 @@ class FeatureStore:
     def backbones(self) -> list[str]:
         return list(self.meta["backbones"])
 
+    def read(self, array: str, selection=slice(None)) -> np.ndarray:
+        """``array[selection]`` (e.g. ``rows/status``); a missing or damaged array or chunk is a StoreError
+        naming it, not a codec's traceback."""
+        try:
+            return self.group[array][selection]
+        except Exception as exc:  # KeyError for a lost zarr.json, codec errors for a damaged chunk, OSError
+            raise StoreError(f"feature store {self.path} is damaged: cannot read {array} ({type(exc).__name__}: "
+                             f"{exc}); extract into a new store") from None
+
     def rows(self) -> pd.DataFrame:
         """Every row's metadata (padding included; filter on ``status``)."""
-        return pd.DataFrame({field: self.group[f"rows/{field}"][:] for field in ROW_FIELDS})
+        return pd.DataFrame({field: self.read(f"rows/{field}") for field in ROW_FIELDS})
 
     def features(self, backbone: str) -> zarr.Array:
-        if f"features/{backbone}" not in self.group:
+        if backbone not in self.backbones:
             raise StoreError(f"store {self.path} has no features for backbone {backbone!r}; it has "
                              f"{', '.join(self.backbones)}")
         return self.group[f"features/{backbone}"]
@@ -246,7 +259,7 @@ class FeatureStore:
             self.group[f"rows/{field}"][start:start + len(rows)] = values.astype(str if kind is str else kind)
 
     def summary(self) -> dict:
-        status = self.group["rows/status"][:]
+        status = self.read("rows/status")
         return {"rows": int(len(status)), "ok": int((status == STATUS_OK).sum()),
                 "failed": int((status == STATUS_FAILED).sum()), "pending": int((status == STATUS_PENDING).sum()),
                 "padding": int((status == STATUS_PADDING).sum()), "chunks_done": int(self.done_chunks().sum()),
