@@ -17,6 +17,7 @@ from .errors import ConfigError
 # torch.compile's modes
 CompileMode = Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
 
+MAX_CHUNK_ROWS = 2**16
 IMAGE_EXTENSIONS = (".tif", ".tiff", ".png", ".jpg", ".jpeg", ".bmp")
 
 
@@ -44,7 +45,7 @@ class SplitConfig(_Section):
     val: float = Field(0.15, ge=0, lt=1)
     test: float = Field(0.15, gt=0, lt=1)
     folds: int = Field(5, ge=2)
-    seed: int = 0
+    seed: int = Field(0, ge=0)
     allow_incomplete: bool = Field(False, description="write a split even if a class is missing from a part")
 
     @model_validator(mode="after")
@@ -89,7 +90,7 @@ class OversampleConfig(_Section):
     """Bring every training class to the size of the largest by replication plus a seeded remainder."""
 
     enabled: bool = True
-    seed: int = 0
+    seed: int = Field(0, ge=0)
 
 
 class LoaderConfig(_Section):
@@ -97,14 +98,14 @@ class LoaderConfig(_Section):
 
     device: Literal["auto", "gpu", "cpu"] = "auto"
     image_size: int = Field(224, ge=8)
-    batch_size: int = Field(256, ge=1)
+    batch_size: int = Field(256, ge=1, le=8192)
     num_threads: int | None = Field(None, ge=1, description="DALI CPU threads; None uses every usable core")
     gpu_dtype: Literal["fp16", "bf16", "fp32"] = "fp16"
     prefetch: int = Field(2, ge=1)
     gpu_decode: bool = Field(False, description="on a GPU, DALI's mixed decoder (JPEG decoded on the GPU; TIFF still on "
                                                 "CPU threads, and it starts slower); false: the CPU decoder, then one "
                                                 "copy to the GPU (docs/loader.md)")
-    seed: int = 0
+    seed: int = Field(0, ge=0)
 
 
 class BackboneConfig(_Section):
@@ -119,7 +120,7 @@ class FeaturesConfig(_Section):
 
     backbones: list[BackboneConfig] = Field(default_factory=lambda: [
         BackboneConfig(name="mobilenet_v2"), BackboneConfig(name="resnet101"), BackboneConfig(name="vgg16")])
-    chunk_batches: int = Field(16, ge=1, description="loader batches per Zarr chunk (chunks hold whole batches)")
+    chunk_batches: int = Field(16, ge=1, le=1024, description="loader batches per Zarr chunk (chunks hold whole batches)")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field("auto", description="auto: bf16 on a GPU, fp32 on a CPU")
     store_dtype: Literal["float16", "float32"] = Field(
         "float16", description="float16 halves the store; float32 for features outside float16's range")
@@ -129,7 +130,7 @@ class FeaturesConfig(_Section):
         "default", description="torch.compile's mode: reduce-overhead replays CUDA graphs on a GPU, max-autotune "
                                "also searches kernel variants (minutes of compiling)")
     writers: int = Field(2, ge=1, description="threads writing finished chunks to the store")
-    seed: int = Field(0, description="seed of random initialisation for weights 'none'")
+    seed: int = Field(0, ge=0, description="seed of random initialisation for weights 'none'")
 
 
 class ClassifyConfig(_Section):
@@ -150,7 +151,7 @@ class ClassifyConfig(_Section):
                                                                "MATLAB's and scikit-learn's default (see "
                                                                "docs/classifier.md)")
     folds: int = Field(5, ge=2, description="grouped folds for the meta-learner's out-of-fold inputs")
-    seed: int = 0
+    seed: int = Field(0, ge=0)
     n_jobs: Optional[PositiveInt] = Field(
         None, description="base learners fitted at once, on threads; null: every core with scikit-learn, 4 "
                           "with cuML (see docs/classifier.md)")
@@ -169,6 +170,13 @@ class RunConfig(_Section):
     loader: LoaderConfig = LoaderConfig()
     features: FeaturesConfig = FeaturesConfig()
     classify: ClassifyConfig = ClassifyConfig()
+
+    @model_validator(mode="after")
+    def _chunks_fit_in_memory(self) -> "RunConfig":
+        if self.chunk_rows > MAX_CHUNK_ROWS:
+            raise ValueError(f"features.chunk_batches x loader.batch_size = {self.chunk_rows:,} rows a chunk; at most "
+                             f"{MAX_CHUNK_ROWS:,} (a chunk is held in memory while it fills)")
+        return self
 
     @property
     def chunk_rows(self) -> int:

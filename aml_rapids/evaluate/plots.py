@@ -12,6 +12,7 @@ import numpy as np  # noqa: E402
 from sklearn.metrics import ConfusionMatrixDisplay, RocCurveDisplay  # noqa: E402
 
 
+@plt.rc_context({"text.parse_math": False})  # class names and paths are text, not TeX
 def confusion_png(y_true, y_pred, classes, title: str, out: Path) -> Path:
     fig, ax = plt.subplots(figsize=(1.2 * len(classes) + 3, 1.2 * len(classes) + 2))
     ConfusionMatrixDisplay.from_predictions(y_true, y_pred, labels=classes, ax=ax, xticks_rotation=45,
@@ -23,6 +24,7 @@ def confusion_png(y_true, y_pred, classes, title: str, out: Path) -> Path:
     return out
 
 
+@plt.rc_context({"text.parse_math": False})  # class names and paths are text, not TeX
 def roc_png(y_true, proba, classes, title: str, out: Path) -> Path:
     fig, ax = plt.subplots(figsize=(6, 5))
     for i, name in enumerate(classes):

@@ -25,8 +25,9 @@ def pick_examples(table: pd.DataFrame, per_class: int, seed: int) -> pd.DataFram
 
 
 def _debug_views(table: pd.DataFrame, root: Path, cfg: RunConfig, keys: tuple[str, ...]) -> dict[int, dict]:
-    """Run the CPU graph with its debug outputs; views per table position."""
-    cpu_cfg = cfg.model_copy(update={"loader": cfg.loader.model_copy(update={"device": "cpu"})})
+    """Run the CPU graph with its debug outputs; views per table position (none for a file that changed since
+    indexing). One cell a batch: the original views of cells of different sizes do not stack."""
+    cpu_cfg = cfg.model_copy(update={"loader": cfg.loader.model_copy(update={"device": "cpu", "batch_size": 1})})
     views: dict[int, dict[str, np.ndarray]] = {}
     for batch in CellLoader(table, root, cpu_cfg, augment=True, debug=True):
         for i, pos in enumerate(batch.positions):
@@ -38,11 +39,13 @@ def foreground_fractions(table: pd.DataFrame, root: Path, cfg: RunConfig, per_cl
     """Share of each cell image the HSV mask keeps, summarised per class over a seeded sample."""
     sample = pick_examples(table, per_class, cfg.loader.seed)
     views = _debug_views(sample, root, cfg, ("mask",))
-    sample = sample.assign(foreground=[float(views[i]["mask"].mean()) for i in range(len(sample))])
+    sample = sample.assign(foreground=[float(views[i]["mask"].mean()) if i in views else np.nan
+                                       for i in range(len(sample))]).dropna(subset=["foreground"])
     return sample.groupby("label")["foreground"].describe(percentiles=[0.05, 0.5, 0.95])[
         ["count", "mean", "5%", "50%", "95%"]]
 
 
+@plt.rc_context({"text.parse_math": False})  # class names and paths are text, not TeX
 def render_preview(table: pd.DataFrame, root: Path, cfg: RunConfig, out: Path, per_class: int = 3) -> Path:
     """Run the CPU graph with its debug outputs on a few cells per class and save the grid as a PNG."""
     examples = pick_examples(table, per_class, cfg.loader.seed)
@@ -52,13 +55,16 @@ def render_preview(table: pd.DataFrame, root: Path, cfg: RunConfig, out: Path, p
     for row, (pos, cell) in enumerate(examples.iterrows()):
         for col, (key, title) in enumerate(zip(VIEWS, TITLES)):
             ax = axes[row][col]
-            image = views[pos][key]
-            ax.imshow(image[..., 0] * 255 if key == "mask" else image, cmap="gray", vmin=0, vmax=255)
             ax.set_xticks([]), ax.set_yticks([])
             if row == 0:
                 ax.set_title(title, fontsize=9)
             if col == 0:
                 ax.set_ylabel(f"{cell['label']}\n{Path(cell['path']).name}", fontsize=7)
+            if pos not in views:
+                ax.text(0.5, 0.5, "unreadable:\nchanged since\nindexing", ha="center", va="center", fontsize=7)
+                continue
+            image = views[pos][key]
+            ax.imshow(image[..., 0] * 255 if key == "mask" else image, cmap="gray", vmin=0, vmax=255)
     seg = cfg.segmentation
     fig.suptitle(f"HSV mask: hue {seg.hue_min:g}-{seg.hue_max:g} deg, saturation >= {seg.saturation_min:g}"
                  + ("" if seg.enabled else " (segmentation off)"), fontsize=9)
