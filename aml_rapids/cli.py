@@ -14,7 +14,7 @@ from rich.table import Table
 
 from .config import RunConfig, dump_config, load_config
 from .errors import EXIT_INTERRUPTED, EXIT_REJECTS, AmlRapidsError, FailedRowsError, OutputError
-from .outputs import prepare_output_dir
+from .outputs import prepare_fresh_dir, prepare_output_dir
 from .progress import console, progress_bar, say
 from .provenance import write_run_record
 
@@ -111,6 +111,8 @@ def index(
     write_manifest(result.manifest, out / "manifest.parquet")
     write_rejects(result.problems, out / "rejects.csv")
     summary = summarize(result.manifest)
+    for warning in result.warnings:
+        _warn(warning)
     if result.outside_root:
         _warn(f"{len(result.outside_root):,} files lie outside the CSV's folder {result.manifest.root}, accepted: "
               + ", ".join(result.outside_root[:5]) + (" ..." if len(result.outside_root) > 5 else ""))
@@ -220,7 +222,8 @@ def extract(
     write_run_record(manifest.parent, "extract", cfg, manifest=str(manifest), store=str(store),
                      rows_written=summary.rows_written, rows_failed=summary.rows_failed,
                      rows_skipped=summary.rows_skipped, rows_appended=summary.rows_appended,
-                     rows_retried=summary.rows_retried, interrupted_writer=summary.interrupted_writer,
+                     rows_retried=summary.rows_retried, chunks_lost=summary.chunks_lost,
+                     interrupted_writer=summary.interrupted_writer,
                      seconds=summary.seconds, images_per_s=summary.images_per_s, seconds_in=summary.seconds_in,
                      store_summary=totals,
                      failures=[(p.path, p.reason) for p in summary.failures])
@@ -229,6 +232,8 @@ def extract(
               "was checked and completed")
     if summary.rows_retried:
         say(f"retried {summary.rows_retried:,} rows that had failed before")
+    if summary.chunks_lost:
+        _warn(f"{summary.chunks_lost:,} chunks marked done had lost their files; computed again")
     say(f"{summary.rows_written:,} rows written, {summary.rows_skipped:,} already done (skipped), "
         f"{summary.rows_failed:,} failed, {summary.rows_appended:,} new rows appended; "
         f"{summary.images_per_s:,.0f} images/s over {summary.seconds:.1f} s")
@@ -243,14 +248,17 @@ def train(
     store: Annotated[Path, typer.Argument(help="feature store written by `aml-rapids extract`")],
     out: Annotated[Path, typer.Option("--out", "-o", help="model folder to write")] = Path("model"),
     backend: Annotated[Optional[str], typer.Option(help="auto | cuml | sklearn")] = None,
+    overwrite: Annotated[bool, typer.Option(help="replace an earlier model (and its evaluations) in the folder")] = False,
     config: ConfigOpt = None,
     set_: SetOpt = None,
 ) -> None:
-    """Fit z-score + PCA + SVM/RF stacking on the store's training rows and save the model folder."""
+    """Fit z-score + PCA + SVM/RF stacking on the store's training rows and save the model folder (a new or
+    empty folder, or --overwrite replaces an earlier model there)."""
+    from .classify.io import OUTPUTS
     from .classify.train import train as run_train
 
     cfg = _config(config, set_, **{"classify.backend": backend})
-    prepare_output_dir(out, "model folder")
+    prepare_fresh_dir(out, "model folder", OUTPUTS, overwrite)
     with console.status("training (z-score, PCA, out-of-fold SVM + random forest, meta-learner)"):
         info = run_train(store, cfg, out)
     write_run_record(out, "train", cfg, model=info)
@@ -347,6 +355,8 @@ def predict(
     write_run_record(out, "predict", result.config or load_config(None), model=str(model), source=str(source), overrides=set_,
                      cells=len(result.cells), patients=len(result.patients), seen_in_training=result.seen_in_training,
                      failures=[(p.path, p.reason) for p in result.failures])
+    for warning in result.warnings:
+        _warn(warning)
     if result.seen_in_training:
         _warn(f"{result.seen_in_training:,} of these cells were in the model's training set (column in_training "
               "of predictions.csv): their predictions say nothing about new cells")
@@ -390,7 +400,7 @@ def run(
     if _config(config, overrides).split.method == "kfold":
         cv(out / "features.zarr", out=out / "cv", config=config, set_=overrides)
         return
-    train(out / "features.zarr", out=out / "model", config=config, set_=overrides)
+    train(out / "features.zarr", out=out / "model", overwrite=True, config=config, set_=overrides)  # run's own
     evaluate(out / "model", out / "features.zarr", split="test", out=out / "model" / "eval-test")
 
 
@@ -403,10 +413,13 @@ def demo_data(
     seed: Annotated[int, typer.Option(help="random seed")] = 0,
 ) -> None:
     """Draw a small synthetic dataset (5 classes, clearly labelled synthetic) so everything runs offline."""
-    from .data.synthetic import CLASSES, write_demo_dataset
+    from .data.synthetic import CLASSES, is_demo_folder, write_demo_dataset
 
     total = len(CLASSES) * patients * cells
     prepare_output_dir(out, "demo folder")
+    if any(out.iterdir()) and not is_demo_folder(out):
+        raise OutputError(f"demo folder {out} already holds files that are not a demo set; synthetic cells are "
+                          "drawn only into a new or empty folder (or an earlier demo set)")
     with progress_bar("drawing synthetic cells", total) as (advance, _):
         n = write_demo_dataset(out, patients, cells, seed, progress=advance)
     say(f"wrote {n:,} synthetic 144x144 TIFF cells ({len(CLASSES)} classes x {patients} patients x {cells}) to {out}")

@@ -231,6 +231,8 @@ def load_config(path: Path | None = None, overrides: list[str] | None = None, ba
             raise ConfigError(f"config file {path} must hold a mapping of sections, got {type(tree).__name__}")
         tree = _merge(dict(base or {}), tree)
     tree = _merge(tree, parse_overrides(overrides))
+    if overrides:
+        source += " with " + " ".join(f"--set {item}" for item in overrides)
     try:
         return RunConfig.model_validate(tree)
     except ValidationError as exc:

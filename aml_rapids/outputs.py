@@ -5,8 +5,10 @@ previous version or the new one, never a torn file."""
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from fnmatch import fnmatch
 from pathlib import Path
 
 from .errors import OutputError
@@ -24,6 +26,29 @@ def prepare_output_dir(path: Path, what: str = "output folder") -> Path:
             pass
     except OSError as exc:
         raise OutputError(f"{what} {path} cannot be written: {exc.strerror or exc}") from None
+    return path
+
+
+RECORDS = ("runs", "config.yaml")  # every command's run records: a folder's history, kept
+
+
+def prepare_fresh_dir(path: Path, what: str, outputs: Iterable[str], overwrite: bool) -> Path:
+    """A folder for one command's results: new or empty; or, with ``overwrite``, one holding this command's
+    earlier results (names matching the glob patterns ``outputs``, and run records), which are deleted. Anything
+    else in it is refused either way, so nothing of the user's is deleted and two runs never share a folder."""
+    prepare_output_dir(path, what)
+    patterns = (*outputs, ".*.tmp")  # .tmp: what a killed atomic_write left
+    names = sorted(p.name for p in path.iterdir())
+    ours = [n for n in names if any(fnmatch(n, pattern) for pattern in patterns)]
+    foreign = [n for n in names if n not in ours and (n not in RECORDS or not ours)]
+    if foreign:
+        raise OutputError(f"{what} {path} holds files this command did not write ({', '.join(foreign[:5])}); "
+                          "use a new or empty folder")
+    if ours and not overwrite:
+        raise OutputError(f"{what} {path} already holds an earlier run's results ({', '.join(ours[:5])}); use a "
+                          "new folder, or pass --overwrite to replace them")
+    for name in ours:
+        shutil.rmtree(path / name) if (path / name).is_dir() else (path / name).unlink()
     return path
 
 

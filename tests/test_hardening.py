@@ -84,13 +84,27 @@ def test_predict_refuses_a_used_folder_and_overwrite_replaces_only_its_own_files
     assert cli("predict", trained / "model", tmp_path / "new", "-o", out)[0] == 0
     before = pd.read_csv(out / "predictions.csv")
     code, message = cli("predict", trained / "model", tmp_path / "new", "-o", out)
-    assert code == 8 and "already holds predictions" in message and "--overwrite" in message
+    assert code == 8 and "already holds an earlier run's results" in message and "--overwrite" in message
     pd.testing.assert_frame_equal(pd.read_csv(out / "predictions.csv"), before)  # nothing appended or lost
     assert cli("predict", trained / "model", tmp_path / "new", "-o", out, "--overwrite")[0] == 0
     pd.testing.assert_frame_equal(pd.read_csv(out / "predictions.csv"), before)
     (out / "notes.txt").write_text("mine")
     code, message = cli("predict", trained / "model", tmp_path / "new", "-o", out, "--overwrite")
     assert code == 8 and "notes.txt" in message and (out / "notes.txt").read_text() == "mine"
+
+
+def test_train_keeps_to_new_folders_or_its_own_earlier_model(trained, tmp_path):
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "config.yaml").write_text("my settings")
+    code, out = cli("train", trained / "features.zarr", "-o", tmp_path / "mine", *SMALL, "--overwrite")
+    assert code == 8 and "config.yaml" in out and (tmp_path / "mine" / "config.yaml").read_text() == "my settings"
+    model = tmp_path / "model"
+    shutil.copytree(trained / "model", model)
+    (model / "eval-test").mkdir()
+    code, out = cli("train", trained / "features.zarr", "-o", model, *SMALL)
+    assert code == 8 and "--overwrite" in out
+    assert cli("train", trained / "features.zarr", "-o", model, *SMALL, "--overwrite")[0] == 0
+    assert not (model / "eval-test").exists()  # the old model's evaluation went with it
 
 
 def test_same_named_patients_of_two_cohorts_stay_two_patients(trained, tmp_path):
@@ -271,3 +285,71 @@ def test_a_stacking_fold_with_a_single_class_is_named():
     with pytest.raises(DataError, match="training part holds a single class.*lower classify.folds"):
         FeatureStackingClassifier(block_dims=(8,), pca_components=2, rf_trees=3, folds=2,
                                   backend="sklearn").fit(X, y, groups=groups)
+
+
+def test_a_fifo_or_a_folder_named_like_an_image_is_rejected_without_blocking(tmp_path):
+    import os
+
+    write_demo_dataset(tmp_path / "data", 1, 2, seed=4)
+    os.mkfifo(tmp_path / "data" / "NPM1" / "synthetic_NPM1_00" / "pipe.tif")
+    (tmp_path / "data" / "NPM1" / "synthetic_NPM1_00" / "folder.tif").mkdir()
+    result = build_manifest(tmp_path / "data", IndexConfig())
+    why = {Path(p.path).name: p.reason for p in result.problems}
+    assert why["pipe.tif"] == "not a regular file (a FIFO)" and len(result.manifest.table) == 10
+    (tmp_path / "cells.csv").write_text("path,label\ndata/NPM1/synthetic_NPM1_00/pipe.tif,a\n"
+                                        "data/NPM1/synthetic_NPM1_00/cell_0000.tif,a\n")
+    why = {Path(p.path).name: p.reason for p in build_manifest(tmp_path / "cells.csv", IndexConfig()).problems}
+    assert why["pipe.tif"].endswith("but not a regular file (a FIFO)")
+
+
+def test_patients_under_two_classes_are_counted_once_and_warned_about(tmp_path):
+    for label in ("NPM1", "control"):
+        for i in range(2):
+            write_image(tmp_path / "data" / label / "patient_1" / f"{i}.png", color=(40 * i, 90, 200), fmt="PNG")
+    code, out = cli("index", tmp_path / "data", "-o", tmp_path / "run")
+    assert code == 0 and "4 cells, 1 patients" in out
+    assert "1 patients have cells under more than one class (e.g. patient_1 of cohort data: NPM1, control)" in out
+
+
+def test_an_unfinished_store_is_refused_by_every_reader(trained, tmp_path):
+    store = tmp_path / "unfinished.zarr"
+    shutil.copytree(trained / "features.zarr", store)
+    opened = FeatureStore.open(store, mode="r+")
+    test_rows = opened.rows().index[opened.rows()["split"] == "test"]
+    opened.group["progress/chunk_done"][int(test_rows[0]) // opened.chunk_rows] = False
+    opened.group["rows/status"][int(test_rows[0])] = 0  # as a killed extraction leaves it
+    code, out = cli("evaluate", trained / "model", store, "-o", tmp_path / "e")
+    assert code == 3 and "is not complete: 1 rows of split(s) test are not extracted yet" in out
+    code, out = cli("evaluate", trained / "model", store, "--split", "tset", "-o", tmp_path / "e")
+    assert code == 2 and "has no split tset; it has test, train, val" in out
+
+
+def test_a_lost_chunk_file_is_found_and_computed_again(trained, tmp_path):
+    store = tmp_path / "s.zarr"
+    shutil.copytree(trained / "features.zarr", store)
+    before = (store / "features" / "tiny" / "c" / "1" / "0").read_bytes()
+    (store / "features" / "tiny" / "c" / "1" / "0").unlink()
+    code, out = cli("train", store, "-o", tmp_path / "m", *SMALL)
+    assert code == 3 and "hold NaN or Inf, though marked usable" in out
+    code, out = cli("extract", trained / "manifest.parquet", "-s", store, *TINY)
+    assert code == 0 and "1 chunks marked done had lost their files; computed again" in out
+    assert (store / "features" / "tiny" / "c" / "1" / "0").read_bytes() == before
+
+
+def test_predict_names_every_image_it_could_not_use(trained, tmp_path):
+    write_demo_dataset(tmp_path / "new", 1, 2, seed=13)
+    (tmp_path / "new" / "NPM1" / "synthetic_NPM1_00" / "zero.tif").write_bytes(b"")
+    code, out = cli("predict", trained / "model", tmp_path / "new", "-o", tmp_path / "p")
+    assert code == 6 and "1 cells could not be read" in out and "zero.tif" in out
+    assert len(pd.read_csv(tmp_path / "p" / "predictions.csv")) == 10  # the rest were predicted
+    assert pd.read_csv(tmp_path / "p" / "failed.csv")["reason"].str.contains("empty file").all()
+    (tmp_path / "bad" / "c" / "p").mkdir(parents=True)
+    (tmp_path / "bad" / "c" / "p" / "zero.tif").write_bytes(b"")
+    code, out = cli("predict", trained / "model", tmp_path / "bad", "-o", tmp_path / "q")
+    assert code == 3 and "no usable images" in out and (tmp_path / "q" / "failed.csv").is_file()
+
+
+def test_demo_data_never_draws_into_a_real_dataset(tmp_path):
+    write_image(tmp_path / "real" / "NPM1" / "patientA" / "a.png", fmt="PNG")
+    code, out = cli("demo-data", tmp_path / "real", "--patients", "1", "--cells", "1")
+    assert code == 8 and "not a demo set" in out and sorted(p.name for p in (tmp_path / "real").iterdir()) == ["NPM1"]

@@ -11,9 +11,9 @@ from collections.abc import Iterator
 import numpy as np
 import pandas as pd
 
-from ..errors import DataError
+from ..errors import ConfigError, DataError
 from ..evaluate.metrics import patient_keys
-from ..features.plan import STATUS_OK
+from ..features.plan import STATUS_OK, STATUS_PADDING, STATUS_PENDING
 from ..features.store import FeatureStore
 
 
@@ -25,11 +25,20 @@ def block_dims(store: FeatureStore, backbones: list[str]) -> tuple[int, ...]:
 def select_rows(store: FeatureStore, splits: tuple[str, ...] | None,
                 originals_only: bool = False) -> tuple[np.ndarray, pd.DataFrame]:
     """The usable rows of the chosen splits (without oversampled copies if asked): a mask over the store's
-    rows, and their metadata."""
+    rows, and their metadata. A split the store lacks is a config error; a store whose extraction has not
+    finished for these splits is refused (its results would rest on whichever rows happened to be done)."""
     rows = store.rows()
     keep = (rows["status"] == STATUS_OK).to_numpy().copy()
-    if splits is not None:
-        keep &= rows["split"].isin(splits).to_numpy()
+    chosen = np.ones(len(rows), dtype=bool) if splits is None else rows["split"].isin(splits).to_numpy()
+    known = set(rows.loc[rows["status"] != STATUS_PADDING, "split"])
+    if splits is not None and not set(splits) <= known:
+        raise ConfigError(f"store {store.path} has no split {', '.join(sorted(set(splits) - known))}; it has "
+                          f"{', '.join(sorted(known))}")
+    pending = int((chosen & (rows["status"] == STATUS_PENDING).to_numpy()).sum())
+    if pending:
+        raise DataError(f"store {store.path} is not complete: {pending:,} rows of split(s) "
+                        f"{', '.join(splits or ['any'])} are not extracted yet; finish with `aml-rapids extract`")
+    keep &= chosen
     if originals_only:
         keep &= (rows["aug_index"] <= 0).to_numpy()
     if not keep.any():
@@ -54,7 +63,8 @@ def feature_blocks(store: FeatureStore, backbones: list[str], keep: np.ndarray, 
         bad = ~np.isfinite(block).all(axis=1)
         if bad.any():
             raise DataError(f"store {store.path}: {int(bad.sum())} rows of features (rows "
-                                 f"{span.start}-{span.stop - 1}) hold NaN or Inf")
+                            f"{span.start}-{span.stop - 1}) hold NaN or Inf, though marked usable (a chunk file "
+                            "lost?); run `aml-rapids extract` on the store again to recompute lost chunks")
         if pending is not None and min(len(pending), len(block)) < min_rows:
             block = np.concatenate([pending, block])
         elif pending is not None:

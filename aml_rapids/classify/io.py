@@ -23,6 +23,8 @@ from .backend import get_backend
 
 MODEL_FILE, PORTABLE_FILE, INFO_FILE = "model.joblib", "model-sklearn.joblib", "model.json"
 TRAINING_CELLS = "training_cells.parquet"  # cell_id, sha256, cohort, patient, label of every training cell
+# what a model folder holds besides run records: the model's files, and evaluations and predictions made with it
+OUTPUTS = (MODEL_FILE, PORTABLE_FILE, TRAINING_CELLS, INFO_FILE, "eval-*", "predict-*")
 
 
 class ModelError(DataError):

@@ -1,13 +1,13 @@
 """Predictions for new cells: from a feature store, or from a folder/CSV of images, extracted exactly as the
 model's training features were (same backbones, weights and preprocessing, taken from the model folder).
 
-Every run starts from an empty output folder (or ``overwrite`` clears this command's own files first), so two
-datasets' cells never share a predictions.csv and same-named patients of two cohorts never share a mean.
+Every run starts from an empty output folder (or ``overwrite`` clears this command's own earlier files first), so
+two datasets' cells never share a predictions.csv; patients are keyed by cohort and name, so same-named patients
+of two cohorts never share a mean.
 """
 
 from __future__ import annotations
 
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -15,28 +15,30 @@ import pandas as pd
 
 from ..config import RunConfig, load_config
 from ..data.manifest import build_manifest
-from ..data.scan import Problem
-from ..errors import ConfigError, OutputError
+from ..data.scan import NoUsableImages, Problem, printable
+from ..errors import ConfigError, DataError
 from ..evaluate.metrics import patient_means
 from ..evaluate.report import prediction_table
 from ..features.extract import extract, load_backbones, store_identity
 from ..features.lock import lock_path
 from ..features.store import ATTRS_KEY, FeatureStore
 from ..loader.loader import resolve_device
-from ..outputs import prepare_output_dir
+from ..outputs import prepare_fresh_dir
 from .io import check_features_match, check_store_matches, load_model, training_cells
 from .train import predict_store
 
-OUTPUTS = ("predictions.csv", "patients.csv", "failed.csv", "features.zarr")
+FAILED = "failed.csv"  # every given image that could not be used, and why
+OUTPUTS = ("predictions.csv", "patients.csv", FAILED, "features.zarr")
 
 
 @dataclass
 class Prediction:
     cells: pd.DataFrame
     patients: pd.DataFrame
-    failures: list[Problem] = field(default_factory=list)  # cells whose files could not be read
+    failures: list[Problem] = field(default_factory=list)  # given images that could not be used, and why
     seen_in_training: int = 0  # cells the model was trained on: their predictions are no test of it
     config: RunConfig | None = None  # how the images were extracted (None: read from a given store)
+    warnings: list[str] = field(default_factory=list)
 
 
 def _is_store(path: Path) -> bool:
@@ -44,21 +46,7 @@ def _is_store(path: Path) -> bool:
 
 
 def prepare_predict_dir(out: Path, overwrite: bool) -> Path:
-    """An empty output folder; with ``overwrite``, one cleared of this command's own files. A folder holding
-    anything else is refused either way: nothing of the user's is deleted or mixed in."""
-    prepare_output_dir(out, "prediction folder")
-    ours = {*OUTPUTS, lock_path(out / "features.zarr").name, "runs", "config.yaml"}
-    foreign = sorted(p.name for p in out.iterdir() if p.name not in ours)
-    earlier = sorted(name for name in OUTPUTS if (out / name).exists())
-    if foreign:
-        raise OutputError(f"prediction folder {out} holds files predict did not write ({', '.join(foreign[:5])}); "
-                          "predict into a new folder")
-    if earlier and not overwrite:
-        raise OutputError(f"prediction folder {out} already holds predictions ({', '.join(earlier)}); predict "
-                          "into a new folder, or pass --overwrite to replace them")
-    for name in earlier:
-        shutil.rmtree(out / name) if (out / name).is_dir() else (out / name).unlink()
-    return out
+    return prepare_fresh_dir(out, "prediction folder", (*OUTPUTS, lock_path(out / "features.zarr").name), overwrite)
 
 
 def predict(model_dir: Path, source: Path, out: Path, overrides: list[str] | None = None,
@@ -66,6 +54,7 @@ def predict(model_dir: Path, source: Path, out: Path, overrides: list[str] | Non
     """Per-cell class probabilities and a per-patient summary (mean probabilities), also written as CSV."""
     model, info = load_model(model_dir)
     failures: list[Problem] = []
+    warnings: list[str] = []
     cfg = None
     if _is_store(source):
         store_path = source
@@ -75,15 +64,21 @@ def predict(model_dir: Path, source: Path, out: Path, overrides: list[str] | Non
             raise ConfigError(f"model {model_dir} does not record how its features were extracted; predict "
                               "from a feature store made with the same config instead")
         cfg = load_config(None, overrides, base=info["extract_config"])
-        manifest = build_manifest(source, cfg.index).manifest
+        try:
+            indexed = build_manifest(source, cfg.index)
+        except NoUsableImages as exc:
+            _write_failures(exc.problems, out)
+            raise DataError(f"{source}: no usable images; {out / FAILED} says why") from None
+        manifest, warnings = indexed.manifest, indexed.warnings
+        failures = [p for p in indexed.problems if not p.skipped]
         device = resolve_device(cfg.loader.device)
         backbones = load_backbones(cfg, "cuda" if device == "gpu" else "cpu")
         asked = "the features this run would extract (the model's extraction config" + (
             f" with --set {', '.join(overrides)})" if overrides else ")")
         check_features_match(info, store_identity(cfg, backbones), asked)
         store_path = out / "features.zarr"
-        failures = extract(manifest, store_path, cfg, progress=progress, on_total=on_total,
-                           backbones=backbones).failures
+        failures += extract(manifest, store_path, cfg, progress=progress, on_total=on_total,
+                            backbones=backbones).failures
     proba, rows = predict_store(model, FeatureStore.open(store_path), list(info["backbones"]), None,
                                 originals_only=True)
     classes = model.classes_
@@ -97,7 +92,17 @@ def predict(model_dir: Path, source: Path, out: Path, overrides: list[str] | Non
     patients["predicted"] = classes[means[list(classes)].to_numpy().argmax(axis=1)]
     cells.to_csv(out / "predictions.csv", index=False)
     patients.to_csv(out / "patients.csv", index=False)
+    _write_failures(failures, out)
+    unknown = sorted(set(rows["label"]) - set(map(str, classes)))
+    if unknown and cfg is not None and source.suffix.lower() != ".csv":
+        warnings.append(f"the first-level folder names ({', '.join(unknown[:5])}) are not the model's classes: a "
+                        "folder is read as <class>/<patient>/<image> or <class>/<image>, so in a folder of "
+                        "<patient>/<image> the patients are taken for classes and the cells have none; give a CSV "
+                        "with path, label (any text) and patient columns instead")
+    return Prediction(cells, patients, failures, int(cells["in_training"].sum()), cfg, warnings)
+
+
+def _write_failures(failures: list[Problem], out: Path) -> None:
     if failures:
-        pd.DataFrame([(p.path, p.reason) for p in failures], columns=["path", "reason"]).to_csv(
-            out / "failed.csv", index=False)
-    return Prediction(cells, patients, failures, int(cells["in_training"].sum()), cfg)
+        pd.DataFrame([(printable(p.path), p.reason) for p in failures], columns=["path", "reason"]).to_csv(
+            out / FAILED, index=False)

@@ -59,6 +59,7 @@ class IndexResult:
     found: int
     same_class_duplicates: int
     outside_root: list[str] = field(default_factory=list)  # accepted, with a warning: files outside the root
+    warnings: list[str] = field(default_factory=list)  # what the user should know about the rows kept
 
 
 def cell_id(cohort: str, rel: str) -> str:
@@ -92,6 +93,19 @@ def _reject_label_conflicts(table: pd.DataFrame, root: Path) -> tuple[pd.DataFra
         for path in rows["path"]:
             problems.append(Problem(str(root / path), f"same content under two classes: {copies}"))
     return table[~table["sha256"].isin(conflicted)].reset_index(drop=True), problems
+
+
+def _patients_in_several_classes(table: pd.DataFrame) -> list[str]:
+    """A patient whose cells carry two labels: one person with cells of two types, or two people who share a
+    folder name (``patient_1`` under every class folder), which only the user can tell apart."""
+    labels = table.dropna(subset=["patient"]).groupby(["cohort", "patient"])["label"].unique()
+    several = labels[labels.map(len) > 1]
+    if several.empty:
+        return []
+    (cohort, patient), example = several.index[0], ", ".join(map(str, several.iloc[0]))
+    return [f"{len(several):,} patients have cells under more than one class (e.g. {patient} of cohort {cohort}: "
+            f"{example}); each is taken as one patient, kept whole by patient-grouped splits and averaged in "
+            "patient-level results. If they are different people, give them distinct names"]
 
 
 def build_manifest(source: Path, cfg: IndexConfig, progress: Callable[[int], None] | None = None,
@@ -129,10 +143,11 @@ def build_manifest(source: Path, cfg: IndexConfig, progress: Callable[[int], Non
     if table.empty:
         raise NoUsableImages(f"{source}: no usable images ({len(problems)} problems; see the rejects file)", problems)
     dupes = int(table.duplicated("sha256").sum())
+    warnings = _patients_in_several_classes(table)
     table = table.sort_values(["label", "patient", "path"], na_position="first", kind="stable").reset_index(drop=True)
     meta = {"source": str(source.resolve()), "layout": scan.layout}
     return IndexResult(Manifest(table, scan.root.resolve(), meta), problems, scan.layout, len(scan.candidates), dupes,
-                       scan.outside_root)
+                       scan.outside_root, warnings)
 
 
 def write_manifest(manifest: Manifest, path: Path) -> None:
@@ -189,6 +204,6 @@ def summarize(manifest: Manifest) -> dict:
     return {
         "cells": len(t),
         "classes": int(t["label"].nunique()),
-        "patients": int(t["patient"].nunique()) if t["patient"].notna().any() else 0,
+        "patients": int(len(t.dropna(subset=["patient"]).drop_duplicates(["cohort", "patient"]))),
         "per_class": {str(k): int(v) for k, v in t["label"].value_counts().sort_index().items()},
     }

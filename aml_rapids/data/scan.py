@@ -6,6 +6,7 @@ Nothing here opens an image; the result is a list of candidates plus the problem
 from __future__ import annotations
 
 import os
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -79,6 +80,18 @@ def _walk_files(root: Path, follow_symlinks: bool, problems: list[Problem]):
             yield Path(dirpath) / name
 
 
+def _not_regular(path: Path) -> str | None:
+    """Why ``path`` is not a regular file (reading a FIFO would block forever), or None."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as exc:
+        return f"cannot be read: {exc.strerror}" + (" (a dangling link)" if path.is_symlink() else "")
+    if stat.S_ISREG(mode):
+        return None
+    return "not a regular file (" + ("a FIFO" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode)
+                                     else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "a folder") + ")"
+
+
 def scan_folder(root: Path, extensions: tuple[str, ...], follow_symlinks: bool = True) -> ScanResult:
     """Collect images laid out as ``<class>/<patient>/<image>`` (depth 3) or ``<class>/<image>`` (depth 2)."""
     root = Path(root)
@@ -95,6 +108,8 @@ def scan_folder(root: Path, extensions: tuple[str, ...], follow_symlinks: bool =
         parts = path.relative_to(root).parts
         if printable(path) != str(path):
             problems.append(Problem(printable(path), "file or folder name is not valid UTF-8; rename it"))
+        elif (kind := _not_regular(path)) is not None:
+            problems.append(Problem(str(path), kind, path.suffix.lower() not in exts))
         elif path.suffix.lower() not in exts:
             problems.append(Problem(str(path), f"unsupported file type {path.suffix or '(no extension)'!r}", True))
         elif len(parts) == 1:
@@ -160,8 +175,10 @@ def scan_csv(csv: Path, label_column: str | None = None, patient_column: str | N
             problems.append(Problem(f"{csv}:{line}", "path holds a NUL character"))
         elif not row[label_col]:
             problems.append(Problem(str(path), f"no label in {csv} line {line}"))
-        elif not path.is_file():
+        elif not path.exists():
             problems.append(Problem(str(path), f"listed in {csv} line {line} but does not exist"))
+        elif (kind := _not_regular(path)) is not None:
+            problems.append(Problem(str(path), f"listed in {csv} line {line}, but {kind}"))
         elif rel in first_line:
             problems.append(Problem(str(path), f"listed twice in {csv} (lines {first_line[rel]} and {line}); "
                                                "the second is left out"))

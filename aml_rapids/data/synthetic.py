@@ -95,6 +95,13 @@ def _write_patient(out: Path, c: int, p: int, cells: int, seed: int) -> int:
     return cells
 
 
+def is_demo_folder(path: Path) -> bool:
+    """Whether ``path`` holds a demo set (its README says so): the one kind of non-empty folder demo-data
+    draws into, since it would mix synthetic cells into real ones and replace a README."""
+    readme = Path(path) / "README.txt"
+    return readme.is_file() and readme.read_text(errors="replace").startswith(SYNTHETIC_NOTE)
+
+
 def write_demo_dataset(out: Path, patients_per_class: int = 4, cells_per_patient: int = 30, seed: int = 0,
                        progress=None, workers: int = 1) -> int:
     """Write ``<class>/<patient>/<image>.tif`` under ``out`` and a README that says it is synthetic; ``workers``

@@ -54,6 +54,7 @@ class ExtractSummary:
     rows_skipped: int = 0
     rows_appended: int = 0
     rows_retried: int = 0  # rows that had failed in an earlier run, tried again
+    chunks_lost: int = 0  # chunks marked done whose files were gone, computed again
     chunks_written: int = 0
     interrupted_writer: str | None = None  # an earlier writer that ended without releasing the lock
     seconds: float = 0.0
@@ -334,10 +335,11 @@ def _extract_locked(manifest: Manifest, store_path: Path, cfg: RunConfig, backbo
     status = rows["status"].to_numpy()
     real_per_chunk = (status != STATUS_PADDING).reshape(-1, store.chunk_rows).sum(axis=1)
     failed_per_chunk = (status == STATUS_FAILED).reshape(-1, store.chunk_rows).sum(axis=1)
-    done = store.done_chunks() & (failed_per_chunk == 0)
+    lost = store.lost_chunks(status)
+    done = store.done_chunks() & (failed_per_chunk == 0) & ~lost
     pending = [k for k in range(store.n_chunks) if not done[k]]
     summary = ExtractSummary(rows_appended=appended, rows_skipped=int(real_per_chunk[done].sum()),
-                             rows_retried=int(failed_per_chunk.sum()))
+                             rows_retried=int(failed_per_chunk.sum()), chunks_lost=int(lost.sum()))
     if on_total:
         on_total(int(real_per_chunk[pending].sum()))
     index = {cid: i for i, cid in enumerate(manifest.table["cell_id"])}

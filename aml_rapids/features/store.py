@@ -188,6 +188,19 @@ class FeatureStore:
                     done[k] = False
             return done
 
+    def lost_chunks(self, status: np.ndarray) -> np.ndarray:
+        """Chunks marked done whose files are gone (deleted by hand, lost on a failing disk): zarr would read
+        them as fill values without a word. A done chunk always has a status file; it has feature files where it
+        holds a usable row (zarr skips chunks that are all fill value, as all-failed rows are)."""
+        done = self.done_chunks()
+        ok = (status == STATUS_OK).reshape(-1, self.chunk_rows).any(axis=1)
+        lost = np.zeros(len(done), dtype=bool)
+        for k in np.flatnonzero(done):
+            needed = [("rows/status", (k,))] + [(f"features/{b}", (k, 0)) for b in self.backbones if ok[k]]
+            lost[k] = not all((self.path / a / self.group[a].metadata.encode_chunk_key(c)).is_file()
+                              for a, c in needed)
+        return lost
+
     def chunk_slice(self, k: int) -> slice:
         return slice(k * self.chunk_rows, (k + 1) * self.chunk_rows)
 
