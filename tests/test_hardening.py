@@ -135,6 +135,19 @@ def test_evaluate_refuses_cells_the_model_trained_on_even_copied_elsewhere(train
     assert cells["in_training"].sum() == len(train_cells) > 0
 
 
+def test_evaluate_refuses_training_cells_saved_again_in_another_format(trained, tmp_path):
+    """Same pixels, other bytes: a TIFF re-saved as PNG is still a cell the model trained on."""
+    for tif in (trained / "data").rglob("*.tif"):
+        png = tmp_path / "png" / tif.relative_to(trained / "data").with_suffix(".png")
+        png.parent.mkdir(parents=True, exist_ok=True)
+        Image.open(tif).save(png)
+    cli("index", tmp_path / "png", "-o", tmp_path / "run")
+    cli("split", tmp_path / "run" / "manifest.parquet", "--method", "image", "--seed", "9")
+    assert cli("extract", tmp_path / "run" / "manifest.parquet", *TINY)[0] == 0
+    code, out = cli("evaluate", trained / "model", tmp_path / "run" / "features.zarr", "-o", tmp_path / "eval")
+    assert code == 2 and "trained on (same content" in out and ".png" in out
+
+
 def test_features_made_otherwise_than_the_models_are_refused(trained, tmp_path):
     write_demo_dataset(tmp_path / "new", 1, 2, seed=12)
     code, out = cli("predict", trained / "model", tmp_path / "new", "-o", tmp_path / "p",
@@ -353,3 +366,18 @@ def test_demo_data_never_draws_into_a_real_dataset(tmp_path):
     write_image(tmp_path / "real" / "NPM1" / "patientA" / "a.png", fmt="PNG")
     code, out = cli("demo-data", tmp_path / "real", "--patients", "1", "--cells", "1")
     assert code == 8 and "not a demo set" in out and sorted(p.name for p in (tmp_path / "real").iterdir()) == ["NPM1"]
+
+
+def test_a_store_from_before_pixel_hashes_still_opens_and_appends(tmp_path):
+    write_demo_dataset(tmp_path / "data", 1, 2, seed=6)
+    cli("index", tmp_path / "data", "-o", tmp_path / "run")
+    manifest, store = tmp_path / "run" / "manifest.parquet", tmp_path / "run" / "features.zarr"
+    first = read_manifest(manifest)
+    first.table = first.table.iloc[:5]
+    write_manifest(first, tmp_path / "first.parquet")
+    assert cli("extract", tmp_path / "first.parquet", "-s", store, *TINY)[0] == 0
+    shutil.rmtree(store / "rows" / "pixels_sha256")  # as version 0.4 laid stores out
+    assert (FeatureStore.open(store).rows()["pixels_sha256"] == "").all()
+    code, out = cli("extract", manifest, "-s", store, *TINY)
+    assert code == 0 and "5 new rows appended" in out
+    assert FeatureStore.open(store).summary()["ok"] == 10

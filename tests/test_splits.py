@@ -67,3 +67,11 @@ def test_patient_split_needs_patient_ids():
     t = table().assign(patient=None)
     with pytest.raises(SplitError, match="no patient id.*--method image"):
         make_split(t, SplitConfig())
+
+
+def test_image_split_keeps_the_same_pixels_in_other_files_together():
+    t = table()
+    t["pixels_sha256"] = t["sha256"].str.split("-").str[:2].str.join("-")  # one picture per patient, many files
+    t.loc[::7, "pixels_sha256"] = None  # not decoded when indexed: their bytes decide
+    result = make_split(t, SplitConfig(method="image")).table
+    assert result.dropna(subset=["pixels_sha256"]).groupby("pixels_sha256")["split"].nunique().max() == 1

@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 
 import joblib
+import numpy as np
 import pandas as pd
 
 from .. import __version__
@@ -22,7 +23,7 @@ from .model import FeatureStackingClassifier
 from .backend import get_backend
 
 MODEL_FILE, PORTABLE_FILE, INFO_FILE = "model.joblib", "model-sklearn.joblib", "model.json"
-TRAINING_CELLS = "training_cells.parquet"  # cell_id, sha256, cohort, patient, label of every training cell
+TRAINING_CELLS = "training_cells.parquet"  # cell_id, sha256, pixels_sha256, cohort, patient, label of each
 # what a model folder holds besides run records: the model's files, and evaluations and predictions made with it
 OUTPUTS = (MODEL_FILE, PORTABLE_FILE, TRAINING_CELLS, INFO_FILE, "eval-*", "predict-*")
 
@@ -36,7 +37,8 @@ def save_model(model: FeatureStackingClassifier, out: Path, info: dict, training
     """Write the folder; returns ``info`` completed with the twin's state, the feature identity and file hashes."""
     atomic_write(out / MODEL_FILE, lambda tmp: joblib.dump(model, tmp))
     portable = _save_portable(model, out)
-    cells = training_rows[["cell_id", "sha256", "cohort", "patient", "label"]].drop_duplicates("sha256")
+    cells = training_rows[["cell_id", "sha256", "pixels_sha256", "cohort", "patient", "label"]].drop_duplicates(
+        "sha256")
     atomic_write(out / TRAINING_CELLS, lambda tmp: cells.to_parquet(tmp, index=False))
     names = [MODEL_FILE, TRAINING_CELLS] + ([PORTABLE_FILE] if model.backend_ != "sklearn" and portable is True
                                             else [])
@@ -107,6 +109,15 @@ def training_cells(model_dir: Path, info: dict) -> pd.DataFrame:
     """The cells the model was trained on (one row per distinct content)."""
     path = _verified(model_dir, TRAINING_CELLS, info)
     return pd.read_parquet(path)
+
+
+def seen_in_training(rows: pd.DataFrame, model_dir: Path, info: dict) -> np.ndarray:
+    """Which rows are cells the model was trained on: the same file (sha256), or the same pixels in another
+    file (a re-saved or converted copy; where both were indexed with their pixels decoded)."""
+    cells = training_cells(model_dir, info)
+    pixels = set(cells["pixels_sha256"]) - {""}
+    same_pixels = rows["pixels_sha256"].isin(pixels) & (rows["pixels_sha256"] != "")
+    return (rows["sha256"].isin(cells["sha256"]) | same_pixels).to_numpy()
 
 
 def check_features_match(info: dict, identity: dict, what: str) -> None:

@@ -24,7 +24,7 @@ from ..features.lock import lock_path
 from ..features.store import ATTRS_KEY, FeatureStore
 from ..loader.loader import resolve_device
 from ..outputs import prepare_fresh_dir
-from .io import check_features_match, check_store_matches, load_model, training_cells
+from .io import check_features_match, check_store_matches, load_model, seen_in_training
 from .train import predict_store
 
 FAILED = "failed.csv"  # every given image that could not be used, and why
@@ -83,7 +83,7 @@ def predict(model_dir: Path, source: Path, out: Path, overrides: list[str] | Non
                                 originals_only=True)
     classes = model.classes_
     cells = prediction_table(rows, proba, classes, ["cell_id", "path", "cohort", "patient", "label", "split"])
-    cells["in_training"] = rows["sha256"].isin(training_cells(model_dir, info)["sha256"]).to_numpy()
+    cells["in_training"] = seen_in_training(rows, model_dir, info)
     with_patient = (rows["patient"] != "").to_numpy()
     means = patient_means(rows[with_patient], proba[with_patient], classes)
     patients = pd.DataFrame({"cohort": means["cohort"].to_numpy(), "patient": means["patient"].to_numpy(),

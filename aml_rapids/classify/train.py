@@ -12,7 +12,7 @@ from ..errors import ConfigError
 from ..evaluate.report import write_report
 from ..features.store import FeatureStore, feature_identity
 from .data import block_dims, feature_blocks, fold_groups, load_features, select_rows
-from .io import check_store_matches, load_model, save_model, training_cells
+from .io import check_store_matches, load_model, save_model, seen_in_training
 from .model import FeatureStackingClassifier
 
 
@@ -79,9 +79,9 @@ def evaluate(model_dir: Path, store_path: Path, split: str, out: Path) -> dict:
     store = FeatureStore.open(store_path)
     check_store_matches(info, store)
     proba, rows = predict_store(model, store, list(info["backbones"]), (split,))
-    seen = rows["sha256"].isin(training_cells(model_dir, info)["sha256"])
+    seen = seen_in_training(rows, model_dir, info)
     if seen.any():
-        example = rows.loc[seen.idxmax(), "path"]
+        example = rows["path"].to_numpy()[seen.argmax()]
         raise ConfigError(f"{int(seen.sum()):,} of the {len(rows):,} rows of split {split} in {store_path} are "
                           f"cells model {model_dir} was trained on (same content, e.g. {example}): their metrics "
                           "would be leaked; evaluate on cells the model never saw")

@@ -22,6 +22,7 @@ class ImageInfo:
     bytes: int
     sha256: str
     mtime_ns: int  # when the content read was last modified: the loader's cheap "changed since indexing?" test
+    pixels_sha256: str | None  # of the decoded pixels (with verify_decode): a re-saved copy has the same one
     width: int
     height: int
     mode: str
@@ -52,8 +53,10 @@ def inspect_image(path: Path, verify_decode: bool = True) -> ImageInfo:
                 raise ImageProblem(f"multi-page {fmt} ({img.n_frames} frames); one cell per file expected")
             if mode not in SUPPORTED_MODES:
                 raise ImageProblem(f"pixel mode {mode!r} has no defined 8-bit RGB conversion")
+            pixels = None
             if verify_decode:
                 img.load()
+                pixels = hashlib.sha256(f"{mode} {width}x{height}\n".encode() + img.tobytes()).hexdigest()
     except UnidentifiedImageError:
         raise ImageProblem("not an image: content is not TIFF, PNG, JPEG or BMP") from None
     except ImageProblem:
@@ -62,4 +65,4 @@ def inspect_image(path: Path, verify_decode: bool = True) -> ImageInfo:
         raise ImageProblem(f"truncated or corrupt image data ({exc})") from None
     except Exception as exc:  # a decoder's own failure on an odd header (struct.error, IndexError, a bomb, ...)
         raise ImageProblem(f"cannot be decoded ({type(exc).__name__}: {exc})") from None
-    return ImageInfo(len(data), digest, mtime_ns, width, height, mode, fmt)
+    return ImageInfo(len(data), digest, mtime_ns, pixels, width, height, mode, fmt)

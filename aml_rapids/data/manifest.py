@@ -25,10 +25,11 @@ from .inspect import ImageProblem, inspect_image
 from .scan import Candidate, NoUsableImages, Problem, ScanResult, printable, scan_csv, scan_folder
 
 META_KEY = b"aml_rapids"
-CORE_COLUMNS = ["cell_id", "path", "label", "patient", "cohort", "bytes", "sha256", "mtime_ns", "width", "height",
-                "mode", "format"]
+CORE_COLUMNS = ["cell_id", "path", "label", "patient", "cohort", "bytes", "sha256", "pixels_sha256", "mtime_ns",
+                "width", "height", "mode", "format"]
 INTEGER_COLUMNS = ("bytes", "mtime_ns", "width", "height")
-SINCE_0_4 = {"mtime_ns"}  # manifests made before lack it; their files are checked by size alone
+# manifests made before 0.4 lack mtime_ns (their files are checked by size alone), before 0.5 pixels_sha256
+OPTIONAL_COLUMNS = {"mtime_ns", "pixels_sha256"}
 
 
 @dataclass
@@ -130,6 +131,7 @@ def build_manifest(source: Path, cfg: IndexConfig, progress: Callable[[int], Non
         rows.append({
             "cell_id": cell_id(cohort, cand.rel), "path": cand.rel, "label": cand.label,
             "patient": cand.patient, "cohort": cohort, "bytes": info.bytes, "sha256": info.sha256,
+            "pixels_sha256": info.pixels_sha256,
             "mtime_ns": info.mtime_ns, "width": info.width, "height": info.height, "mode": info.mode,
             "format": info.format, **cand.extra,
         })
@@ -179,7 +181,7 @@ def read_manifest(path: Path) -> Manifest:
         raise DataError(f"manifest {path} has damaged aml-rapids metadata ({type(exc).__name__}: {exc}); "
                         "re-run `aml-rapids index`") from None
     frame = table.to_pandas()
-    missing = [c for c in CORE_COLUMNS if c not in frame.columns and c not in SINCE_0_4]
+    missing = [c for c in CORE_COLUMNS if c not in frame.columns and c not in OPTIONAL_COLUMNS]
     if missing:
         raise DataError(f"manifest {path} lacks columns {', '.join(missing)}")
     if frame.empty:

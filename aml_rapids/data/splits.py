@@ -35,8 +35,10 @@ class SplitResult:
 
 
 def _groups(table: pd.DataFrame, method: str) -> pd.Series:
-    if method == "image":
-        return table["sha256"]
+    if method == "image":  # identical content stays in one part: same pixels (a re-saved copy), else same bytes
+        if "pixels_sha256" not in table:
+            return table["sha256"]
+        return table["pixels_sha256"].where(table["pixels_sha256"].notna(), table["sha256"])
     if table["patient"].isna().any():
         n = int(table["patient"].isna().sum())
         raise SplitError(f"{n} cells have no patient id (layout <class>/<image>): a patient-grouped split is "

@@ -15,7 +15,8 @@ from ..loader.oversample import loader_table
 
 STATUS_PENDING, STATUS_OK, STATUS_FAILED, STATUS_PADDING = 0, 1, 2, 3
 SPLIT_ORDER = ("train", "val", "test")
-TEXT_FIELDS = ("cell_id", "path", "label", "patient", "cohort", "split", "sha256")
+TEXT_FIELDS = ("cell_id", "path", "label", "patient", "cohort", "split", "sha256", "pixels_sha256")
+OPTIONAL_ROW_FIELDS = ("pixels_sha256",)  # stores made before 0.5 lack it
 ROW_FIELDS = {**{name: str for name in TEXT_FIELDS}, "aug_index": np.int32, "fold": np.int32, "augment": bool,
               "status": np.int8}
 
@@ -32,7 +33,8 @@ def plan_rows(table: pd.DataFrame, cfg: RunConfig) -> pd.DataFrame:
         rows = table.assign(split="all", aug_index=0, augment=False)
     if "fold" not in rows.columns:
         rows = rows.assign(fold=-1)
-    rows = rows.assign(status=STATUS_PENDING, patient=rows["patient"].fillna(""))
+    pixels = rows["pixels_sha256"].fillna("") if "pixels_sha256" in rows else ""
+    rows = rows.assign(status=STATUS_PENDING, patient=rows["patient"].fillna(""), pixels_sha256=pixels)
     return rows[list(ROW_FIELDS)].reset_index(drop=True)
 
 

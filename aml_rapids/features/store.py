@@ -30,7 +30,7 @@ import zarr
 
 from ..errors import ConfigError, DataError, OutputError
 from ..outputs import atomic_write_text
-from .plan import ROW_FIELDS, STATUS_FAILED, STATUS_OK, STATUS_PADDING, STATUS_PENDING
+from .plan import OPTIONAL_ROW_FIELDS, ROW_FIELDS, STATUS_FAILED, STATUS_OK, STATUS_PADDING, STATUS_PENDING
 
 ATTRS_KEY = "aml_rapids"
 FORMAT = "aml-rapids feature store"
@@ -83,6 +83,7 @@ class FeatureStore:
             raise StoreError(f"{path} is a Zarr group but not an aml-rapids feature store")
         self.meta = meta
         self.chunk_rows = int(meta["chunk_rows"])
+        self.fields = [f for f in ROW_FIELDS if f not in OPTIONAL_ROW_FIELDS or f"rows/{f}" in group]
         missing = [a for a in self._arrays() if a not in group]
         if missing:
             raise StoreError(f"feature store {path} is damaged: {', '.join(missing)} missing; extract into a new "
@@ -166,7 +167,8 @@ class FeatureStore:
 
     def rows(self) -> pd.DataFrame:
         """Every row's metadata (padding included; filter on ``status``)."""
-        return pd.DataFrame({field: self.read(f"rows/{field}") for field in ROW_FIELDS})
+        rows = pd.DataFrame({field: self.read(f"rows/{field}") for field in self.fields})
+        return rows.assign(**{f: "" for f in ROW_FIELDS if f not in self.fields})[list(ROW_FIELDS)]
 
     def features(self, backbone: str) -> zarr.Array:
         if backbone not in self.backbones:
@@ -213,7 +215,7 @@ class FeatureStore:
         self.group["progress/chunk_done"][k] = True
 
     def _arrays(self) -> list[str]:
-        return [*(f"features/{n}" for n in self.backbones), *(f"rows/{f}" for f in ROW_FIELDS), "progress/chunk_done"]
+        return [*(f"features/{n}" for n in self.backbones), *(f"rows/{f}" for f in self.fields), "progress/chunk_done"]
 
     def append(self, rows: pd.DataFrame, manifest_record: dict) -> range:
         """Grow every array by ``rows`` (whole chunks) and write their metadata, journalled; returns the new
@@ -230,7 +232,7 @@ class FeatureStore:
             for name in self.backbones:
                 arr = self.group[f"features/{name}"]
                 arr.resize((start + len(rows), arr.shape[1]))
-            for field in ROW_FIELDS:
+            for field in self.fields:
                 self.group[f"rows/{field}"].resize((start + len(rows),))
             self.group["progress/chunk_done"].resize((first_chunk + len(rows) // self.chunk_rows,))
             self._write_rows(rows, start)
@@ -267,8 +269,8 @@ class FeatureStore:
         self.meta = meta
 
     def _write_rows(self, rows: pd.DataFrame, start: int) -> None:
-        for field, kind in ROW_FIELDS.items():
-            values = rows[field].to_numpy()
+        for field in self.fields:
+            kind, values = ROW_FIELDS[field], rows[field].to_numpy()
             self.group[f"rows/{field}"][start:start + len(rows)] = values.astype(str if kind is str else kind)
 
     def summary(self) -> dict:
