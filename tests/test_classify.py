@@ -316,8 +316,8 @@ def small_store(path, rows=64, dim=6, chunk_rows=16):
     from aml_rapids.features.store import FeatureStore
 
     table = pd.DataFrame({"cell_id": [f"c{i}" for i in range(rows)], "path": "", "label": ["x", "y"] * (rows // 2),
-                          "patient": "", "cohort": "", "split": "train", "sha256": "", "aug_index": 0, "fold": -1,
-                          "augment": False, "status": STATUS_OK})[list(ROW_FIELDS)]
+                          "patient": "", "cohort": "", "split": "train", "sha256": "", "pixels_sha256": "",
+                          "aug_index": 0, "fold": -1, "augment": False, "status": STATUS_OK})[list(ROW_FIELDS)]
     store = FeatureStore.create(path, table, {"tiny": dim}, {"chunk_rows": chunk_rows, "store_dtype": "float32",
                                                            "backbones": {"tiny": {"dim": dim, "weights": "none",
                                                                                   "pretrained": False}}})
