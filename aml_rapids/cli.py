@@ -248,7 +248,8 @@ def train(
     store: Annotated[Path, typer.Argument(help="feature store written by `aml-rapids extract`")],
     out: Annotated[Path, typer.Option("--out", "-o", help="model folder to write")] = Path("model"),
     backend: Annotated[Optional[str], typer.Option(help="auto | cuml | sklearn")] = None,
-    overwrite: Annotated[bool, typer.Option(help="replace an earlier model (and its evaluations) in the folder")] = False,
+    overwrite: Annotated[bool, typer.Option(
+        "--overwrite", help="replace an earlier model (and its evaluations) in the folder")] = False,
     config: ConfigOpt = None,
     set_: SetOpt = None,
 ) -> None:
@@ -337,7 +338,8 @@ def predict(
     model: Annotated[Path, typer.Argument(help="model folder written by `aml-rapids train`")],
     source: Annotated[Path, typer.Argument(help="folder or CSV of new cell images, or a feature store")],
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="folder for predictions.csv and patients.csv")] = None,
-    overwrite: Annotated[bool, typer.Option(help="replace earlier predictions in the output folder")] = False,
+    overwrite: Annotated[bool, typer.Option(
+        "--overwrite", help="replace earlier predictions in the output folder")] = False,
     allow_failed: AllowFailedOpt = False,
     set_: SetOpt = None,
 ) -> None:
@@ -345,16 +347,16 @@ def predict(
     as the model's training data (a --set that would change their features is refused). The output folder must
     be new or empty, or --overwrite replaces its predictions.
 
-    A model folder is code: model.joblib is a pickle, run when loaded. Load only model folders you trust;
-    model.json records its sha256, checked before loading."""
+    A model folder is code: model.joblib is a pickle, run when loaded, so load only model folders you trust.
+    model.json records the sha256 of every file in the folder; a file that differs is refused."""
     from .classify.predict import predict as run_predict, prepare_predict_dir
 
     out = prepare_predict_dir(out or model / f"predict-{source.stem}", overwrite)
     with progress_bar(f"extracting {source}") as (advance, set_total):
         result = run_predict(model, source, out, set_, progress=advance, on_total=set_total)
-    write_run_record(out, "predict", result.config or load_config(None), model=str(model), source=str(source), overrides=set_,
-                     cells=len(result.cells), patients=len(result.patients), seen_in_training=result.seen_in_training,
-                     failures=[(p.path, p.reason) for p in result.failures])
+    write_run_record(out, "predict", result.config or load_config(None), model=str(model), source=str(source),
+                     overrides=set_, cells=len(result.cells), patients=len(result.patients),
+                     seen_in_training=result.seen_in_training, failures=[(p.path, p.reason) for p in result.failures])
     for warning in result.warnings:
         _warn(warning)
     if result.seen_in_training:

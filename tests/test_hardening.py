@@ -381,3 +381,8 @@ def test_a_store_from_before_pixel_hashes_still_opens_and_appends(tmp_path):
     code, out = cli("extract", manifest, "-s", store, *TINY)
     assert code == 0 and "5 new rows appended" in out
     assert FeatureStore.open(store).summary()["ok"] == 10
+
+
+def test_predict_help_says_a_model_folder_is_code():
+    result = runner.invoke(app, ["predict", "--help"])
+    assert result.exit_code == 0 and "model.joblib is a pickle" in " ".join(result.output.split())
