@@ -13,7 +13,7 @@ import typer
 from rich.table import Table
 
 from .config import RunConfig, dump_config, load_config
-from .errors import EXIT_INTERRUPTED, EXIT_REJECTS, AmlRapidsError, FailedRowsError, OutputError
+from .errors import EXIT_INTERRUPTED, EXIT_REJECTS, AmlRapidsError, DataError, FailedRowsError, OutputError
 from .outputs import prepare_fresh_dir, prepare_output_dir
 from .progress import console, progress_bar, say
 from .provenance import write_run_record
@@ -107,7 +107,7 @@ def index(
             result = build_manifest(source, cfg.index, progress=advance, on_total=set_total)
     except NoUsableImages as exc:
         write_rejects(exc.problems, out / "rejects.csv")
-        raise
+        raise DataError(f"{exc}; {out / 'rejects.csv'} lists why") from None
     write_manifest(result.manifest, out / "manifest.parquet")
     write_rejects(result.problems, out / "rejects.csv")
     summary = summarize(result.manifest)

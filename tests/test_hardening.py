@@ -386,3 +386,20 @@ def test_a_store_from_before_pixel_hashes_still_opens_and_appends(tmp_path):
 def test_predict_help_says_a_model_folder_is_code():
     result = runner.invoke(app, ["predict", "--help"])
     assert result.exit_code == 0 and "model.joblib is a pickle" in " ".join(result.output.split())
+
+
+def test_a_full_disk_when_the_lock_record_is_written_names_the_lock_file(tmp_path, monkeypatch):
+    import aml_rapids.features.lock as lock_module
+    from aml_rapids.errors import OutputError
+    from aml_rapids.features.lock import StoreLock
+
+    def no_space(*args):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(lock_module.os, "pwrite", no_space)
+    with pytest.raises(OutputError, match=r"cannot write the lock file .*s.zarr.lock: No space left on device"):
+        with StoreLock(tmp_path / "s.zarr"):
+            pass
+    monkeypatch.undo()
+    with StoreLock(tmp_path / "s.zarr"):  # the failed attempt left no lock held
+        pass

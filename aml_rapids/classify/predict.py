@@ -68,7 +68,7 @@ def predict(model_dir: Path, source: Path, out: Path, overrides: list[str] | Non
             indexed = build_manifest(source, cfg.index)
         except NoUsableImages as exc:
             _write_failures(exc.problems, out)
-            raise DataError(f"{source}: no usable images; {out / FAILED} says why") from None
+            raise DataError(f"{exc}" + (f"; {out / FAILED} lists why" if exc.problems else "")) from None
         manifest, warnings = indexed.manifest, indexed.warnings
         failures = [p for p in indexed.problems if not p.skipped]
         device = resolve_device(cfg.loader.device)

@@ -143,7 +143,7 @@ def build_manifest(source: Path, cfg: IndexConfig, progress: Callable[[int], Non
         if name not in set(table["label"]):
             problems.append(Problem(str(folder), "class folder has no usable images"))
     if table.empty:
-        raise NoUsableImages(f"{source}: no usable images ({len(problems)} problems; see the rejects file)", problems)
+        raise NoUsableImages(f"{source}: no usable images ({len(problems)} problems)", problems)
     dupes = int(table.duplicated("sha256").sum())
     warnings = _patients_in_several_classes(table)
     table = table.sort_values(["label", "patient", "path"], na_position="first", kind="stable").reset_index(drop=True)

@@ -5,6 +5,7 @@ Nothing here opens an image; the result is a list of candidates plus the problem
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 from dataclasses import dataclass, field
@@ -85,7 +86,8 @@ def _not_regular(path: Path) -> str | None:
     try:
         mode = os.stat(path).st_mode
     except OSError as exc:
-        return f"cannot be read: {exc.strerror}" + (" (a dangling link)" if path.is_symlink() else "")
+        dangling = exc.errno == errno.ENOENT and path.is_symlink()
+        return f"cannot be read: {exc.strerror}" + (" (a dangling link)" if dangling else "")
     if stat.S_ISREG(mode):
         return None
     return "not a regular file (" + ("a FIFO" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode)

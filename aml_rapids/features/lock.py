@@ -76,8 +76,12 @@ class StoreLock:
         self.interrupted = _holder_text(previous) if previous else None
         record = {"host": platform.node(), "pid": os.getpid(), "argv": sys.argv,
                   "since": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, json.dumps(record).encode(), 0)
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, json.dumps(record).encode(), 0)
+        except OSError as exc:
+            os.close(fd)  # releases the lock
+            raise OutputError(f"cannot write the lock file {self.path}: {exc.strerror or exc}") from None
         self.fd = fd
         return self
 
