@@ -14,7 +14,7 @@ from rich.table import Table
 
 from .config import RunConfig, dump_config, load_config
 from .errors import EXIT_INTERRUPTED, EXIT_REJECTS, AmlRapidsError, DataError, FailedRowsError, OutputError
-from .outputs import prepare_fresh_dir, prepare_output_dir
+from .outputs import prepare_output_dir
 from .progress import console, progress_bar, say
 from .provenance import write_run_record
 
@@ -215,7 +215,6 @@ def extract(
     cfg = _config(config, set_)
     data = read_manifest(manifest)
     store = store or manifest.parent / "features.zarr"
-    prepare_output_dir(store.parent, "store folder")
     with progress_bar(f"extracting {', '.join(b.name for b in cfg.features.backbones)}") as (advance, set_total):
         summary = run_extract(data, store, cfg, progress=advance, on_total=set_total)
     totals = FeatureStore.open(store).summary()
@@ -255,13 +254,11 @@ def train(
 ) -> None:
     """Fit z-score + PCA + SVM/RF stacking on the store's training rows and save the model folder (a new or
     empty folder, or --overwrite replaces an earlier model there)."""
-    from .classify.io import OUTPUTS
     from .classify.train import train as run_train
 
     cfg = _config(config, set_, **{"classify.backend": backend})
-    prepare_fresh_dir(out, "model folder", OUTPUTS, overwrite)
     with console.status("training (z-score, PCA, out-of-fold SVM + random forest, meta-learner)"):
-        info = run_train(store, cfg, out)
+        info = run_train(store, cfg, out, overwrite=overwrite)
     write_run_record(out, "train", cfg, model=info)
     say(f"trained on {info['training_rows']:,} rows ({info['backend']}), classes {info['classes']}; model: {out}")
     say("time in: " + ", ".join(f"{step} {seconds:.1f} s" for step, seconds in info["fit_seconds"].items()))
@@ -349,11 +346,11 @@ def predict(
 
     A model folder is code: model.joblib is a pickle, run when loaded, so load only model folders you trust.
     model.json records the sha256 of every file in the folder; a file that differs is refused."""
-    from .classify.predict import predict as run_predict, prepare_predict_dir
+    from .classify.predict import predict as run_predict
 
-    out = prepare_predict_dir(out or model / f"predict-{source.stem}", overwrite)
+    out = out or model / f"predict-{source.stem}"
     with progress_bar(f"extracting {source}") as (advance, set_total):
-        result = run_predict(model, source, out, set_, progress=advance, on_total=set_total)
+        result = run_predict(model, source, out, set_, overwrite, progress=advance, on_total=set_total)
     write_run_record(out, "predict", result.config or load_config(None), model=str(model), source=str(source),
                      overrides=set_, cells=len(result.cells), patients=len(result.patients),
                      seen_in_training=result.seen_in_training, failures=[(p.path, p.reason) for p in result.failures])

@@ -120,7 +120,8 @@ class FeaturesConfig(_Section):
 
     backbones: list[BackboneConfig] = Field(default_factory=lambda: [
         BackboneConfig(name="mobilenet_v2"), BackboneConfig(name="resnet101"), BackboneConfig(name="vgg16")])
-    chunk_batches: int = Field(16, ge=1, le=1024, description="loader batches per Zarr chunk (chunks hold whole batches)")
+    chunk_batches: int = Field(16, ge=1, le=1024,
+                               description="loader batches per Zarr chunk (chunks hold whole batches)")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field("auto", description="auto: bf16 on a GPU, fp32 on a CPU")
     store_dtype: Literal["float16", "float32"] = Field(
         "float16", description="float16 halves the store; float32 for features outside float16's range")

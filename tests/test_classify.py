@@ -212,7 +212,7 @@ def write_info(folder, **info):
 
     files = {p.name: file_sha256(p) for p in folder.glob("*.joblib")}
     (folder / INFO_FILE).write_text(json.dumps({"aml_rapids": __version__, "backbones": {}, "classes": [],
-                                                "files": files, **info}))
+                                                "feature_identity": {}, "files": files, **info}))
 
 
 def test_a_gpu_model_loads_on_a_cpu_through_its_scikit_learn_twin(tmp_path):

@@ -132,6 +132,7 @@ def test_kills_at_random_points_of_creation_extraction_and_append_resume_to_the_
     fresh = phases(counted["written"], tmp_path / "count-fresh.zarr")
     shutil.copytree(cohorts / "first.zarr", tmp_path / "count-append.zarr")
     code, counted = run_writer("count", cohorts / "both.parquet", tmp_path / "count-append.zarr")
+    assert code == 0 and counted["code"] == 0, counted
     appended = phases(counted["written"], tmp_path / "count-append.zarr")
     assert len(fresh["create"]) > 20 and len(appended["append"]) > 10 and fresh["extract"] and appended["extract"]
     trials = ([("fresh", "create", n) for n in rng.sample(fresh["create"], 4)]

@@ -63,7 +63,7 @@ def _cuml() -> Backend:
         from cuml.svm import SVC
     except ImportError as exc:
         raise ConfigError(f"backend cuml asked for, but it does not import ({exc}); install aml-rapids[cu13] "
-                             "or [cu12] on a GPU machine, or use --backend sklearn") from None
+                          "or [cu12] on a GPU machine, or use --backend sklearn") from None
     # one-vs-one training, as scikit-learn's SVC (docs/classifier.md); the option's name depends on the version
     shape = "decision_function_shape" if "decision_function_shape" in inspect.signature(SVC).parameters \
         else "multiclass_strategy"

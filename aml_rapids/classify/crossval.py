@@ -50,7 +50,7 @@ def cross_validate(store_path: Path, cfg: RunConfig, out: Path, backbones: list[
     folds = rows["fold"].to_numpy()
     if (folds < 0).any():
         raise DataError(f"store {store_path} has rows without a fold: split the manifest with "
-                             "`aml-rapids split --method kfold` before extracting, then cross-validate")
+                        "`aml-rapids split --method kfold` before extracting, then cross-validate")
     classes = np.unique(rows["label"])
     dims = block_dims(store, backbones)
     proba = np.zeros((len(rows), len(classes)), dtype=np.float64)
@@ -61,7 +61,7 @@ def cross_validate(store_path: Path, cfg: RunConfig, out: Path, backbones: list[
         model = fit_model(X[train], rows.iloc[train], dims, cfg)
         if list(model.classes_) != list(classes):
             raise DataError(f"fold {k}'s training part lacks class(es) "
-                                 f"{', '.join(sorted(set(classes) - set(model.classes_)))}; use fewer folds")
+                            f"{', '.join(sorted(set(classes) - set(model.classes_)))}; use fewer folds")
         proba[held] = model.predict_proba(X[held])
         per_fold.append({"fold": int(k), "training_rows": len(train),
                          **_fold_result(rows.iloc[held].reset_index(drop=True), proba[held], classes)})

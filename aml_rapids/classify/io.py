@@ -72,7 +72,8 @@ def read_info(model_dir: Path) -> dict:
     if not isinstance(info, dict) or info.get("aml_rapids") != __version__:
         made_by = info.get("aml_rapids") if isinstance(info, dict) else None
         raise ModelError(f"model {model_dir} was made by aml-rapids {made_by}, this is {__version__}; retrain it")
-    missing = [k for k in ("backend", "portable", "files", "backbones", "classes") if k not in info]
+    missing = [k for k in ("backend", "portable", "files", "backbones", "classes", "feature_identity")
+               if k not in info]
     if missing:
         raise ModelError(f"{path} lacks {', '.join(missing)}; it was edited or damaged: retrain the model")
     return info

@@ -52,7 +52,7 @@ def grouped_folds(codes: np.ndarray, groups, n_folds: int, seed: int) -> list[tu
         split = StratifiedKFold(n_folds, shuffle=True, random_state=seed).split(np.zeros(len(names)), group_code)
     except ValueError as exc:  # too few groups (patients or cells) for the folds
         raise DataError(f"cannot make {n_folds} grouped stacking folds from {len(names)} groups (patients, or "
-                             f"cells without patients): {str(exc).rstrip('.')}; lower classify.folds") from None
+                        f"cells without patients): {str(exc).rstrip('.')}; lower classify.folds") from None
     return [(rows[np.isin(group_of, train)], rows[np.isin(group_of, held)]) for train, held in split]
 
 

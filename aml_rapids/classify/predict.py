@@ -45,13 +45,11 @@ def _is_store(path: Path) -> bool:
     return (path / "zarr.json").is_file() and ATTRS_KEY in (path / "zarr.json").read_text()
 
 
-def prepare_predict_dir(out: Path, overwrite: bool) -> Path:
-    return prepare_fresh_dir(out, "prediction folder", (*OUTPUTS, lock_path(out / "features.zarr").name), overwrite)
-
-
-def predict(model_dir: Path, source: Path, out: Path, overrides: list[str] | None = None,
+def predict(model_dir: Path, source: Path, out: Path, overrides: list[str] | None = None, overwrite: bool = False,
             progress=None, on_total=None) -> Prediction:
-    """Per-cell class probabilities and a per-patient summary (mean probabilities), also written as CSV."""
+    """Per-cell class probabilities and a per-patient summary (mean probabilities), also written as CSV into
+    ``out``: a new or empty folder, or (``overwrite``) one holding only an earlier prediction's files."""
+    prepare_fresh_dir(out, "prediction folder", (*OUTPUTS, lock_path(out / "features.zarr").name), overwrite)
     model, info = load_model(model_dir)
     failures: list[Problem] = []
     warnings: list[str] = []

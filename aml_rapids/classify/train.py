@@ -12,7 +12,8 @@ from ..errors import ConfigError
 from ..evaluate.report import write_report
 from ..features.store import FeatureStore, feature_identity
 from .data import block_dims, feature_blocks, fold_groups, load_features, select_rows
-from .io import check_store_matches, load_model, save_model, seen_in_training
+from ..outputs import prepare_fresh_dir
+from .io import OUTPUTS, check_store_matches, load_model, save_model, seen_in_training
 from .model import FeatureStackingClassifier
 
 
@@ -39,8 +40,11 @@ def fit_model(X, rows, block_dims: tuple[int, ...], cfg: RunConfig) -> FeatureSt
     return new_model(block_dims, cfg).fit(X, rows["label"].to_numpy(), groups=fold_groups(rows))
 
 
-def train(store_path: Path, cfg: RunConfig, out: Path, backbones: list[str] | None = None) -> dict:
-    """Fit on the store's training rows: loaded whole when they fit in ``classify.memory_gb``, else streamed."""
+def train(store_path: Path, cfg: RunConfig, out: Path, backbones: list[str] | None = None,
+          overwrite: bool = False) -> dict:
+    """Fit on the store's training rows: loaded whole when they fit in ``classify.memory_gb``, else streamed.
+    ``out`` is a new or empty folder, or (``overwrite``) one holding only an earlier model and its reports."""
+    prepare_fresh_dir(out, "model folder", OUTPUTS, overwrite)
     store = FeatureStore.open(store_path)
     backbones = backbones or store.backbones
     dims = block_dims(store, backbones)
@@ -53,7 +57,6 @@ def train(store_path: Path, cfg: RunConfig, out: Path, backbones: list[str] | No
                             rows["label"].to_numpy(), groups=fold_groups(rows))
     else:
         model = fit_model(load_features(store, backbones, keep), rows, dims, cfg)
-    out.mkdir(parents=True, exist_ok=True)
     info = {"aml_rapids": __version__, "backend": model.backend_,
             "classes": [str(k) for k in model.classes_], "training_rows": len(rows),
             "reduction": "incremental PCA, streamed from the store" if streamed else "PCA in memory",
@@ -78,11 +81,12 @@ def evaluate(model_dir: Path, store_path: Path, split: str, out: Path) -> dict:
     model, info = load_model(model_dir)
     store = FeatureStore.open(store_path)
     check_store_matches(info, store)
-    proba, rows = predict_store(model, store, list(info["backbones"]), (split,))
+    _, rows = select_rows(store, (split,))
     seen = seen_in_training(rows, model_dir, info)
-    if seen.any():
+    if seen.any():  # refused before any prediction is made
         example = rows["path"].to_numpy()[seen.argmax()]
         raise ConfigError(f"{int(seen.sum()):,} of the {len(rows):,} rows of split {split} in {store_path} are "
                           f"cells model {model_dir} was trained on (same content, e.g. {example}): their metrics "
                           "would be leaked; evaluate on cells the model never saw")
+    proba, rows = predict_store(model, store, list(info["backbones"]), (split,))
     return write_report(rows, proba, model.classes_, info, split, out)

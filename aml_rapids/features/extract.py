@@ -2,11 +2,12 @@
 
 Start, resume and append are one operation, under the store's lock: the store is created from the plan if
 absent, extended by the plan's rows whose content (sha256 + augmentation index) it lacks, and then every chunk
-not marked done, or holding rows that failed before (their files may be back), is computed. Batch norm is folded into the convolutions (inference only; the registry's networks stay unfused
-and differentiable). On a GPU the backbones run under bf16/fp16 autocast in channels_last, optionally compiled
-(then every batch has one shape: the last is padded, so nothing recompiles mid-run); features come back to the
-host asynchronously, one batch behind, and finished chunks are written on background threads, so neither the
-copy nor the write stalls the device.
+not marked done, or holding rows that failed before (their files may be back), is computed. Batch norm is
+folded into the convolutions (inference only; the registry's networks stay unfused and differentiable). On a
+GPU the backbones run under bf16/fp16 autocast in channels_last, optionally compiled (then every batch has one
+shape: the last is padded, so nothing recompiles mid-run); features come back to the host asynchronously, one
+batch behind, and finished chunks are written on background threads, so neither the copy nor the write stalls
+the device.
 """
 
 from __future__ import annotations
@@ -107,7 +108,7 @@ def load_backbones(cfg: RunConfig, device: str) -> Backbones:
         spec = get_spec(item.name)
         if spec.input_size not in (None, cfg.loader.image_size):
             raise ConfigError(f"{item.name} takes {spec.input_size}x{spec.input_size} images only; set "
-                                 f"loader.image_size={spec.input_size} (it is {cfg.loader.image_size})")
+                              f"loader.image_size={spec.input_size} (it is {cfg.loader.image_size})")
         net, weights = load_backbone(item.name, item.weights, cfg.features.seed)
         net = fuse(net).to(device)  # batch norm folded into the convolutions: 2x for MobileNetV2 on a CPU
         if cfg.features.channels_last:
@@ -234,8 +235,8 @@ def _storable(values: np.ndarray, backbone: str, dtype: str) -> np.ndarray:
         peak = float(np.abs(values).max()) if values.size else 0.0
         if peak > FLOAT16_NORMAL[1] or 0.0 < peak < FLOAT16_NORMAL[0]:
             raise ConfigError(f"features of {backbone} reach |x| = {peak:.3g}, outside float16's normal range "
-                             f"({FLOAT16_NORMAL[0]:.1e} to {FLOAT16_NORMAL[1]:.0f}); extract into a new store with "
-                             "features.store_dtype=float32")
+                              f"({FLOAT16_NORMAL[0]:.1e} to {FLOAT16_NORMAL[1]:.0f}); extract into a new store with "
+                              "features.store_dtype=float32")
     return values.astype(dtype)
 
 
@@ -314,14 +315,15 @@ def extract(manifest: Manifest, store_path: Path, cfg: RunConfig,
             on_total: Callable[[int], None] | None = None,
             backbones: Backbones | None = None) -> ExtractSummary:
     """Fill every chunk of the store that is not done; returns counts and failures. ``backbones``: networks
-    already loaded by ``load_backbones`` with this ``cfg`` (default: loaded here)."""
+    already loaded by ``load_backbones`` with this ``cfg`` (default: loaded here, once the store's location
+    is checked and its lock held)."""
     device = resolve_device(cfg.loader.device)
     if device == "cpu":
         torch.set_num_threads(usable_cores())
-    backbones = backbones or load_backbones(cfg, "cuda" if device == "gpu" else "cpu")
     if Path(store_path).is_file():
         raise StoreError(f"{store_path} is a file, not a feature store (a store is a folder)")
     with StoreLock(store_path) as lock:
+        backbones = backbones or load_backbones(cfg, "cuda" if device == "gpu" else "cpu")
         summary = _extract_locked(manifest, store_path, cfg, backbones, device, progress, on_total)
     summary.interrupted_writer = lock.interrupted
     return summary
@@ -335,8 +337,9 @@ def _extract_locked(manifest: Manifest, store_path: Path, cfg: RunConfig, backbo
     status = rows["status"].to_numpy()
     real_per_chunk = (status != STATUS_PADDING).reshape(-1, store.chunk_rows).sum(axis=1)
     failed_per_chunk = (status == STATUS_FAILED).reshape(-1, store.chunk_rows).sum(axis=1)
-    lost = store.lost_chunks(status)
-    done = store.done_chunks() & (failed_per_chunk == 0) & ~lost
+    marked = store.done_chunks()
+    lost = store.lost_chunks(status, marked)
+    done = marked & (failed_per_chunk == 0) & ~lost
     pending = [k for k in range(store.n_chunks) if not done[k]]
     summary = ExtractSummary(rows_appended=appended, rows_skipped=int(real_per_chunk[done].sum()),
                              rows_retried=int(failed_per_chunk.sum()), chunks_lost=int(lost.sum()))

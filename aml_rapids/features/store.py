@@ -47,8 +47,8 @@ class StoreMismatch(ConfigError):
 
 def feature_identity(identity: dict, backbones: list[str] | None = None) -> dict:
     """The part of a store's identity (``extract.store_identity``) that decides an un-augmented row's features,
-    for the chosen backbones (networks, weights by content, image size, segmentation, dtype): what a model's features and
-    the features it is later given must share. A backbone the identity lacks raises KeyError."""
+    for the chosen backbones (networks, weights by content, image size, segmentation, dtype): what a model's
+    features and the features it is later given must share. A backbone the identity lacks raises KeyError."""
     nets = identity["backbones"]
     chosen = {b: {k: nets[b][k] for k in ("dim", "sha256", "pretrained")} for b in (backbones or nets)}
     return {"backbones": chosen, "features_seed": identity["features_seed"],
@@ -190,17 +190,17 @@ class FeatureStore:
                     done[k] = False
             return done
 
-    def lost_chunks(self, status: np.ndarray) -> np.ndarray:
-        """Chunks marked done whose files are gone (deleted by hand, lost on a failing disk): zarr would read
-        them as fill values without a word. A done chunk always has a status file; it has feature files where it
-        holds a usable row (zarr skips chunks that are all fill value, as all-failed rows are)."""
-        done = self.done_chunks()
+    def lost_chunks(self, status: np.ndarray, done: np.ndarray) -> np.ndarray:
+        """Of the chunks marked ``done``, those whose files are gone (deleted by hand, lost on a failing disk):
+        zarr would read them as fill values without a word. A done chunk always has a status file; it has
+        feature files where it holds a usable row (zarr skips chunks that are all fill value, as all-failed
+        rows are)."""
         ok = (status == STATUS_OK).reshape(-1, self.chunk_rows).any(axis=1)
+        arrays = {a: self.group[a].metadata for a in ["rows/status", *(f"features/{b}" for b in self.backbones)]}
         lost = np.zeros(len(done), dtype=bool)
         for k in np.flatnonzero(done):
             needed = [("rows/status", (k,))] + [(f"features/{b}", (k, 0)) for b in self.backbones if ok[k]]
-            lost[k] = not all((self.path / a / self.group[a].metadata.encode_chunk_key(c)).is_file()
-                              for a, c in needed)
+            lost[k] = not all((self.path / a / arrays[a].encode_chunk_key(c)).is_file() for a, c in needed)
         return lost
 
     def chunk_slice(self, k: int) -> slice:

@@ -36,13 +36,15 @@ def _debug_views(table: pd.DataFrame, root: Path, cfg: RunConfig, keys: tuple[st
 
 
 def foreground_fractions(table: pd.DataFrame, root: Path, cfg: RunConfig, per_class: int = 200) -> pd.DataFrame:
-    """Share of each cell image the HSV mask keeps, summarised per class over a seeded sample."""
+    """Share of each cell image the HSV mask keeps, summarised per class over a seeded sample; ``count`` is
+    the cells that could be read (0 for a class whose sampled files all changed since indexing)."""
     sample = pick_examples(table, per_class, cfg.loader.seed)
     views = _debug_views(sample, root, cfg, ("mask",))
     sample = sample.assign(foreground=[float(views[i]["mask"].mean()) if i in views else np.nan
-                                       for i in range(len(sample))]).dropna(subset=["foreground"])
-    return sample.groupby("label")["foreground"].describe(percentiles=[0.05, 0.5, 0.95])[
-        ["count", "mean", "5%", "50%", "95%"]]
+                                       for i in range(len(sample))])
+    stats = sample.groupby("label")["foreground"].describe(percentiles=[0.05, 0.5, 0.95])
+    stats = stats.reindex(sorted(sample["label"].unique()))
+    return stats.assign(count=stats["count"].fillna(0))[["count", "mean", "5%", "50%", "95%"]]
 
 
 @plt.rc_context({"text.parse_math": False})  # class names and paths are text, not TeX
