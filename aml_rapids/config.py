@@ -160,6 +160,17 @@ class ClassifyConfig(_Section):
                                                     "store chunk by chunk (incremental PCA) instead of loaded")
 
 
+class EvaluateConfig(_Section):
+    """How ``evaluate`` and ``cv`` estimate uncertainty, and when they warn that a result rests on too little."""
+
+    bootstrap_samples: int = Field(1000, ge=10, description="bootstrap resamples for the 95% intervals")
+    bootstrap_seed: int = Field(0, ge=0)
+    min_patients: int = Field(5, ge=1, description="warn when a class has fewer patients than this in the "
+                                                  "evaluated rows (patient-level results rest on them)")
+    min_positives: int = Field(20, ge=1, description="warn when a class has fewer cells than this in the "
+                                                    "evaluated rows (its sensitivity and AUC are then coarse)")
+
+
 class RunConfig(_Section):
     """Everything one run needs; each stage reads its own section."""
 
@@ -171,6 +182,7 @@ class RunConfig(_Section):
     loader: LoaderConfig = LoaderConfig()
     features: FeaturesConfig = FeaturesConfig()
     classify: ClassifyConfig = ClassifyConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
 
     @model_validator(mode="after")
     def _chunks_fit_in_memory(self) -> "RunConfig":

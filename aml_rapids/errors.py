@@ -51,4 +51,10 @@ class OutputError(AmlRapidsError):
     exit_code = 8
 
 
-EXIT_INTERRUPTED = 130  # Ctrl-C or SIGTERM's usual code; every stage resumes or can be re-run
+EXIT_INTERRUPTED = 130  # Ctrl-C; every stage resumes or can be re-run
+EXIT_TERMINATED = 143  # SIGTERM (128 + 15), as a batch scheduler sends at a job's time limit: the same clean stop
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where Ctrl-C would be, so a job stopped by its scheduler unwinds as cleanly (the store's
+    lock released, finished chunks kept) and a rerun resumes."""

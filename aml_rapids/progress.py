@@ -1,24 +1,19 @@
-"""One console for everything the CLI prints, and one look for progress bars on long work: rich, with items/s,
-quiet when output is not a terminal.
-
-Markup is off everywhere: paths, class names and library messages are printed literally (a folder called
-``[red]`` or ``[/]`` is text, not a style); colour comes only from ``say``'s ``style``.
-"""
+"""Progress of long work: a rich bar (rate, time left) on a terminal; elsewhere (SLURM, nohup, a pipe, the log
+file) plain lines at a steady interval, so a batch job's log shows how far it got and how fast."""
 
 from __future__ import annotations
 
+import os
+import time
 from contextlib import contextmanager
+from datetime import timedelta
 
-from rich.console import Console
-from rich.text import Text
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-console = Console(stderr=True, soft_wrap=True, markup=False, highlight=False)
+from .logs import NORMAL, console, console_handler, log
 
-
-def say(text: str, prefix: str = "", style: str | None = None) -> None:
-    """Print ``text`` literally, after ``prefix`` in ``style`` (e.g. ``say(msg, "error: ", "red")``)."""
-    console.print(Text.assemble((prefix, style or ""), text))
+INTERVAL_ENV = "AML_RAPIDS_PROGRESS_SECONDS"  # seconds between plain progress lines
+DEFAULT_INTERVAL = 30.0
 
 
 class _Rate(TextColumn):
@@ -31,11 +26,69 @@ class _Rate(TextColumn):
         return f"{speed:,.0f} {self.unit}/s" if speed else ""
 
 
+def _interval() -> float:
+    value = os.environ.get(INTERVAL_ENV, "")
+    try:
+        return max(0.0, float(value)) if value else DEFAULT_INTERVAL
+    except ValueError:
+        return DEFAULT_INTERVAL
+
+
+class _Lines:
+    """Counts work done and logs one plain line per interval (and one at the end)."""
+
+    def __init__(self, description: str, total: int | None, unit: str):
+        self.description, self.total, self.unit = description, total, unit
+        self.done, self.start, self.interval = 0, time.monotonic(), _interval()
+        self.last = self.start
+
+    def advance(self, n: int = 1) -> None:
+        self.done += n
+        now = time.monotonic()
+        if now - self.last >= self.interval:
+            self.last = now
+            self._line(now)
+
+    def _line(self, now: float, final: bool = False) -> None:
+        seconds = now - self.start
+        rate = self.done / seconds if seconds > 0 else 0.0
+        parts = [f"{self.done:,}" + (f"/{self.total:,} {self.unit} ({self.done / self.total:.0%})"
+                                     if self.total else f" {self.unit}"), f"{rate:,.0f} {self.unit}/s"]
+        if final:
+            parts.append(f"done in {timedelta(seconds=round(seconds))}")
+        elif self.total and rate > 0:
+            parts.append(f"ETA {timedelta(seconds=round((self.total - self.done) / rate))}")
+        log.info(f"{self.description}: {', '.join(parts)}", extra={"progress": True})
+
+    def finish(self) -> None:
+        if self.done:
+            self._line(time.monotonic(), final=True)
+
+
 @contextmanager
 def progress_bar(description: str, total: int | None = None, unit: str = "img"):
-    """Yield ``(advance, set_total)`` callables for a rich progress bar that shows rate and time left."""
+    """Yield ``(advance, set_total)`` callables; a bar on a terminal, plain lines in every log."""
+    handler = console_handler()
+    show_bar = console.is_terminal and handler is not None and handler.level <= NORMAL
+    lines = _Lines(description, total, unit)
     columns = [TextColumn("{task.description}", style="bold", markup=False), BarColumn(), MofNCompleteColumn(),
                _Rate(unit), TimeElapsedColumn(), TimeRemainingColumn()]
-    with Progress(*columns, console=console, transient=False, disable=not console.is_terminal) as bar:
+    with Progress(*columns, console=console, transient=False, disable=not show_bar) as bar:
         task = bar.add_task(description, total=total)
-        yield (lambda n=1: bar.advance(task, n)), (lambda t: bar.update(task, total=t))
+        if handler is not None:
+            handler.bar_shown = show_bar
+
+        def advance(n: int = 1) -> None:
+            bar.advance(task, n)
+            lines.advance(n)
+
+        def set_total(n: int) -> None:
+            bar.update(task, total=n)
+            lines.total = n
+
+        try:
+            yield advance, set_total
+            lines.finish()
+        finally:
+            if handler is not None:
+                handler.bar_shown = False

@@ -6,13 +6,18 @@ import datetime as _dt
 import json
 import os
 import platform
+import secrets
 import subprocess
 import sys
+from contextlib import contextmanager
+from contextvars import ContextVar
 from importlib import metadata
 from pathlib import Path
 
 from . import __version__
 from .config import RunConfig, dump_config
+from .logs import keep_in
+from .outputs import atomic_write_text
 
 TRACKED_PACKAGES = (
     "numpy", "pandas", "pyarrow", "pillow", "torch", "torchvision", "nvidia-dali-cuda130",
@@ -91,11 +96,36 @@ def git_commit(path: Path | None = None) -> str | None:
     return out.stdout.strip() or None
 
 
-def run_record(stage: str, config: RunConfig, **details) -> dict:
+def new_run_id() -> str:
+    """A run's id: its UTC start time (sorts in time order) and a random tail (two runs in one second differ)."""
+    return f"{_dt.datetime.now(_dt.timezone.utc):%Y%m%dT%H%M%SZ}-{secrets.token_hex(3)}"
+
+
+_run_id: ContextVar[str | None] = ContextVar("aml_rapids_run_id", default=None)
+
+
+@contextmanager
+def run_scope(run_id: str | None = None):
+    """Every record written inside carries one run id (a command's stages, e.g. all of ``run``'s): ``run_id``,
+    or the enclosing scope's, or a new one."""
+    token = _run_id.set(run_id or _run_id.get() or new_run_id())
+    try:
+        yield _run_id.get()
+    finally:
+        _run_id.reset(token)
+
+
+def current_run_id() -> str:
+    """The id of the run in progress (a new one outside ``run_scope``)."""
+    return _run_id.get() or new_run_id()
+
+
+def run_record(stage: str, config: RunConfig, run_id: str, **details) -> dict:
     """The provenance of one stage's run: command line, resolved config, versions, machine and details."""
     return {
         "stage": stage,
-        "time_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "run_id": run_id,
+        "time_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="microseconds"),
         "argv": sys.argv,
         "git_commit": git_commit(),
         "versions": software_versions(),
@@ -106,10 +136,19 @@ def run_record(stage: str, config: RunConfig, **details) -> dict:
 
 
 def write_run_record(out_dir: Path, stage: str, config: RunConfig, **details) -> Path:
-    """Write ``<out_dir>/runs/<stage>.json`` and the resolved ``config.yaml`` beside the outputs."""
+    """Write ``<out_dir>/runs/<run id>-<stage>.json`` (a folder keeps every run's record) and the latest resolved
+    ``config.yaml`` beside the outputs; the command's log is kept from here on in ``runs/<run id>.log``."""
+    run_id = current_run_id()
     runs = Path(out_dir) / "runs"
     runs.mkdir(parents=True, exist_ok=True)
-    (Path(out_dir) / "config.yaml").write_text(dump_config(config))
-    path = runs / f"{stage}.json"
-    path.write_text(json.dumps(run_record(stage, config, **details), indent=2, default=str))
+    keep_in(out_dir)
+    atomic_write_text(Path(out_dir) / "config.yaml", dump_config(config))
+    path = runs / f"{run_id}-{stage}.json"
+    atomic_write_text(path, json.dumps(run_record(stage, config, run_id, **details), indent=2, default=str))
     return path
+
+
+def run_records(out_dir: Path, stage: str | None = None) -> list[dict]:
+    """The run records in ``out_dir/runs`` (of one stage, if given), oldest first."""
+    paths = sorted((Path(out_dir) / "runs").glob(f"*-{stage or '*'}.json"))
+    return sorted((json.loads(p.read_text()) for p in paths), key=lambda r: r["time_utc"])

@@ -5,7 +5,7 @@
 # background while the GPU tests run, before the suite's clock starts; TEST_S=0 skips the tests); the naive
 # baselines read the first NAIVE_COUNT cells and scikit-learn fits BASELINE_ROWS rows, since at full size they
 # alone would take the whole budget. A failing test or stage does not stop the rest. Results are appended to
-# benchmarks/results/results.jsonl and shown as the README's table; with OUT set, results (OUT/results.jsonl: add
+# benchmarks/results/results.jsonl and shown as docs/benchmarks.md's table; with OUT set, results (OUT/results.jsonl: add
 # them to benchmarks/results/results.jsonl) and logs are written there as they appear. Last, outside the budget,
 # a profiled compiled extraction of TRACE_COUNT cells per torch.compile mode in TRACE_MODES (empty skips them)
 # writes OUT/trace-<mode>/ (benchmarks/trace_extract.py). A device call runs at most 10 minutes: run the tests and

@@ -1,4 +1,5 @@
-"""Render the newest benchmark results as Markdown; ``--readme`` rewrites the README's table.
+"""Render the newest benchmark results as Markdown; ``--readme [FILE]`` rewrites the table between the
+``<!-- bench:start -->`` and ``<!-- bench:end -->`` markers in FILE (docs/benchmarks.md when no FILE is given).
 
 The newest run of each kind (machine, stage, extraction variants asked for), one row per measured variant, less
 the rows that a newer run shown measured again (same variant and item count): a run of one ``--extract-modes``
@@ -19,6 +20,7 @@ from pathlib import Path
 from .harness import RESULTS
 
 START, END = "<!-- bench:start -->", "<!-- bench:end -->"
+PAGE = Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md"  # where the table is shown
 
 
 def _machine(row: dict) -> str:
@@ -75,7 +77,8 @@ def markdown(rows: list[dict]) -> str:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.report", description=__doc__)
     parser.add_argument("--results", type=Path, default=RESULTS)
-    parser.add_argument("--readme", type=Path, help="replace the table between the bench markers in this file")
+    parser.add_argument("--readme", type=Path, nargs="?", const=PAGE, metavar="FILE",
+                        help="rewrite the table between the bench markers in FILE (default: docs/benchmarks.md)")
     args = parser.parse_args(argv)
     table = markdown(latest_runs(args.results))
     if args.readme:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import zlib
 from pathlib import Path
 
@@ -20,6 +21,13 @@ def write_image(path: Path, size: int = 16, color=(200, 100, 150), mode: str = "
     pixels = np.clip(np.array(color)[None, None, :] + rng.integers(-20, 20, (size, size, 3)), 0, 255).astype(np.uint8)
     Image.fromarray(pixels).convert(mode).save(path, format=fmt)
     return path
+
+
+def python_blocks(page: Path) -> list[str]:
+    """The ```python code blocks of a Markdown page, in order: documentation examples that tests run."""
+    blocks = re.findall(r"^```python\n(.*?)^```", page.read_text(), flags=re.S | re.M)
+    assert blocks, f"{page} has no python examples"
+    return blocks
 
 
 @pytest.fixture

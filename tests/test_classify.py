@@ -115,7 +115,7 @@ def test_per_class_metrics_by_hand():
 @pytest.mark.slow
 def test_train_and_evaluate_commands_on_a_synthetic_store(tmp_path):
     demo, run = tmp_path / "demo", tmp_path / "run"
-    runner.invoke(app, ["demo-data", str(demo), "--patients", "3", "--cells", "12"])
+    runner.invoke(app, ["demo-data", "-o", str(demo), "--patients", "3", "--cells", "12"])
     runner.invoke(app, ["index", str(demo), "-o", str(run)])
     assert runner.invoke(app, ["split", str(run / "manifest.parquet")]).exit_code == 0
     tiny = ["--set", "features.backbones=[{name: tiny, weights: none}]", "--set", "loader.batch_size=16",
@@ -129,7 +129,7 @@ def test_train_and_evaluate_commands_on_a_synthetic_store(tmp_path):
     result = runner.invoke(app, ["evaluate", str(run / "model"), str(run / "features.zarr")])
     assert result.exit_code == 0, result.output
     report = json.loads((run / "model" / "eval-test" / "metrics.json").read_text())
-    assert report["split_protocol"] == "patient-level" and report["backbones"]["tiny"]["pretrained"] is False
+    assert report["split_protocol"] == "patient-grouped split" and report["backbones"]["tiny"]["pretrained"] is False
     assert report["cell_level"]["n"] == 60 and report["patient_level"]["n"] == 5
     low, high = report["cell_level"]["ci95"]["accuracy"]
     assert low <= report["cell_level"]["accuracy"] <= high
@@ -174,7 +174,7 @@ def test_fold_training_rows_never_include_the_held_out_fold():
 @pytest.mark.slow
 def test_run_with_kfold_cross_validates_by_patient(tmp_path):
     demo, run = tmp_path / "demo", tmp_path / "run"
-    runner.invoke(app, ["demo-data", str(demo), "--patients", "3", "--cells", "8"])
+    runner.invoke(app, ["demo-data", "-o", str(demo), "--patients", "3", "--cells", "8"])
     settings = ["split.method=kfold", "split.folds=3", "features.backbones=[{name: tiny, weights: none}]",
                 "loader.batch_size=16", "features.chunk_batches=2", "loader.image_size=64", "loader.device=cpu",
                 "features.store_dtype=float32", "classify.pca_components=8", "classify.rf_trees=20",
@@ -182,8 +182,8 @@ def test_run_with_kfold_cross_validates_by_patient(tmp_path):
     result = runner.invoke(app, ["run", str(demo), "-o", str(run), *[a for s in settings for a in ("--set", s)]])
     assert result.exit_code == 0, result.output
     report = json.loads((run / "cv" / "metrics.json").read_text())
-    oof = pd.read_csv(run / "cv" / "oof_predictions.csv")
-    assert report["split_protocol"] == "patient-level k-fold" and len(report["folds"]) == 3
+    oof = pd.read_csv(run / "cv" / "predictions.csv")
+    assert report["split_protocol"] == "patient-grouped k-fold" and len(report["folds"]) == 3
     assert len(oof) == 120 and oof["cell_id"].is_unique  # every cell predicted once, by the fold that held it
     assert (oof.groupby("patient")["fold"].nunique() == 1).all()
     assert report["patient_level"]["n"] == 15 and sum(f["cells"] for f in report["folds"]) == 120

@@ -18,6 +18,7 @@ from aml_rapids.config import IndexConfig
 from aml_rapids.data.manifest import build_manifest, read_manifest, write_manifest
 from aml_rapids.data.synthetic import write_demo_dataset
 from aml_rapids.features.store import FeatureStore
+from aml_rapids.provenance import run_records
 
 from conftest import write_image
 
@@ -252,7 +253,7 @@ def test_csv_paths_outside_its_folder_are_accepted_with_a_warning_and_duplicates
     code, out = cli("index", tmp_path / "lists" / "cells.csv", "-o", tmp_path / "run")
     assert code == 0 and "1 files lie outside the CSV's folder" in out and "elsewhere/x.png" in out
     assert "listed twice" in out
-    record = json.loads((tmp_path / "run" / "runs" / "index.json").read_text())
+    [record] = run_records(tmp_path / "run", "index")
     assert record["details"]["outside_root"] == [str(tmp_path / "lists" / "../elsewhere/x.png")]
     assert len(read_manifest(tmp_path / "run" / "manifest.parquet").table) == 2
 
@@ -364,7 +365,7 @@ def test_predict_names_every_image_it_could_not_use(trained, tmp_path):
 
 def test_demo_data_never_draws_into_a_real_dataset(tmp_path):
     write_image(tmp_path / "real" / "NPM1" / "patientA" / "a.png", fmt="PNG")
-    code, out = cli("demo-data", tmp_path / "real", "--patients", "1", "--cells", "1")
+    code, out = cli("demo-data", "-o", tmp_path / "real", "--patients", "1", "--cells", "1")
     assert code == 8 and "not a demo set" in out and sorted(p.name for p in (tmp_path / "real").iterdir()) == ["NPM1"]
 
 

@@ -15,7 +15,7 @@ import numpy as np
 from ..config import RunConfig
 from ..errors import DataError
 from ..evaluate.metrics import patient_level, summary
-from ..evaluate.report import prediction_table, write_report
+from ..evaluate.report import write_report
 from ..features.store import FeatureStore
 from ..loader.oversample import oversample
 from .data import block_dims, load_features, select_rows
@@ -72,7 +72,4 @@ def cross_validate(store_path: Path, cfg: RunConfig, out: Path, backbones: list[
     extra = {"folds": per_fold, "oversampling": "feature rows replicated per fold" if cfg.oversample.enabled else "off",
              "fold_mean_sd": {k: [float(np.mean(v)), float(np.std(v))] for k, v in aucs.items() if v},
              "classify_config": cfg.classify.model_dump()}
-    report = write_report(rows, proba, classes, info, f"{len(per_fold)}-fold out-of-fold", out, extra)
-    prediction_table(rows, proba, classes, ["cell_id", "path", "patient", "label", "fold"]).to_csv(
-        out / "oof_predictions.csv", index=False)
-    return report
+    return write_report(rows, proba, classes, info, f"{len(per_fold)}-fold out-of-fold", out, cfg.evaluate, extra)

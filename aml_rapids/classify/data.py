@@ -30,7 +30,7 @@ def select_rows(store: FeatureStore, splits: tuple[str, ...] | None,
     rows = store.rows()
     keep = (rows["status"] == STATUS_OK).to_numpy().copy()
     chosen = np.ones(len(rows), dtype=bool) if splits is None else rows["split"].isin(splits).to_numpy()
-    known = set(rows.loc[rows["status"] != STATUS_PADDING, "split"])
+    known = set(rows.loc[rows["status"] != STATUS_PADDING, "split"])  # padding: no split (older stores: its segment's)
     if splits is not None and not set(splits) <= known:
         raise ConfigError(f"store {store.path} has no split {', '.join(sorted(set(splits) - known))}; it has "
                           f"{', '.join(sorted(known))}")

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from .. import __version__
-from ..config import RunConfig
+from ..config import EvaluateConfig, RunConfig
 from ..errors import ConfigError
 from ..evaluate.report import write_report
 from ..features.store import FeatureStore, feature_identity
@@ -17,14 +17,22 @@ from .io import OUTPUTS, check_store_matches, load_model, save_model, seen_in_tr
 from .model import FeatureStackingClassifier
 
 
+SPLIT_PROTOCOLS = {"patient": "patient-grouped split", "image": "image-level split",
+                   "kfold": "patient-grouped k-fold"}
+
+
 def describe_features(store: FeatureStore, backbones: list[str]) -> dict:
-    """What a report must name: backbones, their weights and whether pretrained, and the split protocol."""
-    split = (store.meta.get("manifests") or [{}])[-1].get("split") or {}
+    """What a report must name: backbones, their weights and whether pretrained, the split protocol, and the
+    store and manifests the rows came from."""
+    manifests = store.meta.get("manifests") or [{}]
+    split = manifests[-1].get("split") or {}
     return {"backbones": {b: {k: store.meta["backbones"][b][k] for k in ("weights", "pretrained", "dim")}
                           for b in backbones},
-            "split_protocol": {"patient": "patient-level", "image": "image-level",
-                               "kfold": "patient-level k-fold"}.get(split.get("method"), "unsplit"),
-            "split": split}
+            "split_protocol": SPLIT_PROTOCOLS.get(split.get("method"), "unsplit"),
+            "split": split,
+            "source": {"store": str(store.path), "split": split,
+                       "manifests": [{k: m.get(k) for k in ("digest", "source", "rows", "time_utc")}
+                                     for m in manifests]}}
 
 
 def new_model(block_dims: tuple[int, ...], cfg: RunConfig) -> FeatureStackingClassifier:
@@ -73,7 +81,7 @@ def predict_store(model: FeatureStackingClassifier, store: FeatureStore, backbon
     return np.concatenate([model.predict_proba(X) for X in feature_blocks(store, backbones, keep)]), rows
 
 
-def evaluate(model_dir: Path, store_path: Path, split: str, out: Path) -> dict:
+def evaluate(model_dir: Path, store_path: Path, split: str, out: Path, settings: EvaluateConfig | None = None) -> dict:
     """Metrics on one split, at cell level and, with patients, patient level; refused on features made
     otherwise than the model's and on any cell the model was trained on (by content, whatever its split)."""
     if split == "train":
@@ -89,4 +97,7 @@ def evaluate(model_dir: Path, store_path: Path, split: str, out: Path) -> dict:
                           f"cells model {model_dir} was trained on (same content, e.g. {example}): their metrics "
                           "would be leaked; evaluate on cells the model never saw")
     proba, rows = predict_store(model, store, list(info["backbones"]), (split,))
-    return write_report(rows, proba, model.classes_, info, split, out)
+    source = {**describe_features(store, list(info["backbones"]))["source"], "model": str(model_dir),
+              "model_files_sha256": info.get("files")}
+    return write_report(rows, proba, model.classes_, {**info, "source": source}, split, out,
+                        settings or EvaluateConfig())

@@ -1,4 +1,10 @@
-"""PNG plots a person looks at: the confusion matrix and one-vs-rest ROC curves."""
+"""Plots a person reads: the confusion matrix and one-vs-rest ROC curves.
+
+They are for judging a classifier by eye, so each one carries its own numbers: the confusion matrix shows the count
+and the share of the true class in every cell and is coloured by that share (a small class is as visible as a big
+one); the ROC plot names each class's positives and AUC and adds the macro-average curve. Each plot is written
+twice: a PNG to look at and an SVG for papers, whose text stays text (editable, searchable).
+"""
 
 from __future__ import annotations
 
@@ -9,31 +15,101 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
-from sklearn.metrics import ConfusionMatrixDisplay, RocCurveDisplay  # noqa: E402
+from matplotlib.ticker import PercentFormatter  # noqa: E402
+from sklearn.metrics import auc, confusion_matrix, roc_curve  # noqa: E402
+
+# Class names and paths are text, not TeX; SVG text stays text so a paper's author can edit it.
+TEXT_RC = {"text.parse_math": False, "svg.fonttype": "none", "svg.hashsalt": "aml-rapids"}
 
 
-@plt.rc_context({"text.parse_math": False})  # class names and paths are text, not TeX
-def confusion_png(y_true, y_pred, classes, title: str, out: Path) -> Path:
-    fig, ax = plt.subplots(figsize=(1.2 * len(classes) + 3, 1.2 * len(classes) + 2))
-    ConfusionMatrixDisplay.from_predictions(y_true, y_pred, labels=classes, ax=ax, xticks_rotation=45,
-                                            colorbar=False)
-    ax.set_title(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
+def _save(fig, out: Path) -> list[Path]:
+    """Write ``fig`` as ``out`` (PNG) and the SVG beside it, close it, return both paths."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    svg = out.with_suffix(".svg")
+    fig.savefig(out, dpi=150, bbox_inches="tight")
+    fig.savefig(svg, bbox_inches="tight", metadata={"Date": None})
     plt.close(fig)
-    return out
+    return [out, svg]
 
 
-@plt.rc_context({"text.parse_math": False})  # class names and paths are text, not TeX
-def roc_png(y_true, proba, classes, title: str, out: Path) -> Path:
-    fig, ax = plt.subplots(figsize=(6, 5))
+@plt.rc_context(TEXT_RC)
+def plot_confusion(y_true, y_pred, classes, title: str, out: Path) -> list[Path]:
+    """Confusion matrix, each cell the count and the share of its true class (row), coloured by that share."""
+    classes = list(classes)
+    counts = confusion_matrix(y_true, y_pred, labels=classes)
+    n = counts.sum(axis=1)
+    share = np.zeros(counts.shape, dtype=float)
+    np.divide(counts, n[:, None], out=share, where=n[:, None] > 0)
+    k = len(classes)
+    side = max(4.0, 0.95 * k + 2.0)
+    fig, ax = plt.subplots(figsize=(side + 1.2, side))
+    cmap = plt.get_cmap("Blues").with_extremes(bad="0.92")  # a class with no true cells: grey, not 0%
+    image = ax.imshow(np.ma.masked_array(share, np.repeat(n[:, None] == 0, k, axis=1)), cmap=cmap, vmin=0.0,
+                      vmax=1.0)
+    fontsize = 10 if k <= 8 else 8 if k <= 14 else 6
+    for r in range(k):
+        for c in range(k):
+            if n[r] == 0:
+                text, colour = "–", "0.4"
+            else:
+                text, colour = f"{counts[r, c]}\n{share[r, c]:.1%}", "white" if share[r, c] > 0.5 else "black"
+            ax.text(c, r, text, ha="center", va="center", color=colour, fontsize=fontsize, linespacing=1.3)
+    ax.set_xticks(range(k), [str(c) for c in classes], rotation=40, ha="right", rotation_mode="anchor")
+    ax.set_yticks(range(k), [f"{c} (n={m})" for c, m in zip(classes, n)])
+    ax.tick_params(length=0)
+    ax.set_xticks(np.arange(k + 1) - 0.5, minor=True)
+    ax.set_yticks(np.arange(k + 1) - 0.5, minor=True)
+    ax.grid(which="minor", color="white", linewidth=1.5)
+    ax.tick_params(which="minor", length=0)
+    for spine in ax.spines.values():
+        spine.set_visible(False)
+    ax.set_xlabel("predicted class", fontsize=11)
+    ax.set_ylabel("true class (n)", fontsize=11)
+    ax.set_title(title, fontsize=11, wrap=True)
+    bar = fig.colorbar(image, ax=ax, fraction=0.046, pad=0.03)
+    bar.set_label("share of the true class", fontsize=10)
+    bar.ax.yaxis.set_major_formatter(PercentFormatter(xmax=1.0, decimals=0))
+    return _save(fig, out)
+
+
+@plt.rc_context(TEXT_RC)
+def plot_roc(y_true, proba, classes, title: str, out: Path) -> list[Path]:
+    """One-vs-rest ROC curve per class and their macro average (mean true positive rate over a common false
+    positive grid, over the classes that have both positives and negatives). The macro AUC in the legend is the
+    mean of the class AUCs, as ``macro_auc`` in metrics.json; a class without positives or without negatives
+    has no curve and the legend says so."""
+    y_true = np.asarray(y_true)
+    proba = np.asarray(proba)
+    fig, ax = plt.subplots(figsize=(5.2, 5.2))
+    colours = plt.get_cmap("tab10" if len(classes) <= 10 else "tab20").colors
+    curves, aucs = [], []
     for i, name in enumerate(classes):
-        positives = np.asarray(y_true) == name
-        if positives.any() and not positives.all():
-            RocCurveDisplay.from_predictions(positives, proba[:, i], name=str(name), ax=ax)
-    ax.plot([0, 1], [0, 1], ls=":", c="gray")
-    ax.set_title(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+        positives = y_true == name
+        n_pos = int(positives.sum())
+        if n_pos == 0 or n_pos == len(positives):
+            missing = "positives" if n_pos == 0 else "negatives"
+            ax.plot([], [], " ", label=f"{name}: no {missing}, no curve")
+            continue
+        fpr, tpr, _ = roc_curve(positives, proba[:, i])
+        area = auc(fpr, tpr)
+        curves.append((fpr, tpr))
+        aucs.append(area)
+        ax.plot(fpr, tpr, color=colours[i % len(colours)], linewidth=1.4, clip_on=False,
+                label=f"{name} (n={n_pos}) AUC {area:.3f}")
+    if curves:
+        grid = np.unique(np.concatenate([np.linspace(0.0, 1.0, 201)] + [fpr for fpr, _ in curves]))
+        mean_tpr = np.mean([np.interp(grid, fpr, tpr) for fpr, tpr in curves], axis=0)
+        ax.plot(grid, mean_tpr, color="black", linestyle="--", linewidth=2.4, clip_on=False,
+                label=f"macro average ({len(curves)} classes) AUC {np.mean(aucs):.3f}")
+    ax.plot([0, 1], [0, 1], color="0.6", linestyle=":", linewidth=1.0, label="chance")
+    ax.set_xlim(0.0, 1.0)
+    ax.set_ylim(0.0, 1.0)
+    ax.set_aspect("equal")
+    ax.grid(color="0.9", linewidth=0.8)
+    ax.set_xlabel("false positive rate", fontsize=11)
+    ax.set_ylabel("true positive rate", fontsize=11)
+    ax.set_title(title, fontsize=11, wrap=True)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.03, 1.0), borderaxespad=0.0, fontsize=9, frameon=False,
+              title="one vs rest", title_fontsize=9, alignment="left")
+    return _save(fig, out)

@@ -1,46 +1,90 @@
-"""One evaluation report for predictions on held-out rows: metrics.json plus the PNG plots, at cell level and,
-where rows carry patients, at patient level. ``evaluate`` (one split) and ``cv`` (pooled folds) both write it."""
+"""One evaluation report for predictions on held-out rows: metrics.json, the plots (PNG and SVG) and every
+cell's prediction, at cell level and, where rows carry patients, at patient level. ``evaluate`` (one split) and
+``cv`` (pooled out-of-fold predictions) both write it.
+
+metrics.json says what it rests on: the store and the manifests extracted into it, the model, the split protocol
+and seed, the bootstrap's settings, the code's commit and the time, and warnings where a class has too few
+cells or patients for its numbers to mean much."""
 
 from __future__ import annotations
 
+import datetime as _dt
 import json
 from pathlib import Path
 
+import numpy as np
+
+from ..config import EvaluateConfig
 from ..errors import DataError
+from ..outputs import atomic_write_text
+from ..provenance import current_run_id, git_commit
 from .metrics import bootstrap, patient_keys, patient_level, summary
-from .plots import confusion_png, roc_png
+from .plots import plot_confusion, plot_roc
+
+PREDICTIONS = "predictions.csv"  # one line per evaluated cell
 
 
 def prediction_table(rows, proba, classes, columns: list[str]):
     """One line per cell: the chosen columns of ``rows``, the predicted class and each class's probability
-    (``p_<class>``), as predict and cv write them."""
+    (``p_<class>``), as predict, evaluate and cv write them."""
     return rows[columns].reset_index(drop=True).assign(
         predicted=classes[proba.argmax(axis=1)], **{f"p_{c}": proba[:, i] for i, c in enumerate(classes)})
 
 
-def write_report(rows, proba, classes, info: dict, split: str, out: Path, extra: dict | None = None) -> dict:
-    """metrics.json and plots for predictions on held-out rows; ``info`` names protocol, backbones, backend;
-    ``extra`` is added to the report as it is."""
+def small_sample_warnings(rows, classes, split: str, settings: EvaluateConfig) -> list[str]:
+    """Classes whose cells (or patients) in these rows are too few for their metrics to mean much."""
+    y = rows["label"].to_numpy()
+    has_patients = (rows["patient"] != "").all()
+    keys = patient_keys(rows) if has_patients else None
+    warnings = []
+    for c in classes:
+        cells = int((y == c).sum())
+        if cells == 0:
+            warnings.append(f"class {c} is absent from split {split}: its sensitivity and AUC are undefined")
+            continue
+        if cells < settings.min_positives:
+            warnings.append(f"class {c} has {cells} cells in split {split} (under evaluate.min_positives = "
+                            f"{settings.min_positives}): its cell-level sensitivity and AUC are coarse")
+        if keys is not None:
+            patients = len(set(keys[y == c]))
+            if patients < settings.min_patients:
+                warnings.append(f"class {c} has {patients} patient{'s' * (patients != 1)} in split {split} (under "
+                                f"evaluate.min_patients = {settings.min_patients}): its results rest on "
+                                f"{'them' if patients != 1 else 'one person'}; the intervals cannot show it")
+    return warnings
+
+
+def write_report(rows, proba, classes, info: dict, split: str, out: Path, settings: EvaluateConfig,
+                 extra: dict | None = None) -> dict:
+    """metrics.json, plots and predictions.csv for predictions on held-out rows; ``info`` names protocol,
+    backbones, backend and where the rows came from (``source``); ``extra`` is added to the report as it is."""
     y = rows["label"].to_numpy()
     unseen = sorted(set(y) - set(classes))
     if unseen:
         raise DataError(f"split {split} holds classes the model never saw: {', '.join(unseen)}")
     has_patients = (rows["patient"] != "").all()
-    absent = [str(c) for c in classes if c not in set(y)]
+    draws = {"n": settings.bootstrap_samples, "seed": settings.bootstrap_seed}
     report = {"split": split, **{k: info[k] for k in ("split_protocol", "backbones", "backend")},
-              "warnings": [f"class {c} is absent from split {split}: its sensitivity and AUC are undefined"
-                           for c in absent],
+              "source": {**info["source"], "git_commit": git_commit(), "run_id": current_run_id(),
+                         "time_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")},
+              "bootstrap": {"samples": draws["n"], "seed": draws["seed"], "interval": "percentile 95%",
+                            "resampled": "patients" if has_patients else "cells"},
+              "warnings": small_sample_warnings(rows, classes, split, settings),
               "cell_level": {**summary(y, proba, classes),
-                             "ci95": bootstrap(y, proba, classes, patient_keys(rows) if has_patients else None)}}
+                             "ci95": bootstrap(y, proba, classes, patient_keys(rows) if has_patients else None,
+                                               **draws)}}
     out.mkdir(parents=True, exist_ok=True)
     pretrained = "pretrained" if all(b["pretrained"] for b in info["backbones"].values()) else "NOT pretrained"
     title = f"{split} split ({info['split_protocol']}), {'+'.join(info['backbones'])} ({pretrained})"
-    confusion_png(y, classes[proba.argmax(axis=1)], classes, f"cells: {title}", out / "confusion.png")
-    roc_png(y, proba, classes, f"cells: {title}", out / "roc.png")
+    plot_confusion(y, classes[proba.argmax(axis=1)], classes, f"cells: {title}", out / "confusion.png")
+    plot_roc(y, proba, classes, f"cells: {title}", out / "roc.png")
     if has_patients:
         py, pproba = patient_level(rows, proba, classes)
-        report["patient_level"] = {**summary(py, pproba, classes), "ci95": bootstrap(py, pproba, classes)}
-        roc_png(py, pproba, classes, f"patients: {title}", out / "roc_patients.png")
+        report["patient_level"] = {**summary(py, pproba, classes), "ci95": bootstrap(py, pproba, classes, **draws)}
+        plot_roc(py, pproba, classes, f"patients: {title}", out / "roc_patients.png")
     report.update(extra or {})
-    (out / "metrics.json").write_text(json.dumps(report, indent=2))
+    columns = [c for c in ("cell_id", "path", "cohort", "patient", "label", "fold") if c in rows]
+    table = prediction_table(rows, np.asarray(proba), classes, columns)
+    atomic_write_text(out / PREDICTIONS, table.to_csv(index=False))
+    atomic_write_text(out / "metrics.json", json.dumps(report, indent=2))
     return report

@@ -28,6 +28,7 @@ class BackboneSpec:
     truncate: Callable[[nn.Module], nn.Module]
     imagenet_weights: str | None = None
     input_size: int | None = None  # the one image size the network takes, if it has one (a ViT's patch grid)
+    for_tests: bool = False  # a network for tests and smoke runs: accepted by name, never listed to users
 
 
 REGISTRY: dict[str, BackboneSpec] = {}
@@ -38,11 +39,17 @@ def register(spec: BackboneSpec) -> BackboneSpec:
     return spec
 
 
+def public_specs() -> list[BackboneSpec]:
+    """The networks users choose from (the test networks left out), by name."""
+    return sorted((s for s in REGISTRY.values() if not s.for_tests), key=lambda s: s.name)
+
+
 def get_spec(name: str) -> BackboneSpec:
     try:
         return REGISTRY[name]
     except KeyError:
-        raise ConfigError(f"unknown backbone {name!r}; known: {', '.join(sorted(REGISTRY))}") from None
+        known = ", ".join(s.name for s in public_specs())
+        raise ConfigError(f"unknown backbone {name!r}; known: {known} (`aml-rapids backbones` lists them)") from None
 
 
 def _global_pool(body: nn.Module) -> nn.Module:
@@ -79,4 +86,5 @@ register(BackboneSpec(
 register(BackboneSpec(
     "vit_b_16", 768, "class token after the encoder (classification head removed)", Normalization(),
     models.vit_b_16, _without_head, "ViT_B_16_Weights.IMAGENET1K_V1", input_size=224))
-register(BackboneSpec("tiny", 16, "global average pool (test model)", Normalization(), TinyCNN, lambda m: _global_pool(m)))
+register(BackboneSpec("tiny", 16, "global average pool (test model)", Normalization(), TinyCNN, lambda m: _global_pool(m),
+                      for_tests=True))

@@ -30,6 +30,7 @@ from ..data.scan import Problem
 from ..loader.augment import DRAWS
 from ..loader.loader import CellLoader, resolve_device
 from ..loader.pipeline import Normalization
+from ..logs import log
 from ..provenance import machine_info, software_versions, usable_cores
 from ..timing import span
 from .backbones import get_spec
@@ -349,6 +350,12 @@ def _extract_locked(manifest: Manifest, store_path: Path, cfg: RunConfig, backbo
     dims = {n: b["dim"] for n, b in identity["backbones"].items()}
     augment_of_chunk = rows["augment"].to_numpy()[::store.chunk_rows]
     autocast = autocast_for(cfg, device)
+    log.info(f"extracting on the {device.upper()} ({usable_cores()} cores)" if device == "cpu" else
+             f"extracting on the {device.upper()}")
+    log.info("backbones " + ", ".join(f"{n} ({b['dim']} features, weights {b['weights']})"
+                                      for n, b in identity["backbones"].items())
+             + f"; precision {precision_of(cfg, device)}, stored as {cfg.features.store_dtype}; "
+             f"{len(pending):,} of {store.n_chunks:,} chunks to compute ({store.chunk_rows:,} rows each)")
     start = time.perf_counter()
     with ChunkWriter(store, workers=cfg.features.writers) as writer:
         for run in _runs(pending, augment_of_chunk):

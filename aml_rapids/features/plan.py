@@ -14,11 +14,28 @@ from ..config import RunConfig
 from ..loader.oversample import loader_table
 
 STATUS_PENDING, STATUS_OK, STATUS_FAILED, STATUS_PADDING = 0, 1, 2, 3
+STATUS_NAMES = {STATUS_PENDING: "pending", STATUS_OK: "ok", STATUS_FAILED: "failed", STATUS_PADDING: "padding"}
 SPLIT_ORDER = ("train", "val", "test")
 TEXT_FIELDS = ("cell_id", "path", "label", "patient", "cohort", "split", "sha256", "pixels_sha256")
 OPTIONAL_ROW_FIELDS = ("pixels_sha256",)  # stores made before 0.5 lack it
 ROW_FIELDS = {**{name: str for name in TEXT_FIELDS}, "aug_index": np.int32, "fold": np.int32, "augment": bool,
               "status": np.int8}
+# What each row field holds, in words: the store writes it beside the field (its ``long_name``) for readers
+# without aml-rapids.
+ROW_LONG_NAMES = {
+    "cell_id": "cell identifier (a hash of cohort and path)",
+    "path": "image file, relative to the manifest's root",
+    "label": "class label",
+    "patient": "patient (empty where unknown)",
+    "cohort": "data set the cell came from (by default the indexed folder's name)",
+    "split": "train, val or test (all where the manifest is unsplit; empty for padding)",
+    "sha256": "SHA-256 of the image file",
+    "pixels_sha256": "SHA-256 of the decoded pixels (empty where not decoded at indexing)",
+    "aug_index": "augmentation copy (0 the original, -1 padding)",
+    "fold": "cross-validation fold (-1 none)",
+    "augment": "whether the image was augmented",
+    "status": "extraction status of the row",
+}
 
 
 def plan_rows(table: pd.DataFrame, cfg: RunConfig) -> pd.DataFrame:
@@ -39,7 +56,10 @@ def plan_rows(table: pd.DataFrame, cfg: RunConfig) -> pd.DataFrame:
 
 
 def pad_segments(rows: pd.DataFrame, chunk_rows: int) -> pd.DataFrame:
-    """Close each split's last chunk with padding rows (status PADDING, empty ids)."""
+    """Close each split's last chunk with padding rows: status PADDING, every text field empty (``split`` too,
+    so a reader filtering on split alone gets no padding), aug_index and fold -1. They keep their segment's
+    ``augment`` flag, so a chunk's rows share one. Older stores (their attributes lack ``status_codes``) gave
+    padding rows their segment's split; aml-rapids tells padding by its status alone, so they work as before."""
     parts = []
     for split in pd.unique(rows["split"]):
         segment = rows[rows["split"] == split]
@@ -47,7 +67,6 @@ def pad_segments(rows: pd.DataFrame, chunk_rows: int) -> pd.DataFrame:
         missing = -len(segment) % chunk_rows
         if missing:
             pad = {name: "" for name in TEXT_FIELDS}
-            pad.update(split=split, aug_index=-1, fold=-1, augment=bool(segment["augment"].iloc[0]),
-                       status=STATUS_PADDING)
+            pad.update(aug_index=-1, fold=-1, augment=bool(segment["augment"].iloc[0]), status=STATUS_PADDING)
             parts.append(pd.DataFrame([pad] * missing))
     return pd.concat(parts, ignore_index=True)[list(ROW_FIELDS)]

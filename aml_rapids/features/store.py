@@ -1,9 +1,17 @@
-"""The feature store: a plain Zarr v3 group any zarr, xarray or dask.array reader can open.
+"""The feature store: a plain Zarr v3 group any zarr, xarray or dask.array reader can open, and which says what
+it holds (docs/reading-a-store.md).
 
     features/<backbone>   (rows, dim) float16 (or float32), chunked (chunk_rows, dim)
-    rows/<field>          (rows,) cell_id, path, label, patient, cohort, split, sha256, aug_index, fold,
-                          augment, status (0 pending, 1 ok, 2 failed, 3 padding)
+    rows/<field>          (rows,) cell_id, path, label, patient, cohort, split, sha256, pixels_sha256, aug_index,
+                          fold, augment, status (0 pending, 1 ok, 2 failed, 3 padding)
     progress/chunk_done   (chunks,) bool, one chunk file per store chunk, written after that chunk's data
+
+Every array names its dimensions (``row``, ``<backbone>_feature``, ``chunk``) and says what it holds in its
+``long_name`` attribute; rows/status names its codes in CF's ``flag_values`` and ``flag_meanings``, the root
+attributes (``aml_rapids``) in ``status_codes``. Padding rows have every text field empty, their split too. The
+root zarr.json holds every array's metadata once more (consolidated metadata), so xarray opens the store in one
+read; it is written at the end of creation and of every append, the only steps that change array metadata.
+aml-rapids itself reads each array's own metadata (``use_consolidated=False``).
 
 Every write covers whole chunks and each chunk has one writer, so a run killed at any moment leaves
 finished chunks intact and unfinished ones marked not done. Appends start on a new chunk, so the files of
@@ -11,10 +19,10 @@ existing chunks are never rewritten.
 
 The steps that touch many files are all-or-nothing. A store is laid out in ``<store>.partial`` and renamed into
 place, so a kill or a full disk while it is made leaves no store. An append first writes a journal (every
-metadata file as it was) and deletes it when done; a writer that finds a journal restores those files and
-removes the chunks past the old end before it goes on, and a reader refuses the store until then. zarr writes
-each file atomically (since 3.1.3), so no metadata file is ever half-written. Callers hold the store's lock
-(``lock.StoreLock``) around every write.
+metadata file as it was, the root zarr.json with its consolidated copy among them) and deletes it when done; a
+writer that finds a journal restores those files and removes the chunks past the old end before it goes on, and
+a reader refuses the store until then. zarr writes each file atomically (since 3.1.3), so no metadata file is
+ever half-written. Callers hold the store's lock (``lock.StoreLock``) around every write.
 """
 
 from __future__ import annotations
@@ -22,6 +30,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -30,11 +39,17 @@ import zarr
 
 from ..errors import ConfigError, DataError, OutputError
 from ..outputs import atomic_write_text
-from .plan import OPTIONAL_ROW_FIELDS, ROW_FIELDS, STATUS_FAILED, STATUS_OK, STATUS_PADDING, STATUS_PENDING
+from .plan import (OPTIONAL_ROW_FIELDS, ROW_FIELDS, ROW_LONG_NAMES, STATUS_FAILED, STATUS_NAMES, STATUS_OK,
+                   STATUS_PADDING, STATUS_PENDING)
 
 ATTRS_KEY = "aml_rapids"
 FORMAT = "aml-rapids feature store"
 JOURNAL = "aml_rapids-append-journal.json"
+STATUS_CODES = {str(code): name for code, name in STATUS_NAMES.items()}  # as the root attributes hold it (JSON)
+# Each row array's attributes: what it holds, and for rows/status the meaning of each code in CF's flag
+# attributes, which xarray keeps and CF tools read.
+ROW_ATTRIBUTES = {field: {"long_name": ROW_LONG_NAMES[field]} for field in ROW_FIELDS}
+ROW_ATTRIBUTES["status"].update(flag_values=list(STATUS_NAMES), flag_meanings=" ".join(STATUS_NAMES.values()))
 
 
 class StoreError(DataError):
@@ -66,6 +81,18 @@ def identity_differences(have: dict, want: dict) -> list[str]:
             inner = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k)) if nested else []
             out += [f"{key}.{k}" for k in inner] or [key]
     return out
+
+
+def _consolidate(path: Path) -> None:
+    """Write every group's and array's metadata into the root zarr.json (consolidated metadata), which xarray
+    opens the store by, in one read and without a warning. Creation and append end with it; nothing else
+    changes array metadata (chunk writes touch none)."""
+    quiet = ("Consolidated metadata is currently not part",  # of the Zarr v3 spec: true, and no help to a user
+             f"Object at {JOURNAL} is not recognized")  # an append's journal, in the store while it runs
+    with warnings.catch_warnings():
+        for message in quiet:
+            warnings.filterwarnings("ignore", message, UserWarning)
+        zarr.consolidate_metadata(str(path), zarr_format=3)
 
 
 def partial_path(path: Path) -> Path:
@@ -112,16 +139,19 @@ class FeatureStore:
     def _lay_out(cls, path: Path, rows: pd.DataFrame, dims: dict[str, int], meta: dict) -> None:
         chunk_rows = meta["chunk_rows"]
         group = zarr.open_group(str(path), mode="w-", zarr_format=3)
-        group.attrs[ATTRS_KEY] = {"format": FORMAT, **meta}
+        group.attrs[ATTRS_KEY] = {"format": FORMAT, "status_codes": STATUS_CODES, **meta}
         for name, dim in dims.items():
             group.create_array(f"features/{name}", shape=(len(rows), dim), chunks=(chunk_rows, dim),
-                               dtype=meta["store_dtype"], fill_value=np.nan, dimension_names=("row", f"{name}_feature"))
+                               dtype=meta["store_dtype"], fill_value=np.nan, dimension_names=("row", f"{name}_feature"),
+                               attributes={"long_name": f"{name} features of each row (NaN unless its status is ok)"})
         for field, kind in ROW_FIELDS.items():
             group.create_array(f"rows/{field}", shape=(len(rows),), chunks=(chunk_rows,), dtype=kind,
-                               dimension_names=("row",))
+                               dimension_names=("row",), attributes=ROW_ATTRIBUTES[field])
         group.create_array("progress/chunk_done", shape=(len(rows) // chunk_rows,), chunks=(1,), dtype=bool,
-                           fill_value=False)
+                           fill_value=False, dimension_names=("chunk",),
+                           attributes={"long_name": f"whether each chunk of {chunk_rows} rows is written"})
         cls(group, path)._write_rows(rows, 0)
+        _consolidate(path)
 
     @classmethod
     def open(cls, path: Path, mode: str = "r") -> "FeatureStore":
@@ -136,7 +166,8 @@ class FeatureStore:
                                  "running now); run `aml-rapids extract` on it again to roll it back and complete it")
             cls._roll_back(path)
         try:
-            store = cls(zarr.open_group(str(path), mode=mode, zarr_format=3), path)
+            # each array's own metadata, never the consolidated copy, which lags it while an append runs
+            store = cls(zarr.open_group(str(path), mode=mode, zarr_format=3, use_consolidated=False), path)
         except (FileNotFoundError, NotADirectoryError, zarr.errors.GroupNotFoundError, ValueError, KeyError) as exc:
             raise StoreError(f"{path} is not a readable Zarr v3 group: {exc}") from None
         if mode != "r":
@@ -236,7 +267,8 @@ class FeatureStore:
                 self.group[f"rows/{field}"].resize((start + len(rows),))
             self.group["progress/chunk_done"].resize((first_chunk + len(rows) // self.chunk_rows,))
             self._write_rows(rows, start)
-            self.record_manifest(manifest_record)
+            self._record_manifest(manifest_record)
+            _consolidate(self.path)
         except OSError as exc:
             try:
                 self._roll_back(self.path)
@@ -262,7 +294,10 @@ class FeatureStore:
                     shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
         (path / JOURNAL).unlink()
 
-    def record_manifest(self, record: dict) -> None:
+    def _record_manifest(self, record: dict) -> None:
+        """Add a manifest to the root attributes, as part of an append (journalled, consolidated after): the root
+        zarr.json is rewritten from this handle's metadata, opened without the consolidated copy, so the copy is
+        gone from it until ``_consolidate`` writes it again."""
         meta = dict(self.group.attrs[ATTRS_KEY])
         meta["manifests"] = [*meta.get("manifests", []), record]
         self.group.attrs[ATTRS_KEY] = meta
@@ -279,3 +314,8 @@ class FeatureStore:
                 "failed": int((status == STATUS_FAILED).sum()), "pending": int((status == STATUS_PENDING).sum()),
                 "padding": int((status == STATUS_PADDING).sum()), "chunks_done": int(self.done_chunks().sum()),
                 "chunks": self.n_chunks}
+
+
+def open_store(path: Path) -> FeatureStore:
+    """A feature store, for reading (``FeatureStore.open``): ``rows()``, ``features(backbone)``, ``summary()``."""
+    return FeatureStore.open(path)

@@ -13,7 +13,7 @@ from torch import nn
 from torchvision.models import get_weight
 
 from ..errors import DataError
-from .backbones import BackboneSpec, get_spec
+from .backbones import BackboneSpec, get_spec, public_specs
 
 
 class WeightsError(DataError):
@@ -37,12 +37,32 @@ def file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def imagenet_cache(spec: BackboneSpec) -> tuple[str, Path]:
+    """Where torchvision downloads a network's ImageNet checkpoint from, and where it caches it."""
+    url = get_weight(spec.imagenet_weights).url
+    return url, Path(torch.hub.get_dir()) / "checkpoints" / Path(url).name
+
+
+def list_backbones() -> list[dict]:
+    """Every network users choose from: name, feature size, layer, input size, and whether its ImageNet
+    weights are on this machine (``weights: imagenet`` works offline only then; a local file always does)."""
+    out = []
+    for spec in public_specs():
+        if spec.imagenet_weights is None:
+            imagenet = {"cached": False, "path": None, "url": None}
+        else:
+            url, cached = imagenet_cache(spec)
+            imagenet = {"cached": cached.is_file(), "path": str(cached), "url": url}
+        out.append({"name": spec.name, "dim": spec.dim, "layer": spec.layer,
+                    "input_size": spec.input_size and f"{spec.input_size}x{spec.input_size}", "imagenet": imagenet})
+    return out
+
+
 def _imagenet_file(spec: BackboneSpec) -> Path:
     """The cached torchvision checkpoint, downloaded if the network allows; a clear error if not."""
     if spec.imagenet_weights is None:
         raise WeightsError(f"backbone {spec.name!r} has no ImageNet weights; use a file path or 'none'")
-    url = get_weight(spec.imagenet_weights).url
-    cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(url).name
+    url, cached = imagenet_cache(spec)
     if not cached.is_file():
         try:
             torch.hub.load_state_dict_from_url(url, progress=True, check_hash=True)

@@ -47,21 +47,43 @@ def foreground_fractions(table: pd.DataFrame, root: Path, cfg: RunConfig, per_cl
     return stats.assign(count=stats["count"].fillna(0))[["count", "mean", "5%", "50%", "95%"]]
 
 
+def _shorten(text: str, width: int = 24) -> str:
+    """``text`` cut in the middle to at most ``width`` characters, so its start and its end (a file's number and
+    extension) both stay."""
+    if len(text) <= width:
+        return text
+    head = (width - 1) // 2
+    return f"{text[:head]}…{text[len(text) - (width - 1 - head):]}"
+
+
+CELL_INCH = 1.6  # side of one image in the grid
+LABEL_INCH = 1.9  # the row labels left of the grid
+HEADER_INCH = 0.55  # the suptitle and the column titles above it
+
+
 @plt.rc_context({"text.parse_math": False})  # class names and paths are text, not TeX
 def render_preview(table: pd.DataFrame, root: Path, cfg: RunConfig, out: Path, per_class: int = 3) -> Path:
-    """Run the CPU graph with its debug outputs on a few cells per class and save the grid as a PNG."""
+    """Run the CPU graph with its debug outputs on a few cells per class and save the grid as a PNG: a row per
+    cell (class, patient, file, the share of the image its HSV mask keeps), a column per stage."""
     examples = pick_examples(table, per_class, cfg.loader.seed)
     views = _debug_views(examples, root, cfg, VIEWS)
-    fig, axes = plt.subplots(len(examples), len(VIEWS), figsize=(2.2 * len(VIEWS), 2.2 * len(examples)),
-                             squeeze=False)
+    rows, cols = len(examples), len(VIEWS)
+    width, height = LABEL_INCH + cols * CELL_INCH, HEADER_INCH + rows * CELL_INCH
+    fig, axes = plt.subplots(rows, cols, figsize=(width, height), squeeze=False)
+    fig.subplots_adjust(left=LABEL_INCH / width, right=1.0, bottom=0.0, top=1.0 - HEADER_INCH / height,
+                        wspace=0.04, hspace=0.04)
     for row, (pos, cell) in enumerate(examples.iterrows()):
+        share = f"fg {views[pos]['mask'].mean():.0%}" if pos in views else "fg –"
         for col, (key, title) in enumerate(zip(VIEWS, TITLES)):
             ax = axes[row][col]
             ax.set_xticks([]), ax.set_yticks([])
             if row == 0:
-                ax.set_title(title, fontsize=9)
+                ax.set_title(title, fontsize=9, pad=4)
             if col == 0:
-                ax.set_ylabel(f"{cell['label']}\n{Path(cell['path']).name}", fontsize=7)
+                patient = str(cell.get("patient") or "")  # two patients' files may share a name
+                lines = [str(cell["label"]), *([patient] if patient else []), Path(cell["path"]).name]
+                ax.set_ylabel("\n".join([*map(_shorten, lines), share]), fontsize=8, rotation=0, ha="right",
+                              va="center", labelpad=6, linespacing=1.4)
             if pos not in views:
                 ax.text(0.5, 0.5, "unreadable:\nchanged since\nindexing", ha="center", va="center", fontsize=7)
                 continue
@@ -69,9 +91,9 @@ def render_preview(table: pd.DataFrame, root: Path, cfg: RunConfig, out: Path, p
             ax.imshow(image[..., 0] * 255 if key == "mask" else image, cmap="gray", vmin=0, vmax=255)
     seg = cfg.segmentation
     fig.suptitle(f"HSV mask: hue {seg.hue_min:g}-{seg.hue_max:g} deg, saturation >= {seg.saturation_min:g}"
-                 + ("" if seg.enabled else " (segmentation off)"), fontsize=9)
-    fig.tight_layout(rect=(0, 0, 1, 0.97))
+                 + ("" if seg.enabled else " (segmentation off)") + "; fg: share of the image the mask keeps",
+                 fontsize=9, x=(LABEL_INCH + cols * CELL_INCH / 2) / width, y=1.0 - 0.12 / height, va="top")
     out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
+    fig.savefig(out, dpi=110, bbox_inches="tight", pad_inches=0.08)
     plt.close(fig)
     return out

@@ -1,0 +1,49 @@
+"""Commands on networks and feature stores: extract, backbones."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from .. import workflow
+from ._common import AllowFailedOpt, ConfigOpt, ManifestArg, SetOpt, command, json_requested, out_option, resolve_config
+
+
+def register(app: typer.Typer) -> None:
+    @command(app)
+    def extract(
+        manifest: ManifestArg,
+        out: Annotated[Optional[Path], out_option("features.zarr beside the manifest", "Zarr feature store",
+                                                  "--store", "-s")] = None,
+        allow_failed: AllowFailedOpt = False,
+        config: ConfigOpt = None,
+        set_: SetOpt = None,
+    ) -> workflow.Extracted:
+        """Extract features of every configured backbone into a Zarr v3 store; resumes, retries rows that failed
+        before, and appends new cells. One process writes a store at a time (a second is refused, exit code 7)."""
+        return workflow.extract(manifest, out, resolve_config(config, set_), allow_failed)
+
+    @command(app)
+    def backbones() -> list[dict]:
+        """List the feature extractors: feature size, layer, input size, and whether ImageNet weights are on this
+        machine (nothing is downloaded offline; a local weights file works for any of them)."""
+        from rich.console import Console
+        from rich.table import Table
+
+        from ..features.weights import list_backbones
+
+        rows = list_backbones()
+        cache = next((Path(r["imagenet"]["path"]).parent for r in rows if r["imagenet"]["path"]), None)
+        table = Table(caption=f"ImageNet weights are read from torch's cache ({cache}); offline, copy a "
+                              "checkpoint there, or set weights to a local state_dict file, or none",
+                      caption_justify="left")
+        for column in ("name", "dim", "layer", "input", "ImageNet weights"):
+            table.add_column(column)
+        for row in rows:
+            table.add_row(row["name"], str(row["dim"]), row["layer"], row["input_size"] or "any",
+                          "cached" if row["imagenet"]["cached"] else "not cached")
+        if not json_requested():
+            Console(markup=False, highlight=False).print(table)  # the listing is the command's output: stdout
+        return rows

@@ -1,0 +1,381 @@
+"""The pipeline as a Python API: index -> split -> extract -> train -> evaluate (or cv), and predict.
+
+Each stage reads its inputs, writes its outputs and a run record (``runs/<run id>-<stage>.json``) into its
+folder, logs what it did to the ``aml_rapids`` logger, and returns a small result; ``run`` chains them. The CLI
+and notebooks call these functions, so a notebook's run writes exactly what ``aml-rapids run`` writes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .config import RunConfig, load_config
+from .errors import DataError, FailedRowsError
+from .logs import say, warn
+from .outputs import prepare_output_dir
+from .progress import progress_bar
+from .provenance import run_scope, write_run_record
+
+
+@dataclass
+class Indexed:
+    manifest: Path
+    rejects: Path
+    cells: int
+    patients: int
+    classes: int
+    per_class: dict[str, int]
+    rejected: list[tuple[str, str]]  # (path, reason) of every file or folder refused
+    skipped: int  # files that are not images, left out without a word in the manifest
+
+
+@dataclass
+class Splitted:
+    manifest: Path
+    method: str
+    seed: int
+    column: str
+    counts: dict
+    missing: dict
+
+
+@dataclass
+class Previewed:
+    png: Path
+    foreground: dict | None  # per class: share of each image the HSV mask keeps
+
+
+@dataclass
+class Extracted:
+    store: Path
+    rows_written: int
+    rows_skipped: int
+    rows_failed: int
+    rows_appended: int
+    rows_retried: int
+    chunks_lost: int
+    images_per_s: float
+    seconds: float
+    seconds_in: dict[str, float]
+    store_summary: dict
+    failed: list[tuple[str, str]] = field(default_factory=list)  # (path, reason) of cells that could not be read
+
+
+@dataclass
+class Trained:
+    model: Path
+    info: dict  # what model.json records
+
+
+@dataclass
+class Evaluated:
+    folder: Path
+    metrics: dict  # what metrics.json holds
+
+
+@dataclass
+class Predicted:
+    folder: Path
+    cells: int
+    patients: int
+    seen_in_training: int
+    failed: list[tuple[str, str]] = field(default_factory=list)
+
+
+@dataclass
+class RunResult:
+    folder: Path
+    stages: dict[str, object]  # stage name -> its result, in order
+
+
+def as_json(result) -> dict:
+    """A stage's result as JSON-ready data (paths as text), e.g. for ``--json``."""
+    return dataclasses.asdict(result) if dataclasses.is_dataclass(result) else result
+
+
+def default_folder(source: Path) -> Path:
+    """``runs/<name>`` for a dataset folder or CSV: where index and run write when not told."""
+    source = Path(source)
+    return Path("runs") / (source.stem if source.suffix.lower() == ".csv" else source.name)
+
+
+def _failures(failures) -> list[tuple[str, str]]:
+    from .data.scan import printable
+
+    return [(printable(p.path), p.reason) for p in failures]
+
+
+def check_failed(failed: list[tuple[str, str]], where: str, allow_failed: bool) -> None:
+    """Name the cells whose files could not be read; unless ``allow_failed`` that is a FailedRowsError."""
+    if not failed:
+        return
+    for path, reason in failed[:5]:
+        say(f"{path}: {reason}", "  failed ", "yellow")
+    message = (f"{len(failed):,} cells could not be read ({where}); a re-run retries them once their files are "
+               "back or re-indexed")
+    if not allow_failed:
+        raise FailedRowsError(message + "; --allow-failed accepts them")
+    warn(message)
+
+
+def index(source: Path, out: Path | None = None, cfg: RunConfig | None = None) -> Indexed:
+    """Scan a dataset folder or CSV, check every image, write manifest.parquet and rejects.csv into ``out``."""
+    from .data.manifest import build_manifest, summarize, write_manifest, write_rejects
+    from .data.scan import NoUsableImages
+
+    cfg, source = cfg or RunConfig(), Path(source)
+    out = prepare_output_dir(out or default_folder(source))
+    try:
+        with progress_bar(f"indexing {source}") as (advance, set_total):
+            result = build_manifest(source, cfg.index, progress=advance, on_total=set_total)
+    except NoUsableImages as exc:
+        write_rejects(exc.problems, out / "rejects.csv")
+        raise DataError(f"{exc}; {out / 'rejects.csv'} lists why") from None
+    write_manifest(result.manifest, out / "manifest.parquet")
+    write_rejects(result.problems, out / "rejects.csv")
+    summary = summarize(result.manifest)
+    for warning in result.warnings:
+        warn(warning)
+    if result.outside_root:
+        warn(f"{len(result.outside_root):,} files lie outside the CSV's folder {result.manifest.root}, accepted: "
+             + ", ".join(result.outside_root[:5]) + (" ..." if len(result.outside_root) > 5 else ""))
+    rejected = [p for p in result.problems if not p.skipped]
+    write_run_record(out, "index", cfg, source=str(source), layout=result.layout, found=result.found,
+                     rejected=len(rejected), same_class_duplicates=result.same_class_duplicates,
+                     outside_root=result.outside_root, **summary)
+    say(f"{source} ({result.layout}), cells per class: "
+        + ", ".join(f"{label} {n:,}" for label, n in summary["per_class"].items()))
+    say(f"{summary['cells']:,} cells, {summary['patients']:,} patients, {summary['classes']} classes "
+        f"(of {result.found:,} candidate images); {result.same_class_duplicates:,} byte-identical copies "
+        f"within a class kept; {len(rejected):,} rejected, {len(result.problems) - len(rejected):,} "
+        f"non-image files skipped -> {out / 'rejects.csv'}")
+    for path, reason in _failures(rejected[:5]):
+        say(f"{path}: {reason}", "  rejected ", "yellow")
+    say(f"manifest: {out / 'manifest.parquet'}")
+    return Indexed(out / "manifest.parquet", out / "rejects.csv", summary["cells"], summary["patients"],
+                   summary["classes"], summary["per_class"], _failures(rejected), len(result.problems) - len(rejected))
+
+
+def split(manifest: Path, cfg: RunConfig | None = None) -> Splitted:
+    """Add the configured split (or fold) column to a manifest, in place."""
+    from .data.manifest import read_manifest, write_manifest
+    from .data.splits import make_split
+
+    cfg, manifest = cfg or RunConfig(), Path(manifest)
+    data = read_manifest(manifest)
+    result = make_split(data.table, cfg.split)
+    if result.missing:
+        warn(f"classes missing from parts: {result.missing}")
+    data.table = result.table
+    data.meta["split"] = cfg.split.model_dump(mode="json")
+    write_manifest(data, manifest)
+    counts = result.counts_by_class()
+    write_run_record(manifest.parent, "split", cfg, manifest=str(manifest), counts=counts, missing=result.missing)
+    say(result.counts.to_string())
+    say(f"{cfg.split.method} split (seed {cfg.split.seed}) written to column '{result.column}' of {manifest}")
+    return Splitted(manifest, cfg.split.method, cfg.split.seed, result.column, counts, result.missing)
+
+
+def preview(manifest: Path, out: Path | None = None, cfg: RunConfig | None = None, per_class: int = 3,
+            stats_per_class: int = 200) -> Previewed:
+    """A PNG grid of what preprocessing does to a few cells per class, and the mask's foreground share."""
+    from .data.manifest import read_manifest
+    from .loader.preview import foreground_fractions, render_preview
+
+    cfg, manifest = cfg or RunConfig(), Path(manifest)
+    data = read_manifest(manifest)
+    png = prepare_output_dir(out or manifest.parent) / "preview.png"
+    render_preview(data.table, data.root, cfg, png, per_class)
+    stats = foreground_fractions(data.table, data.root, cfg, stats_per_class) if stats_per_class else None
+    foreground = None if stats is None else stats.round(4).to_dict(orient="index")
+    if stats is not None:
+        say("foreground fraction kept by the HSV mask, per class:\n" + stats.round(3).to_string())
+    write_run_record(png.parent, "preview", cfg, manifest=str(manifest), png=str(png), foreground=foreground)
+    say(f"preview: {png}")
+    return Previewed(png, foreground)
+
+
+def extract(manifest: Path, store: Path | None = None, cfg: RunConfig | None = None,
+            allow_failed: bool = False) -> Extracted:
+    """Extract every configured backbone's features into a Zarr store (resuming, retrying, appending)."""
+    from .data.manifest import read_manifest
+    from .features.extract import extract as run_extract
+    from .features.store import FeatureStore
+
+    cfg, manifest = cfg or RunConfig(), Path(manifest)
+    data = read_manifest(manifest)
+    store = Path(store or manifest.parent / "features.zarr")
+    with progress_bar(f"extracting {', '.join(b.name for b in cfg.features.backbones)}") as (advance, set_total):
+        summary = run_extract(data, store, cfg, progress=advance, on_total=set_total)
+    totals = FeatureStore.open(store).summary()
+    result = Extracted(store, summary.rows_written, summary.rows_skipped, summary.rows_failed,
+                       summary.rows_appended, summary.rows_retried, summary.chunks_lost, summary.images_per_s,
+                       summary.seconds, summary.seconds_in, totals, _failures(summary.failures))
+    write_run_record(manifest.parent, "extract", cfg, manifest=str(manifest),
+                     interrupted_writer=summary.interrupted_writer, **as_json(result))
+    if summary.interrupted_writer:
+        warn(f"an earlier writer of {store} ended without finishing ({summary.interrupted_writer}); its work "
+             "was checked and completed")
+    if summary.rows_retried:
+        say(f"retried {summary.rows_retried:,} rows that had failed before")
+    if summary.chunks_lost:
+        warn(f"{summary.chunks_lost:,} chunks marked done had lost their files; computed again")
+    say(f"{summary.rows_written:,} rows written, {summary.rows_skipped:,} already done (skipped), "
+        f"{summary.rows_failed:,} failed, {summary.rows_appended:,} new rows appended; "
+        f"{summary.images_per_s:,.0f} images/s over {summary.seconds:.1f} s")
+    say("time in: " + ", ".join(f"{part} {seconds:.1f} s" for part, seconds in summary.seconds_in.items()))
+    say(f"store: {store} ({totals['ok']:,} of {totals['rows'] - totals['padding']:,} rows ready)")
+    check_failed(result.failed, f"listed in {store / 'rows' / 'status'} as failed", allow_failed)
+    return result
+
+
+def train(store: Path, out: Path, cfg: RunConfig | None = None, overwrite: bool = False) -> Trained:
+    """Fit the stacking classifier on the store's training rows into a new (or, ``overwrite``, its own) folder."""
+    from .classify.train import train as run_train
+
+    cfg = cfg or RunConfig()
+    say("training: z-score, PCA, out-of-fold SVM + random forest, meta-learner")
+    info = run_train(Path(store), cfg, Path(out), overwrite=overwrite)
+    write_run_record(out, "train", cfg, model=info)
+    say(f"trained on {info['training_rows']:,} rows ({info['backend']}), classes {info['classes']}; model: {out}")
+    say("time in: " + ", ".join(f"{step} {seconds:.1f} s" for step, seconds in info["fit_seconds"].items()))
+    return Trained(Path(out), info)
+
+
+def report_lines(report: dict, title: str) -> list[str]:
+    """What was evaluated, then one line per level (cells; patients where there are some): accuracy, macro AUC
+    and macro F1, each with its bootstrap 95% interval."""
+    lines = [f"{title} ({report['split_protocol']}), backbones {', '.join(report['backbones'])}:"]
+    for name, key in (("cells", "cell_level"), ("patients", "patient_level")):
+        if key not in report:
+            continue
+        level, parts = report[key], []
+        for label, value, ci in (("accuracy", level["accuracy"], "accuracy"),
+                                 ("macro AUC", level["macro_auc"], "macro_auc"),
+                                 ("macro F1", level["macro"]["f1"], "macro_f1")):
+            interval = level["ci95"].get(ci)
+            parts.append(f"{label} undefined" if value is None else f"{label} {value:.3f}"
+                         + (f" (95% CI {interval[0]:.3f}-{interval[1]:.3f})" if interval else ""))
+        lines.append(f"  {name}: {', '.join(parts)}, n={level['n']:,}")
+    return lines
+
+
+def evaluate(model: Path, store: Path, split: str = "test", out: Path | None = None,
+             cfg: RunConfig | None = None) -> Evaluated:
+    """Metrics, plots and per-cell predictions of a model on one split of a store (never its training rows)."""
+    from .classify.train import evaluate as run_evaluate
+
+    cfg, model = cfg or RunConfig(), Path(model)
+    out = prepare_output_dir(out or model / f"eval-{split}", "report folder")
+    report = run_evaluate(model, Path(store), split, out, cfg.evaluate)
+    write_run_record(out, "evaluate", cfg, model=str(model), store=str(store), split=split,
+                     warnings=report["warnings"])
+    for warning in report["warnings"]:
+        warn(warning)
+    for line in report_lines(report, f"{split} split"):
+        say(line)
+    say(f"report: {out / 'metrics.json'}, per-cell predictions: {out / 'predictions.csv'}, plots: {out}")
+    return Evaluated(out, report)
+
+
+def cross_validate(store: Path, out: Path | None = None, cfg: RunConfig | None = None) -> Evaluated:
+    """Patient-grouped k-fold cross-validation on a store of a ``kfold`` manifest: pooled out-of-fold report."""
+    from .classify.crossval import cross_validate as run_cv
+
+    cfg, store = cfg or RunConfig(), Path(store)
+    out = prepare_output_dir(out or store.parent / "cv", "report folder")
+
+    def show(fold: dict) -> None:
+        say(f"fold {fold['fold']}: {fold['cells']:,} cells, cell AUC {fold['cell_macro_auc']:.3f}"
+            + (f", patient AUC {fold['patient_macro_auc']:.3f} (n={fold['patients']})"
+               if fold.get("patient_macro_auc") is not None else ""))
+
+    say("cross-validating: one stacking classifier per fold")
+    report = run_cv(store, cfg, out, on_fold=show)
+    write_run_record(out, "cv", cfg, store=str(store), folds=report["folds"], warnings=report["warnings"])
+    for warning in report["warnings"]:
+        warn(warning)
+    for line in report_lines(report, report["split"]):
+        say(line)
+    say(f"report: {out / 'metrics.json'}, out-of-fold predictions: {out / 'predictions.csv'}")
+    return Evaluated(out, report)
+
+
+def predict(model: Path, source: Path, out: Path | None = None, overrides: list[str] | None = None,
+            overwrite: bool = False, allow_failed: bool = False) -> Predicted:
+    """Class probabilities per cell and per patient for new images (or a store), extracted as the model's."""
+    from .classify.predict import predict as run_predict
+
+    model, source = Path(model), Path(source)
+    out = Path(out or model / f"predict-{source.stem}")
+    with progress_bar(f"extracting {source}") as (advance, set_total):
+        result = run_predict(model, source, out, overrides, overwrite, progress=advance, on_total=set_total)
+    done = Predicted(out, len(result.cells), len(result.patients), result.seen_in_training,
+                     _failures(result.failures))
+    write_run_record(out, "predict", result.config or load_config(None), source=str(source), model=str(model),
+                     overrides=overrides, **as_json(done))
+    for warning in result.warnings:
+        warn(warning)
+    if result.seen_in_training:
+        warn(f"{result.seen_in_training:,} of these cells were in the model's training set (column in_training "
+             "of predictions.csv): their predictions say nothing about new cells")
+    say(f"{done.cells:,} cells, {done.patients:,} patients predicted: {out / 'predictions.csv'}, "
+        f"{out / 'patients.csv'}")
+    check_failed(done.failed, f"listed in {out / 'failed.csv'}", allow_failed)
+    return done
+
+
+def demo_data(out: Path, patients: int = 4, cells: int = 30, seed: int = 0) -> Path:
+    """Draw a small synthetic dataset (5 classes, labelled synthetic) into a new, empty or earlier demo folder."""
+    from .data.synthetic import CLASSES, is_demo_folder, write_demo_dataset
+    from .errors import OutputError
+
+    out = prepare_output_dir(out, "demo folder")
+    if any(out.iterdir()) and not is_demo_folder(out):
+        raise OutputError(f"demo folder {out} already holds files that are not a demo set; synthetic cells are "
+                          "drawn only into a new or empty folder (or an earlier demo set)")
+    with progress_bar("drawing synthetic cells", len(CLASSES) * patients * cells) as (advance, _):
+        n = write_demo_dataset(out, patients, cells, seed, progress=advance)
+    say(f"wrote {n:,} synthetic 144x144 TIFF cells ({len(CLASSES)} classes x {patients} patients x {cells}) to {out}")
+    return out
+
+
+DEMO_SETTINGS = [
+    # Offline on a CPU: MobileNetV2 alone, without pretrained weights (none can be downloaded offline); its random
+    # features are ~1e-8 in size, below float16's range, hence float32 storage.
+    "features.backbones=[{name: mobilenet_v2, weights: none}]", "features.store_dtype=float32",
+    "loader.batch_size=64", "features.chunk_batches=8",
+]
+
+
+def run(data: Path | None = None, out: Path | None = None, config: Path | RunConfig | None = None,
+        overrides: list[str] | None = None, allow_failed: bool = False) -> RunResult:
+    """index -> split -> extract -> train -> evaluate into one folder (cross-validation instead of train and
+    evaluate when split.method is kfold). Without ``data``: the synthetic demo set, offline, with MobileNetV2
+    (random weights). ``config``: a YAML file or a RunConfig; ``overrides``: ``section.key=value`` items."""
+    with run_scope():
+        return _run(data, out, config, list(overrides or []), allow_failed)
+
+
+def _run(data: Path | None, out: Path | None, config: Path | RunConfig | None, overrides: list[str],
+         allow_failed: bool) -> RunResult:
+    if data is None:
+        out = prepare_output_dir(out or Path("runs") / "demo", "run folder")
+        data = demo_data(out / "demo-data")
+        overrides = DEMO_SETTINGS + overrides
+    out = prepare_output_dir(out or default_folder(data), "run folder")
+    if isinstance(config, RunConfig):
+        cfg = load_config(None, overrides, base=config.model_dump(mode="json"))
+    else:
+        cfg = load_config(config, overrides)
+    stages: dict[str, object] = {"index": index(data, out, cfg)}
+    stages["split"] = split(out / "manifest.parquet", cfg)
+    stages["extract"] = extract(out / "manifest.parquet", out / "features.zarr", cfg, allow_failed)
+    if cfg.split.method == "kfold":
+        stages["cv"] = cross_validate(out / "features.zarr", out / "cv", cfg)
+    else:
+        stages["train"] = train(out / "features.zarr", out / "model", cfg, overwrite=True)  # the run's own
+        stages["evaluate"] = evaluate(out / "model", out / "features.zarr", "test", out / "model" / "eval-test", cfg)
+    return RunResult(out, stages)
