@@ -51,6 +51,12 @@ class OutputError(AmlRapidsError):
     exit_code = 8
 
 
+class VariantsFailed(AmlRapidsError):
+    """Some variants of a study could not run; the others' results are written."""
+
+    exit_code = 9
+
+
 EXIT_INTERRUPTED = 130  # Ctrl-C; every stage resumes or can be re-run
 EXIT_TERMINATED = 143  # SIGTERM (128 + 15), as a batch scheduler sends at a job's time limit: the same clean stop
 

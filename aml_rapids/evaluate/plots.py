@@ -73,35 +73,34 @@ def plot_confusion(y_true, y_pred, classes, title: str, out: Path) -> list[Path]
     return _save(fig, out)
 
 
-@plt.rc_context(TEXT_RC)
-def plot_roc(y_true, proba, classes, title: str, out: Path) -> list[Path]:
-    """One-vs-rest ROC curve per class and their macro average (mean true positive rate over a common false
-    positive grid, over the classes that have both positives and negatives). The macro AUC in the legend is the
-    mean of the class AUCs, as ``macro_auc`` in metrics.json; a class without positives or without negatives
-    has no curve and the legend says so."""
-    y_true = np.asarray(y_true)
-    proba = np.asarray(proba)
-    fig, ax = plt.subplots(figsize=(5.2, 5.2))
-    colours = plt.get_cmap("tab10" if len(classes) <= 10 else "tab20").colors
-    curves, aucs = [], []
+def class_curves(y_true, proba, classes) -> list[dict]:
+    """Per class, its one-vs-rest ROC curve (``fpr``, ``tpr``, ``auc``, ``n`` positives), or where it has no
+    positives or no negatives, which of the two it lacks (``missing``)."""
+    y_true, proba = np.asarray(y_true), np.asarray(proba)
+    out = []
     for i, name in enumerate(classes):
         positives = y_true == name
         n_pos = int(positives.sum())
         if n_pos == 0 or n_pos == len(positives):
-            missing = "positives" if n_pos == 0 else "negatives"
-            ax.plot([], [], " ", label=f"{name}: no {missing}, no curve")
+            out.append({"name": name, "n": n_pos, "missing": "positives" if n_pos == 0 else "negatives"})
             continue
         fpr, tpr, _ = roc_curve(positives, proba[:, i])
-        area = auc(fpr, tpr)
-        curves.append((fpr, tpr))
-        aucs.append(area)
-        ax.plot(fpr, tpr, color=colours[i % len(colours)], linewidth=1.4, clip_on=False,
-                label=f"{name} (n={n_pos}) AUC {area:.3f}")
-    if curves:
-        grid = np.unique(np.concatenate([np.linspace(0.0, 1.0, 201)] + [fpr for fpr, _ in curves]))
-        mean_tpr = np.mean([np.interp(grid, fpr, tpr) for fpr, tpr in curves], axis=0)
-        ax.plot(grid, mean_tpr, color="black", linestyle="--", linewidth=2.4, clip_on=False,
-                label=f"macro average ({len(curves)} classes) AUC {np.mean(aucs):.3f}")
+        out.append({"name": name, "n": n_pos, "fpr": fpr, "tpr": tpr, "auc": auc(fpr, tpr)})
+    return out
+
+
+def macro_curve(curves: list[dict]) -> tuple[np.ndarray, np.ndarray, float] | None:
+    """The macro average of class curves: mean true positive rate over a common false positive grid, and the
+    mean of the class AUCs (as ``macro_auc`` in metrics.json); None when no class has a curve."""
+    drawn = [c for c in curves if "auc" in c]
+    if not drawn:
+        return None
+    grid = np.unique(np.concatenate([np.linspace(0.0, 1.0, 201)] + [c["fpr"] for c in drawn]))
+    mean_tpr = np.mean([np.interp(grid, c["fpr"], c["tpr"]) for c in drawn], axis=0)
+    return grid, mean_tpr, float(np.mean([c["auc"] for c in drawn]))
+
+
+def _roc_axes(ax, title: str, legend_title: str) -> None:
     ax.plot([0, 1], [0, 1], color="0.6", linestyle=":", linewidth=1.0, label="chance")
     ax.set_xlim(0.0, 1.0)
     ax.set_ylim(0.0, 1.0)
@@ -111,5 +110,48 @@ def plot_roc(y_true, proba, classes, title: str, out: Path) -> list[Path]:
     ax.set_ylabel("true positive rate", fontsize=11)
     ax.set_title(title, fontsize=11, wrap=True)
     ax.legend(loc="upper left", bbox_to_anchor=(1.03, 1.0), borderaxespad=0.0, fontsize=9, frameon=False,
-              title="one vs rest", title_fontsize=9, alignment="left")
+              title=legend_title, title_fontsize=9, alignment="left")
+
+
+def _colours(n: int):
+    return plt.get_cmap("tab10" if n <= 10 else "tab20").colors
+
+
+@plt.rc_context(TEXT_RC)
+def plot_roc(y_true, proba, classes, title: str, out: Path) -> list[Path]:
+    """One-vs-rest ROC curve per class and their macro average (``macro_curve``); a class without positives or
+    without negatives has no curve and the legend says so."""
+    fig, ax = plt.subplots(figsize=(5.2, 5.2))
+    colours = _colours(len(classes))
+    curves = class_curves(y_true, proba, classes)
+    for i, c in enumerate(curves):
+        if "missing" in c:
+            ax.plot([], [], " ", label=f"{c['name']}: no {c['missing']}, no curve")
+            continue
+        ax.plot(c["fpr"], c["tpr"], color=colours[i % len(colours)], linewidth=1.4, clip_on=False,
+                label=f"{c['name']} (n={c['n']}) AUC {c['auc']:.3f}")
+    macro = macro_curve(curves)
+    if macro is not None:
+        grid, mean_tpr, mean_auc = macro
+        ax.plot(grid, mean_tpr, color="black", linestyle="--", linewidth=2.4, clip_on=False,
+                label=f"macro average ({sum('auc' in c for c in curves)} classes) AUC {mean_auc:.3f}")
+    _roc_axes(ax, title, "one vs rest")
+    return _save(fig, out)
+
+
+@plt.rc_context(TEXT_RC)
+def plot_macro_rocs(variants: dict[str, tuple], title: str, out: Path) -> list[Path]:
+    """Several models' macro-average ROC curves on one plot (a study's variants on the same cells):
+    ``variants`` maps a name to ``(y_true, proba, classes)``."""
+    fig, ax = plt.subplots(figsize=(5.2, 5.2))
+    colours = _colours(len(variants))
+    for i, (name, (y_true, proba, classes)) in enumerate(variants.items()):
+        macro = macro_curve(class_curves(y_true, proba, classes))
+        if macro is None:
+            ax.plot([], [], " ", label=f"{name}: no curve")
+            continue
+        grid, mean_tpr, mean_auc = macro
+        ax.plot(grid, mean_tpr, color=colours[i % len(colours)], linewidth=1.6, clip_on=False,
+                label=f"{name} AUC {mean_auc:.3f}")
+    _roc_axes(ax, title, "macro average, one vs rest")
     return _save(fig, out)

@@ -34,23 +34,23 @@ def prediction_table(rows, proba, classes, columns: list[str]):
 def small_sample_warnings(rows, classes, split: str, settings: EvaluateConfig) -> list[str]:
     """Classes whose cells (or patients) in these rows are too few for their metrics to mean much."""
     y = rows["label"].to_numpy()
-    has_patients = (rows["patient"] != "").all()
-    keys = patient_keys(rows) if has_patients else None
-    warnings = []
-    for c in classes:
-        cells = int((y == c).sum())
-        if cells == 0:
-            warnings.append(f"class {c} is absent from split {split}: its sensitivity and AUC are undefined")
-            continue
-        if cells < settings.min_positives:
-            warnings.append(f"class {c} has {cells} cells in split {split} (under evaluate.min_positives = "
-                            f"{settings.min_positives}): its cell-level sensitivity and AUC are coarse")
-        if keys is not None:
-            patients = len(set(keys[y == c]))
-            if patients < settings.min_patients:
-                warnings.append(f"class {c} has {patients} patient{'s' * (patients != 1)} in split {split} (under "
-                                f"evaluate.min_patients = {settings.min_patients}): its results rest on "
-                                f"{'them' if patients != 1 else 'one person'}; the intervals cannot show it")
+    cells = {c: int((y == c).sum()) for c in classes}
+    warnings = [f"class {c} is absent from split {split}: its sensitivity and AUC are undefined"
+                for c, n in cells.items() if n == 0]
+    few = {c: n for c, n in cells.items() if 0 < n < settings.min_positives}
+    if few:
+        warnings.append(f"{len(few)} of {len(classes)} classes have fewer than evaluate.min_positives = "
+                        f"{settings.min_positives} cells in split {split} (" + ", ".join(f"{c} {n}" for c, n in few.items())
+                        + "): their cell-level sensitivity and AUC are coarse")
+    if (rows["patient"] != "").all():
+        keys = patient_keys(rows)
+        patients = {c: len(set(keys[y == c])) for c, n in cells.items() if n}
+        few = {c: n for c, n in patients.items() if n < settings.min_patients}
+        if few:
+            warnings.append(f"{len(few)} of {len(classes)} classes have fewer than evaluate.min_patients = "
+                            f"{settings.min_patients} patients in split {split} ("
+                            + ", ".join(f"{c} {n}" for c, n in few.items())
+                            + "): their results rest on these few people, which the intervals cannot show")
     return warnings
 
 

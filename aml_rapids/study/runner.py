@@ -1,0 +1,155 @@
+"""Run a study: index and split once, then every variant (extract, train, evaluate; or cross-validate), then
+compare them on the same cells.
+
+    DIR/manifest.parquet          the cells and their split, shared by every variant
+    DIR/stores/<key>/features.zarr  one store per extraction config: variants that differ only in the classifier
+                                  share one, so they never extract again
+    DIR/variants/<name>/          each variant's model and report (eval-test/ or cv/) and variant.json
+    DIR/results.csv, results.md, mcnemar.csv, roc.png, roc.svg, study.json
+
+A variant is done once its ``variant.json`` is written, so a study killed midway resumes with the variants
+already done (and a store half-extracted resumes where it stopped). A variant that fails is reported and the
+others go on; the study then exits with the failures named.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .. import workflow
+from ..config import RunConfig, load_config
+from ..data.manifest import read_manifest
+from ..errors import AmlRapidsError, ConfigError, DataError, VariantsFailed
+from ..logs import say, warn
+from ..outputs import atomic_write_text, prepare_output_dir
+from ..provenance import write_run_record
+from .compare import read_variant, write_comparison
+from .spec import StudySpec, Variant, as_overrides, read_spec, variant_config
+
+STUDY_FILE = "study.json"
+
+
+@dataclass
+class StudyResult:
+    folder: Path
+    done: list[str]  # variants with results, in the study's order
+    failed: dict[str, str] = field(default_factory=dict)  # variant -> why
+    extractions: int = 0  # stores this run wrote rows into
+    comparison: dict | None = None  # the results table and McNemar's tests, as written
+
+
+def store_key(cfg: RunConfig) -> str:
+    """What decides a store's features (the settings ``extract`` checks a store against), as a short digest:
+    variants with the same key share one store."""
+    f, loader = cfg.features, cfg.loader
+    decides = {"backbones": [b.model_dump() for b in f.backbones], "seed": f.seed, "dtype": f.store_dtype,
+               "chunk_rows": cfg.chunk_rows, "image_size": loader.image_size, "loader_seed": loader.seed,
+               "segmentation": cfg.segmentation.model_dump(), "augment": cfg.augment.model_dump(),
+               "oversample": cfg.oversample.model_dump()}
+    return hashlib.sha256(json.dumps(decides, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def variant_folder(out: Path, name: str) -> Path:
+    """A folder name any file system takes, still readable, and unique per variant name."""
+    slug = re.sub(r"[^A-Za-z0-9._+-]+", "_", name).strip("_")[:48] or "variant"
+    return out / "variants" / f"{slug}-{hashlib.sha256(name.encode()).hexdigest()[:6]}"
+
+
+def _check_folder(out: Path, spec: StudySpec, data: Path | None) -> None:
+    """A study folder belongs to one study (by name) and one dataset."""
+    record = out / STUDY_FILE
+    if record.exists():
+        held = json.loads(record.read_text())
+        if held.get("name") != spec.name:
+            raise ConfigError(f"study folder {out} holds study {held.get('name')!r}, not {spec.name!r}; use a new "
+                              "folder for another study")
+        if data is not None and held.get("data") not in (None, str(data)):
+            raise ConfigError(f"study folder {out} was made from {held['data']}, not {data}; use a new folder")
+    elif any(out.iterdir()):
+        raise ConfigError(f"study folder {out} is not empty and holds no {STUDY_FILE}; use a new or empty folder")
+
+
+def _run_variant(variant: Variant, cfg: RunConfig, manifest: Path, out: Path) -> tuple[Path, int]:
+    """Extract (or reuse the store), then train + evaluate on test, or cross-validate; the report folder and
+    the rows written to the store."""
+    store = out / "stores" / store_key(cfg) / "features.zarr"
+    extracted = workflow.extract(manifest, store, cfg)
+    folder = variant_folder(out, variant.name)
+    if cfg.split.method == "kfold":
+        report = workflow.cross_validate(store, folder / "cv", cfg).folder
+    else:
+        trained = workflow.train(store, folder / "model", cfg, overwrite=True)
+        report = workflow.evaluate(trained.model, store, "test", folder / "model" / "eval-test", cfg).folder
+    atomic_write_text(folder / "variant.json", json.dumps(
+        {"name": variant.name, "set": variant.set, "store": str(store), "report": str(report)}, indent=2, default=str))
+    return report, extracted.rows_written
+
+
+def _done(variant: Variant, out: Path) -> Path | None:
+    """The report folder of a variant finished earlier with the same overrides; None if it has not run."""
+    record = variant_folder(out, variant.name) / "variant.json"
+    if not record.exists():
+        return None
+    held = json.loads(record.read_text())
+    if held["set"] != json.loads(json.dumps(variant.set, default=str)):
+        raise ConfigError(f"variant {variant.name!r} in {out} was run with other overrides ({held['set']}); "
+                          "rename the variant, or use a new study folder")
+    return Path(held["report"])
+
+
+def run_study(spec_path: Path, out: Path, data: Path | None = None, overrides: list[str] | None = None) -> StudyResult:
+    """Run every variant of the study file that has not run yet into ``out``, then compare them all."""
+    spec = read_spec(spec_path)
+    variants = spec.expand()
+    configs = {v.name: variant_config(spec, v, overrides) for v in variants}  # every key checked before any work
+    out = prepare_output_dir(out, "study folder")
+    _check_folder(out, spec, data)
+    base = load_config(spec.config, as_overrides(spec.set) + list(overrides or []))
+    manifest = out / "manifest.parquet"
+    if not manifest.exists():
+        if data is None:
+            raise ConfigError("a new study needs its data: aml-rapids study STUDY.yaml DATA")
+        workflow.index(data, out, base)
+        workflow.split(manifest, base)
+    atomic_write_text(out / STUDY_FILE, json.dumps({"name": spec.name, "description": spec.description,
+                                                    "data": str(data or read_manifest(manifest).root),
+                                                    "reference": spec.reference,
+                                                    "variants": [v.model_dump() for v in variants]},
+                                                   indent=2, default=str))
+    result = StudyResult(out, [])
+    reports: dict[str, Path] = {}
+    for k, variant in enumerate(variants, 1):
+        earlier = _done(variant, out)
+        if earlier is not None:
+            say(f"variant {k}/{len(variants)} {variant.name}: done earlier, kept")
+            reports[variant.name] = earlier
+            continue
+        say(f"variant {k}/{len(variants)} {variant.name}: {' '.join(as_overrides(variant.set)) or 'the base config'}")
+        try:
+            reports[variant.name], written = _run_variant(variant, configs[variant.name], manifest, out)
+            result.extractions += written > 0
+        except AmlRapidsError as exc:
+            result.failed[variant.name] = str(exc)
+            warn(f"variant {variant.name} failed, the others go on: {exc}")
+    result.done = [v.name for v in variants if v.name in reports]
+    if spec.reference in reports and len(reports) > 1:
+        results = [read_variant(name, reports[name]) for name in result.done]
+        where = "out-of-fold, every cell" if base.split.method == "kfold" else "test split"
+        title = f"{spec.name}: {results[0].metrics['split_protocol']}, {where}"
+        result.comparison = write_comparison(results, spec.reference, out, title)
+        say(f"results: {out / 'results.md'}, McNemar's tests: {out / 'mcnemar.csv'}, ROC curves: {out / 'roc.png'}")
+    elif spec.reference not in reports:
+        warn(f"the reference variant {spec.reference} has no results, so nothing is compared")
+    write_run_record(out, "study", base, study=str(spec_path), done=result.done, failed=result.failed,
+                     extractions=result.extractions)
+    if result.failed:
+        raise VariantsFailed(f"{len(result.failed)} of {len(variants)} variants failed ("
+                             + "; ".join(f"{n}: {why}" for n, why in result.failed.items())
+                             + f"); the others' results are in {out}")
+    if not result.done:
+        raise DataError(f"no variant of {spec_path} has results")
+    return result

@@ -1,0 +1,111 @@
+"""Studies: variants expanded and checked before any work, stores shared by extraction settings, a failing
+variant reported while the others go on, resume, and McNemar's test checked by hand."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from aml_rapids.cli import app
+from aml_rapids.errors import ConfigError
+from aml_rapids.study.compare import mcnemar_test
+from aml_rapids.study.spec import read_spec, variant_config
+
+from conftest import REPO
+
+runner = CliRunner()
+TINY = {"features.backbones": [{"name": "tiny", "weights": "none"}], "loader.image_size": 32,
+        "loader.batch_size": 8, "features.chunk_batches": 1, "loader.device": "cpu", "classify.folds": 2,
+        "evaluate.bootstrap_samples": 50}
+
+
+def _spec(tmp_path, **fields) -> object:
+    path = tmp_path / "study.yaml"
+    path.write_text(yaml.safe_dump({"name": "s", **fields}))
+    return path
+
+
+def test_patterns_expand_in_order_and_every_variant_is_checked(tmp_path):
+    spec = read_spec(_spec(tmp_path, reference="b", variants=[{"name": "a"}],
+                           grid={"classify.svm_c": [1, 10]},
+                           cumulative=[{"name": "b", "set": {"augment.enabled": False}},
+                                       {"name": "c", "set": {"oversample.enabled": False}}],
+                           leave_one_out={"of": "c", "parts": {"aug": {"augment.enabled": True}}}))
+    assert [(v.name, v.set) for v in spec.expand()] == [
+        ("a", {}), ("classify.svm_c=1", {"classify.svm_c": 1}), ("classify.svm_c=10", {"classify.svm_c": 10}),
+        ("b", {"augment.enabled": False}), ("c", {"augment.enabled": False, "oversample.enabled": False}),
+        ("c - aug", {"augment.enabled": True, "oversample.enabled": False})]
+    assert variant_config(spec, spec.expand()[-1]).augment.enabled is True
+    for name in ("paper-comparison", "paper-ablation"):
+        shipped = read_spec(REPO / "configs" / "studies" / f"{name}.yaml")
+        assert all(variant_config(shipped, v) for v in shipped.expand())
+
+
+@pytest.mark.parametrize("fields, message", [
+    ({"reference": "a", "variants": [{"name": "a"}, {"name": "a"}]}, "given twice: a"),
+    ({"reference": "z", "variants": [{"name": "a"}]}, "reference 'z' is not a variant"),
+    ({"reference": "a", "variants": [{"name": "a", "sett": {}}]}, "sett"),
+])
+def test_a_bad_study_file_is_refused_naming_the_problem(tmp_path, fields, message):
+    with pytest.raises(ConfigError, match=message):
+        read_spec(_spec(tmp_path, **fields))
+
+
+def test_a_misspelt_key_or_a_variant_that_splits_otherwise_is_refused(tmp_path):
+    spec = read_spec(_spec(tmp_path, reference="a", variants=[{"name": "a", "set": {"segmentation.nope": 1}},
+                                                              {"name": "b", "set": {"split.seed": 2}}]))
+    with pytest.raises(ConfigError, match="variant 'a'.*segmentation.nope"):
+        variant_config(spec, spec.expand()[0])
+    with pytest.raises(ConfigError, match="variant 'b' overrides split.seed.*same cells"):
+        variant_config(spec, spec.expand()[1])
+
+
+def test_mcnemar_on_the_papers_counts():
+    """b = 383, c = 286 discordant cells of 12,184: chi-square 14.06 without continuity correction."""
+    both, neither = 10_000, 12_184 - 10_000 - 383 - 286
+    reference = np.array([True] * both + [True] * 383 + [False] * 286 + [False] * neither)
+    other = np.array([True] * both + [False] * 383 + [True] * 286 + [False] * neither)
+    test = mcnemar_test(reference, other)
+    assert (test["b"], test["c"], test["n"]) == (383, 286, 12_184)
+    assert test["chi2"] == pytest.approx(14.06, abs=0.005) and test["test"].startswith("chi-square")
+    assert test["p"] == test["chi2_p"] == pytest.approx(1.77e-4, rel=0.01)
+    few = mcnemar_test(np.array([True] * 8 + [False] * 2), np.array([False] * 8 + [True] * 2))
+    assert few["test"] == "exact binomial" and few["p"] == few["exact_p"] == pytest.approx(0.109375)
+
+
+@pytest.mark.slow
+def test_a_study_shares_stores_goes_on_past_a_failure_and_resumes(tmp_path):
+    runner.invoke(app, ["demo-data", "-o", str(tmp_path / "demo"), "--patients", "4", "--cells", "6"])
+    spec = _spec(tmp_path, set=TINY, reference="tiny", variants=[
+        {"name": "tiny"}, {"name": "tiny C=10", "set": {"classify.svm_c": 10.0}},
+        {"name": "tiny, no segmentation", "set": {"segmentation.enabled": False}},
+        {"name": "missing weights", "set": {"features.backbones": [{"name": "tiny", "weights": "/nowhere.pt"}]}}])
+    out = tmp_path / "study"
+    first = runner.invoke(app, ["study", str(spec), str(tmp_path / "demo"), "-o", str(out), "--json"])
+    assert first.exit_code == 9, first.output
+    summary = json.loads(first.stdout)
+    assert "missing weights" in summary["error"] and "/nowhere.pt" in summary["error"]
+    assert len(list((out / "stores").glob("*/features.zarr"))) == 2  # the C=10 variant reused the first store
+    table = pd.read_csv(out / "results.csv")
+    assert list(table["variant"]) == ["tiny", "tiny C=10", "tiny, no segmentation"]
+    tests = pd.read_csv(out / "mcnemar.csv")
+    assert list(tests["level"]) == ["cells", "cells", "patients", "patients"]
+    cells = {name: pd.read_csv(next((out / "variants").glob(f"{slug}-*")) / "model" / "eval-test" / "predictions.csv")
+             .set_index("cell_id").sort_index() for name, slug in (("tiny", "tiny"), ("tiny, no segmentation",
+                                                                                     "tiny_no_segmentation"))}
+    right = {name: (c["predicted"] == c["label"]).to_numpy() for name, c in cells.items()}
+    row = tests[(tests["level"] == "cells") & (tests["variant"] == "tiny, no segmentation")].iloc[0]
+    assert row["b"] == (right["tiny"] & ~right["tiny, no segmentation"]).sum()
+    assert row["c"] == (~right["tiny"] & right["tiny, no segmentation"]).sum()
+    assert (out / "roc.png").is_file() and (out / "roc.svg").is_file() and "McNemar" in (out / "results.md").read_text()
+    again = runner.invoke(app, ["study", str(spec), "-o", str(out)])
+    assert again.exit_code == 9 and again.output.count("done earlier, kept") == 3
+    other = tmp_path / "other.yaml"
+    other.write_text(yaml.safe_dump({"name": "t", "reference": "a", "variants": [{"name": "a", "set": TINY}]}))
+    refused = runner.invoke(app, ["study", str(other), "-o", str(out)])
+    assert refused.exit_code == 2 and "holds study 's', not 't'" in " ".join(refused.output.split())
