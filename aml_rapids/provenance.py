@@ -143,12 +143,15 @@ def write_run_record(out_dir: Path, stage: str, config: RunConfig, **details) ->
     runs.mkdir(parents=True, exist_ok=True)
     keep_in(out_dir)
     atomic_write_text(Path(out_dir) / "config.yaml", dump_config(config))
-    path = runs / f"{run_id}-{stage}.json"
+    path, k = runs / f"{run_id}-{stage}.json", 1
+    while path.exists():  # the same stage twice in one run (a study's extractions)
+        k += 1
+        path = runs / f"{run_id}-{stage}.{k}.json"
     atomic_write_text(path, json.dumps(run_record(stage, config, run_id, **details), indent=2, default=str))
     return path
 
 
 def run_records(out_dir: Path, stage: str | None = None) -> list[dict]:
     """The run records in ``out_dir/runs`` (of one stage, if given), oldest first."""
-    paths = sorted((Path(out_dir) / "runs").glob(f"*-{stage or '*'}.json"))
-    return sorted((json.loads(p.read_text()) for p in paths), key=lambda r: r["time_utc"])
+    records = (json.loads(p.read_text()) for p in (Path(out_dir) / "runs").glob("*.json"))
+    return sorted((r for r in records if stage in (None, r.get("stage"))), key=lambda r: r["time_utc"])

@@ -103,6 +103,10 @@ def test_a_study_shares_stores_goes_on_past_a_failure_and_resumes(tmp_path):
     assert row["b"] == (right["tiny"] & ~right["tiny, no segmentation"]).sum()
     assert row["c"] == (~right["tiny"] & right["tiny, no segmentation"]).sum()
     assert (out / "roc.png").is_file() and (out / "roc.svg").is_file() and "McNemar" in (out / "results.md").read_text()
+    assert runner.invoke(app, ["report", str(out)]).exit_code == 0
+    page = (out / "report.html").read_text()
+    assert page.count("data:image/png;base64,") == 1 + 3 * 3  # the study's ROC, each variant's three plots
+    assert "McNemar" in page and "tiny, no segmentation" in page and "exact binomial" in page
     again = runner.invoke(app, ["study", str(spec), "-o", str(out)])
     assert again.exit_code == 9 and again.output.count("done earlier, kept") == 3
     other = tmp_path / "other.yaml"

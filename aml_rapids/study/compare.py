@@ -121,7 +121,7 @@ def results_table(results: list[VariantResult]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def _summary(table: pd.DataFrame) -> pd.DataFrame:
+def summary_table(table: pd.DataFrame) -> pd.DataFrame:
     """The results table a person reads: each headline metric with its interval in one column."""
     out = pd.DataFrame({"variant": table["variant"], "cells": table["n"]})
     for prefix, level in (("", "cell"), ("patient_", "patient")):
@@ -143,7 +143,7 @@ def write_comparison(results: list[VariantResult], reference: str, out: Path, ti
     table, tests = results_table(results), mcnemar_table(results, reference)
     atomic_write_text(out / "results.csv", table.to_csv(index=False))
     atomic_write_text(out / "mcnemar.csv", tests.to_csv(index=False))
-    markdown = [f"# {title}", "", _summary(table).to_markdown(index=False), "",
+    markdown = [f"# {title}", "", summary_table(table).to_markdown(index=False), "",
                 f"McNemar's test against {reference} (b: cells {reference} gets right and the variant wrong; c: the "
                 f"reverse; exact binomial when b + c < {EXACT_BELOW}, else chi-square without continuity "
                 "correction; p_holm: Holm-adjusted across variants)", "",

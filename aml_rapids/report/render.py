@@ -1,0 +1,92 @@
+"""Render a run or study folder into ``report.html``: metrics, plots (embedded, so the page travels alone),
+tables, the config, provenance and each stage's time and throughput. It reads what the stages wrote (JSON, CSV,
+PNG, YAML) and computes nothing, so the page always shows exactly the numbers in the files beside it.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as _dt
+import json
+from pathlib import Path
+
+import jinja2
+import pandas as pd
+
+from .. import __version__
+from ..errors import DataError
+from ..outputs import atomic_write_text
+from ..provenance import run_records
+from ..study.compare import summary_table
+
+REPORT = "report.html"
+PLOTS = ("confusion.png", "roc.png", "roc_patients.png")
+
+
+def _image(path: Path) -> dict:
+    return {"name": path.name, "data": base64.b64encode(path.read_bytes()).decode("ascii")}
+
+
+def _table(table: pd.DataFrame) -> str:
+    """A table as HTML (numbers to three significant digits)."""
+    return table.to_html(index=False, float_format=lambda v: f"{v:.3g}", border=0, na_rep="")
+
+
+def _evaluation(folder: Path, root: Path) -> dict:
+    """One evaluation folder (metrics.json and its plots), as the template shows it."""
+    metrics = json.loads((folder / "metrics.json").read_text())
+    levels = []
+    for key, label in (("cell_level", "cells"), ("patient_level", "patients")):
+        if key in metrics:
+            level = metrics[key]
+            levels.append({"label": label, "n": level["n"], "ci95": level["ci95"], "accuracy": level["accuracy"],
+                           "macro_auc": level["macro_auc"], "macro": level["macro"],
+                           "per_class": level["per_class"], "auc": level["auc"]})
+    return {"title": str(folder.relative_to(root)), "metrics": metrics, "levels": levels,
+            "plots": [_image(folder / name) for name in PLOTS if (folder / name).is_file()]}
+
+
+def _stages(folders: list[Path]) -> list[dict]:
+    """Every run record in these folders, oldest first: stage, run id, time, commit, and its seconds and rate."""
+    rows = []
+    for folder in folders:
+        for record in run_records(folder):
+            details = record.get("details", {})
+            seconds = details.get("seconds")  # extract's; train's is the sum of its fit's phases
+            if record["stage"] == "train":
+                seconds = sum(details["model"].get("fit_seconds", {}).values())
+            rows.append({"stage": record["stage"], "run_id": record.get("run_id", ""), "time": record["time_utc"],
+                         "commit": (record.get("git_commit") or "")[:10], "seconds": seconds or None,
+                         "rate": details.get("images_per_s"), "folder": str(folder),
+                         "machine": record["machine"], "versions": record["versions"]})
+    return sorted(rows, key=lambda r: r["time"])
+
+
+def render_report(folder: Path) -> Path:
+    """Write ``folder/report.html`` for a run folder (``aml-rapids run``) or a study folder (``aml-rapids study``)."""
+    folder = Path(folder)
+    evaluations = sorted(p.parent for p in folder.rglob("metrics.json") if "stores" not in p.parts)
+    study = json.loads((folder / "study.json").read_text()) if (folder / "study.json").is_file() else None
+    if not evaluations and study is None:
+        raise DataError(f"{folder} holds no results to report (no metrics.json below it, no study.json)")
+    record_folders = sorted({p.parent.parent for p in folder.rglob("runs/*.json")} | {folder})
+    stages = _stages(record_folders)
+    config = folder / "config.yaml"
+    page = _template().render(
+        folder=folder.resolve(), study=study, version=__version__,
+        made=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        results=_table(summary_table(pd.read_csv(folder / "results.csv"))) if (folder / "results.csv").is_file() else None,
+        mcnemar=_table(pd.read_csv(folder / "mcnemar.csv")) if (folder / "mcnemar.csv").is_file() else None,
+        study_roc=_image(folder / "roc.png") if study and (folder / "roc.png").is_file() else None,
+        evaluations=[_evaluation(p, folder) for p in evaluations if not (study and p == folder)],
+        stages=stages, machine=stages[-1]["machine"] if stages else None,
+        versions=stages[-1]["versions"] if stages else None,
+        config=config.read_text() if config.is_file() else None)
+    return atomic_write_text(folder / REPORT, page)
+
+
+def _template() -> jinja2.Template:
+    env = jinja2.Environment(loader=jinja2.PackageLoader("aml_rapids.report", "templates"),
+                             autoescape=True, undefined=jinja2.StrictUndefined)
+    env.filters["num"] = lambda v, places=3: "undefined" if v is None else f"{v:.{places}f}"
+    return env.get_template("report.html.j2")
