@@ -138,8 +138,11 @@ class ClassifyConfig(_Section):
     """The stacking classifier: PCA per backbone, RBF SVM + random forest, logistic-regression meta-learner."""
 
     backend: Literal["auto", "cuml", "sklearn"] = "auto"
-    pca_components: Union[PositiveInt, Annotated[float, Field(gt=0, lt=1)]] = Field(
-        128, description="PCA components per backbone (an int), or the share of variance to keep (0 to 1)")
+    zscore: bool = Field(True, description="row-wise z-score of each backbone's features (false: raw features, "
+                                           "for the ablation study)")
+    pca_components: Union[PositiveInt, Annotated[float, Field(gt=0, lt=1)], None] = Field(
+        128, description="PCA components per backbone (an int), or the share of variance to keep (0 to 1); null: no "
+                         "PCA, the features go to the learners whole (for the ablation study)")
     pca_mode: Literal["per_backbone", "concatenated"] = Field(
         "per_backbone", description="a PCA per backbone (the method), or one over the backbones side by side")
     svm_c: float = Field(1.0, gt=0)

@@ -247,7 +247,9 @@ def train(store: Path, out: Path, cfg: RunConfig | None = None, overwrite: bool 
 def report_lines(report: dict, title: str) -> list[str]:
     """What was evaluated, then one line per level (cells; patients where there are some): accuracy, macro AUC
     and macro F1, each with its bootstrap 95% interval."""
-    lines = [f"{title} ({report['split_protocol']}), backbones {', '.join(report['backbones'])}:"]
+    backbones = ", ".join(f"{name} ({'pretrained' if b['pretrained'] else 'NOT pretrained'})"
+                          for name, b in report["backbones"].items())
+    lines = [f"{title} ({report['split_protocol']}), backbones {backbones}:"]
     for name, key in (("cells", "cell_level"), ("patients", "patient_level")):
         if key not in report:
             continue
@@ -265,9 +267,10 @@ def report_lines(report: dict, title: str) -> list[str]:
 def evaluate(model: Path, store: Path, split: str = "test", out: Path | None = None,
              cfg: RunConfig | None = None) -> Evaluated:
     """Metrics, plots and per-cell predictions of a model on one split of a store (never its training rows)."""
-    from .classify.train import evaluate as run_evaluate
+    from .classify.train import check_evaluable, evaluate as run_evaluate
 
     cfg, model = cfg or RunConfig(), Path(model)
+    check_evaluable(split)  # before its folder is made
     out = prepare_output_dir(out or model / f"eval-{split}", "report folder")
     report = run_evaluate(model, Path(store), split, out, cfg.evaluate)
     write_run_record(out, "evaluate", cfg, model=str(model), store=str(store), split=split,

@@ -16,7 +16,7 @@ from aml_rapids.classify.data import fold_groups
 from aml_rapids.classify.model import FeatureStackingClassifier
 from aml_rapids.cli import app
 from aml_rapids.data.synthetic import write_demo_dataset
-from aml_rapids.errors import AmlRapidsError
+from aml_rapids.errors import AmlRapidsError, ConfigError
 from aml_rapids.evaluate.metrics import per_class, summary
 
 runner = CliRunner()
@@ -362,6 +362,21 @@ def test_pca_by_variance_share_and_over_concatenated_backbones():
     assert share._reduce(share._backend(), X, fit=False).shape[1] == sum(share.kept_)
     joint = FeatureStackingClassifier(pca_components=6, pca_mode="concatenated", **common).fit(X, y)
     assert len(joint.pcas_) == 1 and joint.pcas_[0].n_features_in_ == 30 and joint.kept_ == [6]
+
+
+def test_the_ablation_can_leave_out_the_z_score_and_the_pca():
+    rng = np.random.default_rng(1)
+    y = rng.choice(["x", "y"], 80)
+    X = rng.normal(size=(80, 12)) * 50 + 7 + (y == "x")[:, None] * 3.0  # far from zero mean, unit spread
+    common = dict(block_dims=(12,), rf_trees=5, folds=2, backend="sklearn")
+    whole = FeatureStackingClassifier(pca_components=None, zscore=False, **common).fit(X, y)
+    assert whole.pcas_ == [] and np.array_equal(whole._reduce(whole._backend(), X, fit=False), X.astype(np.float32))
+    scored = FeatureStackingClassifier(pca_components=None, **common).fit(X, y)
+    Z = scored._reduce(scored._backend(), X, fit=False)
+    assert Z.shape == X.shape and np.allclose(Z.mean(axis=1), 0, atol=1e-5) and np.allclose(Z.std(axis=1), 1, atol=1e-4)
+    assert whole.predict(X).shape == (80,)
+    with pytest.raises(ConfigError, match="without PCA"):
+        FeatureStackingClassifier(pca_components=None, **common).fit_streaming(lambda: iter([X]), y)
 
 
 def test_oversampled_copies_can_be_left_out_of_a_selection(tmp_path):

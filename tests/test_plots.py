@@ -118,7 +118,7 @@ def test_roc_legend_names_classes_auc_and_macro(tmp_path, captured):
 
     (fig,) = captured
     ax = fig.axes[0]
-    assert ax.get_xlim() == (0.0, 1.0) and ax.get_ylim() == (0.0, 1.0) and ax.get_aspect() == 1.0
+    assert ax.get_xlim() == (-0.01, 1.01) and ax.get_ylim() == (-0.01, 1.01) and ax.get_aspect() == 1.0
     macro = next(line for line in ax.get_lines() if line.get_label().startswith("macro"))
     assert macro.get_linestyle() == "--" and macro.get_color() == "black"
     assert macro.get_linewidth() > max(line.get_linewidth() for line in ax.get_lines() if line is not macro)

@@ -21,7 +21,7 @@ import numpy as np
 from sklearn.base import BaseEstimator, ClassifierMixin, clone
 from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
 
-from ..errors import AmlRapidsError, DataError
+from ..errors import AmlRapidsError, ConfigError, DataError
 from ..timing import span
 from .backend import Backend, get_backend
 
@@ -88,14 +88,17 @@ def _svc_as_sklearn(svc):
 class FeatureStackingClassifier(ClassifierMixin, BaseEstimator):
     """``X`` is the backbones' features side by side; ``block_dims`` says where each backbone's columns are.
 
-    ``pca_components``: an int is a count of components, a float in (0, 1) the share of variance to keep.
+    ``zscore``: each row of each backbone to zero mean and unit spread first (the method), or not.
+    ``pca_components``: an int is a count of components, a float in (0, 1) the share of variance to keep, None no
+    PCA (the features go to the learners whole; ``zscore`` and None exist for the ablation study).
     ``pca_mode``: ``per_backbone`` (a PCA per backbone, outputs side by side, as the method) or
     ``concatenated`` (z-scored backbones side by side, then one PCA).
     ``n_jobs``: base learners fitted at once, on threads (None: every core with scikit-learn, 4 with cuML)."""
 
     def __init__(self, block_dims=(1280,), pca_components=128, pca_mode="per_backbone", svm_c=1.0, rf_trees=100,
-                 rf_max_depth=16, rf_max_samples=0.5, folds=5, seed=0, backend="auto", n_jobs=None):
+                 rf_max_depth=16, rf_max_samples=0.5, folds=5, seed=0, backend="auto", n_jobs=None, zscore=True):
         self.block_dims = block_dims
+        self.zscore = zscore
         self.pca_components = pca_components
         self.pca_mode = pca_mode
         self.svm_c = svm_c
@@ -121,12 +124,15 @@ class FeatureStackingClassifier(ClassifierMixin, BaseEstimator):
         return self.block_dims if self.pca_mode == "per_backbone" else (sum(self.block_dims),)
 
     def _zscored(self, be: Backend, X) -> list:
-        """The row-z-scored inputs of each PCA: one per backbone, or all backbones side by side."""
-        blocks = [row_zscore(be.xp, be.asarray(block)) for block in self._blocks(X)]
+        """The (row-z-scored) inputs of each PCA: one per backbone, or all backbones side by side."""
+        blocks = [row_zscore(be.xp, be.asarray(block)) if self.zscore else be.asarray(block)
+                  for block in self._blocks(X)]
         return blocks if self.pca_mode == "per_backbone" else [be.xp.concatenate(blocks, axis=1)]
 
     def pca_fit_components(self, rows: int) -> list[int]:
         """Components each PCA is fitted with: the count asked for, or all there are for a variance share."""
+        if self.pca_components is None:
+            return []
         wanted = self.pca_components if self.pca_components >= 1 else rows
         return [min(int(wanted), rows, dim) for dim in self._reduction_dims()]
 
@@ -146,6 +152,8 @@ class FeatureStackingClassifier(ClassifierMixin, BaseEstimator):
         if fit:
             self._fit_pcas([be.PCA(n_components=n, **be.pca_options(self.seed)).fit(block)
                             for n, block in zip(self.pca_fit_components(X.shape[0]), inputs)])
+        if self.pca_components is None:
+            return be.xp.concatenate(inputs, axis=1).astype(be.xp.float32)
         out = [pca.transform(block)[:, :kept] for pca, kept, block in zip(self.pcas_, self.kept_, inputs)]
         return be.xp.concatenate(out, axis=1).astype(be.xp.float32)
 
@@ -196,6 +204,9 @@ class FeatureStackingClassifier(ClassifierMixin, BaseEstimator):
         """The same model from features too large for memory: ``blocks()`` yields the rows of X in order, a
         block at a time (each with at least ``max(pca_fit_components(rows))`` rows), and is called twice. The
         PCAs are fitted incrementally (IncrementalPCA), so only the reduced features are ever held whole."""
+        if self.pca_components is None:
+            raise ConfigError("training without PCA holds every feature in memory: raise classify.memory_gb, or "
+                              "keep classify.pca_components")
         be = self._backend()
         pcas = [be.IncrementalPCA(n_components=n) for n in self.pca_fit_components(len(y))]
         seconds: dict[str, float] = {}

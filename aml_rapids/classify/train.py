@@ -40,7 +40,7 @@ def new_model(block_dims: tuple[int, ...], cfg: RunConfig) -> FeatureStackingCla
     return FeatureStackingClassifier(block_dims=block_dims, pca_components=c.pca_components, pca_mode=c.pca_mode,
                                      svm_c=c.svm_c, rf_trees=c.rf_trees, rf_max_depth=c.rf_max_depth,
                                      rf_max_samples=c.rf_max_samples, folds=c.folds, seed=c.seed, backend=c.backend,
-                                     n_jobs=c.n_jobs)
+                                     n_jobs=c.n_jobs, zscore=c.zscore)
 
 
 def fit_model(X, rows, block_dims: tuple[int, ...], cfg: RunConfig) -> FeatureStackingClassifier:
@@ -60,7 +60,7 @@ def train(store_path: Path, cfg: RunConfig, out: Path, backbones: list[str] | No
     streamed = len(rows) * sum(dims) * 4 > cfg.classify.memory_gb * 2**30
     if streamed:
         model = new_model(dims, cfg)
-        min_rows = max(model.pca_fit_components(len(rows)))
+        min_rows = max(model.pca_fit_components(len(rows)), default=1)
         model.fit_streaming(lambda: feature_blocks(store, backbones, keep, min_rows=min_rows),
                             rows["label"].to_numpy(), groups=fold_groups(rows))
     else:
@@ -81,11 +81,15 @@ def predict_store(model: FeatureStackingClassifier, store: FeatureStore, backbon
     return np.concatenate([model.predict_proba(X) for X in feature_blocks(store, backbones, keep)]), rows
 
 
+def check_evaluable(split: str) -> None:
+    if split == "train":
+        raise ConfigError("evaluating on the training split would report data the model was fitted on")
+
+
 def evaluate(model_dir: Path, store_path: Path, split: str, out: Path, settings: EvaluateConfig | None = None) -> dict:
     """Metrics on one split, at cell level and, with patients, patient level; refused on features made
     otherwise than the model's and on any cell the model was trained on (by content, whatever its split)."""
-    if split == "train":
-        raise ConfigError("evaluating on the training split would report data the model was fitted on")
+    check_evaluable(split)
     model, info = load_model(model_dir)
     store = FeatureStore.open(store_path)
     check_store_matches(info, store)

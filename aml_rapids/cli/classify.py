@@ -76,5 +76,5 @@ def register(app: typer.Typer) -> None:
         as the model's training data, with the config the model records (so no -c).
 
         A model folder is code: model.joblib is a pickle, run when loaded, so load only model folders you trust.
-        model.json records the sha256 of every file in the folder; a file that differs is refused."""
+        model.json records the sha256 of the model's files; a file that differs is refused."""
         return workflow.predict(model, source, out, set_, overwrite, allow_failed)

@@ -118,7 +118,7 @@ def make_split(table: pd.DataFrame, cfg: SplitConfig) -> SplitResult:
         unit = "images" if cfg.method == "image" else "patients"
         lacking = "; ".join(f"{label} missing from {part}" for label, part in result.missing)
         raise SplitError(f"too few {unit} for a {cfg.method} split with every class in every part: {lacking}.\n"
-                         f"Best feasible split (pass --allow-incomplete to write it):\n{result.counts.to_string()}")
+                         f"Best feasible split (--allow-incomplete, or --set split.allow_incomplete=true, writes it):\n{result.counts.to_string()}")
     return result
 
 

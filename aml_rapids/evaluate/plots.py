@@ -102,8 +102,8 @@ def macro_curve(curves: list[dict]) -> tuple[np.ndarray, np.ndarray, float] | No
 
 def _roc_axes(ax, title: str, legend_title: str) -> None:
     ax.plot([0, 1], [0, 1], color="0.6", linestyle=":", linewidth=1.0, label="chance")
-    ax.set_xlim(0.0, 1.0)
-    ax.set_ylim(0.0, 1.0)
+    ax.set_xlim(-0.01, 1.01)  # a perfect curve runs along the axes: a margin keeps it in sight
+    ax.set_ylim(-0.01, 1.01)
     ax.set_aspect("equal")
     ax.grid(color="0.9", linewidth=0.8)
     ax.set_xlabel("false positive rate", fontsize=11)

@@ -83,7 +83,8 @@ def write_report(rows, proba, classes, info: dict, split: str, out: Path, settin
         report["patient_level"] = {**summary(py, pproba, classes), "ci95": bootstrap(py, pproba, classes, **draws)}
         plot_roc(py, pproba, classes, f"patients: {title}", out / "roc_patients.png")
     report.update(extra or {})
-    columns = [c for c in ("cell_id", "path", "cohort", "patient", "label", "fold") if c in rows]
+    columns = [c for c in ("cell_id", "path", "cohort", "patient", "label") if c in rows]
+    columns += ["fold"] if "fold" in rows and (rows["fold"] >= 0).all() else []  # cross-validation's
     table = prediction_table(rows, np.asarray(proba), classes, columns)
     atomic_write_text(out / PREDICTIONS, table.to_csv(index=False))
     atomic_write_text(out / "metrics.json", json.dumps(report, indent=2))

@@ -150,7 +150,8 @@ def _check_identity(store: FeatureStore, identity: dict) -> None:
     differs = identity_differences({key: store.meta.get(key) for key in identity}, identity)
     if differs:
         raise StoreMismatch(f"store {store.path} was made with another configuration (differs in "
-                            f"{', '.join(differs)}); extract into a new store, or use the config it was made with")
+                            f"{', '.join(differs)}); extract into a new store (-o), or use the config it was made "
+                            "with, or delete the store if it holds nothing you need")
 
 
 ROW_METADATA = ("split", "fold", "label", "patient")  # what a manifest says of a cell that the store keeps
@@ -236,8 +237,8 @@ def _storable(values: np.ndarray, backbone: str, dtype: str) -> np.ndarray:
         peak = float(np.abs(values).max()) if values.size else 0.0
         if peak > FLOAT16_NORMAL[1] or 0.0 < peak < FLOAT16_NORMAL[0]:
             raise ConfigError(f"features of {backbone} reach |x| = {peak:.3g}, outside float16's normal range "
-                              f"({FLOAT16_NORMAL[0]:.1e} to {FLOAT16_NORMAL[1]:.0f}); extract into a new store with "
-                              "features.store_dtype=float32")
+                              f"({FLOAT16_NORMAL[0]:.1e} to {FLOAT16_NORMAL[1]:.0f}); extract into a new store (-o, or delete "
+                              "this one) with --set features.store_dtype=float32")
     return values.astype(dtype)
 
 
