@@ -119,7 +119,8 @@ class FeaturesConfig(_Section):
     """Feature extraction into the Zarr store."""
 
     backbones: list[BackboneConfig] = Field(default_factory=lambda: [
-        BackboneConfig(name="mobilenet_v2"), BackboneConfig(name="resnet101"), BackboneConfig(name="vgg16")])
+        BackboneConfig(name="mobilenet_v2"), BackboneConfig(name="resnet101"), BackboneConfig(name="vgg16")],
+        min_length=1)
     chunk_batches: int = Field(16, ge=1, le=1024,
                                description="loader batches per Zarr chunk (chunks hold whole batches)")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field("auto", description="auto: bf16 on a GPU, fp32 on a CPU")

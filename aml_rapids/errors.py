@@ -30,7 +30,10 @@ class SplitError(AmlRapidsError):
     exit_code = 4
 
 
-EXIT_REJECTS = 5  # `index --strict` and files were rejected
+class RejectedFiles(AmlRapidsError):
+    """``index --strict`` and files were rejected (the manifest and rejects.csv are written all the same)."""
+
+    exit_code = 5
 
 
 class FailedRowsError(AmlRapidsError):

@@ -20,7 +20,7 @@ from rich.console import Console
 from rich.text import Text
 
 log = logging.getLogger("aml_rapids")
-console = Console(stderr=True, soft_wrap=True, markup=False, highlight=False)
+console = Console(stderr=True, soft_wrap=True, markup=False, highlight=False, emoji=False)
 
 PREFIXES = {logging.WARNING: ("warning: ", "yellow"), logging.ERROR: ("error: ", "red")}
 QUIET, NORMAL, VERBOSE = logging.WARNING, logging.INFO, logging.DEBUG

@@ -12,6 +12,7 @@ from fnmatch import fnmatch
 from pathlib import Path
 
 from .errors import OutputError
+from .logs import warn
 
 
 def prepare_output_dir(path: Path, what: str = "output folder") -> Path:
@@ -47,6 +48,9 @@ def prepare_fresh_dir(path: Path, what: str, outputs: Iterable[str], overwrite: 
     if ours and not overwrite:
         raise OutputError(f"{what} {path} already holds an earlier run's results ({', '.join(ours[:5])}); use a "
                           "new folder, or pass --overwrite to replace them")
+    real = [n for n in ours if not fnmatch(n, ".*.tmp")]
+    if real:
+        warn(f"--overwrite: replacing the earlier results in {path}: {', '.join(real)}")
     for name in ours:
         shutil.rmtree(path / name) if (path / name).is_dir() else (path / name).unlink()
     return path

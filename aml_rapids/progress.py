@@ -27,11 +27,16 @@ class _Rate(TextColumn):
 
 
 def _interval() -> float:
+    """Seconds between plain lines: AML_RAPIDS_PROGRESS_SECONDS (0: a line per update), else 30."""
     value = os.environ.get(INTERVAL_ENV, "")
     try:
-        return max(0.0, float(value)) if value else DEFAULT_INTERVAL
+        seconds = float(value) if value else DEFAULT_INTERVAL
     except ValueError:
+        seconds = -1.0
+    if not seconds >= 0:  # negative, NaN or not a number
+        log.warning(f"{INTERVAL_ENV}={value!r} is not a number of seconds >= 0; using {DEFAULT_INTERVAL:g}")
         return DEFAULT_INTERVAL
+    return seconds
 
 
 class _Lines:
@@ -43,8 +48,10 @@ class _Lines:
         self.last = self.start
 
     def advance(self, n: int = 1) -> None:
-        self.done += n
         now = time.monotonic()
+        if not self.done:  # the first item's arrival starts the clock: start-up is not part of the rate
+            self.start = self.last = now
+        self.done += n
         if now - self.last >= self.interval:
             self.last = now
             self._line(now)

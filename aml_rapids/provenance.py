@@ -16,7 +16,7 @@ from pathlib import Path
 
 from . import __version__
 from .config import RunConfig, dump_config
-from .logs import keep_in
+from .logs import keep_in, warn
 from .outputs import atomic_write_text
 
 TRACKED_PACKAGES = (
@@ -153,5 +153,16 @@ def write_run_record(out_dir: Path, stage: str, config: RunConfig, **details) ->
 
 def run_records(out_dir: Path, stage: str | None = None) -> list[dict]:
     """The run records in ``out_dir/runs`` (of one stage, if given), oldest first."""
-    records = (json.loads(p.read_text()) for p in (Path(out_dir) / "runs").glob("*.json"))
-    return sorted((r for r in records if stage in (None, r.get("stage"))), key=lambda r: r["time_utc"])
+    records = []
+    for path in sorted((Path(out_dir) / "runs").glob("*.json")):
+        try:
+            record = json.loads(path.read_text())
+        except (OSError, ValueError) as exc:
+            warn(f"run record {path} cannot be read ({exc}); left out")
+            continue
+        if not isinstance(record, dict) or "time_utc" not in record or "stage" not in record:
+            warn(f"{path} is not an aml-rapids run record; left out")
+            continue
+        if stage in (None, record["stage"]):
+            records.append(record)
+    return sorted(records, key=lambda r: r["time_utc"])

@@ -2,7 +2,8 @@
 
 Each stage reads its inputs, writes its outputs and a run record (``runs/<run id>-<stage>.json``) into its
 folder, logs what it did to the ``aml_rapids`` logger, and returns a small result; ``run`` chains them. The CLI
-and notebooks call these functions, so a notebook's run writes exactly what ``aml-rapids run`` writes.
+and notebooks call these functions, so a notebook's run writes what ``aml-rapids run`` writes (but the log file,
+which the CLI's logging session keeps).
 """
 
 from __future__ import annotations
@@ -126,6 +127,8 @@ def index(source: Path, out: Path | None = None, cfg: RunConfig | None = None) -
     from .data.scan import NoUsableImages
 
     cfg, source = cfg or RunConfig(), Path(source)
+    if not source.exists():  # before any folder is made for it
+        raise DataError(f"dataset {source} does not exist")
     out = prepare_output_dir(out or default_folder(source))
     try:
         with progress_bar(f"indexing {source}") as (advance, set_total):
@@ -151,8 +154,10 @@ def index(source: Path, out: Path | None = None, cfg: RunConfig | None = None) -
         f"(of {result.found:,} candidate images); {result.same_class_duplicates:,} byte-identical copies "
         f"within a class kept; {len(rejected):,} rejected, {len(result.problems) - len(rejected):,} "
         f"non-image files skipped -> {out / 'rejects.csv'}")
-    for path, reason in _failures(rejected[:5]):
-        say(f"{path}: {reason}", "  rejected ", "yellow")
+    if rejected:
+        warn(f"{len(rejected):,} files or folders were rejected (all listed in {out / 'rejects.csv'}): "
+             + "; ".join(f"{path}: {reason}" for path, reason in _failures(rejected[:5]))
+             + (" ..." if len(rejected) > 5 else ""))
     say(f"manifest: {out / 'manifest.parquet'}")
     return Indexed(out / "manifest.parquet", out / "rejects.csv", summary["cells"], summary["patients"],
                    summary["classes"], summary["per_class"], _failures(rejected), len(result.problems) - len(rejected))
@@ -207,6 +212,7 @@ def extract(manifest: Path, store: Path | None = None, cfg: RunConfig | None = N
     cfg, manifest = cfg or RunConfig(), Path(manifest)
     data = read_manifest(manifest)
     store = Path(store or manifest.parent / "features.zarr")
+    prepare_output_dir(manifest.parent / "runs", "run record folder (beside the manifest)")  # before the work
     with progress_bar(f"extracting {', '.join(b.name for b in cfg.features.backbones)}") as (advance, set_total):
         summary = run_extract(data, store, cfg, progress=advance, on_total=set_total)
     totals = FeatureStore.open(store).summary()
@@ -267,10 +273,14 @@ def report_lines(report: dict, title: str) -> list[str]:
 def evaluate(model: Path, store: Path, split: str = "test", out: Path | None = None,
              cfg: RunConfig | None = None) -> Evaluated:
     """Metrics, plots and per-cell predictions of a model on one split of a store (never its training rows)."""
+    from .classify.io import read_info
     from .classify.train import check_evaluable, evaluate as run_evaluate
+    from .features.store import FeatureStore
 
     cfg, model = cfg or RunConfig(), Path(model)
-    check_evaluable(split)  # before its folder is made
+    check_evaluable(split)  # before its folder is made, as are the model and the store
+    read_info(model)
+    FeatureStore.open(store)
     out = prepare_output_dir(out or model / f"eval-{split}", "report folder")
     report = run_evaluate(model, Path(store), split, out, cfg.evaluate)
     write_run_record(out, "evaluate", cfg, model=str(model), store=str(store), split=split,
@@ -286,8 +296,10 @@ def evaluate(model: Path, store: Path, split: str = "test", out: Path | None = N
 def cross_validate(store: Path, out: Path | None = None, cfg: RunConfig | None = None) -> Evaluated:
     """Patient-grouped k-fold cross-validation on a store of a ``kfold`` manifest: pooled out-of-fold report."""
     from .classify.crossval import cross_validate as run_cv
+    from .features.store import FeatureStore
 
     cfg, store = cfg or RunConfig(), Path(store)
+    FeatureStore.open(store)  # before its report folder is made
     out = prepare_output_dir(out or store.parent / "cv", "report folder")
 
     def show(fold: dict) -> None:

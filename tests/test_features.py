@@ -21,7 +21,7 @@ from aml_rapids.config import IndexConfig, load_config
 from aml_rapids.data.manifest import build_manifest, write_manifest
 from aml_rapids.data.splits import make_split
 from aml_rapids.data.synthetic import write_demo_dataset
-from aml_rapids.errors import AmlRapidsError, OutputError
+from aml_rapids.errors import AmlRapidsError, ConfigError, OutputError
 from aml_rapids.features import extract as extract_module
 from aml_rapids.features.backbones import REGISTRY
 from aml_rapids.features.extract import TIME_PARTS, compile_settings, extract, load_backbones
@@ -89,6 +89,22 @@ def test_weights_errors(tmp_path):
     (tmp_path / "text.pth").write_text("hello")
     with pytest.raises(WeightsError, match="cannot read weights file"):
         load_backbone("tiny", str(tmp_path / "text.pth"))
+
+
+def test_a_cached_imagenet_file_that_is_not_torchvisions_is_refused(tmp_path, monkeypatch):
+    """torchvision names each checkpoint by its sha256's first digits: a file of that name with other contents
+    (a random state_dict saved there) would otherwise be used and reported as ImageNet weights."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    cached = tmp_path / "hub" / "checkpoints" / "mobilenet_v2-b0353104.pth"
+    cached.parent.mkdir(parents=True)
+    torch.save(REGISTRY["mobilenet_v2"].build().state_dict(), cached)
+    with pytest.raises(WeightsError, match="is not torchvision's ImageNet checkpoint for mobilenet_v2.*b0353104"):
+        load_backbone("mobilenet_v2", "imagenet")
+
+
+def test_an_empty_backbone_list_is_refused():
+    with pytest.raises(ConfigError, match="features.backbones"):
+        load_config(None, ["features.backbones=[]"])
 
 
 def test_a_fine_tuned_checkpoint_is_just_another_weights_source(tmp_path):

@@ -94,6 +94,23 @@ def test_predict_refuses_a_used_folder_and_overwrite_replaces_only_its_own_files
     assert code == 8 and "notes.txt" in message and (out / "notes.txt").read_text() == "mine"
 
 
+def test_an_interrupted_prediction_resumes_and_overwrite_says_what_it_replaces(trained, tmp_path):
+    write_demo_dataset(tmp_path / "new", 1, 3, seed=12)
+    write_demo_dataset(tmp_path / "other", 1, 2, seed=13)
+    out = tmp_path / "pred"
+    assert cli("predict", trained / "model", tmp_path / "new", "-o", out)[0] == 0
+    before = pd.read_csv(out / "predictions.csv")
+    for name in ("predictions.csv", "patients.csv"):  # as a kill during extraction leaves it: a store, no results
+        (out / name).unlink()
+    code, message = cli("predict", trained / "model", tmp_path / "other", "-o", out)
+    assert code == 8 and "unfinished prediction of" in message and not (out / "predictions.csv").exists()
+    code, message = cli("predict", trained / "model", tmp_path / "new", "-o", out)
+    assert code == 0 and f"resuming the unfinished prediction in {out}" in message
+    pd.testing.assert_frame_equal(pd.read_csv(out / "predictions.csv"), before)
+    code, message = cli("predict", trained / "model", tmp_path / "new", "-o", out, "--overwrite")
+    assert code == 0 and "--overwrite: replacing the earlier results" in message and "predictions.csv" in message
+
+
 def test_train_keeps_to_new_folders_or_its_own_earlier_model(trained, tmp_path):
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "config.yaml").write_text("my settings")

@@ -175,16 +175,46 @@ def test_sigterm_stops_extract_cleanly_and_a_rerun_resumes(tmp_path):
     net = ["--set", "features.backbones=[{name: mobilenet_v2, weights: none}]", "--set", "features.store_dtype=float32",
            "--set", "loader.image_size=64", "--set", "loader.batch_size=8", "--set", "features.chunk_batches=1"]
     command = [sys.executable, "-m", "aml_rapids", "extract", str(out / "manifest.parquet"), *net]
-    job = subprocess.Popen(command, stderr=subprocess.PIPE, text=True,
-                           env={**os.environ, "AML_RAPIDS_PROGRESS_SECONDS": "0"})
-    for line in job.stderr:
-        if line.startswith("extracting mobilenet_v2: 16/"):  # two of 25 chunks done
-            job.send_signal(signal.SIGTERM)
-            break
-    rest = job.stderr.read()
+    with subprocess.Popen(command, stderr=subprocess.PIPE, text=True,
+                          env={**os.environ, "AML_RAPIDS_PROGRESS_SECONDS": "0"}) as job:
+        for line in job.stderr:
+            if line.startswith("extracting mobilenet_v2: 16/"):  # two of 25 chunks done
+                job.send_signal(signal.SIGTERM)
+                break
+        rest = job.stderr.read()
     assert job.wait(timeout=120) == 143, rest
+    assert "Task was destroyed" not in rest and "never retrieved" not in rest  # zarr's cut-short tasks, quiet
     assert "terminated (SIGTERM); finished work is kept" in rest
     again = runner.invoke(app, ["extract", str(out / "manifest.parquet"), *net])
     assert again.exit_code == 0, again.output
     done = run_records(out, "extract")[-1]["details"]
     assert done["rows_skipped"] >= 16 and done["rows_written"] + done["rows_skipped"] == 200
+
+
+def test_strict_is_an_error_json_reports_and_quiet_still_shows(tmp_path):
+    from conftest import write_image
+
+    write_image(tmp_path / "data" / "a" / "p1" / "x.png", fmt="PNG")
+    write_image(tmp_path / "data" / "b" / "p2" / "y.png", fmt="PNG")
+    (tmp_path / "data" / "b" / "p2" / "broken.tif").write_bytes(b"not an image")
+    result = runner.invoke(app, ["index", str(tmp_path / "data"), "-o", str(tmp_path / "run"), "--strict", "-q",
+                                 "--json"])
+    assert result.exit_code == 5
+    assert json.loads(result.stdout)["exit_code"] == 5 and "broken.tif" in result.stderr
+    assert "--strict: 1 files or folders were rejected" in result.stderr
+
+
+def test_mistyped_inputs_make_no_output_folders(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert runner.invoke(app, ["index", "nowhere"]).exit_code == 3
+    assert runner.invoke(app, ["evaluate", "typo", "nostore.zarr"]).exit_code == 3
+    assert runner.invoke(app, ["cv", "nostore.zarr"]).exit_code == 3
+    assert runner.invoke(app, ["evaluate", "typo", "nostore.zarr", "--split", "train"]).exit_code == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_run_records_skip_what_is_not_a_record(tmp_path):
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "runs" / "torn.json").write_text("{ not json")
+    (tmp_path / "runs" / "x-y.json").write_text("[1, 2]")
+    assert run_records(tmp_path) == []

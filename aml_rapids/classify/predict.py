@@ -16,19 +16,20 @@ import pandas as pd
 from ..config import RunConfig, load_config
 from ..data.manifest import build_manifest
 from ..data.scan import NoUsableImages, Problem, printable
-from ..errors import ConfigError, DataError
+from ..errors import ConfigError, DataError, OutputError
 from ..evaluate.metrics import patient_means
 from ..evaluate.report import prediction_table
 from ..features.extract import extract, load_backbones, store_identity
 from ..features.lock import lock_path
 from ..features.store import ATTRS_KEY, FeatureStore
 from ..loader.loader import resolve_device
+from ..logs import say
 from ..outputs import prepare_fresh_dir
 from .io import check_features_match, check_store_matches, load_model, seen_in_training
 from .train import predict_store
 
 FAILED = "failed.csv"  # every given image that could not be used, and why
-OUTPUTS = ("predictions.csv", "patients.csv", FAILED, "features.zarr")
+OUTPUTS = ("predictions.csv", "patients.csv", FAILED, "features.zarr", "features.zarr.partial")
 
 
 @dataclass
@@ -49,8 +50,12 @@ def predict(model_dir: Path, source: Path, out: Path, overrides: list[str] | Non
             progress=None, on_total=None) -> Prediction:
     """Per-cell class probabilities and a per-patient summary (mean probabilities), also written as CSV into
     ``out``: a new or empty folder, or (``overwrite``) one holding only an earlier prediction's files."""
-    prepare_fresh_dir(out, "prediction folder", (*OUTPUTS, lock_path(out / "features.zarr").name), overwrite)
-    model, info = load_model(model_dir)
+    model, info = load_model(model_dir)  # first, so that a mistyped model folder makes no output folder
+    resuming = _unfinished(out, source) and not overwrite
+    if resuming:
+        say(f"resuming the unfinished prediction in {out}")
+    else:
+        prepare_fresh_dir(out, "prediction folder", (*OUTPUTS, lock_path(out / "features.zarr").name), overwrite)
     failures: list[Problem] = []
     warnings: list[str] = []
     cfg = None
@@ -98,6 +103,22 @@ def predict(model_dir: Path, source: Path, out: Path, overrides: list[str] | Non
                         "<patient>/<image> the patients are taken for classes and the cells have none; give a CSV "
                         "with path, label (any text) and patient columns instead")
     return Prediction(cells, patients, failures, int(cells["in_training"].sum()), cfg, warnings)
+
+
+def _unfinished(out: Path, source: Path) -> bool:
+    """Whether ``out`` holds a prediction of these images that was interrupted while extracting them (a store,
+    no predictions yet): the same command then resumes it. Another source's unfinished store is refused."""
+    store = out / "features.zarr"
+    if not store.is_dir() or (out / "predictions.csv").exists():
+        return False
+    try:
+        made_from = FeatureStore.open(store).meta["manifests"][0]["source"]
+    except (DataError, KeyError, IndexError):
+        return False  # not a store this command can resume; the fresh-folder check reports the folder
+    if made_from != str(Path(source).resolve()):
+        raise OutputError(f"prediction folder {out} holds an unfinished prediction of {made_from}, not of {source}; "
+                          "use a new folder, or pass --overwrite to replace it")
+    return True
 
 
 def _write_failures(failures: list[Problem], out: Path) -> None:

@@ -12,6 +12,7 @@ import errno
 import functools
 import inspect
 import json
+import logging
 import signal
 import sys
 import threading
@@ -98,9 +99,12 @@ def _exit_code(exc: BaseException) -> tuple[int, str] | None:
     if isinstance(exc, OSError) and exc.errno in WRITE_ERRNOS:
         return OutputError.exit_code, f"{exc.filename or ''}: {exc.strerror}".lstrip(": ")
     if isinstance(exc, KeyboardInterrupt):
+        # zarr's pending write tasks die with the process; asyncio would log each of them at exit
+        logging.getLogger("asyncio").setLevel(logging.CRITICAL)
         how = "terminated (SIGTERM)" if isinstance(exc, Terminated) else "interrupted"
         return (EXIT_TERMINATED if isinstance(exc, Terminated) else EXIT_INTERRUPTED,
-                f"{how}; finished work is kept (extract resumes where it stopped)")
+                f"{how}; finished work is kept: the same command again resumes an extraction or prediction "
+                "where it stopped")
     return None
 
 

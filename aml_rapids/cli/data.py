@@ -8,8 +8,7 @@ from typing import Annotated, Optional
 import typer
 
 from .. import workflow
-from ..errors import EXIT_REJECTS
-from ..logs import say
+from ..errors import RejectedFiles
 from ._common import ConfigOpt, ManifestArg, SetOpt, command, from_config, out_option, resolve_config
 
 
@@ -35,8 +34,8 @@ def register(app: typer.Typer) -> None:
         cfg = resolve_config(config, set_, **{"index.label_column": label_column, "index.cohort": cohort})
         result = workflow.index(source, out, cfg)
         if strict and result.rejected:
-            say(f"{len(result.rejected)} files or folders were rejected", "--strict: ", "red")
-            raise typer.Exit(EXIT_REJECTS)
+            raise RejectedFiles(f"--strict: {len(result.rejected):,} files or folders were rejected, listed in "
+                                f"{result.rejects}")
         return result
 
     @command(app)

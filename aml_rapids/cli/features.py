@@ -45,5 +45,5 @@ def register(app: typer.Typer) -> None:
             table.add_row(row["name"], str(row["dim"]), row["layer"], row["input_size"] or "any",
                           "cached" if row["imagenet"]["cached"] else "not cached")
         if not json_requested():
-            Console(markup=False, highlight=False).print(table)  # the listing is the command's output: stdout
+            Console(markup=False, highlight=False, emoji=False).print(table)  # the listing is the command's output: stdout
         return rows

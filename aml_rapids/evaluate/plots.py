@@ -18,18 +18,22 @@ import numpy as np  # noqa: E402
 from matplotlib.ticker import PercentFormatter  # noqa: E402
 from sklearn.metrics import auc, confusion_matrix, roc_curve  # noqa: E402
 
+from ..outputs import atomic_write  # noqa: E402
+
 # Class names and paths are text, not TeX; SVG text stays text so a paper's author can edit it.
 TEXT_RC = {"text.parse_math": False, "svg.fonttype": "none", "svg.hashsalt": "aml-rapids"}
 
 
 def _save(fig, out: Path) -> list[Path]:
-    """Write ``fig`` as ``out`` (PNG) and the SVG beside it, close it, return both paths."""
+    """Write ``fig`` as ``out`` (PNG) and the SVG beside it, each atomically, close it, return both paths."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     svg = out.with_suffix(".svg")
-    fig.savefig(out, dpi=150, bbox_inches="tight")
-    fig.savefig(svg, bbox_inches="tight", metadata={"Date": None})
-    plt.close(fig)
+    try:
+        atomic_write(out, lambda tmp: fig.savefig(tmp, format="png", dpi=150, bbox_inches="tight"))
+        atomic_write(svg, lambda tmp: fig.savefig(tmp, format="svg", bbox_inches="tight", metadata={"Date": None}))
+    finally:
+        plt.close(fig)
     return [out, svg]
 
 

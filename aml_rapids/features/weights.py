@@ -3,7 +3,9 @@ file, or ``none`` (seeded random initialisation). Whatever was used is recorded 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.error import URLError
@@ -65,7 +67,8 @@ def _imagenet_file(spec: BackboneSpec) -> Path:
     url, cached = imagenet_cache(spec)
     if not cached.is_file():
         try:
-            torch.hub.load_state_dict_from_url(url, progress=True, check_hash=True)
+            with contextlib.redirect_stdout(sys.stderr):  # torch prints "Downloading ..." there; stdout is --json's
+                torch.hub.load_state_dict_from_url(url, progress=True, check_hash=True)
         except (URLError, OSError, RuntimeError) as exc:
             raise WeightsError(
                 f"ImageNet weights for {spec.name} are not cached at {cached} and could not be downloaded ({exc}). "
@@ -113,6 +116,12 @@ def load_backbone(name: str, weights: str = "imagenet", seed: int = 0) -> tuple[
         path = _imagenet_file(spec) if weights == "imagenet" else Path(weights)
         if not path.is_file():
             raise WeightsError(f"weights file {path} for {name} does not exist")
+        digest = file_sha256(path)
+        named = torch.hub.HASH_REGEX.search(path.name) if weights == "imagenet" else None
+        if named and not digest.startswith(named.group(1)):  # torchvision names its checkpoints by their hash
+            raise WeightsError(f"{path} is not torchvision's ImageNet checkpoint for {name}: its sha256 "
+                               f"{digest[:12]}... does not start with {named.group(1)}, as its name says; delete "
+                               "it and put the real file there")
         _load_into(model, _read_state_dict(path), path, name)
-        info = WeightsInfo("imagenet" if weights == "imagenet" else str(path), file_sha256(path), True)
+        info = WeightsInfo("imagenet" if weights == "imagenet" else str(path), digest, True)
     return spec.truncate(model).eval(), info
