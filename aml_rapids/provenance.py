@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as _dt
+import functools
 import json
 import os
 import platform
@@ -83,9 +84,11 @@ def machine_info() -> dict:
     }
 
 
+@functools.lru_cache(maxsize=None)
 def git_commit(path: Path | None = None) -> str | None:
     """``AML_RAPIDS_COMMIT`` when set (a copy of the tree whose .git is missing or stale, as on a borrowed GPU
-    machine), else the commit of the aml-rapids checkout it runs from."""
+    machine), else the commit of the aml-rapids checkout it runs from. Read once a process: the code a process
+    runs is the code it started with, whatever is committed while it runs."""
     if os.environ.get("AML_RAPIDS_COMMIT"):
         return os.environ["AML_RAPIDS_COMMIT"]
     here = path or Path(__file__).resolve().parent

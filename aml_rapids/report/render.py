@@ -46,7 +46,7 @@ def _evaluation(folder: Path, root: Path) -> dict:
             "plots": [_image(folder / name) for name in PLOTS if (folder / name).is_file()]}
 
 
-def _stages(folders: list[Path]) -> list[dict]:
+def _stages(folders: list[Path], root: Path) -> list[dict]:
     """Every run record in these folders, oldest first: stage, run id, time, commit, and its seconds and rate."""
     rows = []
     for folder in folders:
@@ -57,20 +57,31 @@ def _stages(folders: list[Path]) -> list[dict]:
                 seconds = sum(details["model"].get("fit_seconds", {}).values())
             rows.append({"stage": record["stage"], "run_id": record.get("run_id", ""), "time": record["time_utc"],
                          "commit": (record.get("git_commit") or "")[:10], "seconds": seconds or None,
-                         "rate": details.get("images_per_s"), "folder": str(folder),
+                         "rate": details.get("images_per_s"), "folder": str(folder.relative_to(root)),
                          "machine": record["machine"], "versions": record["versions"]})
     return sorted(rows, key=lambda r: r["time"])
+
+
+def _variant_position(report: Path, root: Path, study: dict | None) -> int:
+    """Where a report's variant stands in the study file (a run's evaluations: all at 0)."""
+    if study is None:
+        return 0
+    names = [v["name"] for v in study["variants"]]
+    record = next((p / "variant.json" for p in report.parents if (p / "variant.json").is_file()), None)
+    name = json.loads(record.read_text())["name"] if record else None
+    return names.index(name) if name in names else len(names)
 
 
 def render_report(folder: Path) -> Path:
     """Write ``folder/report.html`` for a run folder (``aml-rapids run``) or a study folder (``aml-rapids study``)."""
     folder = Path(folder)
-    evaluations = sorted(p.parent for p in folder.rglob("metrics.json") if "stores" not in p.parts)
     study = json.loads((folder / "study.json").read_text()) if (folder / "study.json").is_file() else None
+    evaluations = sorted((p.parent for p in folder.rglob("metrics.json") if p.parent != folder),
+                         key=lambda p: (_variant_position(p, folder, study), str(p)))
     if not evaluations and study is None:
         raise DataError(f"{folder} holds no results to report (no metrics.json below it, no study.json)")
     record_folders = sorted({p.parent.parent for p in folder.rglob("runs/*.json")} | {folder})
-    stages = _stages(record_folders)
+    stages = _stages(record_folders, folder)
     config = folder / "config.yaml"
     page = _template().render(
         folder=folder.resolve(), study=study, version=__version__,
@@ -78,7 +89,7 @@ def render_report(folder: Path) -> Path:
         results=_table(summary_table(pd.read_csv(folder / "results.csv"))) if (folder / "results.csv").is_file() else None,
         mcnemar=_table(pd.read_csv(folder / "mcnemar.csv")) if (folder / "mcnemar.csv").is_file() else None,
         study_roc=_image(folder / "roc.png") if study and (folder / "roc.png").is_file() else None,
-        evaluations=[_evaluation(p, folder) for p in evaluations if not (study and p == folder)],
+        evaluations=[_evaluation(p, folder) for p in evaluations],
         stages=stages, machine=stages[-1]["machine"] if stages else None,
         versions=stages[-1]["versions"] if stages else None,
         config=config.read_text() if config.is_file() else None)
