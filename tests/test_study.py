@@ -113,3 +113,15 @@ def test_a_study_shares_stores_goes_on_past_a_failure_and_resumes(tmp_path):
     other.write_text(yaml.safe_dump({"name": "t", "reference": "a", "variants": [{"name": "a", "set": TINY}]}))
     refused = runner.invoke(app, ["study", str(other), "-o", str(out)])
     assert refused.exit_code == 2 and "holds study 's', not 't'" in " ".join(refused.output.split())
+
+
+@pytest.mark.slow
+def test_a_kfold_study_compares_pooled_out_of_fold_predictions(tmp_path):
+    runner.invoke(app, ["demo-data", "-o", str(tmp_path / "demo"), "--patients", "4", "--cells", "4"])
+    spec = _spec(tmp_path, set={**TINY, "split.method": "kfold", "split.folds": 4}, reference="a",
+                 variants=[{"name": "a"}, {"name": "b", "set": {"classify.svm_c": 10.0}}])
+    result = runner.invoke(app, ["study", str(spec), str(tmp_path / "demo"), "-o", str(tmp_path / "s")])
+    assert result.exit_code == 0, result.output
+    tests = pd.read_csv(tmp_path / "s" / "mcnemar.csv")
+    assert list(tests["level"]) == ["cells", "patients"] and list(tests["n"]) == [80, 20]  # every cell, once
+    assert "patient-grouped k-fold, out-of-fold" in (tmp_path / "s" / "results.md").read_text()
