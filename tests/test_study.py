@@ -12,7 +12,7 @@ import yaml
 from typer.testing import CliRunner
 
 from aml_rapids.cli import app
-from aml_rapids.errors import ConfigError
+from aml_rapids.errors import AmlRapidsError, ConfigError
 from aml_rapids.study.compare import mcnemar_test
 from aml_rapids.study.spec import read_spec, variant_config
 
@@ -125,3 +125,17 @@ def test_a_kfold_study_compares_pooled_out_of_fold_predictions(tmp_path):
     tests = pd.read_csv(tmp_path / "s" / "mcnemar.csv")
     assert list(tests["level"]) == ["cells", "patients"] and list(tests["n"]) == [80, 20]  # every cell, once
     assert "patient-grouped k-fold, out-of-fold" in (tmp_path / "s" / "results.md").read_text()
+
+
+def test_a_study_folder_is_claimed_before_any_work_and_its_base_is_kept(tmp_path):
+    from aml_rapids.study.runner import run_study
+
+    runner.invoke(app, ["demo-data", "-o", str(tmp_path / "demo"), "--patients", "4", "--cells", "2"])
+    spec = _spec(tmp_path, set={**TINY, "split.folds": 50, "split.method": "kfold"}, reference="a",
+                 variants=[{"name": "a"}])
+    with pytest.raises(AmlRapidsError, match="50"):  # the split fails after indexing
+        run_study(spec, tmp_path / "s", tmp_path / "demo")
+    with pytest.raises(ConfigError, match="other base settings"):  # a changed base is refused, not mixed in
+        run_study(spec, tmp_path / "s", tmp_path / "demo", ["classify.svm_c=3"])
+    study = json.loads((tmp_path / "s" / "study.json").read_text())
+    assert study["data"] == str((tmp_path / "demo").resolve()) and study["base"]

@@ -18,14 +18,14 @@ def register(app: typer.Typer) -> None:
         data: Annotated[Optional[Path], typer.Argument(
             metavar="DATA", show_default="the study folder's own, when resuming",
             help="Dataset folder or CSV, indexed and split once for every variant.")] = None,
-        out: Annotated[Optional[Path], out_option("runs/<study name>", "Study folder")] = None,
+        out: Annotated[Optional[Path], out_option("runs/<study name>-<hash>", "Study folder")] = None,
         set_: SetOpt = None,
     ):
         """Run every variant of a study that has not run yet (extract, train, evaluate; or cross-validate), sharing
         one store between variants with the same extraction settings, then compare them on the same cells:
         results.csv/.md, McNemar's tests against the reference (mcnemar.csv) and their ROC curves (roc.png/.svg).
         A variant that fails is reported and the others go on (exit code 9)."""
-        from ..study.runner import run_study
+        from ..study.runner import run_study, slug
         from ..study.spec import read_spec
 
-        return run_study(spec, out or Path("runs") / read_spec(spec).name, data, set_)
+        return run_study(spec, out or Path("runs") / slug(read_spec(spec).name), data, set_)

@@ -32,6 +32,12 @@ def _table(table: pd.DataFrame) -> str:
     return table.to_html(index=False, float_format=lambda v: f"{v:.3g}", border=0, na_rep="")
 
 
+def _csv(path: Path) -> pd.DataFrame:
+    """A study table as written: names stay text (a variant called NA or 1e-3 is a name, not a number)."""
+    return pd.read_csv(path, dtype={"variant": str, "reference": str, "level": str, "test": str},
+                       keep_default_na=False, na_values=[""])
+
+
 def _evaluation(folder: Path, root: Path) -> dict:
     """One evaluation folder (metrics.json and its plots), as the template shows it."""
     metrics = json.loads((folder / "metrics.json").read_text())
@@ -86,8 +92,8 @@ def render_report(folder: Path) -> Path:
     page = _template().render(
         folder=folder.resolve(), study=study, version=__version__,
         made=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        results=_table(summary_table(pd.read_csv(folder / "results.csv"))) if (folder / "results.csv").is_file() else None,
-        mcnemar=_table(pd.read_csv(folder / "mcnemar.csv")) if (folder / "mcnemar.csv").is_file() else None,
+        results=_table(summary_table(_csv(folder / "results.csv"))) if (folder / "results.csv").is_file() else None,
+        mcnemar=_table(_csv(folder / "mcnemar.csv")) if (folder / "mcnemar.csv").is_file() else None,
         study_roc=_image(folder / "roc.png") if study and (folder / "roc.png").is_file() else None,
         evaluations=[_evaluation(p, folder) for p in evaluations],
         stages=stages, machine=stages[-1]["machine"] if stages else None,

@@ -64,10 +64,10 @@ def mcnemar_test(reference_correct: np.ndarray, other_correct: np.ndarray) -> di
     c = int((~reference_correct & other_correct).sum())
     table = [[int((reference_correct & other_correct).sum()), b], [c, int((~reference_correct & ~other_correct).sum())]]
     exact = mcnemar(table, exact=True)
-    chi2 = mcnemar(table, exact=False, correction=False)
+    chi2 = mcnemar(table, exact=False, correction=False) if b + c else None  # no discordant cells: no statistic
     use_exact = b + c < EXACT_BELOW
     return {"n": len(reference_correct), "b": b, "c": c, "exact_p": float(exact.pvalue),
-            "chi2": float(chi2.statistic), "chi2_p": float(chi2.pvalue),
+            "chi2": float(chi2.statistic) if chi2 else None, "chi2_p": float(chi2.pvalue) if chi2 else None,
             "test": "exact binomial" if use_exact else "chi-square, no continuity correction",
             "p": float(exact.pvalue if use_exact else chi2.pvalue)}
 

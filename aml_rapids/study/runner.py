@@ -4,7 +4,7 @@ compare them on the same cells.
     DIR/manifest.parquet          the cells and their split, shared by every variant
     DIR/stores/<key>/features.zarr  one store per extraction config: variants that differ only in the classifier
                                   share one, so they never extract again
-    DIR/variants/<name>/          each variant's model and report (eval-test/ or cv/) and variant.json
+    DIR/variants/<name>-<hash>/   each variant's model and report (eval-test/ or cv/) and variant.json
     DIR/results.csv, results.md, mcnemar.csv, roc.png, roc.svg, study.json
 
 A variant is done once its ``variant.json`` is written, so a study killed midway resumes with the variants
@@ -53,24 +53,45 @@ def store_key(cfg: RunConfig) -> str:
     return hashlib.sha256(json.dumps(decides, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
+def slug(name: str) -> str:
+    """A folder name any file system takes, still readable, and unique per name."""
+    readable = re.sub(r"[^A-Za-z0-9._+-]+", "_", name).strip("._")[:48] or "study"
+    return f"{readable}-{hashlib.sha256(name.encode()).hexdigest()[:6]}"
+
+
 def variant_folder(out: Path, name: str) -> Path:
-    """A folder name any file system takes, still readable, and unique per variant name."""
-    slug = re.sub(r"[^A-Za-z0-9._+-]+", "_", name).strip("_")[:48] or "variant"
-    return out / "variants" / f"{slug}-{hashlib.sha256(name.encode()).hexdigest()[:6]}"
+    return out / "variants" / slug(name)
 
 
-def _check_folder(out: Path, spec: StudySpec, data: Path | None) -> None:
-    """A study folder belongs to one study (by name) and one dataset."""
+def _base_digest(base: RunConfig) -> str:
+    return hashlib.sha256(json.dumps(base.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()
+
+
+def _claim_folder(out: Path, spec: StudySpec, data: Path | None, base: RunConfig) -> Path:
+    """A study folder belongs to one study (by name), one dataset and one base config: all recorded before any
+    work, checked on every later run (so no resumed study pairs variants made with two bases). Returns the data."""
     record = out / STUDY_FILE
     if record.exists():
         held = json.loads(record.read_text())
         if held.get("name") != spec.name:
             raise ConfigError(f"study folder {out} holds study {held.get('name')!r}, not {spec.name!r}; use a new "
                               "folder for another study")
-        if data is not None and held.get("data") not in (None, str(data)):
+        if data is not None and held["data"] != str(Path(data).resolve()):
             raise ConfigError(f"study folder {out} was made from {held['data']}, not {data}; use a new folder")
-    elif any(out.iterdir()):
+        if held.get("base") != _base_digest(base):
+            raise ConfigError(f"study folder {out} was made with other base settings (the study's config or set, or "
+                              "--set); variants made with two bases cannot be compared: use a new folder")
+        return Path(held["data"])
+    if any(out.iterdir()):
         raise ConfigError(f"study folder {out} is not empty and holds no {STUDY_FILE}; use a new or empty folder")
+    if data is None:
+        raise ConfigError("a new study needs its data: aml-rapids study STUDY.yaml DATA")
+    atomic_write_text(record, json.dumps({"name": spec.name, "description": spec.description,
+                                          "data": str(Path(data).resolve()), "base": _base_digest(base),
+                                          "reference": spec.reference,
+                                          "variants": [v.model_dump() for v in spec.expand()]},
+                                         indent=2, default=str))
+    return Path(data)
 
 
 def _run_variant(variant: Variant, cfg: RunConfig, manifest: Path, out: Path) -> tuple[Path, int]:
@@ -84,8 +105,9 @@ def _run_variant(variant: Variant, cfg: RunConfig, manifest: Path, out: Path) ->
     else:
         trained = workflow.train(store, folder / "model", cfg, overwrite=True)
         report = workflow.evaluate(trained.model, store, "test", folder / "model" / "eval-test", cfg).folder
-    atomic_write_text(folder / "variant.json", json.dumps(
-        {"name": variant.name, "set": variant.set, "store": str(store), "report": str(report)}, indent=2, default=str))
+    atomic_write_text(folder / "variant.json", json.dumps(  # paths within the study folder, which may move
+        {"name": variant.name, "set": variant.set, "store": str(store.relative_to(out)),
+         "report": str(report.relative_to(out))}, indent=2, default=str))
     return report, extracted.rows_written
 
 
@@ -98,7 +120,7 @@ def _done(variant: Variant, out: Path) -> Path | None:
     if held["set"] != json.loads(json.dumps(variant.set, default=str)):
         raise ConfigError(f"variant {variant.name!r} in {out} was run with other overrides ({held['set']}); "
                           "rename the variant, or use a new study folder")
-    return Path(held["report"])
+    return out / held["report"]
 
 
 def run_study(spec_path: Path, out: Path, data: Path | None = None, overrides: list[str] | None = None) -> StudyResult:
@@ -107,19 +129,13 @@ def run_study(spec_path: Path, out: Path, data: Path | None = None, overrides: l
     variants = spec.expand()
     configs = {v.name: variant_config(spec, v, overrides) for v in variants}  # every key checked before any work
     out = prepare_output_dir(out, "study folder")
-    _check_folder(out, spec, data)
     base = load_config(spec.config, as_overrides(spec.set) + list(overrides or []))
+    data = _claim_folder(out, spec, data, base)
     manifest = out / "manifest.parquet"
-    if not manifest.exists():
-        if data is None:
-            raise ConfigError("a new study needs its data: aml-rapids study STUDY.yaml DATA")
+    if not manifest.exists():  # index and split again after a run that stopped before they were done
         workflow.index(data, out, base)
+    if read_manifest(manifest).meta.get("split") is None:
         workflow.split(manifest, base)
-    atomic_write_text(out / STUDY_FILE, json.dumps({"name": spec.name, "description": spec.description,
-                                                    "data": str(data or read_manifest(manifest).root),
-                                                    "reference": spec.reference,
-                                                    "variants": [v.model_dump() for v in variants]},
-                                                   indent=2, default=str))
     result = StudyResult(out, [])
     reports: dict[str, Path] = {}
     for k, variant in enumerate(variants, 1):
