@@ -435,3 +435,20 @@ def test_grouped_folds_without_groups_are_stratified_row_folds():
     codes = np.repeat([0, 1], [900, 100])
     folds = grouped_folds(codes, None, 5, seed=0)
     assert all(np.bincount(codes[h]).tolist() == [180, 20] for _, h in folds)
+
+
+def test_bootstrap_resamples_within_each_class():
+    """A perfect classifier's macro F1 is 1 in every resample that holds every class; resampling across classes
+    drew resamples without one and scored its F1 as 0, pulling the interval below the estimate."""
+    from aml_rapids.evaluate.metrics import bootstrap
+
+    classes = np.array(["a", "b", "c", "d"])
+    y = np.repeat(classes, 2)  # an unstratified resample of 8 misses some class about a third of the time
+    proba = (y[:, None] == classes[None, :]).astype(float)
+    assert bootstrap(y, proba, classes, n=200)["macro_f1"] == [1.0, 1.0]
+    patients = np.array([f"p{i}" for i in range(8)])  # two patients a class
+    assert bootstrap(y, proba, classes, patients, n=200)["macro_f1"] == [1.0, 1.0]
+    y, proba = np.repeat(classes, 10), np.repeat(proba, 5, axis=0)
+    noisy = proba + np.random.default_rng(0).normal(0, 0.6, proba.shape)
+    low, high = bootstrap(y, noisy, classes, n=300)["accuracy"]
+    assert low < summary(y, noisy, classes)["accuracy"] < high

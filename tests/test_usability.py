@@ -147,7 +147,8 @@ def test_run_records_every_stage_and_evaluate_writes_what_it_rests_on(tmp_path):
     assert metrics["source"]["store"] == str(out / "features.zarr") and metrics["source"]["model"] == str(out / "model")
     assert metrics["source"]["manifests"][0]["digest"] and metrics["source"]["split"]["seed"] == 0
     assert metrics["source"]["run_id"] == summary["run_id"] and metrics["source"]["time_utc"]
-    assert metrics["bootstrap"] == {"samples": 1000, "seed": 0, "interval": "percentile 95%", "resampled": "patients"}
+    assert metrics["bootstrap"] == {"samples": 1000, "seed": 0, "interval": "percentile 95%",
+                                    "resampled": "patients, within each class"}
     assert any(w.startswith("5 of 5 classes have fewer than evaluate.min_patients = 5 patients in split test (CBFB_MYH11 1,")
                for w in metrics["warnings"])
     assert record["details"]["warnings"] == metrics["warnings"]

@@ -50,17 +50,23 @@ def summary(y_true: np.ndarray, proba: np.ndarray, classes: np.ndarray) -> dict:
 
 def bootstrap(y_true: np.ndarray, proba: np.ndarray, classes: np.ndarray, groups: np.ndarray | None = None,
               n: int = 1000, seed: int = 0) -> dict:
-    """95% intervals of accuracy, macro F1 and macro AUC, resampling rows (or whole groups, e.g. patients)."""
+    """95% intervals of accuracy, macro F1 and macro AUC, resampling rows (or whole groups, e.g. patients)
+    within each class, so every resample holds every class as often as the data does: a resample that missed a
+    class would count its F1 as 0 and pull the macro F1's interval below the estimate on small test sets."""
     rng = np.random.default_rng(seed)
     if groups is None:
-        def resample():
-            return rng.integers(0, len(y_true), len(y_true))
-    else:
-        units, inverse = np.unique(groups, return_inverse=True)
-        members = np.split(np.argsort(inverse, kind="stable"), np.cumsum(np.bincount(inverse))[:-1])
+        strata = [np.flatnonzero(y_true == c) for c in np.unique(y_true)]
 
         def resample():
-            return np.concatenate([members[i] for i in rng.integers(0, len(units), len(units))])
+            return np.concatenate([rng.choice(rows, len(rows)) for rows in strata])
+    else:
+        _, inverse = np.unique(groups, return_inverse=True)
+        members = np.split(np.argsort(inverse, kind="stable"), np.cumsum(np.bincount(inverse))[:-1])
+        unit_class = np.array([y_true[rows[0]] for rows in members])  # a patient's class: its cells' label
+        strata = [np.flatnonzero(unit_class == c) for c in np.unique(unit_class)]
+
+        def resample():
+            return np.concatenate([members[i] for units in strata for i in rng.choice(units, len(units))])
     draws = {"accuracy": [], "macro_f1": [], "macro_auc": []}
     for _ in range(n):
         idx = resample()

@@ -68,7 +68,7 @@ def write_report(rows, proba, classes, info: dict, split: str, out: Path, settin
               "source": {**info["source"], "git_commit": git_commit(), "run_id": current_run_id(),
                          "time_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")},
               "bootstrap": {"samples": draws["n"], "seed": draws["seed"], "interval": "percentile 95%",
-                            "resampled": "patients" if has_patients else "cells"},
+                            "resampled": ("patients" if has_patients else "cells") + ", within each class"},
               "warnings": small_sample_warnings(rows, classes, split, settings),
               "cell_level": {**summary(y, proba, classes),
                              "ci95": bootstrap(y, proba, classes, patient_keys(rows) if has_patients else None,
