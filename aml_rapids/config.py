@@ -6,6 +6,7 @@ The model defaults are the published method's settings; ``configs/default.yaml``
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Annotated, Literal, Optional, Union
 
@@ -201,6 +202,17 @@ class RunConfig(_Section):
         return self.features.chunk_batches * self.loader.batch_size
 
 
+def as_overrides(values: dict) -> list[str]:
+    """``{"split.seed": 3}`` as the ``--set`` items ``["split.seed=3"]`` (values as JSON, which YAML reads, so a
+    string stays a string)."""
+    return [f"{key}={json.dumps(value)}" for key, value in values.items()]
+
+
+def validation_problems(exc: ValidationError) -> str:
+    """A pydantic error as one line: ``section.key: message; ...``."""
+    return "; ".join(": ".join(filter(None, [".".join(map(str, e["loc"])), e["msg"]])) for e in exc.errors())
+
+
 def _set_dotted(tree: dict, dotted: str, value) -> None:
     keys = dotted.split(".")
     node = tree
@@ -253,8 +265,7 @@ def load_config(path: Path | None = None, overrides: list[str] | None = None, ba
     try:
         return RunConfig.model_validate(tree)
     except ValidationError as exc:
-        problems = "; ".join(": ".join(filter(None, [".".join(map(str, e["loc"])), e["msg"]])) for e in exc.errors())
-        raise ConfigError(f"invalid config ({source}): {problems}") from None
+        raise ConfigError(f"invalid config ({source}): {validation_problems(exc)}") from None
 
 
 def dump_config(config: RunConfig) -> str:

@@ -4,6 +4,7 @@ previous version or the new one, never a torn file."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
@@ -11,7 +12,7 @@ from collections.abc import Callable, Iterable
 from fnmatch import fnmatch
 from pathlib import Path
 
-from .errors import OutputError
+from .errors import DataError, OutputError
 from .logs import warn
 
 
@@ -54,6 +55,15 @@ def prepare_fresh_dir(path: Path, what: str, outputs: Iterable[str], overwrite: 
     for name in ours:
         shutil.rmtree(path / name) if (path / name).is_dir() else (path / name).unlink()
     return path
+
+
+def read_json(path: Path):
+    """A JSON file this package wrote (a report, a record); one that is gone or torn is a DataError naming it."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError) as exc:
+        raise DataError(f"{path} cannot be read ({getattr(exc, 'strerror', None) or exc}); write it again with the "
+                        "command that made it") from None
 
 
 def atomic_write(path: Path, write: Callable[[Path], object]) -> Path:

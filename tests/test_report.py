@@ -71,3 +71,10 @@ def test_the_report_of_a_run_embeds_every_plot_and_names_what_it_rests_on(tmp_pa
 def test_a_folder_without_results_is_refused(tmp_path):
     result = runner.invoke(app, ["report", str(tmp_path)])
     assert result.exit_code == 3 and "no results to report" in result.output
+
+
+def test_a_torn_metrics_file_is_named(tmp_path):
+    (tmp_path / "eval").mkdir()
+    (tmp_path / "eval" / "metrics.json").write_text('{"split": "te')
+    result = runner.invoke(app, ["report", str(tmp_path)])
+    assert result.exit_code == 3 and "metrics.json cannot be read" in result.output

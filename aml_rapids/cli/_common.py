@@ -22,7 +22,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from ..config import RunConfig, load_config
+from ..config import RunConfig, as_overrides, load_config
 from ..errors import EXIT_INTERRUPTED, EXIT_TERMINATED, AmlRapidsError, OutputError, Terminated
 from ..logs import NORMAL, QUIET, VERBOSE, log, session
 from ..provenance import run_scope
@@ -68,8 +68,8 @@ def out_option(default: str, what: str = "Output folder", *aliases: str):
 
 def resolve_config(path: Optional[Path], overrides: Optional[list[str]], **options: object) -> RunConfig:
     """Config file < --set overrides < explicit options (those not left at None)."""
-    extra = [f"{key}={json.dumps(value)}" for key, value in options.items() if value is not None]  # JSON: a str stays one
-    return load_config(path, list(overrides or []) + extra)
+    given = {key: value for key, value in options.items() if value is not None}
+    return load_config(path, list(overrides or []) + as_overrides(given))
 
 
 # A file system refusing a write is the user's to fix (space, permissions), wherever it happens.

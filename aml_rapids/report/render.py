@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import base64
 import datetime as _dt
-import json
 from pathlib import Path
 
 import jinja2
@@ -15,7 +14,7 @@ import pandas as pd
 
 from .. import __version__
 from ..errors import DataError
-from ..outputs import atomic_write_text
+from ..outputs import atomic_write_text, read_json
 from ..provenance import run_records
 from ..study.compare import summary_table
 
@@ -40,7 +39,7 @@ def _csv(path: Path) -> pd.DataFrame:
 
 def _evaluation(folder: Path, root: Path) -> dict:
     """One evaluation folder (metrics.json and its plots), as the template shows it."""
-    metrics = json.loads((folder / "metrics.json").read_text())
+    metrics = read_json(folder / "metrics.json")
     levels = []
     for key, label in (("cell_level", "cells"), ("patient_level", "patients")):
         if key in metrics:
@@ -74,14 +73,14 @@ def _variant_position(report: Path, root: Path, study: dict | None) -> int:
         return 0
     names = [v["name"] for v in study["variants"]]
     record = next((p / "variant.json" for p in report.parents if (p / "variant.json").is_file()), None)
-    name = json.loads(record.read_text())["name"] if record else None
+    name = read_json(record)["name"] if record else None
     return names.index(name) if name in names else len(names)
 
 
 def render_report(folder: Path) -> Path:
     """Write ``folder/report.html`` for a run folder (``aml-rapids run``) or a study folder (``aml-rapids study``)."""
     folder = Path(folder)
-    study = json.loads((folder / "study.json").read_text()) if (folder / "study.json").is_file() else None
+    study = read_json(folder / "study.json") if (folder / "study.json").is_file() else None
     evaluations = sorted((p.parent for p in folder.rglob("metrics.json") if p.parent != folder),
                          key=lambda p: (_variant_position(p, folder, study), str(p)))
     if not evaluations and study is None:

@@ -9,7 +9,6 @@ otherwise the chi-square statistic without continuity correction, the form the p
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,7 +20,7 @@ from statsmodels.stats.multitest import multipletests
 from ..errors import ConfigError
 from ..evaluate.metrics import patient_keys
 from ..evaluate.plots import plot_macro_rocs
-from ..outputs import atomic_write_text
+from ..outputs import atomic_write_text, read_json
 
 EXACT_BELOW = 25  # b + c under this: the exact binomial test
 
@@ -40,7 +39,7 @@ class VariantResult:
 
 
 def read_variant(name: str, report_dir: Path) -> VariantResult:
-    return VariantResult(name, json.loads((report_dir / "metrics.json").read_text()),
+    return VariantResult(name, read_json(report_dir / "metrics.json"),
                          pd.read_csv(report_dir / "predictions.csv", dtype={"cell_id": str, "patient": str,
                                                                            "cohort": str, "label": str,
                                                                            "predicted": str},

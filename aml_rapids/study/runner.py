@@ -21,14 +21,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .. import workflow
-from ..config import RunConfig, load_config
+from ..config import RunConfig, as_overrides, load_config
 from ..data.manifest import read_manifest
 from ..errors import AmlRapidsError, ConfigError, DataError, VariantsFailed
 from ..logs import say, warn
-from ..outputs import atomic_write_text, prepare_output_dir
+from ..outputs import atomic_write_text, prepare_output_dir, read_json
 from ..provenance import write_run_record
 from .compare import read_variant, write_comparison
-from .spec import StudySpec, Variant, as_overrides, read_spec, variant_config
+from .spec import StudySpec, Variant, read_spec, variant_config
 
 STUDY_FILE = "study.json"
 
@@ -72,7 +72,7 @@ def _claim_folder(out: Path, spec: StudySpec, data: Path | None, base: RunConfig
     work, checked on every later run (so no resumed study pairs variants made with two bases). Returns the data."""
     record = out / STUDY_FILE
     if record.exists():
-        held = json.loads(record.read_text())
+        held = read_json(record)
         if held.get("name") != spec.name:
             raise ConfigError(f"study folder {out} holds study {held.get('name')!r}, not {spec.name!r}; use a new "
                               "folder for another study")
@@ -116,7 +116,7 @@ def _done(variant: Variant, out: Path) -> Path | None:
     record = variant_folder(out, variant.name) / "variant.json"
     if not record.exists():
         return None
-    held = json.loads(record.read_text())
+    held = read_json(record)
     if held["set"] != json.loads(json.dumps(variant.set, default=str)):
         raise ConfigError(f"variant {variant.name!r} in {out} was run with other overrides ({held['set']}); "
                           "rename the variant, or use a new study folder")

@@ -13,14 +13,13 @@ once. Variants may not touch how cells are indexed or split: their comparison is
 from __future__ import annotations
 
 import itertools
-import json
 from pathlib import Path
 from typing import Any, Optional
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from ..config import RunConfig, load_config
+from ..config import RunConfig, as_overrides, load_config, validation_problems
 from ..errors import ConfigError
 
 Overrides = dict[str, Any]  # dotted config key -> value, e.g. {"segmentation.enabled": false}
@@ -69,8 +68,8 @@ class StudySpec(_Strict):
         out = list(self.variants)
         keys = list(self.grid)
         for values in itertools.product(*(self.grid[k] for k in keys)) if keys else ():
-            out.append(Variant(name=", ".join(f"{k}={json.dumps(v)}" for k, v in zip(keys, values)),
-                               set=dict(zip(keys, values))))
+            combination = dict(zip(keys, values))
+            out.append(Variant(name=", ".join(as_overrides(combination)), set=combination))
         chain: Overrides = {}
         for step in self.cumulative:
             chain = {**chain, **step.set}
@@ -82,11 +81,6 @@ class StudySpec(_Strict):
             for part, overrides in self.leave_one_out.parts.items():
                 out.append(Variant(name=f"{base.name} - {part}", set={**base.set, **overrides}))
         return out
-
-
-def as_overrides(overrides: Overrides) -> list[str]:
-    """``{"split.seed": 3}`` as the ``--set`` items ``["split.seed=3"]`` (values as JSON, which YAML reads)."""
-    return [f"{key}={json.dumps(value)}" for key, value in overrides.items()]
 
 
 def read_spec(path: Path) -> StudySpec:
@@ -103,8 +97,7 @@ def read_spec(path: Path) -> StudySpec:
     try:
         spec = StudySpec.model_validate(tree)
     except ValidationError as exc:
-        problems = "; ".join(": ".join(filter(None, [".".join(map(str, e["loc"])), e["msg"]])) for e in exc.errors())
-        raise ConfigError(f"study file {path}: {problems}") from None
+        raise ConfigError(f"study file {path}: {validation_problems(exc)}") from None
     if spec.config is not None and not spec.config.is_absolute():
         spec.config = path.parent / spec.config
     return spec
