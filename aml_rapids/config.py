@@ -176,6 +176,36 @@ class EvaluateConfig(_Section):
                                                     "evaluated rows (its sensitivity and AUC are then coarse)")
 
 
+class FinetuneConfig(_Section):
+    """Fine-tuning a registry network with a new head (``aml-rapids finetune``). The defaults are the published
+    training policy (Adam, learning rate 1e-4, mini-batches of 32, at most 50 epochs, reshuffled every epoch,
+    validated every 30 mini-batches on augmented validation images); the schedules, weight decay and label
+    smoothing are off. Early stopping is aml-rapids' addition (the paper keeps no patience): ``patience: null``
+    trains every epoch."""
+
+    backbone: str = Field("mobilenet_v2", description="registry name of the network to fine-tune")
+    weights: str = Field("imagenet", description="the weights it starts from: imagenet, a file, or none")
+    epochs: int = Field(50, ge=1)
+    batch_size: int = Field(32, ge=2, le=4096)
+    lr: float = Field(1e-4, gt=0)
+    val_every: int = Field(30, ge=1, description="mini-batches between validations (and after each epoch)")
+    val_max_rows: Optional[PositiveInt] = Field(
+        None, description="validate on a fixed class-stratified sample of this many validation cells (null: all)")
+    patience: Optional[PositiveInt] = Field(
+        10, description="stop after this many validations without a lower validation loss (null: never)")
+    freeze_epochs: int = Field(0, ge=0, description="epochs in which only the new head trains")
+    unfreeze: Literal["all", "last_block"] = Field(
+        "all", description="what trains after them: the whole network, or the last convolutional block and after")
+    lr_schedule: Literal["constant", "cosine"] = Field("constant", description="cosine: decay to 0 over the epochs")
+    weight_decay: float = Field(0.0, ge=0, description="Adam's L2 penalty")
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
+    precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto: bf16 autocast on a GPU, fp32 on a CPU")
+    checkpoint_every: Optional[PositiveInt] = Field(
+        None, description="mini-batches between checkpoints besides each epoch's end (null: epoch ends only)")
+    max_steps: Optional[PositiveInt] = Field(None, description="stop after this many mini-batches (smoke runs)")
+    seed: int = Field(0, ge=0, description="head initialisation, shuffling, augmentation and dropout")
+
+
 class RunConfig(_Section):
     """Everything one run needs; each stage reads its own section."""
 
@@ -188,6 +218,7 @@ class RunConfig(_Section):
     features: FeaturesConfig = FeaturesConfig()
     classify: ClassifyConfig = ClassifyConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
+    finetune: FinetuneConfig = FinetuneConfig()
 
     @model_validator(mode="after")
     def _chunks_fit_in_memory(self) -> "RunConfig":

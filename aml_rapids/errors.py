@@ -60,6 +60,12 @@ class VariantsFailed(AmlRapidsError):
     exit_code = 9
 
 
+class TrainingDiverged(AmlRapidsError):
+    """A fine-tuning whose loss stopped being a number: stopped, its last good checkpoint and best weights kept."""
+
+    exit_code = 10
+
+
 EXIT_INTERRUPTED = 130  # Ctrl-C; every stage resumes or can be re-run
 EXIT_TERMINATED = 143  # SIGTERM (128 + 15), as a batch scheduler sends at a job's time limit: the same clean stop
 

@@ -4,6 +4,7 @@ previous version or the new one, never a torn file."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -64,6 +65,14 @@ def read_json(path: Path):
     except (OSError, ValueError) as exc:
         raise DataError(f"{path} cannot be read ({getattr(exc, 'strerror', None) or exc}); write it again with the "
                         "command that made it") from None
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def atomic_write(path: Path, write: Callable[[Path], object]) -> Path:

@@ -1,4 +1,5 @@
-"""The pipeline as a Python API: index -> split -> extract -> train -> evaluate (or cv), and predict.
+"""The pipeline as a Python API: index -> split -> [finetune] -> extract -> train -> evaluate (or cv), and
+predict.
 
 Each stage reads its inputs, writes its outputs and a run record (``runs/<run id>-<stage>.json``) into its
 folder, logs what it did to the ``aml_rapids`` logger, and returns a small result; ``run`` chains them. The CLI
@@ -62,6 +63,20 @@ class Extracted:
     seconds_in: dict[str, float]
     store_summary: dict
     failed: list[tuple[str, str]] = field(default_factory=list)  # (path, reason) of cells that could not be read
+
+
+@dataclass
+class Finetuned:
+    folder: Path
+    weights: Path  # best.pt: features.backbones[].weights loads it
+    status: str  # why training stopped
+    epochs_run: int
+    steps: int
+    best: dict  # step, epoch, val_loss, val_accuracy of the kept weights
+    train_images_per_s: float
+    seconds: float
+    head_test: dict | None  # the fine-tuned network's own head on the test split (metrics.json)
+    failed: list[tuple[str, str]] = field(default_factory=list)
 
 
 @dataclass
@@ -237,6 +252,37 @@ def extract(manifest: Path, store: Path | None = None, cfg: RunConfig | None = N
     return result
 
 
+def finetune(manifest: Path, out: Path | None = None, cfg: RunConfig | None = None, overwrite: bool = False,
+             allow_failed: bool = False) -> Finetuned:
+    """Fine-tune ``finetune.backbone`` with a new head on the manifest's train split (resuming a killed run from
+    its last checkpoint); its best weights then extract features like any other weights file."""
+    from .data.manifest import read_manifest
+    from .finetune.train import finetune as run_finetune
+
+    cfg, manifest = cfg or RunConfig(), Path(manifest)
+    data = read_manifest(manifest)
+    out = Path(out or manifest.parent / f"finetune-{cfg.finetune.backbone}")
+    ft = cfg.finetune
+    say(f"fine-tuning {ft.backbone} from weights {ft.weights}: Adam lr {ft.lr:g}, batch {ft.batch_size}, at most "
+        f"{ft.epochs} epochs, validation every {ft.val_every} steps")
+    with progress_bar(f"fine-tuning {ft.backbone}") as (advance, set_total):
+        summary = run_finetune(data, manifest, out, cfg, overwrite, progress=advance, on_total=set_total)
+    result = Finetuned(out, out / "best.pt", summary.status, summary.epochs_run, summary.steps, summary.best,
+                       summary.train_images_per_s, summary.seconds, summary.head_test, _failures(summary.failed))
+    write_run_record(out, "finetune", cfg, manifest=str(manifest), **as_json(result))
+    best = summary.best
+    say(f"{summary.status}; {summary.steps:,} steps, {summary.train_images_per_s:,.1f} training images/s")
+    if best["step"] is not None:
+        say(f"best validation loss {best['val_loss']:.4f} (accuracy {best['val_accuracy']:.4f}) at step "
+            f"{best['step']:,}, epoch {best['epoch']}: {result.weights}")
+    if summary.head_test:
+        for line in report_lines(summary.head_test, "the fine-tuned head on the test split"):
+            say(line)
+    say(f"extract with it: --set 'features.backbones=[{{name: {ft.backbone}, weights: {result.weights}}}]'")
+    check_failed(result.failed, f"listed in {out / 'finetune.json'}", allow_failed)
+    return result
+
+
 def train(store: Path, out: Path, cfg: RunConfig | None = None, overwrite: bool = False) -> Trained:
     """Fit the stacking classifier on the store's training rows into a new (or, ``overwrite``, its own) folder."""
     from .classify.train import train as run_train
@@ -253,7 +299,9 @@ def train(store: Path, out: Path, cfg: RunConfig | None = None, overwrite: bool 
 def report_lines(report: dict, title: str) -> list[str]:
     """What was evaluated, then one line per level (cells; patients where there are some): accuracy, macro AUC
     and macro F1, each with its bootstrap 95% interval."""
-    backbones = ", ".join(f"{name} ({'pretrained' if b['pretrained'] else 'NOT pretrained'})"
+    from .evaluate.report import weights_words
+
+    backbones = ", ".join(f"{name} ({weights_words(b)})"
                           for name, b in report["backbones"].items())
     lines = [f"{title} ({report['split_protocol']}), backbones {backbones}:"]
     for name, key in (("cells", "cell_level"), ("patients", "patient_level")):

@@ -208,7 +208,7 @@ def write_info(folder, **info):
     """A model.json as train writes it, naming the joblib files now in ``folder`` with their sha256."""
     from aml_rapids import __version__
     from aml_rapids.classify.io import INFO_FILE
-    from aml_rapids.features.weights import file_sha256
+    from aml_rapids.outputs import file_sha256
 
     files = {p.name: file_sha256(p) for p in folder.glob("*.joblib")}
     (folder / INFO_FILE).write_text(json.dumps({"aml_rapids": __version__, "backbones": {}, "classes": [],
@@ -317,7 +317,7 @@ def small_store(path, rows=64, dim=6, chunk_rows=16):
 
     table = pd.DataFrame({"cell_id": [f"c{i}" for i in range(rows)], "path": "", "label": ["x", "y"] * (rows // 2),
                           "patient": "", "cohort": "", "split": "train", "sha256": "", "pixels_sha256": "",
-                          "aug_index": 0, "fold": -1, "augment": False, "status": STATUS_OK})[list(ROW_FIELDS)]
+                          "aug_index": 0, "fold": -1, "augment": False, "status": STATUS_OK, "finetune_seen": False})[list(ROW_FIELDS)]
     store = FeatureStore.create(path, table, {"tiny": dim}, {"chunk_rows": chunk_rows, "store_dtype": "float32",
                                                            "backbones": {"tiny": {"dim": dim, "weights": "none",
                                                                                   "pretrained": False}}})

@@ -386,7 +386,7 @@ def test_demo_data_never_draws_into_a_real_dataset(tmp_path):
     assert code == 8 and "not a demo set" in out and sorted(p.name for p in (tmp_path / "real").iterdir()) == ["NPM1"]
 
 
-def test_a_store_from_before_pixel_hashes_still_opens_and_appends(tmp_path):
+def test_a_store_from_before_pixel_hashes_and_fine_tuning_marks_still_opens_and_appends(tmp_path):
     write_demo_dataset(tmp_path / "data", 1, 2, seed=6)
     cli("index", tmp_path / "data", "-o", tmp_path / "run")
     manifest, store = tmp_path / "run" / "manifest.parquet", tmp_path / "run" / "features.zarr"
@@ -395,7 +395,9 @@ def test_a_store_from_before_pixel_hashes_still_opens_and_appends(tmp_path):
     write_manifest(first, tmp_path / "first.parquet")
     assert cli("extract", tmp_path / "first.parquet", "-s", store, *TINY)[0] == 0
     shutil.rmtree(store / "rows" / "pixels_sha256")  # as version 0.4 laid stores out
-    assert (FeatureStore.open(store).rows()["pixels_sha256"] == "").all()
+    shutil.rmtree(store / "rows" / "finetune_seen")
+    rows = FeatureStore.open(store).rows()
+    assert (rows["pixels_sha256"] == "").all() and not rows["finetune_seen"].any()
     code, out = cli("extract", manifest, "-s", store, *TINY)
     assert code == 0 and "5 new rows appended" in out
     assert FeatureStore.open(store).summary()["ok"] == 10

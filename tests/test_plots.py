@@ -24,7 +24,7 @@ def svg_texts(path) -> list[str]:
 @pytest.fixture
 def captured(monkeypatch):
     """The figures the plot functions save, kept open for the test to inspect."""
-    figures, save = [], plots._save
+    figures, save = [], plots.save_figure
 
     def keep(fig, out):
         fig.canvas.draw()  # layout as saved: legend and text extents are final
@@ -32,7 +32,7 @@ def captured(monkeypatch):
         figures.append(fig)
         return save(fig, out)
 
-    monkeypatch.setattr(plots, "_save", keep)
+    monkeypatch.setattr(plots, "save_figure", keep)
     return figures
 
 
@@ -141,7 +141,7 @@ def test_save_writes_both_and_closes(tmp_path):
     import matplotlib.pyplot as plt
 
     fig = plt.figure()
-    paths = plots._save(fig, tmp_path / "sub" / "x.png")
+    paths = plots.save_figure(fig, tmp_path / "sub" / "x.png")
     assert paths == [tmp_path / "sub" / "x.png", tmp_path / "sub" / "x.svg"]
     assert all(p.stat().st_size > 0 for p in paths) and not plt.fignum_exists(fig.number)
 

@@ -18,7 +18,7 @@ from ..evaluate.metrics import patient_level, summary
 from ..evaluate.report import write_report
 from ..features.store import FeatureStore
 from ..loader.oversample import oversample
-from .data import block_dims, load_features, select_rows
+from .data import block_dims, load_features, refuse_finetune_seen, select_rows
 from .train import describe_features, fit_model
 
 
@@ -46,6 +46,7 @@ def cross_validate(store_path: Path, cfg: RunConfig, out: Path, backbones: list[
     store = FeatureStore.open(store_path)
     backbones = backbones or store.backbones
     keep, rows = select_rows(store, None)
+    refuse_finetune_seen(store, rows, "the cross-validation's folds")
     X = load_features(store, backbones, keep)
     folds = rows["fold"].to_numpy()
     if (folds < 0).any():

@@ -46,6 +46,20 @@ def select_rows(store: FeatureStore, splits: tuple[str, ...] | None,
     return keep, rows[keep].reset_index(drop=True)
 
 
+def refuse_finetune_seen(store: FeatureStore, rows: pd.DataFrame, what: str) -> None:
+    """Refuse to report on cells a fine-tuned backbone of the store trained or validated on: their features
+    were fitted to their labels, so any metric on them is leaked."""
+    seen = rows["finetune_seen"].to_numpy(bool)
+    if not seen.any():
+        return
+    tuned = [f"{name} ({b['finetuned']['words']}, {b['weights']})" for name, b in store.meta["backbones"].items()
+             if b.get("finetuned")]
+    raise ConfigError(f"{int(seen.sum()):,} of the {len(rows):,} rows of {what} in store {store.path} are cells "
+                      f"the store's fine-tuned backbone trained or validated on: {'; '.join(tuned)} (e.g. "
+                      f"{rows['path'].to_numpy()[seen.argmax()]}); their metrics would be leaked: evaluate on cells "
+                      "the fine-tuning never saw (its test split)")
+
+
 def feature_blocks(store: FeatureStore, backbones: list[str], keep: np.ndarray, min_rows: int = 1,
                    chunks_per_block: int = 8) -> Iterator[np.ndarray]:
     """Float32 features of the chosen backbones side by side, for the kept rows, ``chunks_per_block`` store

@@ -17,8 +17,7 @@ import pandas as pd
 from .. import __version__
 from ..errors import AmlRapidsError, ConfigError, DataError
 from ..features.store import FeatureStore, feature_identity, identity_differences
-from ..features.weights import file_sha256
-from ..outputs import atomic_write, atomic_write_text
+from ..outputs import atomic_write, atomic_write_text, file_sha256
 from .model import FeatureStackingClassifier
 from .backend import get_backend
 

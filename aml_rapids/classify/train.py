@@ -11,7 +11,7 @@ from ..config import EvaluateConfig, RunConfig
 from ..errors import ConfigError
 from ..evaluate.report import write_report
 from ..features.store import FeatureStore, feature_identity
-from .data import block_dims, feature_blocks, fold_groups, load_features, select_rows
+from .data import block_dims, feature_blocks, fold_groups, load_features, refuse_finetune_seen, select_rows
 from ..outputs import prepare_fresh_dir
 from .io import OUTPUTS, check_store_matches, load_model, save_model, seen_in_training
 from .model import FeatureStackingClassifier
@@ -26,8 +26,8 @@ def describe_features(store: FeatureStore, backbones: list[str]) -> dict:
     store and manifests the rows came from."""
     manifests = store.meta.get("manifests") or [{}]
     split = manifests[-1].get("split") or {}
-    return {"backbones": {b: {k: store.meta["backbones"][b][k] for k in ("weights", "pretrained", "dim")}
-                          for b in backbones},
+    return {"backbones": {b: {k: store.meta["backbones"][b].get(k) for k in ("weights", "pretrained", "dim",
+                                                                         "finetuned")} for b in backbones},
             "split_protocol": SPLIT_PROTOCOLS.get(split.get("method"), "unsplit"),
             "split": split,
             "source": {"store": str(store.path), "split": split,
@@ -94,6 +94,7 @@ def evaluate(model_dir: Path, store_path: Path, split: str, out: Path, settings:
     store = FeatureStore.open(store_path)
     check_store_matches(info, store)
     _, rows = select_rows(store, (split,))
+    refuse_finetune_seen(store, rows, f"split {split}")
     seen = seen_in_training(rows, model_dir, info)
     if seen.any():  # refused before any prediction is made
         example = rows["path"].to_numpy()[seen.argmax()]

@@ -1,4 +1,4 @@
-"""Commands on networks and feature stores: extract, backbones."""
+"""Commands on networks and feature stores: finetune, extract, backbones."""
 
 from __future__ import annotations
 
@@ -8,10 +8,37 @@ from typing import Annotated, Optional
 import typer
 
 from .. import workflow
-from ._common import AllowFailedOpt, ConfigOpt, ManifestArg, SetOpt, command, json_requested, out_option, resolve_config
+from ._common import (AllowFailedOpt, ConfigOpt, ManifestArg, OverwriteOpt, SetOpt, command, from_config,
+                      json_requested, out_option, resolve_config)
 
 
 def register(app: typer.Typer) -> None:
+    @command(app)
+    def finetune(
+        manifest: ManifestArg,
+        backbone: Annotated[Optional[str], typer.Option(
+            metavar="NAME", show_default=from_config("finetune.backbone"),
+            help="Registry network to fine-tune (`aml-rapids backbones` lists them).")] = None,
+        weights: Annotated[Optional[str], typer.Option(
+            metavar="imagenet|FILE|none", show_default=from_config("finetune.weights"),
+            help="Weights it starts from.")] = None,
+        epochs: Annotated[Optional[int], typer.Option(
+            metavar="N", show_default=from_config("finetune.epochs"), help="At most this many epochs.")] = None,
+        out: Annotated[Optional[Path], out_option("finetune-<backbone> beside the manifest",
+                                                  "Fine-tuning folder (weights, checkpoint, curves, report)")] = None,
+        overwrite: OverwriteOpt = False,
+        allow_failed: AllowFailedOpt = False,
+        config: ConfigOpt = None,
+        set_: SetOpt = None,
+    ) -> workflow.Finetuned:
+        """Fine-tune a backbone with a new head on the manifest's train split (the published policy: Adam 1e-4,
+        batch 32, at most 50 epochs, validated every 30 mini-batches); run again after a kill, it resumes from the
+        last checkpoint. Writes best.pt (extract loads it as weights), curves.png, steps.csv, finetune.json and the
+        head's own test report."""
+        cfg = resolve_config(config, set_, **{"finetune.backbone": backbone, "finetune.weights": weights,
+                                              "finetune.epochs": epochs})
+        return workflow.finetune(manifest, out, cfg, overwrite, allow_failed)
+
     @command(app)
     def extract(
         manifest: ManifestArg,

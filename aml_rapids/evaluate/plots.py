@@ -24,7 +24,7 @@ from ..outputs import atomic_write  # noqa: E402
 TEXT_RC = {"text.parse_math": False, "svg.fonttype": "none", "svg.hashsalt": "aml-rapids"}
 
 
-def _save(fig, out: Path) -> list[Path]:
+def save_figure(fig, out: Path) -> list[Path]:
     """Write ``fig`` as ``out`` (PNG) and the SVG beside it, each atomically, close it, return both paths."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -74,7 +74,7 @@ def plot_confusion(y_true, y_pred, classes, title: str, out: Path) -> list[Path]
     bar = fig.colorbar(image, ax=ax, fraction=0.046, pad=0.03)
     bar.set_label("share of the true class", fontsize=10)
     bar.ax.yaxis.set_major_formatter(PercentFormatter(xmax=1.0, decimals=0))
-    return _save(fig, out)
+    return save_figure(fig, out)
 
 
 def class_curves(y_true, proba, classes) -> list[dict]:
@@ -140,7 +140,7 @@ def plot_roc(y_true, proba, classes, title: str, out: Path) -> list[Path]:
         ax.plot(grid, mean_tpr, color="black", linestyle="--", linewidth=2.4, clip_on=False,
                 label=f"macro average ({sum('auc' in c for c in curves)} classes) AUC {mean_auc:.3f}")
     _roc_axes(ax, title, "one vs rest")
-    return _save(fig, out)
+    return save_figure(fig, out)
 
 
 @plt.rc_context(TEXT_RC)
@@ -158,4 +158,4 @@ def plot_macro_rocs(variants: dict[str, tuple], title: str, out: Path) -> list[P
         ax.plot(grid, mean_tpr, color=colours[i % len(colours)], linewidth=1.6, clip_on=False,
                 label=f"{name} AUC {mean_auc:.3f}")
     _roc_axes(ax, title, "macro average, one vs rest")
-    return _save(fig, out)
+    return save_figure(fig, out)

@@ -31,6 +31,13 @@ def prediction_table(rows, proba, classes, columns: list[str]):
         predicted=classes[proba.argmax(axis=1)], **{f"p_{c}": proba[:, i] for i, c in enumerate(classes)})
 
 
+def weights_words(backbone: dict) -> str:
+    """How a report names a backbone's weights: fine-tuned on what, pretrained, or NOT pretrained."""
+    if backbone.get("finetuned"):
+        return backbone["finetuned"]["words"]
+    return "pretrained" if backbone["pretrained"] else "NOT pretrained"
+
+
 def small_sample_warnings(rows, classes, split: str, settings: EvaluateConfig) -> list[str]:
     """Classes whose cells (or patients) in these rows are too few for their metrics to mean much."""
     y = rows["label"].to_numpy()
@@ -74,8 +81,8 @@ def write_report(rows, proba, classes, info: dict, split: str, out: Path, settin
                              "ci95": bootstrap(y, proba, classes, patient_keys(rows) if has_patients else None,
                                                **draws)}}
     out.mkdir(parents=True, exist_ok=True)
-    pretrained = "pretrained" if all(b["pretrained"] for b in info["backbones"].values()) else "NOT pretrained"
-    title = f"{split} split ({info['split_protocol']}), {'+'.join(info['backbones'])} ({pretrained})"
+    words = sorted({weights_words(b) for b in info["backbones"].values()})
+    title = f"{split} split ({info['split_protocol']}), {'+'.join(info['backbones'])} ({'; '.join(words)})"
     plot_confusion(y, classes[proba.argmax(axis=1)], classes, f"cells: {title}", out / "confusion.png")
     plot_roc(y, proba, classes, f"cells: {title}", out / "roc.png")
     if has_patients:

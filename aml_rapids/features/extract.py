@@ -88,6 +88,7 @@ class Backbones:
     normalizations: dict[str, Normalization]
     info: dict[str, dict]
     batch_size: int | None = None  # compiled networks: every batch is padded to this size
+    seen: frozenset[str] = frozenset()  # SHA-256 of the cells a fine-tuned backbone trained or validated on
 
 
 def compile_settings(mode: str, device: str) -> dict:
@@ -104,7 +105,7 @@ def load_backbones(cfg: RunConfig, device: str) -> Backbones:
     them to every ``extract`` of a process (shards, cohorts, benchmark repeats) to build and compile them once."""
     if device == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed batch shapes: autotuned convolutions pay off at once
-    nets, norm_of, norms, info = {}, {}, {}, {}
+    nets, norm_of, norms, info, seen = {}, {}, {}, {}, frozenset()
     for item in cfg.features.backbones:
         spec = get_spec(item.name)
         if spec.input_size not in (None, cfg.loader.image_size):
@@ -122,7 +123,10 @@ def load_backbones(cfg: RunConfig, device: str) -> Backbones:
         norm_of[item.name] = key
         info[item.name] = {"dim": spec.dim, "layer": spec.layer, "weights": weights.source,
                            "sha256": weights.sha256, "pretrained": weights.pretrained}
-    return Backbones(nets, norm_of, norms, info, cfg.loader.batch_size if cfg.features.compile else None)
+        if weights.finetuned is not None:
+            info[item.name]["finetuned"] = weights.finetuned.provenance()
+            seen |= weights.finetuned.seen
+    return Backbones(nets, norm_of, norms, info, cfg.loader.batch_size if cfg.features.compile else None, seen)
 
 
 def precision_of(cfg: RunConfig, device: str) -> str:
@@ -177,10 +181,12 @@ def _check_rows_agree(store: FeatureStore, have: pd.DataFrame, rows: pd.DataFram
             "was extracted with: extract into a new store")
 
 
-def open_or_extend(path: Path, manifest: Manifest, cfg: RunConfig, identity: dict, device: str) -> tuple[FeatureStore, int]:
-    """The store for this manifest: created, or checked and extended by the rows it lacks. The caller holds
-    the store's lock."""
+def open_or_extend(path: Path, manifest: Manifest, cfg: RunConfig, identity: dict, device: str,
+                   seen: frozenset[str] = frozenset()) -> tuple[FeatureStore, int]:
+    """The store for this manifest: created, or checked and extended by the rows it lacks; rows of cells in
+    ``seen`` (a fine-tuned backbone's) are marked so. The caller holds the store's lock."""
     rows = plan_rows(manifest.table, cfg)
+    rows["finetune_seen"] = rows["sha256"].isin(seen)
     record = {"digest": manifest.digest(), "source": manifest.meta.get("source", str(manifest.root)),
               "split": manifest.meta.get("split"),
               "time_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
@@ -334,7 +340,7 @@ def extract(manifest: Manifest, store_path: Path, cfg: RunConfig,
 def _extract_locked(manifest: Manifest, store_path: Path, cfg: RunConfig, backbones: Backbones, device: str,
                     progress: Callable[[int], None] | None, on_total: Callable[[int], None] | None) -> ExtractSummary:
     identity = store_identity(cfg, backbones)
-    store, appended = open_or_extend(store_path, manifest, cfg, identity, device)
+    store, appended = open_or_extend(store_path, manifest, cfg, identity, device, backbones.seen)
     rows = store.rows()
     status = rows["status"].to_numpy()
     real_per_chunk = (status != STATUS_PADDING).reshape(-1, store.chunk_rows).sum(axis=1)

@@ -17,9 +17,10 @@ STATUS_PENDING, STATUS_OK, STATUS_FAILED, STATUS_PADDING = 0, 1, 2, 3
 STATUS_NAMES = {STATUS_PENDING: "pending", STATUS_OK: "ok", STATUS_FAILED: "failed", STATUS_PADDING: "padding"}
 SPLIT_ORDER = ("train", "val", "test")
 TEXT_FIELDS = ("cell_id", "path", "label", "patient", "cohort", "split", "sha256", "pixels_sha256")
-OPTIONAL_ROW_FIELDS = ("pixels_sha256",)  # stores made before 0.5 lack it
+OPTIONAL_ROW_FIELDS = ("pixels_sha256", "finetune_seen")  # stores made before 0.5 (0.7) lack them
 ROW_FIELDS = {**{name: str for name in TEXT_FIELDS}, "aug_index": np.int32, "fold": np.int32, "augment": bool,
-              "status": np.int8}
+              "status": np.int8, "finetune_seen": bool}
+ROW_DEFAULTS = {"pixels_sha256": "", "finetune_seen": False}  # what an older store's missing field reads as
 # What each row field holds, in words: the store writes it beside the field (its ``long_name``) for readers
 # without aml-rapids.
 ROW_LONG_NAMES = {
@@ -35,6 +36,7 @@ ROW_LONG_NAMES = {
     "fold": "cross-validation fold (-1 none)",
     "augment": "whether the image was augmented",
     "status": "extraction status of the row",
+    "finetune_seen": "whether a fine-tuned backbone trained or validated on this cell (never evaluated on)",
 }
 
 
@@ -51,7 +53,8 @@ def plan_rows(table: pd.DataFrame, cfg: RunConfig) -> pd.DataFrame:
     if "fold" not in rows.columns:
         rows = rows.assign(fold=-1)
     pixels = rows["pixels_sha256"].fillna("") if "pixels_sha256" in rows else ""
-    rows = rows.assign(status=STATUS_PENDING, patient=rows["patient"].fillna(""), pixels_sha256=pixels)
+    rows = rows.assign(status=STATUS_PENDING, patient=rows["patient"].fillna(""), pixels_sha256=pixels,
+                       finetune_seen=False)
     return rows[list(ROW_FIELDS)].reset_index(drop=True)
 
 
@@ -67,6 +70,7 @@ def pad_segments(rows: pd.DataFrame, chunk_rows: int) -> pd.DataFrame:
         missing = -len(segment) % chunk_rows
         if missing:
             pad = {name: "" for name in TEXT_FIELDS}
-            pad.update(aug_index=-1, fold=-1, augment=bool(segment["augment"].iloc[0]), status=STATUS_PADDING)
+            pad.update(aug_index=-1, fold=-1, augment=bool(segment["augment"].iloc[0]), status=STATUS_PADDING,
+                       finetune_seen=False)
             parts.append(pd.DataFrame([pad] * missing))
     return pd.concat(parts, ignore_index=True)[list(ROW_FIELDS)]

@@ -39,7 +39,7 @@ import zarr
 
 from ..errors import ConfigError, DataError, OutputError
 from ..outputs import atomic_write_text
-from .plan import (OPTIONAL_ROW_FIELDS, ROW_FIELDS, ROW_LONG_NAMES, STATUS_FAILED, STATUS_NAMES, STATUS_OK,
+from .plan import (OPTIONAL_ROW_FIELDS, ROW_DEFAULTS, ROW_FIELDS, ROW_LONG_NAMES, STATUS_FAILED, STATUS_NAMES, STATUS_OK,
                    STATUS_PADDING, STATUS_PENDING)
 
 ATTRS_KEY = "aml_rapids"
@@ -199,7 +199,7 @@ class FeatureStore:
     def rows(self) -> pd.DataFrame:
         """Every row's metadata (padding included; filter on ``status``)."""
         rows = pd.DataFrame({field: self.read(f"rows/{field}") for field in self.fields})
-        return rows.assign(**{f: "" for f in ROW_FIELDS if f not in self.fields})[list(ROW_FIELDS)]
+        return rows.assign(**{f: ROW_DEFAULTS[f] for f in ROW_FIELDS if f not in self.fields})[list(ROW_FIELDS)]
 
     def features(self, backbone: str) -> zarr.Array:
         if backbone not in self.backbones:

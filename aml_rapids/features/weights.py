@@ -1,10 +1,10 @@
 """Weights for a backbone: ``imagenet`` (torchvision's weights and cache), a local state_dict or checkpoint
-file, or ``none`` (seeded random initialisation). Whatever was used is recorded with its sha256."""
+file, or ``none`` (seeded random initialisation). Whatever was used is recorded with its sha256, and a file
+written by ``aml-rapids finetune`` also with what it was fine-tuned on (``finetune.json`` beside it)."""
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +15,8 @@ from torch import nn
 from torchvision.models import get_weight
 
 from ..errors import DataError
+from ..outputs import file_sha256
+from ..finetune.record import FinetuneRecord, read_record
 from .backbones import BackboneSpec, get_spec, public_specs
 
 
@@ -29,14 +31,7 @@ class WeightsInfo:
     source: str
     sha256: str | None
     pretrained: bool
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+    finetuned: FinetuneRecord | None = None  # the cells and split the weights were fine-tuned on
 
 
 def imagenet_cache(spec: BackboneSpec) -> tuple[str, Path]:
@@ -105,8 +100,9 @@ def _load_into(model: nn.Module, state: dict, path: Path, name: str) -> None:
     model.load_state_dict(state, strict=True)
 
 
-def load_backbone(name: str, weights: str = "imagenet", seed: int = 0) -> tuple[nn.Module, WeightsInfo]:
-    """The truncated feature network in eval mode, and where its weights came from."""
+def build_network(name: str, weights: str = "imagenet", seed: int = 0) -> tuple[nn.Module, WeightsInfo]:
+    """The whole network (its head included) with these weights; a file whose head predicts other classes
+    than ImageNet's (a fine-tuned network) gets a head of its size first."""
     spec = get_spec(name)
     torch.manual_seed(seed)
     model = spec.build()
@@ -122,6 +118,16 @@ def load_backbone(name: str, weights: str = "imagenet", seed: int = 0) -> tuple[
             raise WeightsError(f"{path} is not torchvision's ImageNet checkpoint for {name}: its sha256 "
                                f"{digest[:12]}... does not start with {named.group(1)}, as its name says; delete "
                                "it and put the real file there")
-        _load_into(model, _read_state_dict(path), path, name)
-        info = WeightsInfo("imagenet" if weights == "imagenet" else str(path), digest, True)
-    return spec.truncate(model).eval(), info
+        state = _read_state_dict(path)
+        if f"{spec.head}.weight" in state and spec.classes_of(state) != model.get_submodule(spec.head).out_features:
+            spec.reset_head(model, spec.classes_of(state))
+        _load_into(model, state, path, name)
+        info = WeightsInfo("imagenet" if weights == "imagenet" else str(path), digest, True,
+                           None if weights == "imagenet" else read_record(path))
+    return model, info
+
+
+def load_backbone(name: str, weights: str = "imagenet", seed: int = 0) -> tuple[nn.Module, WeightsInfo]:
+    """The truncated feature network in eval mode, and where its weights came from."""
+    model, info = build_network(name, weights, seed)
+    return get_spec(name).truncate(model).eval(), info

@@ -50,18 +50,21 @@ def resolve_device(requested: str) -> str:
 class CellLoader:
     """Batches of preprocessed cells from ``table`` (manifest rows, optionally oversampled with ``aug_index``).
 
-    ``augment`` turns on the training-time warp; validation and test loaders leave it off.
+    ``augment`` turns on the training-time warp; validation and test loaders leave it off. ``epoch`` (when
+    fine-tuning) gives every epoch its own augmentations; batches come in table order, so a training loader is
+    given the epoch's shuffled table.
     """
 
     def __init__(self, table: pd.DataFrame, root: Path, cfg: RunConfig, augment: bool = False,
                  normalizations: dict[str, Normalization] | None = None, shard_id: int = 0, num_shards: int = 1,
-                 debug: bool = False):
+                 debug: bool = False, epoch: int | None = None):
         self.table = table.reset_index(drop=True)
         self.root = Path(root)
         self.cfg = cfg
         self.device = resolve_device(cfg.loader.device)
         self.shard_id, self.num_shards = shard_id, num_shards
         self.augment = augment and cfg.augment.enabled
+        self.epoch = epoch
         self.spec = GraphSpec(
             image_size=cfg.loader.image_size, segmentation=cfg.segmentation, normalizations=normalizations or {"imagenet": Normalization()},
             gpu=self.device == "gpu", output_dtype=GPU_DTYPES[cfg.loader.gpu_dtype] if self.device == "gpu"
@@ -77,7 +80,7 @@ class CellLoader:
 
     def _matrices(self, positions: np.ndarray) -> np.ndarray | None:
         cfg = self.cfg.loader
-        return (affine_matrices(self.table.iloc[positions], self.cfg.augment, cfg.seed, cfg.image_size)
+        return (affine_matrices(self.table.iloc[positions], self.cfg.augment, cfg.seed, cfg.image_size, self.epoch)
                 if self.augment else None)
 
     def _pipeline(self, positions: np.ndarray, matrices: np.ndarray | None):

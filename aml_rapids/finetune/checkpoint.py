@@ -1,0 +1,72 @@
+"""The resumable state of a fine-tuning, torchvision's reference recipe: one dict (model, optimizer,
+scheduler, the position in the run, the best validation so far, the per-step history, the identity of the
+run) written with write-then-rename, so a kill or a full disk mid-write leaves the previous checkpoint whole.
+
+Random state needs no saving: every epoch's order and augmentations are drawn from (seed, epoch) and each step
+seeds dropout from (seed, step), so a run resumed at any step continues exactly as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..errors import ConfigError, DataError
+from ..features.store import identity_differences
+from ..outputs import atomic_write
+
+CHECKPOINT = "checkpoint.pt"
+BEST = "best.pt"
+
+
+@dataclass
+class Position:
+    """Where a run stands: the next epoch to run and how many rows of its shuffled table are done, the steps
+    so far, the best validation and how many validations since it, why it stopped (None: it has not)."""
+
+    epoch: int = 0
+    epoch_rows: int = 0
+    step: int = 0
+    best_loss: float = float("inf")
+    best_accuracy: float | None = None
+    best_step: int | None = None
+    best_epoch: int | None = None
+    bad_validations: int = 0
+    stopped: str | None = None
+    seconds: float = 0.0  # training time so far, over every resumed part
+    history: list[dict] = field(default_factory=list)
+
+
+def save(folder: Path, model, optimizer, scheduler, position: Position, identity: dict, config: dict,
+         precision: str) -> Path:
+    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+             "position": asdict(position), "identity": identity, "config": config, "precision": precision}
+    return atomic_write(Path(folder) / CHECKPOINT, lambda tmp: torch.save(state, tmp))
+
+
+def save_best(folder: Path, model) -> Path:
+    """The best weights so far as a plain state_dict of the whole network (what ``features`` loads)."""
+    return atomic_write(Path(folder) / BEST, lambda tmp: torch.save(model.state_dict(), tmp))
+
+
+def load(folder: Path, identity: dict) -> dict | None:
+    """The checkpoint in ``folder`` (None if there is none), refused if it is of another run."""
+    path = Path(folder) / CHECKPOINT
+    if not path.is_file():
+        return None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch.load fails in many ways on a file that is not a checkpoint
+        raise DataError(f"checkpoint {path} cannot be read ({type(exc).__name__}: {exc}); delete it to start "
+                        "over") from None
+    if not isinstance(state, dict) or "identity" not in state:
+        raise DataError(f"{path} is not an aml-rapids fine-tuning checkpoint; use another folder (-o)")
+    differs = identity_differences(state["identity"], identity)
+    if differs:
+        raise ConfigError(f"{path} is the checkpoint of another fine-tuning (it differs in {', '.join(differs)}); "
+                          "resume with that run's manifest and settings, or use a new folder (-o), or --overwrite "
+                          "to start over here")
+    state["position"] = Position(**state["position"])
+    return state
