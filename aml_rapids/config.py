@@ -185,7 +185,7 @@ class FinetuneConfig(_Section):
 
     backbone: str = Field("mobilenet_v2", description="registry name of the network to fine-tune")
     weights: str = Field("imagenet", description="the weights it starts from: imagenet, a file, or none")
-    epochs: int = Field(50, ge=1)
+    epochs: int = Field(50, ge=1, description="at most; may grow when a run resumes (not with lr_schedule: cosine)")
     batch_size: int = Field(32, ge=2, le=4096)
     lr: float = Field(1e-4, gt=0)
     val_every: int = Field(30, ge=1, description="mini-batches between validations (and after each epoch)")
@@ -199,7 +199,9 @@ class FinetuneConfig(_Section):
     lr_schedule: Literal["constant", "cosine"] = Field("constant", description="cosine: decay to 0 over the epochs")
     weight_decay: float = Field(0.0, ge=0, description="Adam's L2 penalty")
     label_smoothing: float = Field(0.0, ge=0, lt=1)
-    precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto: bf16 autocast on a GPU, fp32 on a CPU")
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="auto: bf16 autocast on a GPU; on a CPU bf16 where a probe of the network measured it "
+                            ">= 1.1x as fast as fp32, else fp32")
     checkpoint_every: Optional[PositiveInt] = Field(
         None, description="mini-batches between checkpoints besides each epoch's end (null: epoch ends only)")
     max_steps: Optional[PositiveInt] = Field(None, description="stop after this many mini-batches (smoke runs)")

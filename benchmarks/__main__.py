@@ -1,6 +1,6 @@
 """``python -m benchmarks STAGE``: measure a stage and its naive baseline in one run, append the results.
 
-``suite`` runs loader, extract and classify one after another with the same arguments (the GPU suite script
+``suite`` runs loader, extract, classify and finetune one after another with the same arguments (the GPU suite script
 and the CI smoke test both call it).
 """
 
@@ -16,10 +16,10 @@ from aml_rapids.config import CompileMode, IndexConfig
 from aml_rapids.data.manifest import Manifest, build_manifest
 from aml_rapids.loader.loader import resolve_device
 
-from . import classify_bench, extract_bench, loader_bench
+from . import classify_bench, extract_bench, finetune_bench, loader_bench
 from .harness import RESULTS, append_results, head, synthetic_manifest
 
-STAGES = ("loader", "extract", "classify")
+STAGES = ("loader", "extract", "classify", "finetune")
 EXTRACT_MODES = ("eager", *get_args(CompileMode))  # eager, or a compiled variant in one of torch.compile's modes
 
 
@@ -42,6 +42,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--baseline-rows", type=int, help="classify: rows for scikit-learn (default: --rows)")
     parser.add_argument("--pca", type=int, default=128, help="classify: PCA components per backbone")
     parser.add_argument("--folds", default="5", help="classify: stacking fold counts to time, comma-separated")
+    parser.add_argument("--train-images", type=int, default=960, help="finetune: cells each variant trains on")
+    parser.add_argument("--finetune-backbone", default="mobilenet_v2", help="finetune: the network trained")
     parser.add_argument("--stages", default=",".join(STAGES), help="suite: the stages to run, in this order")
     return parser
 
@@ -68,6 +70,9 @@ def run_stage(stage: str, args, cells: tuple[Manifest, Manifest] | None) -> None
                   "batch_size": args.batch_size, "device": device, "data": str(args.data or "synthetic")}
         if stage == "loader":
             rows = loader_bench.run(manifest, naive, device, args.repeats, args.batch_size)
+        elif stage == "finetune":
+            params.update(train_images=args.train_images, backbone=args.finetune_backbone, batch_size=32)
+            rows = finetune_bench.run(manifest, args.train_images, args.repeats, args.finetune_backbone, device)
         else:
             params["backbones"] = args.backbones.split(",")
             params["modes"] = args.extract_modes.split(",")
@@ -92,7 +97,7 @@ def main(argv=None) -> None:
     if unknown:
         raise SystemExit(f"unknown --extract-modes: {', '.join(sorted(unknown))} (choose from "
                          f"{', '.join(EXTRACT_MODES)})")
-    cells = _cells(args) if set(stages) & {"loader", "extract"} else None
+    cells = _cells(args) if set(stages) & {"loader", "extract", "finetune"} else None
     failed = []
     for stage in stages:
         try:

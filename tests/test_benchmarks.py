@@ -19,12 +19,16 @@ def test_the_suite_writes_well_formed_results(tmp_path):
     # The CPU smoke run: 512 cells through MobileNetV2 (random weights), about a minute on 2 cores.
     main(["suite", "--count", "512", "--naive-count", "256", "--repeats", "1", "--batch-size", "64", "--cache",
           str(tmp_path), "--results", str(results), "--backbones", "mobilenet_v2", "--no-warmup", "--rows", "600",
-          "--pca", "8"])
+          "--pca", "8", "--train-images", "64", "--finetune-backbone", "tiny"])
     rows = [json.loads(line) for line in results.read_text().splitlines()]
-    by_stage = {stage: [r for r in rows if r["stage"] == stage] for stage in ("loader", "extract", "classify")}
+    by_stage = {stage: [r for r in rows if r["stage"] == stage]
+                for stage in ("loader", "extract", "classify", "finetune")}
     # loader: 2 naive + 3 DALI (a GPU adds the mixed decoder); extract: naive + 2 end to end (eager, compiled),
-    # naive + fast forward per backbone, 2 store writes; classify: 5 scikit-learn steps (no cuML)
-    assert [len(v) for v in by_stage.values()] == [5, 7, 5] and len(rows) == 17
+    # naive + fast forward per backbone, 2 store writes; classify: 5 scikit-learn steps (no cuML); finetune:
+    # the naive loop and aml-rapids' in fp32 and bf16
+    assert [len(v) for v in by_stage.values()] == [5, 7, 5, 3] and len(rows) == 20
+    assert {r["items"] for r in by_stage["finetune"]} == {64}
+    assert by_stage["finetune"][0]["auto_choice"]["chosen"] in ("fp32", "bf16")
     for row in rows:
         assert row["items_per_s"] > 0 and row["machine"]["cores"] >= 1 and "torch" in row["versions"]
     assert {r["items"] for r in by_stage["loader"]} == {256, 512}  # the naive loaders read the first 256 cells

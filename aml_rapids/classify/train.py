@@ -9,16 +9,12 @@ import numpy as np
 from .. import __version__
 from ..config import EvaluateConfig, RunConfig
 from ..errors import ConfigError
-from ..evaluate.report import write_report
+from ..evaluate.report import split_protocol, write_report
 from ..features.store import FeatureStore, feature_identity
 from .data import block_dims, feature_blocks, fold_groups, load_features, refuse_finetune_seen, select_rows
 from ..outputs import prepare_fresh_dir
 from .io import OUTPUTS, check_store_matches, load_model, save_model, seen_in_training
 from .model import FeatureStackingClassifier
-
-
-SPLIT_PROTOCOLS = {"patient": "patient-grouped split", "image": "image-level split",
-                   "kfold": "patient-grouped k-fold"}
 
 
 def describe_features(store: FeatureStore, backbones: list[str]) -> dict:
@@ -28,7 +24,7 @@ def describe_features(store: FeatureStore, backbones: list[str]) -> dict:
     split = manifests[-1].get("split") or {}
     return {"backbones": {b: {k: store.meta["backbones"][b].get(k) for k in ("weights", "pretrained", "dim",
                                                                          "finetuned")} for b in backbones},
-            "split_protocol": SPLIT_PROTOCOLS.get(split.get("method"), "unsplit"),
+            "split_protocol": split_protocol(split),
             "split": split,
             "source": {"store": str(store.path), "split": split,
                        "manifests": [{k: m.get(k) for k in ("digest", "source", "rows", "time_utc")}

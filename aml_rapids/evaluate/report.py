@@ -22,6 +22,12 @@ from .metrics import bootstrap, patient_keys, patient_level, summary
 from .plots import plot_confusion, plot_roc
 
 PREDICTIONS = "predictions.csv"  # one line per evaluated cell
+SPLIT_PROTOCOLS = {"patient": "patient-grouped split", "image": "image-level split", "kfold": "patient-grouped k-fold"}
+
+
+def split_protocol(split: dict | None) -> str:
+    """How a report names the split a manifest was made with (its ``split`` record)."""
+    return SPLIT_PROTOCOLS.get((split or {}).get("method"), "unsplit")
 
 
 def prediction_table(rows, proba, classes, columns: list[str]):

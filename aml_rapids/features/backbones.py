@@ -29,7 +29,7 @@ class BackboneSpec:
     normalization: Normalization
     build: Callable[[], nn.Module]
     truncate: Callable[[nn.Module], nn.Module]
-    head: str  # the classification layer (an nn.Linear), as a dotted module path: replaced for new classes
+    head: str | None  # the classification layer (an nn.Linear), a dotted module path; None: it has none
     last_block: str  # the last convolutional block (Grad-CAM's layer; fine-tuning's ``unfreeze: last_block``)
     imagenet_weights: str | None = None
     input_size: int | None = None  # the one image size the network takes, if it has one (a ViT's patch grid)
@@ -41,8 +41,11 @@ class BackboneSpec:
 
     def reset_head(self, model: nn.Module, num_classes: int) -> nn.Module:
         """``model`` with a new, freshly initialised head for ``num_classes`` (the ImageNet one replaced)."""
+        old = model.get_submodule(self.head) if self.head else None
+        if not isinstance(old, nn.Linear):
+            raise ConfigError(f"backbone {self.name!r} has no classification head to replace (its registry entry "
+                              f"names {self.head!r}), so it cannot be fine-tuned; choose another backbone")
         parent, _, name = self.head.rpartition(".")
-        old = model.get_submodule(self.head)
         setattr(model.get_submodule(parent) if parent else model, name, nn.Linear(old.in_features, num_classes))
         return model
 

@@ -186,7 +186,7 @@ def open_or_extend(path: Path, manifest: Manifest, cfg: RunConfig, identity: dic
     """The store for this manifest: created, or checked and extended by the rows it lacks; rows of cells in
     ``seen`` (a fine-tuned backbone's) are marked so. The caller holds the store's lock."""
     rows = plan_rows(manifest.table, cfg)
-    rows["finetune_seen"] = rows["sha256"].isin(seen)
+    rows["finetune_seen"] = rows["sha256"].isin(seen) | rows["pixels_sha256"].isin(seen - {""})
     record = {"digest": manifest.digest(), "source": manifest.meta.get("source", str(manifest.root)),
               "split": manifest.meta.get("split"),
               "time_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}

@@ -16,7 +16,8 @@ from torchvision.models import get_weight
 
 from ..errors import DataError
 from ..outputs import file_sha256
-from ..finetune.record import FinetuneRecord, read_record
+from ..finetune.record import UNKNOWN, FinetuneRecord, read_record
+from ..logs import log
 from .backbones import BackboneSpec, get_spec, public_specs
 
 
@@ -119,11 +120,18 @@ def build_network(name: str, weights: str = "imagenet", seed: int = 0) -> tuple[
                                f"{digest[:12]}... does not start with {named.group(1)}, as its name says; delete "
                                "it and put the real file there")
         state = _read_state_dict(path)
-        if f"{spec.head}.weight" in state and spec.classes_of(state) != model.get_submodule(spec.head).out_features:
+        retrained = spec.head is not None and f"{spec.head}.weight" in state and (
+            spec.classes_of(state) != model.get_submodule(spec.head).out_features)
+        if retrained:
             spec.reset_head(model, spec.classes_of(state))
         _load_into(model, state, path, name)
-        info = WeightsInfo("imagenet" if weights == "imagenet" else str(path), digest, True,
-                           None if weights == "imagenet" else read_record(path))
+        record = None if weights == "imagenet" else read_record(path)
+        if record is None and retrained:
+            log.warning(f"weights {path} have a {spec.classes_of(state)}-class head but no finetune.json beside "
+                        "them: the cells they were fine-tuned on are unknown, so evaluation cannot refuse them; "
+                        "keep a fine-tuning's best.pt in its folder")
+            record = UNKNOWN
+        info = WeightsInfo("imagenet" if weights == "imagenet" else str(path), digest, True, record)
     return model, info
 
 

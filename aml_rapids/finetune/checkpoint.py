@@ -1,6 +1,9 @@
 """The resumable state of a fine-tuning, torchvision's reference recipe: one dict (model, optimizer,
-scheduler, the position in the run, the best validation so far, the per-step history, the identity of the
-run) written with write-then-rename, so a kill or a full disk mid-write leaves the previous checkpoint whole.
+scheduler, the position in the run, the best validation so far and its weights, the per-step history, the
+identity of the run, its precision and device) written with write-then-rename, so a kill or a full disk mid-write
+leaves the previous checkpoint whole. ``best.pt`` is written again from the checkpoint's best weights when a run
+resumes, so the two never disagree (a best found after the last checkpoint is found again, or not, by the
+resumed run).
 
 Random state needs no saving: every epoch's order and augmentations are drawn from (seed, epoch) and each step
 seeds dropout from (seed, step), so a run resumed at any step continues exactly as an uninterrupted one.
@@ -37,18 +40,33 @@ class Position:
     stopped: str | None = None
     seconds: float = 0.0  # training time so far, over every resumed part
     history: list[dict] = field(default_factory=list)
+    failures: dict[str, str] = field(default_factory=dict)  # path -> why, of cells that could not be read
+
+
+def host_copy(model) -> dict:
+    """The model's state_dict on the CPU, detached: what best.pt holds (loadable on any machine)."""
+    return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+
+
+def _torch_save(obj, path: Path) -> None:
+    try:
+        torch.save(obj, path)
+    except RuntimeError as exc:  # torch's writer reports a full disk as "PytorchStreamWriter failed writing file"
+        raise OSError(f"torch.save failed: {exc}") from exc
 
 
 def save(folder: Path, model, optimizer, scheduler, position: Position, identity: dict, config: dict,
-         precision: str) -> Path:
+         best: dict | None, run: dict) -> Path:
+    """``run``: the precision the run trains in, what its probe measured and its device."""
     state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-             "position": asdict(position), "identity": identity, "config": config, "precision": precision}
-    return atomic_write(Path(folder) / CHECKPOINT, lambda tmp: torch.save(state, tmp))
+             "position": asdict(position), "identity": identity, "config": config, "best_model": best, "run": run}
+    return atomic_write(Path(folder) / CHECKPOINT, lambda tmp: _torch_save(state, tmp))
 
 
-def save_best(folder: Path, model) -> Path:
-    """The best weights so far as a plain state_dict of the whole network (what ``features`` loads)."""
-    return atomic_write(Path(folder) / BEST, lambda tmp: torch.save(model.state_dict(), tmp))
+def save_best(folder: Path, best: dict) -> Path:
+    """The best weights so far (``host_copy``) as a plain state_dict of the whole network (what ``features``
+    loads)."""
+    return atomic_write(Path(folder) / BEST, lambda tmp: _torch_save(best, tmp))
 
 
 def load(folder: Path, identity: dict) -> dict | None:

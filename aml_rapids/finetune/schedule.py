@@ -1,6 +1,8 @@
 """Which parameters train in which epoch (Lightning's fine-tuning callback, as a small object apart from the
 step): the new head alone for ``freeze_epochs``, then the whole network or its last convolutional block and
-everything after it. Frozen parameters get no gradient, so the one Adam optimizer leaves them as they are."""
+everything after it. Frozen parameters get no gradient, so the one Adam optimizer leaves them as they are, and
+batch-norm layers whose parameters are all frozen stay in eval mode, so their running statistics do not drift
+either."""
 
 from __future__ import annotations
 
@@ -20,7 +22,8 @@ class FreezeSchedule:
         return self.spec.last_block if self.unfreeze == "last_block" else None
 
     def apply(self, model: nn.Module, epoch: int) -> int:
-        """Set ``requires_grad`` for ``epoch``; returns how many parameters train."""
+        """Put ``model`` in training mode for ``epoch``: ``requires_grad`` set, frozen batch-norm layers in eval
+        mode; returns how many parameters train."""
         start = self.first_trained(epoch)
         training = start is None
         count = 0
@@ -28,4 +31,9 @@ class FreezeSchedule:
             training = training or name.startswith(f"{start}.")
             parameter.requires_grad_(training)
             count += parameter.numel() if training else 0
+        model.train()
+        for module in model.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm) and not any(
+                    p.requires_grad for p in module.parameters()):
+                module.eval()
         return count

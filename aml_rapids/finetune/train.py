@@ -15,7 +15,7 @@ import math
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -26,16 +26,16 @@ from .. import __version__
 from ..config import FinetuneConfig, RunConfig
 from ..data.manifest import Manifest
 from ..data.scan import Problem
-from ..errors import DataError, OutputError, TrainingDiverged
-from ..evaluate.report import write_report
+from ..errors import OutputError, TrainingDiverged
+from ..evaluate.report import split_protocol, write_report
 from ..loader.loader import CellLoader, resolve_device
-from ..loader.oversample import loader_table
 from ..logs import log
 from ..outputs import atomic_write_text, file_sha256, prepare_output_dir
 from ..provenance import current_run_id, machine_info, software_versions, usable_cores
 from . import checkpoint
 from .checkpoint import BEST, CHECKPOINT, Position
 from .curves import plot_curves
+from .data import Tables, epoch_table, training_tables
 from .loop import predict, train_one_epoch, validate
 from .record import FINETUNE_JSON, SEEN_CELLS, read_record, write_about, write_seen_cells
 from .schedule import FreezeSchedule
@@ -46,20 +46,6 @@ EVAL = "eval-test"
 OUTPUTS = (CHECKPOINT, BEST, FINETUNE_JSON, SEEN_CELLS, STEPS, "curves.png", "curves.svg", EVAL, "runs",
            "config.yaml")
 RESUMABLE = ("epochs", "max_steps", "patience", "checkpoint_every")  # may change between the parts of a run
-SPLIT_PROTOCOLS = {"patient": "patient-grouped split", "image": "image-level split", "kfold": "patient-grouped k-fold"}
-
-
-@dataclass
-class Tables:
-    """The rows of a fine-tuning: oversampled training rows, validation rows (a fixed sample if asked), test."""
-
-    train: pd.DataFrame
-    val: pd.DataFrame
-    test: pd.DataFrame
-    classes: list[str]
-
-    def labels(self, table: pd.DataFrame) -> np.ndarray:
-        return table["label"].map({c: i for i, c in enumerate(self.classes)}).to_numpy(np.int64)
 
 
 @dataclass
@@ -73,40 +59,6 @@ class FinetuneSummary:
     seconds: float
     head_test: dict | None  # the head's test report (metrics.json), if the manifest has a test split
     failed: list[Problem] = field(default_factory=list)
-
-
-def stratified_sample(table: pd.DataFrame, n: int | None, seed: int) -> pd.DataFrame:
-    """``n`` rows with the classes in their proportions (all rows if ``n`` is None or not smaller)."""
-    if n is None or n >= len(table):
-        return table.reset_index(drop=True)
-    shuffled = table.sample(frac=1.0, random_state=seed)
-    rank = shuffled.groupby("label").cumcount() / shuffled["label"].map(shuffled["label"].value_counts())
-    return shuffled.assign(_rank=rank.to_numpy()).sort_values(["_rank", "label"], kind="stable").head(n).drop(
-        columns="_rank").reset_index(drop=True)
-
-
-def training_tables(manifest: Manifest, cfg: RunConfig, where: Path) -> Tables:
-    table = manifest.table.assign(patient=manifest.table["patient"].fillna(""))
-    if "split" not in table.columns:
-        raise DataError(f"manifest {where} has no split; run `aml-rapids split` first")
-    parts = {s: table[table["split"] == s] for s in ("train", "val", "test")}
-    if parts["train"].empty or parts["val"].empty:
-        raise DataError(f"manifest {where} has no {'train' if parts['train'].empty else 'val'} rows: fine-tuning "
-                        "trains on train and validates on val; split it with split.val > 0 (the published 70/15/15)")
-    classes = sorted(table["label"].unique())
-    missing = [c for c in classes if not (parts["train"]["label"] == c).any()]
-    if missing:
-        raise DataError(f"manifest {where}: class(es) {', '.join(missing)} have no training rows; the new head "
-                        "could never learn them")
-    train = loader_table(table, "train", cfg.oversample.enabled, cfg.oversample.seed)
-    val = stratified_sample(parts["val"], cfg.finetune.val_max_rows, cfg.finetune.seed)
-    return Tables(train, val.assign(aug_index=0), parts["test"].assign(aug_index=0).reset_index(drop=True), classes)
-
-
-def epoch_table(train: pd.DataFrame, seed: int, epoch: int) -> pd.DataFrame:
-    """The training rows in epoch ``epoch``'s order, a function of (seed, epoch) alone."""
-    order = np.random.default_rng([seed, epoch]).permutation(len(train))
-    return train.iloc[order].reset_index(drop=True)
 
 
 def stop_reason(position: Position, ft: FinetuneConfig) -> str | None:
@@ -132,16 +84,16 @@ def run_identity(cfg: RunConfig, manifest: Manifest, task: Task) -> dict:
 
 
 def prepare_folder(out: Path, overwrite: bool) -> Path:
-    """A new folder, or one holding only a fine-tuning's files (resumed, or with ``overwrite`` emptied)."""
+    """A new folder, or one holding only a fine-tuning's files (resumed, or with ``overwrite`` emptied); what a
+    write killed midway left (``.*.tmp``) is removed."""
     prepare_output_dir(out, "fine-tuning folder")
-    foreign = sorted(p.name for p in out.iterdir() if p.name not in OUTPUTS and not p.name.endswith(".tmp"))
+    leftovers = [p for p in out.iterdir() if p.name.startswith(".") and p.name.endswith(".tmp")]
+    foreign = sorted(p.name for p in out.iterdir() if p.name not in OUTPUTS and p not in leftovers)
     if foreign:
         raise OutputError(f"fine-tuning folder {out} holds files a fine-tuning did not write "
                           f"({', '.join(foreign[:5])}); use a new or empty folder")
-    if overwrite:
-        for path in out.iterdir():
-            if path.name not in ("runs", "config.yaml"):
-                shutil.rmtree(path) if path.is_dir() else path.unlink()
+    for path in leftovers + ([p for p in out.iterdir() if p.name not in ("runs", "config.yaml")] if overwrite else []):
+        shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
     return out
 
 
@@ -154,25 +106,24 @@ def _optimizer(task: Task, cfg: RunConfig, steps_per_epoch: int):
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def _about(cfg: RunConfig, manifest: Manifest, where: Path, task: Task, tables: Tables, seen: dict,
-           position: Position, device: str) -> dict:
+def _about(run: "Run") -> dict:
     """finetune.json: what the run is, and how far it got."""
-    trained = position.history
+    position, task, tables, manifest = run.position, run.task, run.tables, run.manifest
     best = {"step": position.best_step, "epoch": position.best_epoch,
             "val_loss": None if position.best_step is None else position.best_loss,
             "val_accuracy": position.best_accuracy}
     return {"aml_rapids": __version__, "run_id": current_run_id(), "backbone": task.spec.name,
-            "base_weights": asdict(task.base),
-            "manifest": {"path": str(where), "digest": manifest.digest(),
+            "base_weights": {"source": task.base.source, "sha256": task.base.sha256, "pretrained": task.base.pretrained},
+            "manifest": {"path": str(run.where), "digest": manifest.digest(),
                          "source": manifest.meta.get("source", str(manifest.root))},
             "split": manifest.meta.get("split"), "classes": task.classes,
             "rows": {"train_oversampled": len(tables.train), "train_cells": int(tables.train["cell_id"].nunique()),
                      "val": len(tables.val), "test": len(tables.test)},
-            "seen_cells": seen, "policy": cfg.finetune.model_dump(), "status": position.stopped or "running",
-            "epochs_run": position.epoch, "steps": position.step, "best": best,
-            "weights": {"file": BEST}, "precision": task.precision, "device": device,
-            "precision_probe_images_per_s": task.measured or None,
-            "train_images_per_s": _rate(trained), "wall_seconds": round(position.seconds, 1),
+            "seen_cells": run.seen, "policy": run.ft.model_dump(), "status": position.stopped or "running",
+            "epochs_run": position.epoch, "steps": position.step, "best": best, "weights": {"file": BEST},
+            "precision": task.precision, "precision_probe_images_per_s": task.measured or None, "device": run.device,
+            "train_images_per_s": _rate(position.history), "wall_seconds": round(position.seconds, 1),
+            "failed": [{"path": path, "reason": why} for path, why in position.failures.items()],
             "versions": software_versions(), "machine": machine_info()}
 
 
@@ -196,45 +147,74 @@ def finetune(manifest: Manifest, where: Path, out: Path, cfg: RunConfig, overwri
     steps_per_epoch = math.ceil(len(tables.train) / ft.batch_size)
     optimizer, scheduler = _optimizer(task, cfg, steps_per_epoch)
     state = checkpoint.load(out, identity)
+    run = Run(cfg, manifest, where, out, task, tables, optimizer, scheduler, identity, device)
     if state is None:
-        choose_precision(task, ft, cfg.loader.image_size)
-        position = Position()
         for stale in (BEST, STEPS, EVAL):  # a run killed before its first checkpoint: begun again
             path = out / stale
             shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+        choose_precision(task, ft, cfg.loader.image_size)
     else:
-        task.model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        position, task.precision = state["position"], state["precision"]
-        log.info(f"resuming {out / CHECKPOINT}: epoch {position.epoch + 1}, step {position.step}")
-    seen = write_seen_cells(out, pd.concat([tables.train, tables.val]))
-    about = lambda: _about(cfg, manifest, where, task, tables, seen, position, device)  # noqa: E731
-    write_about(out, about())
-    train_cfg = cfg.model_copy(update={"loader": cfg.loader.model_copy(update={"batch_size": ft.batch_size})})
-    norms = {task.spec.name: task.spec.normalization}
-    failures: dict[str, Problem] = {}
-
-    def loader(table: pd.DataFrame, augment: bool, epoch: int | None, settings: RunConfig = cfg) -> CellLoader:
-        return CellLoader(table, manifest.root, settings, augment=augment, normalizations=norms, epoch=epoch)
-
-    def keep_failures(used: CellLoader) -> None:
-        failures.update({p.path: p for p in used.failures})
-
-    val_labels, loss_fn = tables.labels(tables.val), loss_function(ft)
-    planned = min(ft.epochs * steps_per_epoch, ft.max_steps or math.inf)
+        run.resume(state)
+    run.seen = write_seen_cells(out, pd.concat([tables.train, tables.val]))
+    write_about(out, run.about())
     if on_total:
+        planned = min(ft.epochs * steps_per_epoch, ft.max_steps or math.inf)
         on_total(int(min(len(tables.train) * ft.epochs, planned * ft.batch_size)))
-    schedule = FreezeSchedule(task.spec, ft.freeze_epochs, ft.unfreeze)
+    try:
+        run.train(progress)
+    except TrainingDiverged as exc:
+        raise run.diverged(exc) from None
+    return _finish(run)
 
-    def run_validation(epoch: int) -> None:
-        val_loader = loader(tables.val, True, None)
-        loss, accuracy = validate(task, val_loader, val_labels, loss_fn)
-        keep_failures(val_loader)
+
+class Run:
+    """One fine-tuning as it goes: the task, its optimizer and where it stands; ``train`` runs the epochs."""
+
+    def __init__(self, cfg: RunConfig, manifest: Manifest, where: Path, out: Path, task: Task, tables: Tables,
+                 optimizer, scheduler, identity: dict, device: str):
+        self.cfg, self.ft, self.manifest, self.where, self.out = cfg, cfg.finetune, manifest, where, out
+        self.task, self.tables, self.optimizer, self.scheduler = task, tables, optimizer, scheduler
+        self.identity, self.device = identity, device
+        self.position, self.best, self.saved_step, self.seen = Position(), None, None, {}
+        self.loss_fn, self.val_labels = loss_function(self.ft), tables.labels(tables.val)
+        self.schedule = FreezeSchedule(task.spec, self.ft.freeze_epochs, self.ft.unfreeze)
+        self.train_cfg = cfg.model_copy(update={"loader": cfg.loader.model_copy(update={"batch_size": self.ft.batch_size})})
+
+    def resume(self, state: dict) -> None:
+        self.task.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.position, self.best, self.saved_step = state["position"], state["best_model"], state["position"].step
+        if self.best is not None:
+            checkpoint.save_best(self.out, self.best)  # best.pt as the checkpoint knows it
+        if state["run"]["device"] == self.device:
+            self.task.precision, self.task.measured = state["run"]["precision"], state["run"]["measured"]
+        else:
+            choose_precision(self.task, self.ft, self.cfg.loader.image_size)
+            log.warning(f"the checkpoint was trained on the {state['run']['device'].upper()}; going on on the "
+                        f"{self.device.upper()} in {self.task.precision}")
+        log.info(f"resuming {self.out / CHECKPOINT}: epoch {self.position.epoch + 1}, step {self.position.step}")
+
+    def loader(self, table: pd.DataFrame, augment: bool, epoch: int | None, settings: RunConfig | None = None
+               ) -> CellLoader:
+        return CellLoader(table, self.manifest.root, settings or self.cfg, augment=augment, epoch=epoch,
+                          normalizations={self.task.spec.name: self.task.spec.normalization})
+
+    def keep_failures(self, used: CellLoader) -> None:
+        self.position.failures.update({p.path: p.reason for p in used.failures})
+
+    def about(self) -> dict:
+        return _about(self)
+
+    def validation(self, epoch: int) -> None:
+        position, val_loader = self.position, self.loader(self.tables.val, True, None)
+        loss, accuracy = validate(self.task, val_loader, self.val_labels, self.loss_fn, position.step)
+        self.keep_failures(val_loader)
         position.history[-1].update(val_loss=loss, val_accuracy=accuracy)
         improved = loss < position.best_loss
         if improved:
-            checkpoint.save_best(out, task.model)
+            self.best = checkpoint.host_copy(self.task.model)
+            checkpoint.save_best(self.out, self.best)
             position.best_loss, position.best_accuracy = loss, accuracy
             position.best_step, position.best_epoch, position.bad_validations = position.step, epoch + 1, 0
         else:
@@ -242,76 +222,78 @@ def finetune(manifest: Manifest, where: Path, out: Path, cfg: RunConfig, overwri
         log.info(f"step {position.step:,} (epoch {epoch + 1}): training loss {position.history[-1]['train_loss']:.4f}"
                  f", validation loss {loss:.4f}, accuracy {accuracy:.4f}" + (" (best)" if improved else ""))
 
-    saved = {"step": position.step if state else None}
+    def save(self) -> None:
+        if not all(torch.isfinite(p).all() for p in self.task.model.parameters()):
+            raise TrainingDiverged(f"the weights hold NaN or Inf after step {self.position.step}")
+        checkpoint.save(self.out, self.task.model, self.optimizer, self.scheduler, self.position, self.identity,
+                        self.cfg.model_dump(mode="json"), self.best,
+                        {"precision": self.task.precision, "measured": self.task.measured, "device": self.device})
+        self.saved_step = self.position.step
+        atomic_write_text(self.out / STEPS, pd.DataFrame(self.position.history, columns=STEP_COLUMNS).to_csv(index=False))
+        write_about(self.out, self.about())
 
-    def save_checkpoint() -> None:
-        saved["step"] = position.step
-        checkpoint.save(out, task.model, optimizer, scheduler, position, identity, cfg.model_dump(mode="json"),
-                        task.precision)
-        atomic_write_text(out / STEPS, pd.DataFrame(position.history, columns=STEP_COLUMNS).to_csv(index=False))
-        write_about(out, about())
-
-    position.stopped = stop_reason(position, ft)  # a resumed run may go on under larger limits
-    while position.stopped is None:
-        epoch = position.epoch
-        trained = schedule.apply(task.model, epoch)
-        if position.epoch_rows == 0:
-            log.info(f"epoch {epoch + 1}/{ft.epochs}: {len(tables.train):,} rows, {trained:,} parameters training")
-        done_before = position.epoch_rows
-        train_loader = loader(epoch_table(tables.train, ft.seed, epoch).iloc[done_before:], True, epoch, train_cfg)
-        clock = time.perf_counter()
-        steps = train_one_epoch(task, train_loader, tables.labels(train_loader.table), optimizer, scheduler, loss_fn,
-                                position.step, ft.seed)
-        for result in _kept_on_divergence(steps, out, saved, position):
-            position.step, position.epoch_rows = result.step, done_before + result.last_position + 1
-            position.history.append({"step": result.step, "epoch": epoch + 1, "train_loss": result.loss,
-                                     "train_accuracy": result.accuracy, "lr": scheduler.get_last_lr()[0],
-                                     "rows": result.rows, "step_seconds": time.perf_counter() - clock,
-                                     "val_loss": None, "val_accuracy": None})
-            if progress:
-                progress(result.rows)
-            if result.step % ft.val_every == 0:
-                run_validation(epoch)
-            position.stopped = stop_reason(position, ft)
-            position.seconds += time.perf_counter() - clock  # the step and its validation; not checkpoints
-            if position.stopped:
-                break
-            if ft.checkpoint_every and result.step % ft.checkpoint_every == 0:
-                save_checkpoint()
+    def train(self, progress: Callable[[int], None] | None) -> None:
+        """Epochs until ``stop_reason`` says stop; a checkpoint after each (and every ``checkpoint_every``)."""
+        ft, position = self.ft, self.position
+        position.stopped = stop_reason(position, ft)  # a resumed run may go on under larger limits
+        while position.stopped is None:
+            epoch, done_before = position.epoch, position.epoch_rows
+            trained = self.schedule.apply(self.task.model, epoch)
+            if done_before == 0:
+                log.info(f"epoch {epoch + 1}/{ft.epochs}: {len(self.tables.train):,} rows, {trained:,} parameters "
+                         "training")
+            train_loader = self.loader(epoch_table(self.tables.train, ft.seed, epoch).iloc[done_before:], True,
+                                       epoch, self.train_cfg)
             clock = time.perf_counter()
-        keep_failures(train_loader)
-        if position.stopped is None:
-            if position.history and position.history[-1]["val_loss"] is None:
-                run_validation(epoch)
-            position.epoch, position.epoch_rows = epoch + 1, 0
-            position.stopped = stop_reason(position, ft)
-        save_checkpoint()
-    if position.history and position.history[-1]["val_loss"] is None:  # stopped between validations
-        run_validation(position.epoch)
-        save_checkpoint()
-    return _finish(cfg, manifest, where, out, task, tables, position, device, seen, list(failures.values()))
+            for result in train_one_epoch(self.task, train_loader, self.tables.labels(train_loader.table),
+                                          self.optimizer, self.scheduler, self.loss_fn, position.step, ft.seed):
+                position.step, position.epoch_rows = result.step, done_before + result.last_position + 1
+                position.history.append({"step": result.step, "epoch": epoch + 1, "train_loss": result.loss,
+                                         "train_accuracy": result.accuracy, "lr": result.lr, "rows": result.rows,
+                                         "step_seconds": time.perf_counter() - clock, "val_loss": None,
+                                         "val_accuracy": None})
+                if progress:
+                    progress(result.rows)
+                if result.step % ft.val_every == 0:
+                    self.validation(epoch)
+                position.stopped = stop_reason(position, ft)
+                position.seconds += time.perf_counter() - clock  # the step and its validation; not checkpoints
+                if position.stopped:
+                    break
+                if ft.checkpoint_every and result.step % ft.checkpoint_every == 0:
+                    self.save()
+                clock = time.perf_counter()
+            self.keep_failures(train_loader)
+            if position.stopped is None:
+                if position.history and position.history[-1]["val_loss"] is None:
+                    self.validation(epoch)
+                position.epoch, position.epoch_rows = epoch + 1, 0
+                position.stopped = stop_reason(position, ft)
+            self.save()
+        if position.best_step is None and position.history:  # stopped before any validation: best.pt needs one
+            self.validation(position.epoch)
+            self.save()
 
-
-def _kept_on_divergence(steps, out: Path, saved: dict, position: Position):
-    """The steps; a TrainingDiverged names what was kept and what to do."""
-    try:
-        yield from steps
-    except TrainingDiverged as exc:
-        kept = [f"{out / CHECKPOINT} (step {saved['step']})" if saved["step"] is not None else "",
-                f"{out / BEST} (step {position.best_step})" if position.best_step is not None else ""]
-        raise TrainingDiverged(f"{exc}; kept: {', '.join(k for k in kept if k) or 'nothing (no step had finished)'}. "
-                               "Lower finetune.lr (or turn on finetune.label_smoothing) and start again with "
-                               "--overwrite") from None
+    def diverged(self, exc: TrainingDiverged) -> TrainingDiverged:
+        """The error to stop with: what diverged, what was kept, what to do; finetune.json says so too."""
+        position = self.position
+        position.stopped = f"diverged: {exc}"
+        write_about(self.out, self.about())
+        kept = [f"{self.out / CHECKPOINT} (step {self.saved_step})" if self.saved_step is not None else "",
+                f"{self.out / BEST} (step {position.best_step})" if position.best_step is not None else ""]
+        return TrainingDiverged(f"{exc}; kept: {', '.join(k for k in kept if k) or 'nothing (no step had finished)'}. "
+                                "Lower finetune.lr (or turn on finetune.label_smoothing) and start again with "
+                                "--overwrite")
 
 
 STEP_COLUMNS = ["step", "epoch", "train_loss", "train_accuracy", "lr", "rows", "step_seconds", "val_loss",
                 "val_accuracy"]
 
 
-def _finish(cfg: RunConfig, manifest: Manifest, where: Path, out: Path, task: Task, tables: Tables,
-            position: Position, device: str, seen: dict, failures: list[Problem]) -> FinetuneSummary:
+def _finish(run: Run) -> FinetuneSummary:
     """Curves, the head's test report with the best weights, and finetune.json's final state."""
-    about = _about(cfg, manifest, where, task, tables, seen, position, device)
+    out, task, position, tables = run.out, run.task, run.position, run.tables
+    about = run.about()
     about["weights"]["sha256"] = file_sha256(out / BEST)
     write_about(out, about)
     title = (f"{task.spec.name} fine-tuned on {about['manifest']['source']} ({position.step:,} steps, "
@@ -320,19 +302,20 @@ def _finish(cfg: RunConfig, manifest: Manifest, where: Path, out: Path, task: Ta
     head = None
     if len(tables.test):
         task.model.load_state_dict(torch.load(out / BEST, map_location=task.device, weights_only=True))
-        test_loader = CellLoader(tables.test, manifest.root, cfg, normalizations={task.spec.name: task.spec.normalization})
+        test_loader = run.loader(tables.test, False, None)
         proba, positions = predict(task, test_loader)
-        failures += test_loader.failures
-        split = manifest.meta.get("split") or {}
+        run.keep_failures(test_loader)
+        split = run.manifest.meta.get("split") or {}
         weights = {"weights": str(out / BEST), "pretrained": task.base.pretrained, "dim": task.spec.dim,
                    "finetuned": read_record(out / BEST).provenance()}
-        info = {"split_protocol": SPLIT_PROTOCOLS.get(split.get("method"), "unsplit"), "backbones": {task.spec.name: weights},
+        info = {"split_protocol": split_protocol(split), "backbones": {task.spec.name: weights},
                 "backend": "torch: the fine-tuned network's own head",
-                "source": {"manifest": str(where), "manifest_digest": about["manifest"]["digest"], "split": split,
+                "source": {"manifest": str(run.where), "manifest_digest": about["manifest"]["digest"], "split": split,
                            "finetune": str(out), "weights_sha256": about["weights"]["sha256"]}}
         head = write_report(tables.test.iloc[positions].reset_index(drop=True), proba, np.asarray(task.classes), info,
-                            "test", out / EVAL, cfg.evaluate)
-    about["failed"] = [{"path": p.path, "reason": p.reason} for p in failures]
-    write_about(out, about)
+                            "test", out / EVAL, run.cfg.evaluate)
+        about = {**run.about(), "weights": about["weights"]}  # with the test split's failures
+        write_about(out, about)
+    failures = [Problem(path, why) for path, why in position.failures.items()]
     return FinetuneSummary(out, position.stopped or "running", position.epoch, position.step, about["best"],
                            about["train_images_per_s"], position.seconds, head, failures)
