@@ -7,12 +7,12 @@ quick)::
     result = aml_rapids.run("cells/", out="runs/cells")   # index -> split -> extract -> train -> evaluate
     store = aml_rapids.open_store("runs/cells/features.zarr")
     model, info = aml_rapids.load_model("runs/cells/model")
-    from aml_rapids import workflow                        # each stage: workflow.index, .split, .extract, ...
+    from aml_rapids import workflow                        # each stage: workflow.index, .split, .finetune, ...
 
 docs/python-api.md walks through it.
 """
 
-__version__ = "0.6.0"
+__version__ = "0.7.0"
 
 _EXPORTS = {
     # the pipeline in one call, and predicting with a model (stage by stage: aml_rapids.workflow)

@@ -179,9 +179,9 @@ class EvaluateConfig(_Section):
 class FinetuneConfig(_Section):
     """Fine-tuning a registry network with a new head (``aml-rapids finetune``). The defaults are the published
     training policy (Adam, learning rate 1e-4, mini-batches of 32, at most 50 epochs, reshuffled every epoch,
-    validated every 30 mini-batches on augmented validation images); the schedules, weight decay and label
-    smoothing are off. Early stopping is aml-rapids' addition (the paper keeps no patience): ``patience: null``
-    trains every epoch."""
+    validated every 30 mini-batches on augmented validation images, the best validation kept); the schedules,
+    weight decay, label smoothing and early stopping are off (the paper names no patience; MATLAB's default has
+    none)."""
 
     backbone: str = Field("mobilenet_v2", description="registry name of the network to fine-tune")
     weights: str = Field("imagenet", description="the weights it starts from: imagenet, a file, or none")
@@ -192,7 +192,7 @@ class FinetuneConfig(_Section):
     val_max_rows: Optional[PositiveInt] = Field(
         None, description="validate on a fixed class-stratified sample of this many validation cells (null: all)")
     patience: Optional[PositiveInt] = Field(
-        10, description="stop after this many validations without a lower validation loss (null: never)")
+        None, description="stop after this many validations without a lower validation loss (null: never)")
     freeze_epochs: int = Field(0, ge=0, description="epochs in which only the new head trains")
     unfreeze: Literal["all", "last_block"] = Field(
         "all", description="what trains after them: the whole network, or the last convolutional block and after")

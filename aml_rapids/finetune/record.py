@@ -78,4 +78,5 @@ def read_record(weights: Path) -> FinetuneRecord | None:
         raise DataError(f"{seen_file} is missing or is not the cell list {folder / FINETUNE_JSON} records: which "
                         f"cells weights {weights} were fine-tuned on cannot be told; fine-tune again")
     cells = pd.read_csv(seen_file, dtype=str, keep_default_na=False)
-    return FinetuneRecord(about, frozenset(cells["sha256"]) | (frozenset(cells["pixels_sha256"]) - {""}))
+    pixels = frozenset(cells["pixels_sha256"]) - {""} if "pixels_sha256" in cells else frozenset()  # older lists: file hashes only
+    return FinetuneRecord(about, frozenset(cells["sha256"]) | pixels)
