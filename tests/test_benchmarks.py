@@ -49,7 +49,8 @@ def test_the_suite_writes_well_formed_results(tmp_path):
     forward = [r for r in by_stage["extract"] if "forward" in r["variant"]]
     assert all(0 < r["floor_fraction"] and r["floor_images_per_s"] > 0 for r in forward)
     table = markdown(latest_runs(results))
-    assert table.count("\n") == 2 + 17 - 1 and "of floor" in table and "sklearn stacking fit" in table
+    assert table.count("\n") == 2 + 20 - 1 and "of floor" in table and "sklearn stacking fit" in table
+    assert "aml-rapids loop bf16 autocast" in table
 
 
 def test_the_table_keeps_each_variants_newest_run_of_each_kind(tmp_path):

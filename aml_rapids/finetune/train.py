@@ -157,9 +157,10 @@ def finetune(manifest: Manifest, where: Path, out: Path, cfg: RunConfig, overwri
         run.resume(state)
     run.seen = write_seen_cells(out, pd.concat([tables.train, tables.val]))
     write_about(out, run.about())
-    if on_total:
-        planned = min(ft.epochs * steps_per_epoch, ft.max_steps or math.inf)
-        on_total(int(min(len(tables.train) * ft.epochs, planned * ft.batch_size)))
+    if on_total:  # the rows still to train (a resumed run has done some)
+        planned = min(len(tables.train) * ft.epochs, min(ft.epochs * steps_per_epoch, ft.max_steps or math.inf)
+                      * ft.batch_size)
+        on_total(max(0, int(planned) - sum(h["rows"] for h in run.position.history)))
     try:
         run.train(progress)
     except TrainingDiverged as exc:

@@ -14,6 +14,7 @@ import pandas as pd
 
 from .. import __version__
 from ..errors import DataError
+from ..evaluate.report import weights_words
 from ..outputs import atomic_write_text, read_json
 from ..provenance import run_records
 from ..study.compare import summary_table
@@ -105,4 +106,5 @@ def _template() -> jinja2.Template:
     env = jinja2.Environment(loader=jinja2.PackageLoader("aml_rapids.report", "templates"),
                              autoescape=True, undefined=jinja2.StrictUndefined)
     env.filters["num"] = lambda v, places=3: "undefined" if v is None else f"{v:.{places}f}"
+    env.filters["weights_words"] = weights_words
     return env.get_template("report.html.j2")
