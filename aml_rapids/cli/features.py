@@ -27,7 +27,10 @@ def register(app: typer.Typer) -> None:
         out: Annotated[Optional[Path], out_option("finetune-<backbone> beside the manifest",
                                                   "Fine-tuning folder (weights, checkpoint, curves, report)")] = None,
         overwrite: OverwriteOpt = False,
-        allow_failed: AllowFailedOpt = False,
+        allow_failed: Annotated[bool, typer.Option(
+            "--allow-failed", show_default="off",
+            help="Exit 0 even if some cells' files could not be read (training went on without them; "
+                 "finetune.json lists them).")] = False,
         config: ConfigOpt = None,
         set_: SetOpt = None,
     ) -> workflow.Finetuned:
