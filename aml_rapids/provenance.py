@@ -29,6 +29,12 @@ TRACKED_PACKAGES = (
 
 def software_versions() -> dict[str, str]:
     """Installed versions of the packages that change results or speed (absent ones are left out)."""
+    return dict(_versions())
+
+
+@functools.lru_cache(maxsize=None)
+def _versions() -> dict[str, str]:
+    """Read once a process: every record (a fine-tuning writes one at each checkpoint) asks again."""
     versions = {"python": platform.python_version(), "aml-rapids": __version__}
     for name in TRACKED_PACKAGES:
         try:
@@ -48,19 +54,21 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def _gpus() -> list[dict[str, str]]:
+@functools.lru_cache(maxsize=None)
+def _gpus() -> tuple[dict[str, str], ...]:
+    """Asked of nvidia-smi once a process (a subprocess each time, otherwise, for every record written)."""
     try:
         out = subprocess.run(
             ["nvidia-smi", "--query-gpu=name,driver_version,memory.total", "--format=csv,noheader"],
             capture_output=True, text=True, timeout=10, check=True,
         ).stdout
     except (OSError, subprocess.SubprocessError):
-        return []
+        return ()
     gpus = []
     for line in out.strip().splitlines():
         name, driver, memory = (part.strip() for part in line.split(","))
         gpus.append({"name": name, "driver": driver, "memory": memory})
-    return gpus
+    return tuple(gpus)
 
 
 def usable_cores() -> int:
@@ -80,7 +88,7 @@ def machine_info() -> dict:
         "cpu": _cpu_model(),
         "cores": usable_cores(),
         "memory_gib": mem_gib,
-        "gpus": _gpus(),
+        "gpus": [dict(gpu) for gpu in _gpus()],
     }
 
 

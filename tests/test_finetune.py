@@ -89,7 +89,8 @@ def test_every_registry_network_has_a_head_to_reset_a_last_block_and_its_feature
     with torch.no_grad():
         assert model.eval()(torch.randn(2, 3, size, size)).shape == (2, 3)
     head_only = FreezeSchedule(spec, freeze_epochs=1, unfreeze="last_block")
-    trained = {n for n, p in model.named_parameters() if head_only.apply(model, 0) and p.requires_grad}
+    head_only.apply(model, 0)
+    trained = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trained == {f"{spec.head}.weight", f"{spec.head}.bias"}
     head_only.apply(model, 1)
     after = [n for n, p in model.named_parameters() if p.requires_grad]
@@ -384,3 +385,16 @@ def test_a_weights_file_whose_cell_list_was_tampered_with_is_refused(manifest, t
         fh.write("0" * 64 + ",train\n")
     with pytest.raises(DataError, match="is not the cell list .*finetune.json records"):
         load_backbone("tiny", str(out / "best.pt"))
+    (out / "finetune.json").write_text(json.dumps({"backbone": "tiny"}))
+    with pytest.raises(DataError, match="finetune.json is not a fine-tuning record \\(it lacks base_weights, manifest"):
+        load_backbone("tiny", str(out / "best.pt"))
+
+
+def test_a_checkpoint_of_another_version_is_refused_not_a_traceback(manifest, tmp_path):
+    out = tmp_path / "ft"
+    run(manifest, out, **{"finetune.max_steps": 2})
+    state = torch.load(out / "checkpoint.pt", weights_only=True)
+    del state["best_model"], state["run"]
+    torch.save(state, out / "checkpoint.pt")
+    with pytest.raises(DataError, match="checkpoint .*checkpoint.pt lacks best_model, run .*--overwrite starts"):
+        run(manifest, out)

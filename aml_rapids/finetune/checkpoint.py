@@ -22,6 +22,7 @@ from ..outputs import atomic_write
 
 CHECKPOINT = "checkpoint.pt"
 BEST = "best.pt"
+STATE_KEYS = ("model", "optimizer", "scheduler", "position", "identity", "config", "best_model", "run")  # as save writes
 
 
 @dataclass
@@ -81,6 +82,10 @@ def load(folder: Path, identity: dict) -> dict | None:
                         "over") from None
     if not isinstance(state, dict) or "identity" not in state:
         raise DataError(f"{path} is not an aml-rapids fine-tuning checkpoint; use another folder (-o)")
+    lacking = [key for key in STATE_KEYS if key not in state]
+    if lacking:
+        raise DataError(f"checkpoint {path} lacks {', '.join(lacking)} (written by another version of aml-rapids?); "
+                        "--overwrite starts the run over")
     differs = identity_differences(state["identity"], identity)
     if differs:
         raise ConfigError(f"{path} is the checkpoint of another fine-tuning (it differs in {', '.join(differs)}); "

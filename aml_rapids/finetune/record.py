@@ -22,6 +22,7 @@ from ..outputs import atomic_write_text, file_sha256, read_json
 
 FINETUNE_JSON = "finetune.json"
 SEEN_CELLS = "seen_cells.csv"
+RECORD_KEYS = ("backbone", "base_weights", "manifest", "split", "classes", "best", "seen_cells")  # what it is read for
 
 
 @dataclass(frozen=True)
@@ -37,7 +38,7 @@ class FinetuneRecord:
             return "fine-tuned on unknown cells (no finetune.json beside the weights)"
         split = self.about.get("split") or {}
         return (f"fine-tuned on {self.about['manifest']['source']}, {split.get('method', '?')} split seed "
-                f"{split.get('seed', '?')} (train; val for early stopping)")
+                f"{split.get('seed', '?')} (train; val picked the best step)")
 
     def provenance(self) -> dict:
         """What a store and a report keep of the fine-tuning (the cell list stays in its folder): only what is
@@ -73,6 +74,10 @@ def read_record(weights: Path) -> FinetuneRecord | None:
     if not (folder / FINETUNE_JSON).is_file():
         return None
     about = read_json(folder / FINETUNE_JSON)
+    missing = [key for key in RECORD_KEYS if not isinstance(about, dict) or key not in about]
+    if missing:
+        raise DataError(f"{folder / FINETUNE_JSON} is not a fine-tuning record (it lacks {', '.join(missing)}): "
+                        f"which cells weights {weights} were fine-tuned on cannot be told; fine-tune again")
     seen_file = folder / about["seen_cells"]["file"]
     if not seen_file.is_file() or file_sha256(seen_file) != about["seen_cells"]["sha256"]:
         raise DataError(f"{seen_file} is missing or is not the cell list {folder / FINETUNE_JSON} records: which "

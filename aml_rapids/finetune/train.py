@@ -72,12 +72,12 @@ def stop_reason(position: Position, ft: FinetuneConfig) -> str | None:
     return None
 
 
-def run_identity(cfg: RunConfig, manifest: Manifest, task: Task) -> dict:
-    """What a checkpoint must share with the run that resumes it."""
+def run_identity(cfg: RunConfig, manifest: Manifest, digest: str, task: Task) -> dict:
+    """What a checkpoint must share with the run that resumes it (``digest``: the manifest's)."""
     policy = {k: v for k, v in cfg.finetune.model_dump().items() if k not in RESUMABLE or
               (k == "epochs" and cfg.finetune.lr_schedule == "cosine")}
     return {"backbone": task.spec.name, "base_weights": task.base.sha256 or "none", "classes": task.classes,
-            "manifest": manifest.digest(), "split": manifest.meta.get("split"), "policy": policy,
+            "manifest": digest, "split": manifest.meta.get("split"), "policy": policy,
             "preprocess": {"image_size": cfg.loader.image_size, "segmentation": cfg.segmentation.model_dump(),
                            "augment": cfg.augment.model_dump(), "oversample": cfg.oversample.model_dump(),
                            "augment_seed": cfg.loader.seed}}
@@ -114,7 +114,7 @@ def _about(run: "Run") -> dict:
             "val_accuracy": position.best_accuracy}
     return {"aml_rapids": __version__, "run_id": current_run_id(), "backbone": task.spec.name,
             "base_weights": {"source": task.base.source, "sha256": task.base.sha256, "pretrained": task.base.pretrained},
-            "manifest": {"path": str(run.where), "digest": manifest.digest(),
+            "manifest": {"path": str(run.where), "digest": run.digest,
                          "source": manifest.meta.get("source", str(manifest.root))},
             "split": manifest.meta.get("split"), "classes": task.classes,
             "rows": {"train_oversampled": len(tables.train), "train_cells": int(tables.train["cell_id"].nunique()),
@@ -143,7 +143,8 @@ def finetune(manifest: Manifest, where: Path, out: Path, cfg: RunConfig, overwri
     tables = training_tables(manifest, cfg, where)
     out = prepare_folder(Path(out), overwrite)
     task = make_task(ft, tables.classes, device, cfg.features.channels_last)
-    identity = run_identity(cfg, manifest, task)
+    digest = manifest.digest()  # hashes every row: once a run
+    identity = run_identity(cfg, manifest, digest, task)
     steps_per_epoch = math.ceil(len(tables.train) / ft.batch_size)
     optimizer, scheduler = _optimizer(task, cfg, steps_per_epoch)
     state = checkpoint.load(out, identity)
@@ -177,6 +178,7 @@ class Run:
         self.task, self.tables, self.optimizer, self.scheduler = task, tables, optimizer, scheduler
         self.identity, self.device = identity, device
         self.position, self.best, self.saved_step, self.seen = Position(), None, None, {}
+        self.digest = identity["manifest"]  # the manifest's
         self.loss_fn, self.val_labels = loss_function(self.ft), tables.labels(tables.val)
         self.schedule = FreezeSchedule(task.spec, self.ft.freeze_epochs, self.ft.unfreeze)
         self.train_cfg = cfg.model_copy(update={"loader": cfg.loader.model_copy(update={"batch_size": self.ft.batch_size})})
