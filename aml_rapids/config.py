@@ -208,6 +208,65 @@ class FinetuneConfig(_Section):
     seed: int = Field(0, ge=0, description="head initialisation, shuffling, augmentation and dropout")
 
 
+class GradcamConfig(_Section):
+    """Which cells ``gradcam`` and ``occlusion`` explain, and for which class."""
+
+    split: str = Field("test", description="the manifest split the cells come from (all: every cell)")
+    cells_per_class: int = Field(25, ge=1, description="a seeded sample of this many cells of every class")
+    show_per_class: int = Field(4, ge=1, description="cells of each class drawn in the grid (all are computed)")
+    target: Literal["predicted", "true"] = Field("predicted", description="the class whose evidence is mapped")
+    batch_size: int = Field(16, ge=1, le=1024)
+    sanity: bool = Field(True, description="also map with the network's weights re-initialised (the head kept) "
+                                           "and report the rank correlation (Adebayo et al. 2018)")
+    seed: int = Field(0, ge=0, description="the cell sample and the re-initialised weights")
+
+
+class OcclusionConfig(_Section):
+    """Occlusion sensitivity: a window of the cell set to the segmentation's black background, slid over it."""
+
+    window: int = Field(32, ge=2, description="side of the occluding square, in pixels of the network's input")
+    stride: int = Field(16, ge=1)
+    rows_per_pass: int = Field(256, ge=1, description="occluded copies x cells sent through the networks at once")
+
+    @model_validator(mode="after")
+    def _stride_within_window(self) -> "OcclusionConfig":
+        if self.stride > self.window:
+            raise ValueError(f"explain.occlusion.stride {self.stride} > window {self.window}: pixels between windows "
+                             "would never be occluded")
+        return self
+
+
+class EmbedConfig(_Section):
+    """2-D embeddings of stored features (``embed``): t-SNE as published, or UMAP."""
+
+    method: Literal["tsne", "umap"] = "tsne"
+    max_rows: PositiveInt = Field(10_000, description="a class-stratified seeded sample of the original cells")
+    split: Optional[str] = Field(None, description="only this split's cells (null: every split)")
+    pca_components: PositiveInt = Field(50, description="t-SNE / UMAP run on this many principal components")
+    perplexity: float = Field(30.0, gt=0, description="t-SNE; needs at least 3 x perplexity + 1 rows")
+    neighbors: int = Field(15, ge=2, description="UMAP's n_neighbors")
+    quality_rows: PositiveInt = Field(5_000, description="rows the trustworthiness and kNN scores are computed on")
+    knn: int = Field(5, ge=1, description="neighbours of the trustworthiness and the kNN class agreement")
+    seed: int = Field(0, ge=0)
+
+
+class GalleryConfig(_Section):
+    """Cell galleries from a prediction table (``gallery``)."""
+
+    per_class: int = Field(6, ge=1, description="most confident correct and most confident wrong cells per class")
+    patients: int = Field(12, ge=0, description="patients shown (wrongly called first), with their top cells")
+    per_patient: int = Field(6, ge=1)
+
+
+class ExplainConfig(_Section):
+    """Explanation: Grad-CAM, occlusion of the hybrid, embeddings, galleries."""
+
+    gradcam: GradcamConfig = GradcamConfig()
+    occlusion: OcclusionConfig = OcclusionConfig()
+    embed: EmbedConfig = EmbedConfig()
+    gallery: GalleryConfig = GalleryConfig()
+
+
 class RunConfig(_Section):
     """Everything one run needs; each stage reads its own section."""
 
@@ -221,6 +280,7 @@ class RunConfig(_Section):
     classify: ClassifyConfig = ClassifyConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
     finetune: FinetuneConfig = FinetuneConfig()
+    explain: ExplainConfig = ExplainConfig()
 
     @model_validator(mode="after")
     def _chunks_fit_in_memory(self) -> "RunConfig":

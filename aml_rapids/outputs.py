@@ -13,6 +13,8 @@ from collections.abc import Callable, Iterable
 from fnmatch import fnmatch
 from pathlib import Path
 
+import numpy as np
+
 from .errors import DataError, OutputError
 from .logs import warn
 
@@ -95,3 +97,11 @@ def atomic_write(path: Path, write: Callable[[Path], object]) -> Path:
 
 def atomic_write_text(path: Path, text: str) -> Path:
     return atomic_write(path, lambda tmp: tmp.write_text(text))
+
+
+def atomic_save_array(path: Path, values) -> Path:
+    """``values`` as a .npy file (``np.load`` reads it), written atomically."""
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as fh:  # a file object: np.save given a name would append .npy to the temporary one
+            np.save(fh, values)
+    return atomic_write(path, write)

@@ -24,6 +24,8 @@ from aml_rapids.data.manifest import build_manifest, read_manifest, write_manife
 from aml_rapids.data.splits import make_split
 from aml_rapids.data.synthetic import write_demo_dataset
 from aml_rapids.errors import ConfigError, DataError, OutputError, TrainingDiverged
+from aml_rapids.explain.gradcam import gradcam_maps
+from aml_rapids.explain.networks import ExplainedNetwork, gradcam_layer
 from aml_rapids.features.backbones import REGISTRY
 from aml_rapids.features.weights import WeightsError, build_network, load_backbone
 from aml_rapids.finetune.schedule import FreezeSchedule
@@ -78,7 +80,7 @@ def assert_same_weights(a: dict, b: dict) -> None:
 # -- the registry's uniform surface -------------------------------------------------------------------------
 
 @pytest.mark.parametrize("name", sorted(REGISTRY))
-def test_every_registry_network_has_a_head_to_reset_a_last_block_and_its_feature_layer(name):
+def test_every_registry_network_has_a_head_to_reset_a_last_block_and_a_grad_cam_layer(name):
     spec = REGISTRY[name]
     model, _ = build_network(name, "none")
     assert isinstance(model.get_submodule(spec.head), nn.Linear)
@@ -86,8 +88,13 @@ def test_every_registry_network_has_a_head_to_reset_a_last_block_and_its_feature
     spec.reset_head(model, 3)
     assert spec.classes_of(model.state_dict()) == 3
     size = spec.input_size or 64
+    images = torch.randn(2, 3, size, size)
     with torch.no_grad():
-        assert model.eval()(torch.randn(2, 3, size, size)).shape == (2, 3)
+        assert model.eval()(images).shape == (2, 3)
+    explained = ExplainedNetwork(name, model, gradcam_layer(model, spec), ["a", "b", "c"], "fine-tuned head", "",
+                                 {}, lambda table: np.zeros(len(table), bool))
+    maps = gradcam_maps(explained, images, np.array([1, 2]), batch_size=2, device="cpu")  # a ViT: its token grid
+    assert maps.shape == (2, size, size) and np.isfinite(maps).all() and 0 <= maps.min() <= maps.max() <= 1 + 1e-6
     head_only = FreezeSchedule(spec, freeze_epochs=1, unfreeze="last_block")
     head_only.apply(model, 0)
     trained = {n for n, p in model.named_parameters() if p.requires_grad}

@@ -139,3 +139,40 @@ def test_gpu_fine_tuning_trains_in_bf16_and_resumes_exactly(tmp_path):
     # than either is to where training started
     apart = sum((a[k].float() - b[k].float()).norm() for k in moved)
     assert apart < 0.1 * sum(moved.values())
+
+
+def test_cuml_tsne_is_at_least_10x_the_cpu_path_on_the_same_rows():
+    """The issue's goal for `embed`: t-SNE of 10,000 rows on cuML at >= 10x scikit-learn's, same rows, same run."""
+    import time
+
+    from aml_rapids.explain.embedding import embed_space
+
+    needs_cuml()
+    X, _ = separable(rows=10_000, dim=256)
+    settings = load_config().explain.embed
+    seconds = {}
+    for backend in ("sklearn", "cuml"):
+        started = time.perf_counter()
+        _, coords = embed_space(X, settings, backend)
+        seconds[backend] = time.perf_counter() - started
+        assert coords.shape == (10_000, 2) and np.isfinite(coords).all()
+    print(f"t-SNE of 10,000 rows: sklearn {seconds['sklearn']:.1f} s, cuml {seconds['cuml']:.1f} s")
+    assert seconds["sklearn"] >= 10 * seconds["cuml"], seconds
+
+
+@needs_gpu
+def test_grad_cam_on_the_gpu_gives_the_cpu_maps():
+    from aml_rapids.explain.gradcam import gradcam_maps
+    from aml_rapids.explain.networks import ExplainedNetwork, gradcam_layer
+    from aml_rapids.features.backbones import get_spec
+    from aml_rapids.features.weights import build_network
+
+    model, _ = build_network("mobilenet_v2", "none")
+    spec = get_spec("mobilenet_v2")
+    net = ExplainedNetwork("mobilenet_v2", model.eval(), gradcam_layer(model, spec), [str(i) for i in range(1000)],
+                           "fine-tuned head", "", {}, lambda t: np.zeros(len(t), bool))
+    images = torch.rand(8, 3, 224, 224)
+    targets = np.arange(8)
+    on_gpu = gradcam_maps(net, images, targets, batch_size=8, device="cuda")
+    on_cpu = gradcam_maps(net, images, targets, batch_size=8, device="cpu")
+    assert np.abs(on_gpu - on_cpu).max() < 1e-2

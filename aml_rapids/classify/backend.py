@@ -40,6 +40,22 @@ class Backend:
     def asarray(self, values) -> Any:
         return self.xp.asarray(values, dtype=self.xp.float32)
 
+    def embedder(self, method: str, **options) -> Any:
+        """A 2-D t-SNE or UMAP estimator of this backend (imported on demand: UMAP's numba start costs seconds)."""
+        if method == "tsne":
+            if self.name == "cuml":
+                from cuml.manifold import TSNE
+                return TSNE(n_components=2, **options)
+            from sklearn.manifold import TSNE
+            return TSNE(n_components=2, init="pca", n_jobs=usable_cores(), **options)
+        if method == "umap":
+            if self.name == "cuml":
+                from cuml.manifold import UMAP
+            else:
+                from umap import UMAP
+            return UMAP(n_components=2, **options)
+        raise ConfigError(f"unknown embedding method {method!r}; use tsne or umap")
+
     @staticmethod
     def to_host(values) -> np.ndarray:
         return values.get() if hasattr(values, "get") else np.asarray(values)

@@ -289,6 +289,11 @@ class FeatureStackingClassifier(ClassifierMixin, BaseEstimator):
         twin.backend = twin.backend_ = "sklearn"
         return twin
 
+    def transform(self, X):
+        """The space the base learners read: row z-score and PCA (on the host), as ``predict_proba`` computes it."""
+        be = get_backend(self.backend_)
+        return be.to_host(self._reduce(be, X, fit=False))
+
     def predict_proba(self, X):
         be = get_backend(self.backend_)
         Z = self._reduce(be, X, fit=False)

@@ -32,8 +32,17 @@ class BackboneSpec:
     head: str | None  # the classification layer (an nn.Linear), a dotted module path; None: it has none
     last_block: str  # the last convolutional block (Grad-CAM's layer; fine-tuning's ``unfreeze: last_block``)
     imagenet_weights: str | None = None
+    cam_layer: str | None = None  # Grad-CAM's layer where it is not ``last_block``'s output (see ``gradcam_layer``)
+    tokens: bool = False  # the Grad-CAM layer outputs (N, 1 + patches, C): class token first, then a square grid
     input_size: int | None = None  # the one image size the network takes, if it has one (a ViT's patch grid)
     for_tests: bool = False  # a network for tests and smoke runs: accepted by name, never listed to users
+
+    @property
+    def gradcam_layer(self) -> str:
+        """Where Grad-CAM reads activations and gradients. A ViT's last block's output reaches the class token
+        only through the final norm, which reads the class token alone, so its patch tokens get no gradient;
+        its last block's first norm still feeds them into the class token through attention."""
+        return self.cam_layer or self.last_block
 
     def classes_of(self, state: dict) -> int:
         """How many classes the head of a state_dict of this network predicts."""
@@ -108,6 +117,6 @@ register(BackboneSpec(
 register(BackboneSpec(
     "vit_b_16", 768, "class token after the encoder (classification head removed)", Normalization(),
     models.vit_b_16, _without_head, "heads.head", "encoder.layers.encoder_layer_11",
-    "ViT_B_16_Weights.IMAGENET1K_V1", input_size=224))
+    "ViT_B_16_Weights.IMAGENET1K_V1", "encoder.layers.encoder_layer_11.ln_1", tokens=True, input_size=224))
 register(BackboneSpec("tiny", 16, "global average pool (test model)", Normalization(), TinyCNN,
                       lambda m: nn.Sequential(m.features, m.pool), "head", "features.2", for_tests=True))

@@ -1,0 +1,79 @@
+"""The cells an explanation is about: a seeded per-class sample of one split of a manifest (or of a folder or
+CSV indexed on the spot), run through extraction's own DALI graph without augmentation, each with its HSV
+foreground mask at the network's input size (what the pointing test measures against)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from ..config import RunConfig
+from ..data.manifest import Manifest, build_manifest, read_manifest
+from ..data.scan import NoUsableImages, Problem
+from ..errors import ConfigError, DataError
+from ..evaluate.report import split_protocol
+from ..loader.loader import CellLoader
+from ..loader.pipeline import Normalization
+from ..loader.preview import pick_examples
+
+PIXELS = Normalization((0.0, 0.0, 0.0), (1.0, 1.0, 1.0))  # RGB in [0, 1]: each network normalises its own copy
+
+
+@dataclass
+class Cells:
+    table: pd.DataFrame  # the manifest rows of the cells that could be read, in order
+    images: torch.Tensor  # (N, 3, S, S) float32 RGB in [0, 1], segmented and resized as the networks read them
+    masks: np.ndarray  # (N, S, S) bool: the HSV foreground mask, resized to the network's input
+    protocol: str  # how the source was split ("image-level split", ...; "unsplit")
+    skipped: list[Problem] = field(default_factory=list)  # chosen cells whose files could not be read
+
+    def normalised(self, norm: Normalization) -> torch.Tensor:
+        mean = torch.tensor(norm.mean).view(1, 3, 1, 1)
+        std = torch.tensor(norm.std).view(1, 3, 1, 1)
+        return (self.images - mean) / std
+
+
+def read_source(source: Path, cfg: RunConfig) -> Manifest:
+    """A manifest (``.parquet``), or a folder or CSV of images indexed in memory."""
+    source = Path(source)
+    if source.suffix == ".parquet":
+        return read_manifest(source)
+    try:
+        return build_manifest(source, cfg.index).manifest
+    except NoUsableImages as exc:
+        raise DataError(str(exc)) from None
+
+
+def choose_cells(manifest: Manifest, split: str, per_class: int, seed: int) -> pd.DataFrame:
+    """A seeded sample of ``per_class`` cells of every class of ``split`` (``all``: any split)."""
+    table = manifest.table
+    if split != "all":
+        if "split" not in table or not (table["split"] == split).any():
+            have = sorted(set(table["split"].dropna())) if "split" in table else []
+            raise ConfigError(f"the source has no cells in split {split!r} (it has: {', '.join(have) or 'no split'});"
+                              " set explain.gradcam.split to one of them, or all")
+        table = table[table["split"] == split]
+    return pick_examples(table, per_class, seed)
+
+
+def read_cells(table: pd.DataFrame, manifest: Manifest, cfg: RunConfig) -> Cells:
+    """Decode, segment and resize ``table``'s cells on the CPU graph (one a batch: its mask view is the cell's
+    own size), keeping their masks; unreadable files are skipped and listed."""
+    one = cfg.model_copy(update={"loader": cfg.loader.model_copy(update={"device": "cpu", "batch_size": 1})})
+    loader = CellLoader(table, manifest.root, one, augment=False, normalizations={"pixels": PIXELS}, debug=True)
+    size = cfg.loader.image_size
+    images, masks, positions = [], [], []
+    for batch in loader:
+        images.append(batch.images["pixels"].float())
+        mask = torch.as_tensor(batch.views["mask"]).permute(0, 3, 1, 2).float()
+        masks.append(torch.nn.functional.interpolate(mask, size=(size, size), mode="nearest")[:, 0] > 0.5)
+        positions.extend(batch.positions.tolist())
+    if not positions:
+        raise DataError(f"none of the {len(table)} chosen cells could be read: "
+                        + "; ".join(f"{p.path}: {p.reason}" for p in loader.failures[:3]))
+    return Cells(table.iloc[positions].reset_index(drop=True), torch.cat(images), torch.cat(masks).numpy(),
+                 split_protocol(manifest.meta.get("split")), list(loader.failures))

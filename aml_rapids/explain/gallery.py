@@ -1,0 +1,138 @@
+"""Galleries of cells from a prediction table (an evaluation's or a prediction's predictions.csv): per class the
+most confident correct and the most confident wrong cells; per patient the cells that push its mean score for
+the class it is called most (wrongly called patients first). Every tile names its cell, true and predicted class
+and probability; gallery.csv lists every tile shown."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from PIL import Image
+
+from ..config import GalleryConfig, RunConfig
+from ..data.manifest import read_manifest
+from ..errors import DataError
+from ..evaluate.report import weights_words
+from ..outputs import atomic_write_text, prepare_fresh_dir, read_json
+from ..provenance import write_run_record
+from ..logs import say
+from .plots import plot_gallery
+
+OUTPUTS = ("classes.png", "classes.svg", "patients.png", "patients.svg", "gallery.csv")
+
+
+def read_predictions(path: Path) -> tuple[pd.DataFrame, list[str], dict]:
+    """predictions.csv (or the folder holding it), its classes (the p_<class> columns) and the folder's
+    metrics.json (empty for a prediction, which has none)."""
+    path = Path(path)
+    csv = path / "predictions.csv" if path.is_dir() else path
+    if not csv.is_file():
+        raise DataError(f"{csv} does not exist (give an evaluation or prediction folder, or its predictions.csv)")
+    table = pd.read_csv(csv, dtype={"cell_id": str, "patient": str, "label": str, "predicted": str},
+                        keep_default_na=False)
+    classes = [c.removeprefix("p_") for c in table.columns if c.startswith("p_")]
+    missing = [c for c in ("cell_id", "label", "predicted") if c not in table]
+    if missing or not classes:
+        raise DataError(f"{csv} is not a prediction table (it lacks {', '.join(missing) or 'p_<class> columns'})")
+    metrics = csv.parent / "metrics.json"
+    return table, classes, read_json(metrics) if metrics.is_file() else {}
+
+
+def _tile(row: pd.Series, root: Path) -> dict:
+    path = root / row["path_in_manifest"]
+    try:
+        image = np.asarray(Image.open(path).convert("RGB"))
+    except OSError as exc:
+        raise DataError(f"cannot read cell image {path}: {exc}") from None
+    return {"image": image, "title": f"{row['cell_id'][:8]}\ntrue {row['label']}\npred {row['predicted']}\n"
+                                     f"p({row['p_of']}) {row['p']:.2f}"}
+
+
+def _shown(cells: pd.DataFrame, of: pd.Series | str) -> pd.DataFrame:
+    """``cells`` with the class whose probability a tile shows (``p_of``) and that probability (``p``)."""
+    cells = cells.assign(p_of=of)
+    return cells.assign(p=[row[f"p_{row['p_of']}"] for _, row in cells.iterrows()])
+
+
+def class_rows(table: pd.DataFrame, classes: list[str], per_class: int) -> list[tuple[str, pd.DataFrame]]:
+    """(row label, cells) per class: its most confident correct cells, then its most confident wrong ones (by
+    the probability of the class they were wrongly given)."""
+    rows = []
+    for c in classes:
+        mine = table[table["label"] == c]
+        right = _shown(mine[mine["predicted"] == c], c)
+        wrong = mine[mine["predicted"] != c]
+        wrong = _shown(wrong, wrong["predicted"])
+        rows.append((f"{c}\ncorrect", right.sort_values("p", ascending=False).head(per_class)))
+        rows.append((f"{c}\nwrong", wrong.sort_values("p", ascending=False).head(per_class)))
+    return rows
+
+
+def patient_rows(table: pd.DataFrame, classes: list[str], settings: GalleryConfig) -> list[tuple[str, pd.DataFrame]]:
+    """Per patient (wrongly called first, then the most cells): its cells with the highest probability of the
+    class its mean calls."""
+    with_patient = table[table["patient"] != ""]
+    if with_patient.empty or not settings.patients:
+        return []
+    keyed = with_patient.assign(key=with_patient.get("cohort", "") + "/" + with_patient["patient"])
+    means = keyed.groupby("key")[[f"p_{c}" for c in classes]].mean()
+    called = pd.Series(np.array(classes)[means.to_numpy().argmax(axis=1)], index=means.index)
+    truth = keyed.groupby("key")["label"].agg(lambda s: s.mode().iloc[0])
+    size = keyed.groupby("key").size()
+    order = sorted(means.index, key=lambda k: (called[k] == truth[k], -size[k], k))[:settings.patients]
+    rows = []
+    for key in order:
+        cells = keyed[keyed["key"] == key]
+        top = cells.sort_values(f"p_{called[key]}", ascending=False).head(settings.per_patient)
+        label = (f"{cells['patient'].iloc[0]}\ntrue {truth[key]}\ncalled {called[key]}\n"
+                 f"mean p {means.loc[key, f'p_{called[key]}']:.2f}, {size[key]} cells")
+        rows.append((label, _shown(top, called[key])))
+    return rows
+
+
+@dataclass
+class Gallery:
+    folder: Path
+    tiles: int
+    files: list[str]
+
+
+def gallery(predictions: Path, manifest_path: Path, out: Path, cfg: RunConfig, overwrite: bool = False) -> Gallery:
+    """classes.png (and patients.png where cells have patients) from a prediction table; images are read
+    through the manifest the cells were indexed in."""
+    settings = cfg.explain.gallery
+    table, classes, metrics = read_predictions(predictions)
+    manifest = read_manifest(manifest_path)
+    paths = manifest.table.set_index("cell_id")["path"]
+    missing = sorted(set(table["cell_id"]) - set(paths.index))
+    if missing:
+        raise DataError(f"{len(missing):,} cells of {predictions} are not in manifest {manifest_path} (e.g. "
+                        f"{missing[0]}): give the manifest the predicted cells were indexed in")
+    table = table.assign(path_in_manifest=paths.loc[table["cell_id"]].to_numpy())
+    prepare_fresh_dir(out, "gallery folder", OUTPUTS, overwrite)
+    protocol = metrics.get("split_protocol", "a prediction (no split)")
+    weights = "; ".join(f"{name}: {weights_words(b)}" for name, b in metrics.get("backbones", {}).items())
+    about = f"{predictions}: {metrics.get('split', 'predicted')} cells ({protocol})" + (
+        f"; weights: {weights}" if weights else "")
+    shown, files = [], []
+    for name, rows, what in (("classes", class_rows(table, classes, settings.per_class),
+                              "most confident correct and wrong cells per class"),
+                             ("patients", patient_rows(table, classes, settings),
+                              "each patient's cells with the highest probability of the class it is called")):
+        if not rows:
+            continue
+        tiles = []
+        for label, cells in rows:
+            tiles.append((label, [_tile(r, manifest.root) for _, r in cells.iterrows()]))
+            shown.append(cells.assign(group=label.replace("\n", " "))[["group", "cell_id", "path_in_manifest", "label",
+                                                                        "predicted", "p_of", "p"]])
+        plot_gallery(tiles, f"{what}\n{about}", out / f"{name}.png")
+        files.append(f"{name}.png")
+    listing = pd.concat(shown).rename(columns={"path_in_manifest": "path"})
+    atomic_write_text(out / "gallery.csv", listing.to_csv(index=False))
+    write_run_record(out, "gallery", cfg, predictions=str(predictions), manifest=str(manifest_path), files=files)
+    say(f"gallery: {', '.join(str(out / f) for f in files)} ({len(listing)} tiles)")
+    return Gallery(out, len(listing), files)

@@ -1,0 +1,169 @@
+"""The network a Grad-CAM reads: a registry backbone with a classification head on top, in fp32 eval mode, and
+the module whose activations and gradients Grad-CAM takes.
+
+Two kinds of head. A fine-tuned checkpoint keeps its own (its folder's finetune.json names the backbone and the
+classes). Any store's backbone gets a linear probe: a logistic regression fitted on the backbone's stored
+training features, folded together with their z-score into one ``nn.Linear`` on the truncated network, so a
+frozen ImageNet network is explainable too. The probe's network is rebuilt from the weights the store records
+and refused if its sha256 differs.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+import yaml
+from torch import nn
+
+from ..classify.backend import get_backend
+from ..classify.data import load_features, select_rows
+from ..errors import ConfigError, DataError
+from ..features.backbones import BackboneSpec, get_spec
+from ..features.store import FeatureStore
+from ..features.weights import WeightsError, build_network
+from ..finetune.record import read_record
+
+RANDOM_WEIGHTS = "none (random initialisation)"  # how a store records weights 'none'
+
+
+@dataclass
+class ExplainedNetwork:
+    backbone: str
+    model: nn.Module  # images, normalised as the backbone's registry entry says -> class logits
+    layer: nn.Module  # the Grad-CAM layer, a module inside ``model``
+    classes: list[str]
+    kind: str  # "fine-tuned head" or "linear probe"
+    head_words: str  # what the class scores come from, for titles and summaries
+    weights: dict  # as a store's backbone entry: weights, sha256, pretrained, finetuned
+    seen: Callable[[pd.DataFrame], np.ndarray]  # which manifest rows the head or the network trained on
+    made_with: dict | None = None  # the config its inputs were preprocessed with (the store's, the fine-tuning's)
+
+    @property
+    def spec(self) -> BackboneSpec:
+        return get_spec(self.backbone)
+
+    def randomised(self, seed: int) -> "ExplainedNetwork":
+        """The same architecture and head with every weight below the head re-initialised (seeded): the model
+        randomisation test of Adebayo et al. (2018), whose maps should not resemble the trained ones."""
+        fresh, _ = build_network(self.backbone, "none", seed)
+        if self.kind == "linear probe":
+            model = nn.Sequential(self.spec.truncate(fresh), copy.deepcopy(self.model[1]))
+        else:
+            self.spec.reset_head(fresh, len(self.classes))
+            fresh.get_submodule(self.spec.head).load_state_dict(self.model.get_submodule(self.spec.head).state_dict())
+            model = fresh
+        return ExplainedNetwork(self.backbone, model.eval(), gradcam_layer(fresh, self.spec, model), self.classes,
+                                self.kind, self.head_words + ", weights below it re-initialised",
+                                {**self.weights, "weights": RANDOM_WEIGHTS, "pretrained": False}, self.seen,
+                                self.made_with)
+
+
+def gradcam_layer(network: nn.Module, spec: BackboneSpec, within: nn.Module | None = None) -> nn.Module:
+    """The registry's Grad-CAM layer of ``network`` (the whole torchvision model), checked to lie inside
+    ``within`` (the model Grad-CAM runs: a truncated network keeps its modules)."""
+    try:
+        layer = network.get_submodule(spec.gradcam_layer)
+    except AttributeError:
+        raise ConfigError(f"backbone {spec.name!r} has no layer {spec.gradcam_layer!r}, the Grad-CAM layer its "
+                          "registry entry names") from None
+    if within is not None and not any(m is layer for m in within.modules()):
+        raise ConfigError(f"backbone {spec.name!r}: its Grad-CAM layer {spec.gradcam_layer!r} is not part of the "
+                          "network that computes its features")
+    return layer
+
+
+def from_checkpoint(path: Path, backbone: str | None = None) -> ExplainedNetwork:
+    """A fine-tuned network with its own head: ``best.pt`` of a fine-tuning folder (or the folder itself)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "best.pt"
+    if not path.is_file():
+        raise DataError(f"checkpoint {path} does not exist (give a fine-tuning folder or its best.pt)")
+    record = read_record(path)
+    about = record.about if record else {}
+    name = backbone or about.get("backbone")
+    if name is None:
+        raise ConfigError(f"{path} has no finetune.json beside it to name its backbone: pass --backbone")
+    spec = get_spec(name)
+    if spec.head is None:
+        raise ConfigError(f"backbone {name!r} has no classification head: explain it through a store (linear probe)")
+    model, info = build_network(name, str(path))
+    width = model.get_submodule(spec.head).out_features
+    classes = [str(c) for c in about.get("classes", range(width))]
+    if len(classes) != width:
+        raise DataError(f"checkpoint {path}: its head predicts {width} classes, but {path.parent / 'finetune.json'} "
+                        f"names {len(classes)} ({', '.join(classes[:5])}); the checkpoint is not that fine-tuning's")
+    seen_hashes = record.seen if record else frozenset()
+
+    def seen(table: pd.DataFrame) -> np.ndarray:
+        pixels = table["pixels_sha256"].fillna("") if "pixels_sha256" in table else pd.Series("", index=table.index)
+        return (table["sha256"].isin(seen_hashes) | (pixels.isin(seen_hashes) & (pixels != ""))).to_numpy()
+
+    weights = {"weights": info.source, "sha256": info.sha256, "pretrained": info.pretrained,
+               "finetuned": info.finetuned.provenance() if info.finetuned else None}
+    config = path.parent / "config.yaml"  # the fine-tuning's resolved config: how its cells were preprocessed
+    made_with = yaml.safe_load(config.read_text()) if config.is_file() else None
+    return ExplainedNetwork(name, model.eval(), gradcam_layer(model, spec), classes, "fine-tuned head",
+                            f"its fine-tuned head ({path})", weights, seen, made_with)
+
+
+def _store_weights(entry: dict, backbone: str, store: Path) -> str:
+    weights = entry["weights"]
+    if weights == RANDOM_WEIGHTS:
+        return "none"
+    if weights != "imagenet" and not Path(weights).is_file():
+        raise WeightsError(f"store {store} was extracted with {backbone} weights {weights}, which is not here: "
+                           "run from the folder the extraction ran in, or copy the file there")
+    return weights
+
+
+def probe_weights(features: np.ndarray, labels: np.ndarray, backend: str, seed: int) -> tuple[nn.Linear, list[str]]:
+    """A multinomial logistic regression on z-scored ``features``, folded with the z-score into one linear layer
+    on the raw features; and its classes."""
+    mean, std = features.mean(axis=0), features.std(axis=0) + 1e-6
+    be = get_backend(backend)
+    probe = be.LogisticRegression(max_iter=2000, C=1.0, **({"random_state": seed} if be.name == "sklearn" else {}))
+    probe.fit(be.asarray((features - mean) / std), labels)
+    coef = be.to_host(probe.coef_).astype(np.float64)
+    intercept = be.to_host(probe.intercept_).astype(np.float64).reshape(-1)
+    if coef.shape[0] == 1:  # two classes: one logit difference
+        coef, intercept = np.vstack([np.zeros_like(coef), coef]), np.array([0.0, intercept[0]])
+    linear = nn.Linear(features.shape[1], coef.shape[0])
+    with torch.no_grad():
+        linear.weight.copy_(torch.from_numpy(coef / std))
+        linear.bias.copy_(torch.from_numpy(intercept - (coef * (mean / std)).sum(axis=1)))
+    return linear, [str(c) for c in be.to_host(probe.classes_)]
+
+
+def from_probe(store_path: Path, backbone: str | None, backend: str, seed: int) -> ExplainedNetwork:
+    """The store's backbone (rebuilt from the weights it records) with a linear probe fitted on its stored
+    training features."""
+    store = FeatureStore.open(store_path)
+    if backbone is None:
+        if len(store.backbones) != 1:
+            raise ConfigError(f"store {store_path} holds {', '.join(store.backbones)}: choose one with --backbone")
+        backbone = store.backbones[0]
+    if backbone not in store.backbones:
+        raise ConfigError(f"store {store_path} has no backbone {backbone!r}; it has {', '.join(store.backbones)}")
+    entry = store.meta["backbones"][backbone]
+    spec = get_spec(backbone)
+    network, info = build_network(backbone, _store_weights(entry, backbone, store_path), store.meta["features_seed"])
+    if info.sha256 != entry["sha256"]:
+        raise WeightsError(f"{backbone} weights {info.source} (sha256 {str(info.sha256)[:12]}...) are not the ones "
+                           f"store {store_path} was extracted with ({str(entry['sha256'])[:12]}...)")
+    layer = gradcam_layer(network, spec)
+    features = spec.truncate(network)
+    gradcam_layer(network, spec, features)
+    keep, rows = select_rows(store, ("train",))
+    linear, classes = probe_weights(load_features(store, [backbone], keep), rows["label"].to_numpy(), backend, seed)
+    trained = frozenset(rows["cell_id"])
+    words = f"a linear probe fitted on {len(rows):,} stored train rows of {store_path}"
+    return ExplainedNetwork(backbone, nn.Sequential(features, linear).eval(), layer, classes, "linear probe", words,
+                            {k: entry.get(k) for k in ("weights", "sha256", "pretrained", "finetuned")},
+                            lambda table: table["cell_id"].isin(trained).to_numpy(), store.meta.get("config"))
