@@ -278,6 +278,8 @@ def test_galleries_show_the_most_confident_right_and_wrong_cells_and_wrong_patie
     patients = patient_rows(table, ["a", "b"], settings)
     assert patients[0][0].startswith("p2\ntrue b\ncalled a")  # called wrongly: first
     assert list(patients[0][1]["cell_id"]) == ["c3", "c4"] and list(patients[1][1]["cell_id"]) == ["c1", "c0"]
+    copies = table.assign(sha256=["x", "x", "y", "z", "w", "v"])  # c0 is c1's image under another name
+    assert list(patient_rows(copies, ["a", "b"], settings)[1][1]["cell_id"]) == ["c1", "c2"]
 
 
 def test_gallery_from_an_evaluation(run, tmp_path):

@@ -57,6 +57,12 @@ def _shown(cells: pd.DataFrame, of: pd.Series | str) -> pd.DataFrame:
     return cells.assign(p=[row[f"p_{row['p_of']}"] for _, row in cells.iterrows()])
 
 
+def _top(cells: pd.DataFrame, n: int) -> pd.DataFrame:
+    """The ``n`` cells of highest ``p``, one per content: a dataset may hold one image under two names."""
+    ranked = cells.sort_values("p", ascending=False)
+    return (ranked.drop_duplicates("sha256") if "sha256" in ranked else ranked).head(n)
+
+
 def class_rows(table: pd.DataFrame, classes: list[str], per_class: int) -> list[tuple[str, pd.DataFrame]]:
     """(row label, cells) per class: its most confident correct cells, then its most confident wrong ones (by
     the probability of the class they were wrongly given)."""
@@ -66,8 +72,8 @@ def class_rows(table: pd.DataFrame, classes: list[str], per_class: int) -> list[
         right = _shown(mine[mine["predicted"] == c], c)
         wrong = mine[mine["predicted"] != c]
         wrong = _shown(wrong, wrong["predicted"])
-        rows.append((f"{c}\ncorrect", right.sort_values("p", ascending=False).head(per_class)))
-        rows.append((f"{c}\nwrong", wrong.sort_values("p", ascending=False).head(per_class)))
+        rows.append((f"{c}\ncorrect", _top(right, per_class)))
+        rows.append((f"{c}\nwrong", _top(wrong, per_class)))
     return rows
 
 
@@ -86,10 +92,9 @@ def patient_rows(table: pd.DataFrame, classes: list[str], settings: GalleryConfi
     rows = []
     for key in order:
         cells = keyed[keyed["key"] == key]
-        top = cells.sort_values(f"p_{called[key]}", ascending=False).head(settings.per_patient)
         label = (f"{cells['patient'].iloc[0]}\ntrue {truth[key]}\ncalled {called[key]}\n"
                  f"mean p {means.loc[key, f'p_{called[key]}']:.2f}, {size[key]} cells")
-        rows.append((label, _shown(top, called[key])))
+        rows.append((label, _top(_shown(cells, called[key]), settings.per_patient)))
     return rows
 
 
@@ -106,12 +111,13 @@ def gallery(predictions: Path, manifest_path: Path, out: Path, cfg: RunConfig, o
     settings = cfg.explain.gallery
     table, classes, metrics = read_predictions(predictions)
     manifest = read_manifest(manifest_path)
-    paths = manifest.table.set_index("cell_id")["path"]
-    missing = sorted(set(table["cell_id"]) - set(paths.index))
+    cells = manifest.table.set_index("cell_id")
+    missing = sorted(set(table["cell_id"]) - set(cells.index))
     if missing:
         raise DataError(f"{len(missing):,} cells of {predictions} are not in manifest {manifest_path} (e.g. "
                         f"{missing[0]}): give the manifest the predicted cells were indexed in")
-    table = table.assign(path_in_manifest=paths.loc[table["cell_id"]].to_numpy())
+    indexed = cells.loc[table["cell_id"]]
+    table = table.assign(path_in_manifest=indexed["path"].to_numpy(), sha256=indexed["sha256"].to_numpy())
     prepare_fresh_dir(out, "gallery folder", OUTPUTS, overwrite)
     protocol = metrics.get("split_protocol", "a prediction (no split)")
     weights = "; ".join(f"{name}: {weights_words(b)}" for name, b in metrics.get("backbones", {}).items())
