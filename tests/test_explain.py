@@ -67,6 +67,13 @@ def test_a_vit_token_map_drops_the_class_token_and_keeps_the_patch_grid():
     assert torch.equal(grid[0, :, 0, 1], tokens[0, 2]) and torch.equal(grid[1, :, 1, 0], tokens[1, 3])
 
 
+def test_a_vit_past_its_last_block_has_no_patch_evidence_so_grad_cam_reads_the_last_norm():
+    model, _ = build_network("vit_b_16", "none")
+    past = ExplainedNetwork("vit_b_16", model.eval(), model.get_submodule(get_spec("vit_b_16").last_block),
+                            [str(i) for i in range(1000)], "fine-tuned head", "", {}, lambda t: np.zeros(len(t), bool))
+    assert np.abs(gradcam_maps(past, torch.rand(1, 3, 224, 224), np.array([3]), 1, "cpu")).max() == 0
+
+
 def planted_network() -> ExplainedNetwork:
     """Logit 1 is the mean activation of a positive convolution: its evidence is wherever the image is bright."""
     torch.manual_seed(0)
@@ -147,12 +154,15 @@ def test_gradcam_on_a_store_writes_maps_per_class_numbers_and_a_grid(run, tmp_pa
     assert summary["all"]["cells"] == 15 and set(summary["per_class"]) == set(cells["label"])
     assert summary["split_protocol"] == "patient-grouped split" and summary["weights_words"] == "NOT pretrained"
     assert not cells["in_training"].any() and summary["cells_in_training"] == 0
-    assert cells["rho_randomised"].between(-1, 1).any() and "rho_randomised" in summary["all"]
+    assert "random already" in result.output and "rho_randomised" not in cells  # no test of a random network
+    assert summary["all"]["pointing_ratio_median"] is not None and "pointing_ratio_average_map" in cells
     assert (out / "gradcam.png").stat().st_size > 20_000 and (out / "gradcam.svg").is_file()
     trained_on = cli("gradcam", run / "features.zarr", run / "manifest.parquet", "-o", tmp_path / "train",
                      "--split", "train", "--set", "explain.gradcam.sanity=false")
     assert trained_on.exit_code == 0 and "trained on" in trained_on.output
     assert pd.read_csv(tmp_path / "train" / "cells.csv")["in_training"].all()
+    unsplit = cli("gradcam", run / "features.zarr", run / "demo", "-o", tmp_path / "folder")
+    assert unsplit.exit_code == 0 and "the source has no split" in unsplit.output
 
 
 def test_gradcam_refuses_what_it_cannot_explain(run, tmp_path):
@@ -183,7 +193,8 @@ def test_a_fine_tuned_checkpoint_is_explained_through_its_own_head(run, finetune
     cells = pd.read_csv(out / "cells.csv")
     assert (cells["target"] == cells["label"]).all() and not cells["in_training"].any()
     summary = json.loads((out / "summary.json").read_text())
-    assert "fine-tuned on" in summary["weights_words"]
+    assert "fine-tuned on" in summary["weights_words"] and "randomised_blank" in summary["all"]
+    assert cells["rho_randomised"].dropna().between(-1, 1).all()
 
 
 def test_a_checkpoint_whose_head_does_not_match_its_classes_is_refused(finetuned, tmp_path):
@@ -191,7 +202,6 @@ def test_a_checkpoint_whose_head_does_not_match_its_classes_is_refused(finetuned
     folder.mkdir()
     for name in ("finetune.json", "seen_cells.csv", "config.yaml"):
         (folder / name).write_bytes((finetuned / name).read_bytes())
-    state = torch.load(finetuned / "best.pt", weights_only=True)
     state = get_spec("tiny").reset_head(build_network("tiny", "none")[0], 3).state_dict()
     torch.save(state, folder / "best.pt")
     with pytest.raises(DataError, match="its head predicts 3 classes, but .*finetune.json names 5"):
@@ -229,6 +239,15 @@ def test_occlusion_of_the_hybrid_starts_from_its_own_predictions_and_compares_wi
     assert np.load(out / "maps.npy").shape == (15, 32, 32) and cells["rho_gradcam"].notna().any()
     assert json.loads((out / "summary.json").read_text())["all"]["rho_gradcam"] is not None
     assert (out / "occlusion.png").is_file()
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "cells.csv").write_bytes((tmp_path / "gc" / "cells.csv").read_bytes())
+    np.save(other / "maps.npy", np.zeros((15, 16, 16), np.float16))
+    wrong = cli("occlusion", run / "model", run / "manifest.parquet", "-o", tmp_path / "oc2", "--against", other)
+    assert wrong.exit_code == 3 and "does not hold one 32x32 map for each row" in wrong.output
+    too_big = cli("occlusion", run / "model", run / "manifest.parquet", "-o", tmp_path / "oc3",
+                  "--set", "explain.occlusion.window=64")
+    assert too_big.exit_code == 2 and "larger than the 32 px images" in too_big.output
 
 
 def test_embed_writes_coordinates_plots_and_their_quality(run, tmp_path):

@@ -95,6 +95,7 @@ def test_every_registry_network_has_a_head_to_reset_a_last_block_and_a_grad_cam_
                                  {}, lambda table: np.zeros(len(table), bool))
     maps = gradcam_maps(explained, images, np.array([1, 2]), batch_size=2, device="cpu")  # a ViT: its token grid
     assert maps.shape == (2, size, size) and np.isfinite(maps).all() and 0 <= maps.min() <= maps.max() <= 1 + 1e-6
+    assert maps.max() > 0  # evidence somewhere: the layer gets gradients (a random network's map may be blank)
     head_only = FreezeSchedule(spec, freeze_epochs=1, unfreeze="last_block")
     head_only.apply(model, 0)
     trained = {n for n, p in model.named_parameters() if p.requires_grad}

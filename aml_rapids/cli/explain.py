@@ -80,7 +80,8 @@ def register(app: typer.Typer) -> None:
             metavar="MODEL", show_default="none", help="Also embed this model's PCA space (the space its SVM and "
                                                         "forest read).")] = None,
         method: Annotated[Optional[str], typer.Option(
-            metavar="tsne|umap", show_default=from_config("explain.embed.method"))] = None,
+            metavar="tsne|umap", show_default=from_config("explain.embed.method"),
+            help="t-SNE (the published figure) or UMAP.")] = None,
         max_rows: Annotated[Optional[int], typer.Option(
             metavar="N", show_default=from_config("explain.embed.max_rows"),
             help="A class-stratified seeded sample of the store's original cells.")] = None,

@@ -19,6 +19,7 @@ from ..evaluate.report import split_protocol
 from ..loader.loader import CellLoader
 from ..loader.pipeline import Normalization
 from ..loader.preview import pick_examples
+from ..logs import say
 
 PIXELS = Normalization((0.0, 0.0, 0.0), (1.0, 1.0, 1.0))  # RGB in [0, 1]: each network normalises its own copy
 
@@ -32,9 +33,14 @@ class Cells:
     skipped: list[Problem] = field(default_factory=list)  # chosen cells whose files could not be read
 
     def normalised(self, norm: Normalization) -> torch.Tensor:
-        mean = torch.tensor(norm.mean).view(1, 3, 1, 1)
-        std = torch.tensor(norm.std).view(1, 3, 1, 1)
-        return (self.images - mean) / std
+        return normalise(self.images, norm)
+
+
+def normalise(pixels: torch.Tensor, norm: Normalization) -> torch.Tensor:
+    """RGB in [0, 1] (N, 3, H, W) normalised as ``norm`` says, on the pixels' device."""
+    mean = torch.tensor(norm.mean, device=pixels.device).view(1, 3, 1, 1)
+    std = torch.tensor(norm.std, device=pixels.device).view(1, 3, 1, 1)
+    return (pixels - mean) / std
 
 
 def read_source(source: Path, cfg: RunConfig) -> Manifest:
@@ -51,11 +57,13 @@ def read_source(source: Path, cfg: RunConfig) -> Manifest:
 def choose_cells(manifest: Manifest, split: str, per_class: int, seed: int) -> pd.DataFrame:
     """A seeded sample of ``per_class`` cells of every class of ``split`` (``all``: any split)."""
     table = manifest.table
-    if split != "all":
-        if "split" not in table or not (table["split"] == split).any():
-            have = sorted(set(table["split"].dropna())) if "split" in table else []
-            raise ConfigError(f"the source has no cells in split {split!r} (it has: {', '.join(have) or 'no split'});"
-                              " set explain.gradcam.split to one of them, or all")
+    if "split" not in table or table["split"].isna().all():
+        say(f"the source has no split: choosing among all its cells (explain.gradcam.split {split!r} ignored)")
+    elif split != "all":
+        if not (table["split"] == split).any():
+            raise ConfigError(f"the source has no cells in split {split!r} (it has: "
+                              f"{', '.join(sorted(set(table['split'].dropna())))}); set explain.gradcam.split to one "
+                              "of them, or all")
         table = table[table["split"] == split]
     return pick_examples(table, per_class, seed)
 

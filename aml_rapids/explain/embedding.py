@@ -50,6 +50,9 @@ def check_feasible(rows: int, dims: int, settings: EmbedConfig, on_cpu: bool) ->
                           f"(to at most {(rows - 1) / 3:.0f}) or embed more rows")
     if settings.method == "umap" and rows <= settings.neighbors:
         raise ConfigError(f"{rows:,} rows are too few for UMAP with {settings.neighbors} neighbours")
+    if rows <= 2 * settings.knn:
+        raise ConfigError(f"{rows:,} rows are too few to score an embedding with {settings.knn} neighbours "
+                          f"(explain.embed.knn): it needs more than {2 * settings.knn}")
     quality = min(rows, settings.quality_rows)
     need = rows * dims * 4 * 3 + rows * 3 * settings.perplexity * 8 * 3 + quality * quality * 8 * 3
     have = available_bytes()
@@ -89,7 +92,7 @@ def quality(high: np.ndarray, low: np.ndarray, labels: np.ndarray, groups: np.nd
     result = {"quality_rows": len(chosen), "knn": settings.knn,
               "trustworthiness": round(float(trustworthiness(high, low, n_neighbors=settings.knn)), 4)}
     if folds < 2:
-        return {**result, "knn_folds": None, "knn_agreement_2d": None, "knn_agreement_full": None}
+        return {**result, "knn_folds": None, "knn_agreement_2d": None, "knn_agreement_input": None}
     grouped = groups is not None and len(set(groups[chosen])) >= folds
     splitter = (StratifiedGroupKFold(folds, shuffle=True, random_state=settings.seed) if grouped
                 else StratifiedKFold(folds, shuffle=True, random_state=settings.seed))
@@ -99,16 +102,20 @@ def quality(high: np.ndarray, low: np.ndarray, labels: np.ndarray, groups: np.nd
         return round(float(cross_val_score(knn, space, labels, cv=splitter,
                                            groups=groups[chosen] if grouped else None).mean()), 4)
     return {**result, "knn_folds": f"{folds}-fold, {'patient-grouped' if grouped else 'cells'}",
-            "knn_agreement_2d": agreement(low), "knn_agreement_full": agreement(high)}
+            "knn_agreement_2d": agreement(low), "knn_agreement_input": agreement(high)}
 
 
-def embed_space(features: np.ndarray, settings: EmbedConfig, backend: str) -> tuple[np.ndarray, np.ndarray]:
-    """Column z-score, PCA to ``pca_components``, then t-SNE or UMAP: (the PCA space, the 2-D coordinates)."""
+def embed_space(features: np.ndarray, settings: EmbedConfig, backend: str,
+                reduce: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """Column z-score and PCA to ``pca_components`` (``reduce``; a classifier's own space is embedded as its
+    learners read it), then t-SNE or UMAP: (the space embedded, the 2-D coordinates)."""
     be = get_backend(backend)
-    z = (features - features.mean(axis=0)) / (features.std(axis=0) + 1e-6)
-    components = min(settings.pca_components, *z.shape)
-    reduced = be.to_host(be.PCA(n_components=components, **be.pca_options(settings.seed)).fit_transform(
-        be.asarray(z))).astype(np.float32)
+    reduced = features.astype(np.float32)
+    if reduce:
+        z = (features - features.mean(axis=0)) / (features.std(axis=0) + 1e-6)
+        components = min(settings.pca_components, *z.shape)
+        reduced = be.to_host(be.PCA(n_components=components, **be.pca_options(settings.seed)).fit_transform(
+            be.asarray(z))).astype(np.float32)
     options = ({"perplexity": settings.perplexity} if settings.method == "tsne"
                else {"n_neighbors": settings.neighbors, **({"n_jobs": 1} if be.name == "sklearn" else {})})
     coords = be.to_host(be.embedder(settings.method, random_state=settings.seed, **options).fit_transform(
@@ -144,7 +151,10 @@ def embed(store_path: Path, out: Path, cfg: RunConfig, backbones: list[str] | No
     keep[positions] = True
     rows = rows.iloc[chosen].reset_index(drop=True)
     be = get_backend(cfg.classify.backend)
-    widest = max([store.features(b).shape[1] for b in backbones] + [0])
+    widths = [store.features(b).shape[1] for b in backbones]
+    if info is not None:  # the model's space is read from all its backbones side by side
+        widths.append(sum(store.features(b).shape[1] for b in info["backbones"]))
+    widest = max(widths)
     check_feasible(len(rows), widest, settings, be.name == "sklearn")
     prepare_fresh_dir(out, "embedding folder", ("*.parquet", "*.png", "*.svg", "embed.json"), overwrite)
     groups = rows["patient"].to_numpy() if (rows["patient"] != "").all() else None
@@ -157,8 +167,7 @@ def embed(store_path: Path, out: Path, cfg: RunConfig, backbones: list[str] | No
     for space, read in spaces.items():
         started = time.perf_counter()
         features = read()
-        own = settings.model_copy(update={"pca_components": features.shape[1]})  # the classifier's PCA: kept whole
-        reduced, coords = embed_space(features, own if space == CLASSIFIER_SPACE else settings, cfg.classify.backend)
+        reduced, coords = embed_space(features, settings, cfg.classify.backend, reduce=space != CLASSIFIER_SPACE)
         seconds = time.perf_counter() - started
         scores = quality(reduced, coords, labels, groups, settings)
         stem = f"{space}-{settings.method}"
@@ -171,13 +180,13 @@ def embed(store_path: Path, out: Path, cfg: RunConfig, backbones: list[str] | No
         title = (f"{settings.method.upper() if settings.method == 'umap' else 't-SNE'} of {what}, {len(rows):,} "
                  f"cells of {settings.split or 'every split'} ({protocol}; store {store_path}); weights: {weights}\n"
                  f"trustworthiness {scores['trustworthiness']} (k={settings.knn}); kNN class agreement "
-                 f"{scores['knn_agreement_2d']} in 2-D, {scores['knn_agreement_full']} before "
+                 f"{scores['knn_agreement_2d']} in 2-D, {scores['knn_agreement_input']} before "
                  f"({scores['knn_folds']}); {seconds:.1f} s on {be.name}")
         plot_embedding(table, title, out / f"{stem}.png")
         report[space] = {"seconds": round(seconds, 2), **scores, "files": [f"{stem}.parquet", f"{stem}.png"]}
         say(f"{space}: {settings.method} of {len(rows):,} rows in {seconds:.1f} s ({be.name}); trustworthiness "
             f"{scores['trustworthiness']}, kNN agreement {scores['knn_agreement_2d']} in 2-D vs "
-            f"{scores['knn_agreement_full']}")
+            f"{scores['knn_agreement_input']}")
     summary = {"store": str(store_path), "method": settings.method, "rows": len(rows), "backend": be.name,
                "split": settings.split, "split_protocol": protocol, "spaces": report}
     atomic_write_text(out / "embed.json", json.dumps(summary, indent=2))

@@ -54,7 +54,8 @@ def _tile(row: pd.Series, root: Path) -> dict:
 def _shown(cells: pd.DataFrame, of: pd.Series | str) -> pd.DataFrame:
     """``cells`` with the class whose probability a tile shows (``p_of``) and that probability (``p``)."""
     cells = cells.assign(p_of=of)
-    return cells.assign(p=[row[f"p_{row['p_of']}"] for _, row in cells.iterrows()])
+    columns = cells.columns.get_indexer("p_" + cells["p_of"].astype(str))
+    return cells.assign(p=cells.to_numpy()[np.arange(len(cells)), columns].astype(float))
 
 
 def _top(cells: pd.DataFrame, n: int) -> pd.DataFrame:

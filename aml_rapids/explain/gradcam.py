@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,7 +15,7 @@ import pandas as pd
 import torch
 
 from ..config import RunConfig, load_config
-from ..errors import ConfigError
+from ..errors import ConfigError, DataError
 from ..evaluate.report import weights_words
 from ..loader.loader import resolve_device
 from ..logs import say, warn
@@ -32,6 +33,8 @@ def token_grid(tokens: torch.Tensor) -> torch.Tensor:
     """A ViT layer's (N, 1 + side^2, C) tokens as an (N, C, side, side) map, the class token dropped."""
     patches = tokens[:, 1:, :]
     side = round(patches.shape[1] ** 0.5)
+    if side * side != patches.shape[1]:
+        raise ConfigError(f"a token layer of {tokens.shape[1]} tokens is not a class token and a square patch grid")
     return patches.reshape(len(tokens), side, side, -1).permute(0, 3, 1, 2)
 
 
@@ -51,7 +54,9 @@ def gradcam_maps(net: ExplainedNetwork, images: torch.Tensor, targets: np.ndarra
 
     model = net.model.to(device).float()
     maps = []
-    with GradCAM(model=model, target_layers=[net.layer],
+    tf32 = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False  # fp32 means fp32 on a GPU too
+    with _restored(tf32), GradCAM(model=model, target_layers=[net.layer],
                  reshape_transform=token_grid if net.spec.tokens else None) as cam:
         for i in range(0, len(images), batch_size):
             chosen = [ClassifierOutputTarget(int(t)) for t in targets[i:i + batch_size]]
@@ -59,15 +64,23 @@ def gradcam_maps(net: ExplainedNetwork, images: torch.Tensor, targets: np.ndarra
     return np.concatenate(maps).astype(np.float32)
 
 
-def target_indices(net: ExplainedNetwork, labels: pd.Series, proba: np.ndarray, target: str) -> np.ndarray:
-    """The class each map explains: the predicted one, or the true one (which the head must know)."""
+@contextmanager
+def _restored(tf32: tuple[bool, bool]):
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = tf32
+
+
+def target_indices(classes: list[str], labels: pd.Series, proba: np.ndarray, target: str) -> np.ndarray:
+    """The class each map explains: the predicted one, or the true one (which the model must know)."""
     if target == "predicted":
         return proba.argmax(axis=1)
-    unknown = sorted(set(labels) - set(net.classes))
+    unknown = sorted(set(labels) - set(classes))
     if unknown:
-        raise ConfigError(f"target: true, but the head knows no class {', '.join(unknown[:5])} (it has "
-                          f"{', '.join(net.classes)}); use target: predicted")
-    return labels.map({c: i for i, c in enumerate(net.classes)}).to_numpy()
+        raise ConfigError(f"target: true, but the model knows no class {', '.join(unknown[:5])} (it has "
+                          f"{', '.join(classes)}); use target: predicted")
+    return labels.map({c: i for i, c in enumerate(classes)}).to_numpy()
 
 
 def cell_table(cells: Cells, proba: np.ndarray, targets: np.ndarray, classes: list[str],
@@ -86,10 +99,12 @@ def cell_table(cells: Cells, proba: np.ndarray, targets: np.ndarray, classes: li
 
 
 def per_class(table: pd.DataFrame, columns: list[str]) -> dict:
-    """Mean of ``columns`` per true class and over all cells, with the cell count and the head's accuracy."""
+    """Mean of ``columns`` per true class and over all cells, with the cell count, the model's accuracy and the
+    median pointing ratio (a mean of ratios leans on the cells with the smallest masks)."""
     def summary(group: pd.DataFrame) -> dict:
+        medians = {f"{c}_median": mean_or_none(group[c].dropna().median()) for c in columns if c == "pointing_ratio"}
         return {"cells": len(group), "accuracy": round(float((group["predicted"] == group["label"]).mean()), 4),
-                **{c: mean_or_none(group[c].to_numpy()) for c in columns}}
+                **{c: mean_or_none(group[c].to_numpy()) for c in columns}, **medians}
     return {"per_class": {str(k): summary(g) for k, g in table.groupby("label")}, "all": summary(table)}
 
 
@@ -125,18 +140,21 @@ def gradcam(checkpoint_or_store: Path, source: Path, out: Path, cfg: RunConfig, 
     per-class sample of the source's split: maps.npy, cells.csv, summary.json, gradcam.png/.svg."""
     started = time.perf_counter()
     settings = cfg.explain.gradcam
+    for given in (checkpoint_or_store, source):
+        if not Path(given).exists():
+            raise DataError(f"{given} does not exist")
+    prepare_fresh_dir(out, "Grad-CAM folder", OUTPUTS, overwrite)  # before a probe's fit, which takes a while
     store_given = (Path(checkpoint_or_store) / "zarr.json").is_file()
     net = (from_probe(checkpoint_or_store, backbone, cfg.classify.backend, settings.seed) if store_given
            else from_checkpoint(checkpoint_or_store, backbone))
     preprocess = load_config(None, None, base=net.made_with) if net.made_with else cfg  # as the network's inputs were
     manifest = read_source(source, preprocess)
-    prepare_fresh_dir(out, "Grad-CAM folder", OUTPUTS, overwrite)
     cells = read_cells(choose_cells(manifest, settings.split, settings.cells_per_class, settings.seed), manifest,
                        preprocess)
     device = "cuda" if resolve_device(cfg.loader.device) == "gpu" else "cpu"
     images = cells.normalised(net.spec.normalization)
     proba = class_scores(net, images, settings.batch_size, device)
-    targets = target_indices(net, cells.table["label"], proba, settings.target)
+    targets = target_indices(net.classes, cells.table["label"], proba, settings.target)
     say(f"Grad-CAM of {net.backbone} at {net.spec.gradcam_layer} through {net.head_words}: {len(images)} cells")
     maps = gradcam_maps(net, images, targets, settings.batch_size, device)
     table = cell_table(cells, proba, targets, net.classes, net.seen(cells.table))
@@ -146,7 +164,10 @@ def gradcam(checkpoint_or_store: Path, source: Path, out: Path, cfg: RunConfig, 
     table["pointing_ratio_average_map"] = pointing(np.broadcast_to(maps.mean(axis=0), maps.shape),
                                                    cells.masks)["pointing_ratio"]
     columns = ["pointing_ratio", "pointing_ratio_average_map", "energy_in_mask", "mask_share"]
-    if settings.sanity:
+    sane = settings.sanity and (net.weights.get("pretrained") or net.weights.get("finetuned"))
+    if settings.sanity and not sane:
+        warn(f"{net.backbone}'s weights are random already ({net.weights['weights']}): no randomisation test")
+    if sane:
         randomised = gradcam_maps(net.randomised(settings.seed + 1), images, targets, settings.batch_size, device)
         table["rho_randomised"] = rank_correlation(maps, randomised)  # NaN where either map is blank
         table["randomised_blank"] = randomised.reshape(len(randomised), -1).max(axis=1) == 0
@@ -167,5 +188,5 @@ def gradcam(checkpoint_or_store: Path, source: Path, out: Path, cfg: RunConfig, 
         f"average map for every cell: {whole['pointing_ratio_average_map']}), "
         f"head accuracy on these cells {whole['accuracy']}"
         + (f"; rank correlation with the re-initialised network {whole['rho_randomised']} (its maps blank for "
-           f"{whole['randomised_blank']:.0%} of the cells)" if settings.sanity else ""))
+           f"{whole['randomised_blank']:.0%} of the cells)" if sane else ""))
     return Explained(out, len(table), summary)

@@ -64,6 +64,15 @@ class ExplainedNetwork:
                                 self.made_with)
 
 
+def seen_by(hashes: frozenset[str]) -> Callable[[pd.DataFrame], np.ndarray]:
+    """Which manifest rows are cells whose file or decoded pixels (SHA-256) are among ``hashes``: a copy of a
+    training image under another name counts as seen, as the classifier's own check counts it."""
+    def seen(table: pd.DataFrame) -> np.ndarray:
+        pixels = table["pixels_sha256"].fillna("") if "pixels_sha256" in table else pd.Series("", index=table.index)
+        return (table["sha256"].isin(hashes) | (pixels.isin(hashes) & (pixels != ""))).to_numpy()
+    return seen
+
+
 def gradcam_layer(network: nn.Module, spec: BackboneSpec, within: nn.Module | None = None) -> nn.Module:
     """The registry's Grad-CAM layer of ``network`` (the whole torchvision model), checked to lie inside
     ``within`` (the model Grad-CAM runs: a truncated network keeps its modules)."""
@@ -87,6 +96,9 @@ def from_checkpoint(path: Path, backbone: str | None = None) -> ExplainedNetwork
         raise DataError(f"checkpoint {path} does not exist (give a fine-tuning folder or its best.pt)")
     record = read_record(path)
     about = record.about if record else {}
+    if backbone and about.get("backbone") and backbone != about["backbone"]:
+        raise ConfigError(f"--backbone {backbone}, but {path.parent / 'finetune.json'} says {path} fine-tuned "
+                          f"{about['backbone']}")
     name = backbone or about.get("backbone")
     if name is None:
         raise ConfigError(f"{path} has no finetune.json beside it to name its backbone: pass --backbone")
@@ -99,18 +111,13 @@ def from_checkpoint(path: Path, backbone: str | None = None) -> ExplainedNetwork
     if len(classes) != width:
         raise DataError(f"checkpoint {path}: its head predicts {width} classes, but {path.parent / 'finetune.json'} "
                         f"names {len(classes)} ({', '.join(classes[:5])}); the checkpoint is not that fine-tuning's")
-    seen_hashes = record.seen if record else frozenset()
-
-    def seen(table: pd.DataFrame) -> np.ndarray:
-        pixels = table["pixels_sha256"].fillna("") if "pixels_sha256" in table else pd.Series("", index=table.index)
-        return (table["sha256"].isin(seen_hashes) | (pixels.isin(seen_hashes) & (pixels != ""))).to_numpy()
-
     weights = {"weights": info.source, "sha256": info.sha256, "pretrained": info.pretrained,
                "finetuned": info.finetuned.provenance() if info.finetuned else None}
     config = path.parent / "config.yaml"  # the fine-tuning's resolved config: how its cells were preprocessed
     made_with = yaml.safe_load(config.read_text()) if config.is_file() else None
     return ExplainedNetwork(name, model.eval(), gradcam_layer(model, spec), classes, "fine-tuned head",
-                            f"its fine-tuned head ({path})", weights, seen, made_with)
+                            f"its fine-tuned head ({path})", weights, seen_by(record.seen if record else frozenset()),
+                            made_with)
 
 
 def _store_weights(entry: dict, backbone: str, store: Path) -> str:
@@ -127,10 +134,13 @@ def probe_weights(features: np.ndarray, labels: np.ndarray, backend: str, seed: 
     """A multinomial logistic regression on z-scored ``features``, folded with the z-score into one linear layer
     on the raw features; and its classes."""
     mean, std = features.mean(axis=0), features.std(axis=0) + 1e-6
+    classes, codes = np.unique(labels, return_inverse=True)  # integer labels: cuML takes no strings
     be = get_backend(backend)
     probe = be.LogisticRegression(max_iter=2000, C=1.0, **({"random_state": seed} if be.name == "sklearn" else {}))
-    probe.fit(be.asarray((features - mean) / std), labels)
-    coef = be.to_host(probe.coef_).astype(np.float64)
+    probe.fit(be.asarray((features - mean) / std), be.xp.asarray(codes.astype(np.int32)))
+    coef = np.atleast_2d(be.to_host(probe.coef_).astype(np.float64))
+    if coef.shape[1] != features.shape[1]:  # (features, classes), as some cuML versions give it
+        coef = coef.T
     intercept = be.to_host(probe.intercept_).astype(np.float64).reshape(-1)
     if coef.shape[0] == 1:  # two classes: one logit difference
         coef, intercept = np.vstack([np.zeros_like(coef), coef]), np.array([0.0, intercept[0]])
@@ -138,7 +148,7 @@ def probe_weights(features: np.ndarray, labels: np.ndarray, backend: str, seed: 
     with torch.no_grad():
         linear.weight.copy_(torch.from_numpy(coef / std))
         linear.bias.copy_(torch.from_numpy(intercept - (coef * (mean / std)).sum(axis=1)))
-    return linear, [str(c) for c in be.to_host(probe.classes_)]
+    return linear, [str(c) for c in classes]
 
 
 def from_probe(store_path: Path, backbone: str | None, backend: str, seed: int) -> ExplainedNetwork:
@@ -157,13 +167,16 @@ def from_probe(store_path: Path, backbone: str | None, backend: str, seed: int) 
     if info.sha256 != entry["sha256"]:
         raise WeightsError(f"{backbone} weights {info.source} (sha256 {str(info.sha256)[:12]}...) are not the ones "
                            f"store {store_path} was extracted with ({str(entry['sha256'])[:12]}...)")
-    layer = gradcam_layer(network, spec)
     features = spec.truncate(network)
-    gradcam_layer(network, spec, features)
+    layer = gradcam_layer(network, spec, features)
     keep, rows = select_rows(store, ("train",))
     linear, classes = probe_weights(load_features(store, [backbone], keep), rows["label"].to_numpy(), backend, seed)
-    trained = frozenset(rows["cell_id"])
-    words = f"a linear probe fitted on {len(rows):,} stored train rows of {store_path}"
+    # seen: the probe's training cells, and those a fine-tuned network trained or validated on
+    seen = frozenset(rows["sha256"]) | (frozenset(rows["pixels_sha256"]) - {""})
+    seen |= info.finetuned.seen if info.finetuned else frozenset()
+    copies = int((rows["aug_index"] > 0).sum())
+    words = (f"a linear probe fitted on {len(rows):,} stored train rows of {store_path}"
+             + (f" ({copies:,} of them oversampled copies)" if copies else ""))
     return ExplainedNetwork(backbone, nn.Sequential(features, linear).eval(), layer, classes, "linear probe", words,
                             {k: entry.get(k) for k in ("weights", "sha256", "pretrained", "finetuned")},
-                            lambda table: table["cell_id"].isin(trained).to_numpy(), store.meta.get("config"))
+                            seen_by(seen), store.meta.get("config"))

@@ -22,9 +22,10 @@ from ..logs import say
 from ..outputs import prepare_fresh_dir
 from ..progress import progress_bar
 from ..provenance import write_run_record
-from .cells import choose_cells, read_cells, read_source
-from .gradcam import Explained, cell_table, outcome, save_maps
+from .cells import choose_cells, normalise, read_cells, read_source
+from .gradcam import Explained, cell_table, outcome, save_maps, target_indices
 from .maps import pooled, rank_correlation
+from .networks import seen_by
 
 OUTPUTS = ("maps.npy", "cells.csv", "summary.json", "occlusion.png", "occlusion.svg")
 
@@ -45,9 +46,7 @@ class Hybrid:
         with torch.no_grad(), autocast_for(self.cfg, "gpu" if self.device == "cuda" else "cpu"):
             for name in self.names:
                 norm = self.backbones.normalizations[self.backbones.norm_of[name]]
-                mean = torch.tensor(norm.mean, device=pixels.device).view(1, 3, 1, 1)
-                std = torch.tensor(norm.std, device=pixels.device).view(1, 3, 1, 1)
-                features = self.backbones.nets[name]((pixels - mean) / std).float().cpu().numpy()
+                features = self.backbones.nets[name](normalise(pixels, norm)).float().cpu().numpy()
                 blocks.append(features.astype(np.float16).astype(np.float32) if self.float16 else features)
         return torch.as_tensor(self.model.predict_proba(np.concatenate(blocks, axis=1)), dtype=torch.float32,
                                device=pixels.device)
@@ -59,7 +58,7 @@ def occlusion_maps(hybrid: Hybrid, images: torch.Tensor, targets: np.ndarray, wi
     from captum.attr import Occlusion
 
     size = images.shape[-1]
-    windows = ((size - window) // stride + 1) ** 2
+    windows = (-(-(size - window) // stride) + 1) ** 2  # captum's count: a last window flush with the edge
     group = max(1, rows_per_pass // windows)  # cells per attribute call; their occluded copies share passes
     occlusion = Occlusion(hybrid)
     maps = []
@@ -74,10 +73,20 @@ def occlusion_maps(hybrid: Hybrid, images: torch.Tensor, targets: np.ndarray, wi
     return np.concatenate(maps)
 
 
-def _cells_of(gradcam_dir: Path, manifest, classes: list[str]) -> tuple[pd.DataFrame, np.ndarray, np.ndarray]:
+def _cells_of(gradcam_dir: Path, manifest, classes: list[str], size: int) -> tuple[pd.DataFrame, np.ndarray,
+                                                                                 np.ndarray]:
     """The cells of a Grad-CAM run (same order), its target classes as the hybrid's indices, and its maps."""
-    table = pd.read_csv(gradcam_dir / "cells.csv", dtype={"cell_id": str})
-    maps = np.load(gradcam_dir / "maps.npy").astype(np.float32)
+    try:
+        table = pd.read_csv(gradcam_dir / "cells.csv", dtype={"cell_id": str, "target": str})
+        maps = np.load(gradcam_dir / "maps.npy").astype(np.float32)
+    except (OSError, ValueError, pd.errors.ParserError) as exc:
+        raise DataError(f"{gradcam_dir} is not a readable Grad-CAM folder (cells.csv, maps.npy): {exc}") from None
+    missing_columns = {"cell_id", "target"} - set(table.columns)
+    if missing_columns or maps.ndim != 3 or len(maps) != len(table) or maps.shape[1:] != (size, size):
+        raise DataError(f"{gradcam_dir}: its maps.npy ({'x'.join(map(str, maps.shape))}) does not hold one {size}x"
+                        f"{size} map for each row of its cells.csv ({len(table)} rows"
+                        + (f", lacking {', '.join(sorted(missing_columns))}" if missing_columns else "")
+                        + f"); the model reads {size}x{size} images: give a Grad-CAM run of this model's cells")
     rows = manifest.table.set_index("cell_id")
     missing = sorted(set(table["cell_id"]) - set(rows.index))
     if missing:
@@ -102,10 +111,13 @@ def occlusion(model_dir: Path, source: Path, out: Path, cfg: RunConfig, against:
                           "cannot be run through its networks again")
     extract_cfg = load_config(None, ["features.compile=false"], base=info["extract_config"])
     settings, gradcam_settings = cfg.explain.occlusion, cfg.explain.gradcam
+    if settings.window > extract_cfg.loader.image_size:
+        raise ConfigError(f"explain.occlusion.window {settings.window} is larger than the {extract_cfg.loader.image_size}"
+                          f" px images model {model_dir} reads")
     classes = [str(c) for c in model.classes_]
     manifest = read_source(source, extract_cfg)
     if against is not None:
-        table, targets, gradcam = _cells_of(Path(against), manifest, classes)
+        table, targets, gradcam = _cells_of(Path(against), manifest, classes, extract_cfg.loader.image_size)
     else:
         table = choose_cells(manifest, gradcam_settings.split, gradcam_settings.cells_per_class, gradcam_settings.seed)
     prepare_fresh_dir(out, "occlusion folder", OUTPUTS, overwrite)
@@ -115,11 +127,7 @@ def occlusion(model_dir: Path, source: Path, out: Path, cfg: RunConfig, against:
     proba = np.concatenate([hybrid(cells.images[i:i + gradcam_settings.batch_size].to(device)).cpu().numpy()
                             for i in range(0, len(cells.images), gradcam_settings.batch_size)])
     if against is None:
-        labels = cells.table["label"]
-        if gradcam_settings.target == "true" and not set(labels) <= set(classes):
-            raise ConfigError(f"target: true, but the model knows no class {sorted(set(labels) - set(classes))[0]}")
-        targets = (proba.argmax(axis=1) if gradcam_settings.target == "predicted"
-                   else labels.map({c: i for i, c in enumerate(classes)}).to_numpy())
+        targets = target_indices(classes, cells.table["label"], proba, gradcam_settings.target)
     else:
         kept = table["cell_id"].isin(cells.table["cell_id"]).to_numpy()
         targets, gradcam = targets[kept], gradcam[kept]
@@ -128,7 +136,8 @@ def occlusion(model_dir: Path, source: Path, out: Path, cfg: RunConfig, against:
     with progress_bar("occluding", total=len(cells.images), unit="cells") as (advance, _):
         maps = occlusion_maps(hybrid, cells.images, targets, settings.window, settings.stride, settings.rows_per_pass,
                               advance)
-    result = cell_table(cells, proba, targets, classes, seen_in_training(cells.table, model_dir, info))
+    seen = seen_in_training(cells.table, model_dir, info) | seen_by(hybrid.backbones.seen)(cells.table)
+    result = cell_table(cells, proba, targets, classes, seen)
     columns = ["max_drop"]
     result["max_drop"] = maps.reshape(len(maps), -1).max(axis=1)
     if against is not None:
