@@ -206,6 +206,11 @@ def test_a_checkpoint_whose_head_does_not_match_its_classes_is_refused(finetuned
     torch.save(state, folder / "best.pt")
     with pytest.raises(DataError, match="its head predicts 3 classes, but .*finetune.json names 5"):
         from_checkpoint(folder)
+    alone = tmp_path / "alone"
+    alone.mkdir()
+    (alone / "best.pt").write_bytes((finetuned / "best.pt").read_bytes())
+    with pytest.raises(DataError, match="no finetune.json beside it, so its backbone, its classes"):
+        from_checkpoint(alone / "best.pt")
 
 
 def test_occlusion_maps_the_patch_a_classifier_reads():
@@ -241,13 +246,16 @@ def test_occlusion_of_the_hybrid_starts_from_its_own_predictions_and_compares_wi
     assert (out / "occlusion.png").is_file()
     other = tmp_path / "other"
     other.mkdir()
-    (other / "cells.csv").write_bytes((tmp_path / "gc" / "cells.csv").read_bytes())
+    for name in ("cells.csv", "summary.json"):
+        (other / name).write_bytes((tmp_path / "gc" / name).read_bytes())
     np.save(other / "maps.npy", np.zeros((15, 16, 16), np.float16))
     wrong = cli("occlusion", run / "model", run / "manifest.parquet", "-o", tmp_path / "oc2", "--against", other)
     assert wrong.exit_code == 3 and "does not hold one 32x32 map for each row" in wrong.output
     too_big = cli("occlusion", run / "model", run / "manifest.parquet", "-o", tmp_path / "oc3",
                   "--set", "explain.occlusion.window=64")
     assert too_big.exit_code == 2 and "larger than the 32 px images" in too_big.output
+    itself = cli("occlusion", run / "model", run / "manifest.parquet", "-o", tmp_path / "oc4", "--against", out)
+    assert itself.exit_code == 3 and "not a folder `aml-rapids gradcam` wrote" in itself.output
 
 
 def test_embed_writes_coordinates_plots_and_their_quality(run, tmp_path):
@@ -262,6 +270,11 @@ def test_embed_writes_coordinates_plots_and_their_quality(run, tmp_path):
         assert len(coords) == 160 and coords["cell_id"].is_unique and np.isfinite(coords[["x", "y"]]).all().all()
         assert 0.5 < scores["trustworthiness"] <= 1 and 0 <= scores["knn_agreement_2d"] <= 1
         assert scores["knn_folds"] == "5-fold, patient-grouped" and (out / f"{space}-tsne.svg").is_file()
+    (tmp_path / "um").mkdir()
+    (tmp_path / "um" / "holiday.png").write_bytes(b"mine")  # not this command's: never replaced
+    refused = cli("embed", run / "features.zarr", "-o", tmp_path / "um", "--overwrite")
+    assert refused.exit_code == 8 and (tmp_path / "um" / "holiday.png").read_bytes() == b"mine"
+    (tmp_path / "um" / "holiday.png").unlink()
     umap = cli("embed", run / "features.zarr", "-o", tmp_path / "um", "--method", "umap", "--max-rows", "50",
                "--set", "explain.embed.neighbors=5")
     assert umap.exit_code == 0, umap.output
@@ -310,4 +323,7 @@ def test_gallery_from_an_evaluation(run, tmp_path):
     assert {"classes.png", "patients.png"} <= {p.name for p in out.iterdir()}
     assert set(listing["group"].str.split(" ").str[-1]) >= {"correct"} and listing["p"].between(0, 1).all()
     other = cli("gallery", run / "model" / "eval-test", tmp_path / "nope.parquet", "-o", tmp_path / "gb")
-    assert other.exit_code == 3 and "does not exist" in other.output
+    assert other.exit_code == 3 and "is not a file" in other.output
+    listing.to_csv(tmp_path / "tiles.csv", index=False)  # p and p_of: not a prediction table
+    tiles = cli("gallery", tmp_path / "tiles.csv", run / "manifest.parquet", "-o", tmp_path / "gc")
+    assert tiles.exit_code == 3 and "not a prediction table" in tiles.output

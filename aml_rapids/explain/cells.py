@@ -13,13 +13,13 @@ import torch
 
 from ..config import RunConfig
 from ..data.manifest import Manifest, build_manifest, read_manifest
-from ..data.scan import NoUsableImages, Problem
+from ..data.scan import NoUsableImages, Problem, printable
 from ..errors import ConfigError, DataError
 from ..evaluate.report import split_protocol
 from ..loader.loader import CellLoader
 from ..loader.pipeline import Normalization
 from ..loader.preview import pick_examples
-from ..logs import say
+from ..logs import say, warn
 
 PIXELS = Normalization((0.0, 0.0, 0.0), (1.0, 1.0, 1.0))  # RGB in [0, 1]: each network normalises its own copy
 
@@ -51,14 +51,17 @@ def read_source(source: Path, cfg: RunConfig) -> Manifest:
     try:
         return build_manifest(source, cfg.index).manifest
     except NoUsableImages as exc:
-        raise DataError(str(exc)) from None
+        reasons = "; ".join(f"{printable(p.path)}: {p.reason}" for p in exc.problems[:3])
+        raise DataError(f"{exc}" + (f", e.g. {reasons}" if reasons else "") + "; `aml-rapids index` lists them all "
+                        "in rejects.csv") from None
 
 
 def choose_cells(manifest: Manifest, split: str, per_class: int, seed: int) -> pd.DataFrame:
     """A seeded sample of ``per_class`` cells of every class of ``split`` (``all``: any split)."""
     table = manifest.table
     if "split" not in table or table["split"].isna().all():
-        say(f"the source has no split: choosing among all its cells (explain.gradcam.split {split!r} ignored)")
+        if split != "all":
+            say(f"the source has no split: choosing among all its cells (explain.gradcam.split {split!r} ignored)")
     elif split != "all":
         if not (table["split"] == split).any():
             raise ConfigError(f"the source has no cells in split {split!r} (it has: "
@@ -83,5 +86,8 @@ def read_cells(table: pd.DataFrame, manifest: Manifest, cfg: RunConfig) -> Cells
     if not positions:
         raise DataError(f"none of the {len(table)} chosen cells could be read: "
                         + "; ".join(f"{p.path}: {p.reason}" for p in loader.failures[:3]))
+    if loader.failures:
+        warn(f"{len(loader.failures)} of the {len(table)} chosen cells could not be read and are left out "
+             f"(summary.json: skipped), e.g. {loader.failures[0].path}: {loader.failures[0].reason}")
     return Cells(table.iloc[positions].reset_index(drop=True), torch.cat(images), torch.cat(masks).numpy(),
                  split_protocol(manifest.meta.get("split")), list(loader.failures))

@@ -156,7 +156,9 @@ def embed(store_path: Path, out: Path, cfg: RunConfig, backbones: list[str] | No
         widths.append(sum(store.features(b).shape[1] for b in info["backbones"]))
     widest = max(widths)
     check_feasible(len(rows), widest, settings, be.name == "sklearn")
-    prepare_fresh_dir(out, "embedding folder", ("*.parquet", "*.png", "*.svg", "embed.json"), overwrite)
+    names = [*backbones, *([CLASSIFIER_SPACE] if model is not None else [])]
+    prepare_fresh_dir(out, "embedding folder", [f"{name}-{settings.method}.{ext}" for name in names
+                                                for ext in ("parquet", "png", "svg")] + ["embed.json"], overwrite)
     groups = rows["patient"].to_numpy() if (rows["patient"] != "").all() else None
     labels = rows["label"].to_numpy()
     spaces = {b: (lambda b=b: load_features(store, [b], keep)) for b in backbones}
@@ -183,7 +185,8 @@ def embed(store_path: Path, out: Path, cfg: RunConfig, backbones: list[str] | No
                  f"{scores['knn_agreement_2d']} in 2-D, {scores['knn_agreement_input']} before "
                  f"({scores['knn_folds']}); {seconds:.1f} s on {be.name}")
         plot_embedding(table, title, out / f"{stem}.png")
-        report[space] = {"seconds": round(seconds, 2), **scores, "files": [f"{stem}.parquet", f"{stem}.png"]}
+        report[space] = {"seconds": round(seconds, 2), **scores,
+                         "files": [f"{stem}.parquet", f"{stem}.png", f"{stem}.svg"]}
         say(f"{space}: {settings.method} of {len(rows):,} rows in {seconds:.1f} s ({be.name}); trustworthiness "
             f"{scores['trustworthiness']}, kNN agreement {scores['knn_agreement_2d']} in 2-D vs "
             f"{scores['knn_agreement_input']}")

@@ -31,12 +31,27 @@ def read_predictions(path: Path) -> tuple[pd.DataFrame, list[str], dict]:
     csv = path / "predictions.csv" if path.is_dir() else path
     if not csv.is_file():
         raise DataError(f"{csv} does not exist (give an evaluation or prediction folder, or its predictions.csv)")
-    table = pd.read_csv(csv, dtype={"cell_id": str, "patient": str, "label": str, "predicted": str},
-                        keep_default_na=False)
+    try:
+        table = pd.read_csv(csv, dtype={"cell_id": str, "patient": str, "label": str, "predicted": str},
+                            keep_default_na=False)
+    except (UnicodeDecodeError, pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
+        raise DataError(f"{csv} is not a readable CSV table ({type(exc).__name__}: {exc})") from None
     classes = [c.removeprefix("p_") for c in table.columns if c.startswith("p_")]
     missing = [c for c in ("cell_id", "label", "predicted") if c not in table]
     if missing or not classes:
         raise DataError(f"{csv} is not a prediction table (it lacks {', '.join(missing) or 'p_<class> columns'})")
+    if table.empty:
+        raise DataError(f"{csv} lists no cells")
+    unknown = sorted(set(table["predicted"]) - set(classes))
+    if unknown:
+        raise DataError(f"{csv}: predicted class {unknown[0]!r} has no p_{unknown[0]} column: not a prediction "
+                        "table of aml-rapids (evaluate's or predict's predictions.csv)")
+    probabilities = table[[f"p_{c}" for c in classes]].apply(pd.to_numeric, errors="coerce")
+    if probabilities.isna().any().any() or not probabilities.stack().between(0, 1).all():
+        raise DataError(f"{csv}: its p_<class> columns hold values that are not probabilities")
+    table[probabilities.columns] = probabilities
+    if "patient" not in table:
+        table["patient"] = ""
     metrics = csv.parent / "metrics.json"
     return table, classes, read_json(metrics) if metrics.is_file() else {}
 
@@ -111,6 +126,8 @@ def gallery(predictions: Path, manifest_path: Path, out: Path, cfg: RunConfig, o
     through the manifest the cells were indexed in."""
     settings = cfg.explain.gallery
     table, classes, metrics = read_predictions(predictions)
+    if not Path(manifest_path).is_file():
+        raise DataError(f"manifest {manifest_path} is not a file: give the manifest.parquet the cells were indexed in")
     manifest = read_manifest(manifest_path)
     cells = manifest.table.set_index("cell_id")
     missing = sorted(set(table["cell_id"]) - set(cells.index))
@@ -136,8 +153,7 @@ def gallery(predictions: Path, manifest_path: Path, out: Path, cfg: RunConfig, o
             tiles.append((label, [_tile(r, manifest.root) for _, r in cells.iterrows()]))
             shown.append(cells.assign(group=label.replace("\n", " "))[["group", "cell_id", "path_in_manifest", "label",
                                                                         "predicted", "p_of", "p"]])
-        plot_gallery(tiles, f"{what}\n{about}", out / f"{name}.png")
-        files.append(f"{name}.png")
+        files += [path.name for path in plot_gallery(tiles, f"{what}\n{about}", out / f"{name}.png")]
     listing = pd.concat(shown).rename(columns={"path_in_manifest": "path"})
     atomic_write_text(out / "gallery.csv", listing.to_csv(index=False))
     write_run_record(out, "gallery", cfg, predictions=str(predictions), manifest=str(manifest_path), files=files)

@@ -15,7 +15,7 @@ import pandas as pd
 import torch
 
 from ..config import RunConfig, load_config
-from ..errors import ConfigError, DataError
+from ..errors import ConfigError
 from ..evaluate.report import weights_words
 from ..loader.loader import resolve_device
 from ..logs import say, warn
@@ -23,7 +23,7 @@ from ..outputs import atomic_save_array, atomic_write_text, prepare_fresh_dir
 from ..provenance import write_run_record
 from .cells import Cells, choose_cells, read_cells, read_source
 from .maps import mean_or_none, pointing, rank_correlation
-from .networks import ExplainedNetwork, from_checkpoint, from_probe
+from .networks import ExplainedNetwork, from_checkpoint, from_probe, probe_source
 from .plots import plot_maps
 
 OUTPUTS = ("maps.npy", "cells.csv", "summary.json", "gradcam.png", "gradcam.svg")
@@ -140,17 +140,19 @@ def gradcam(checkpoint_or_store: Path, source: Path, out: Path, cfg: RunConfig, 
     per-class sample of the source's split: maps.npy, cells.csv, summary.json, gradcam.png/.svg."""
     started = time.perf_counter()
     settings = cfg.explain.gradcam
-    for given in (checkpoint_or_store, source):
-        if not Path(given).exists():
-            raise DataError(f"{given} does not exist")
-    prepare_fresh_dir(out, "Grad-CAM folder", OUTPUTS, overwrite)  # before a probe's fit, which takes a while
-    store_given = (Path(checkpoint_or_store) / "zarr.json").is_file()
-    net = (from_probe(checkpoint_or_store, backbone, cfg.classify.backend, settings.seed) if store_given
-           else from_checkpoint(checkpoint_or_store, backbone))
-    preprocess = load_config(None, None, base=net.made_with) if net.made_with else cfg  # as the network's inputs were
+    net = None
+    if (Path(checkpoint_or_store) / "zarr.json").is_file():  # a store: its probe is fitted once the rest is checked
+        store, backbone, _ = probe_source(checkpoint_or_store, backbone)
+        made_with = store.meta.get("config")
+    else:
+        net = from_checkpoint(checkpoint_or_store, backbone)
+        made_with = net.made_with
+    preprocess = load_config(None, None, base=made_with) if made_with else cfg  # as the network's inputs were
     manifest = read_source(source, preprocess)
-    cells = read_cells(choose_cells(manifest, settings.split, settings.cells_per_class, settings.seed), manifest,
-                       preprocess)
+    chosen = choose_cells(manifest, settings.split, settings.cells_per_class, settings.seed)
+    prepare_fresh_dir(out, "Grad-CAM folder", OUTPUTS, overwrite)
+    net = net or from_probe(checkpoint_or_store, backbone, cfg.classify.backend, settings.seed)
+    cells = read_cells(chosen, manifest, preprocess)
     device = "cuda" if resolve_device(cfg.loader.device) == "gpu" else "cpu"
     images = cells.normalised(net.spec.normalization)
     proba = class_scores(net, images, settings.batch_size, device)
@@ -158,12 +160,16 @@ def gradcam(checkpoint_or_store: Path, source: Path, out: Path, cfg: RunConfig, 
     say(f"Grad-CAM of {net.backbone} at {net.spec.gradcam_layer} through {net.head_words}: {len(images)} cells")
     maps = gradcam_maps(net, images, targets, settings.batch_size, device)
     table = cell_table(cells, proba, targets, net.classes, net.seen(cells.table))
+    table["blank"] = maps.reshape(len(maps), -1).max(axis=1) == 0
+    if table["blank"].mean() > 0.25:
+        warn(f"{int(table['blank'].sum())} of the {len(table)} maps are zero everywhere: no positive evidence at "
+             f"{net.spec.gradcam_layer} at {images.shape[-1]} px (a small input leaves the layer a grid of few cells)")
     for key, values in pointing(maps, cells.masks).items():
         table[key] = values
     # The same test for one map shared by every cell (their average): what a centre bias alone would score
     table["pointing_ratio_average_map"] = pointing(np.broadcast_to(maps.mean(axis=0), maps.shape),
                                                    cells.masks)["pointing_ratio"]
-    columns = ["pointing_ratio", "pointing_ratio_average_map", "energy_in_mask", "mask_share"]
+    columns = ["pointing_ratio", "pointing_ratio_average_map", "energy_in_mask", "mask_share", "blank"]
     sane = settings.sanity and (net.weights.get("pretrained") or net.weights.get("finetuned"))
     if settings.sanity and not sane:
         warn(f"{net.backbone}'s weights are random already ({net.weights['weights']}): no randomisation test")

@@ -95,19 +95,20 @@ def from_checkpoint(path: Path, backbone: str | None = None) -> ExplainedNetwork
     if not path.is_file():
         raise DataError(f"checkpoint {path} does not exist (give a fine-tuning folder or its best.pt)")
     record = read_record(path)
-    about = record.about if record else {}
-    if backbone and about.get("backbone") and backbone != about["backbone"]:
+    if record is None:
+        raise DataError(f"{path} has no finetune.json beside it, so its backbone, its classes and the cells it saw "
+                        "are unknown: give best.pt in the folder `aml-rapids finetune` wrote")
+    about = record.about
+    if backbone and backbone != about["backbone"]:
         raise ConfigError(f"--backbone {backbone}, but {path.parent / 'finetune.json'} says {path} fine-tuned "
                           f"{about['backbone']}")
-    name = backbone or about.get("backbone")
-    if name is None:
-        raise ConfigError(f"{path} has no finetune.json beside it to name its backbone: pass --backbone")
+    name = about["backbone"]
     spec = get_spec(name)
     if spec.head is None:
         raise ConfigError(f"backbone {name!r} has no classification head: explain it through a store (linear probe)")
     model, info = build_network(name, str(path))
     width = model.get_submodule(spec.head).out_features
-    classes = [str(c) for c in about.get("classes", range(width))]
+    classes = [str(c) for c in about["classes"]]
     if len(classes) != width:
         raise DataError(f"checkpoint {path}: its head predicts {width} classes, but {path.parent / 'finetune.json'} "
                         f"names {len(classes)} ({', '.join(classes[:5])}); the checkpoint is not that fine-tuning's")
@@ -116,8 +117,7 @@ def from_checkpoint(path: Path, backbone: str | None = None) -> ExplainedNetwork
     config = path.parent / "config.yaml"  # the fine-tuning's resolved config: how its cells were preprocessed
     made_with = yaml.safe_load(config.read_text()) if config.is_file() else None
     return ExplainedNetwork(name, model.eval(), gradcam_layer(model, spec), classes, "fine-tuned head",
-                            f"its fine-tuned head ({path})", weights, seen_by(record.seen if record else frozenset()),
-                            made_with)
+                            f"its fine-tuned head ({path})", weights, seen_by(record.seen), made_with)
 
 
 def _store_weights(entry: dict, backbone: str, store: Path) -> str:
@@ -151,9 +151,9 @@ def probe_weights(features: np.ndarray, labels: np.ndarray, backend: str, seed: 
     return linear, [str(c) for c in classes]
 
 
-def from_probe(store_path: Path, backbone: str | None, backend: str, seed: int) -> ExplainedNetwork:
-    """The store's backbone (rebuilt from the weights it records) with a linear probe fitted on its stored
-    training features."""
+def probe_source(store_path: Path, backbone: str | None) -> tuple[FeatureStore, str, str]:
+    """The store, which of its backbones to probe, and the weights to rebuild it from; checked in a moment,
+    before the probe's fit takes its while."""
     store = FeatureStore.open(store_path)
     if backbone is None:
         if len(store.backbones) != 1:
@@ -161,9 +161,18 @@ def from_probe(store_path: Path, backbone: str | None, backend: str, seed: int) 
         backbone = store.backbones[0]
     if backbone not in store.backbones:
         raise ConfigError(f"store {store_path} has no backbone {backbone!r}; it has {', '.join(store.backbones)}")
+    get_spec(backbone)
+    select_rows(store, ("train",))  # a store without training rows has nothing to fit a probe on
+    return store, backbone, _store_weights(store.meta["backbones"][backbone], backbone, store_path)
+
+
+def from_probe(store_path: Path, backbone: str | None, backend: str, seed: int) -> ExplainedNetwork:
+    """The store's backbone (rebuilt from the weights it records) with a linear probe fitted on its stored
+    training features."""
+    store, backbone, weights = probe_source(store_path, backbone)
     entry = store.meta["backbones"][backbone]
     spec = get_spec(backbone)
-    network, info = build_network(backbone, _store_weights(entry, backbone, store_path), store.meta["features_seed"])
+    network, info = build_network(backbone, weights, store.meta["features_seed"])
     if info.sha256 != entry["sha256"]:
         raise WeightsError(f"{backbone} weights {info.source} (sha256 {str(info.sha256)[:12]}...) are not the ones "
                            f"store {store_path} was extracted with ({str(entry['sha256'])[:12]}...)")

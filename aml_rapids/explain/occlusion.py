@@ -19,7 +19,7 @@ from ..evaluate.report import weights_words
 from ..features.extract import autocast_for, load_backbones
 from ..loader.loader import resolve_device
 from ..logs import say
-from ..outputs import prepare_fresh_dir
+from ..outputs import prepare_fresh_dir, read_json
 from ..progress import progress_bar
 from ..provenance import write_run_record
 from .cells import choose_cells, normalise, read_cells, read_source
@@ -77,10 +77,14 @@ def _cells_of(gradcam_dir: Path, manifest, classes: list[str], size: int) -> tup
                                                                                  np.ndarray]:
     """The cells of a Grad-CAM run (same order), its target classes as the hybrid's indices, and its maps."""
     try:
-        table = pd.read_csv(gradcam_dir / "cells.csv", dtype={"cell_id": str, "target": str})
+        made_by = read_json(gradcam_dir / "summary.json")
+        table = pd.read_csv(gradcam_dir / "cells.csv", dtype={"cell_id": str, "target": str}, keep_default_na=False)
         maps = np.load(gradcam_dir / "maps.npy").astype(np.float32)
-    except (OSError, ValueError, pd.errors.ParserError) as exc:
-        raise DataError(f"{gradcam_dir} is not a readable Grad-CAM folder (cells.csv, maps.npy): {exc}") from None
+    except (OSError, ValueError, pd.errors.ParserError, DataError) as exc:
+        raise DataError(f"{gradcam_dir} is not a readable Grad-CAM folder (summary.json, cells.csv, maps.npy): "
+                        f"{exc}") from None
+    if not isinstance(made_by, dict) or "layer" not in made_by:
+        raise DataError(f"{gradcam_dir} is not a folder `aml-rapids gradcam` wrote (its summary.json names no layer)")
     missing_columns = {"cell_id", "target"} - set(table.columns)
     if missing_columns or maps.ndim != 3 or len(maps) != len(table) or maps.shape[1:] != (size, size):
         raise DataError(f"{gradcam_dir}: its maps.npy ({'x'.join(map(str, maps.shape))}) does not hold one {size}x"
@@ -92,7 +96,7 @@ def _cells_of(gradcam_dir: Path, manifest, classes: list[str], size: int) -> tup
     if missing:
         raise DataError(f"{len(missing)} cells of {gradcam_dir / 'cells.csv'} are not in the source (e.g. "
                         f"{missing[0]}): give the source that Grad-CAM run read")
-    unknown = sorted(set(table["target"]) - set(classes))
+    unknown = sorted(set(table["target"].astype(str)) - set(classes))
     if unknown:
         raise ConfigError(f"the Grad-CAM run explains classes the model does not know ({', '.join(unknown[:5])}; it "
                           f"has {', '.join(classes)})")
@@ -118,6 +122,8 @@ def occlusion(model_dir: Path, source: Path, out: Path, cfg: RunConfig, against:
     manifest = read_source(source, extract_cfg)
     if against is not None:
         table, targets, gradcam = _cells_of(Path(against), manifest, classes, extract_cfg.loader.image_size)
+        say(f"occluding the {len(table)} cells of {against} for its target classes (explain.gradcam's split, "
+            "cells_per_class and target do not apply)")
     else:
         table = choose_cells(manifest, gradcam_settings.split, gradcam_settings.cells_per_class, gradcam_settings.seed)
     prepare_fresh_dir(out, "occlusion folder", OUTPUTS, overwrite)
