@@ -163,7 +163,8 @@ def gradcam(checkpoint_or_store: Path, source: Path, out: Path, cfg: RunConfig, 
     table["blank"] = maps.reshape(len(maps), -1).max(axis=1) == 0
     if table["blank"].mean() > 0.25:
         warn(f"{int(table['blank'].sum())} of the {len(table)} maps are zero everywhere: no positive evidence at "
-             f"{net.spec.gradcam_layer} at {images.shape[-1]} px (a small input leaves the layer a grid of few cells)")
+             f"{net.spec.gradcam_layer} at {images.shape[-1]} px (random weights do this, and so does an input so "
+             "small that the layer is a grid of few cells)")
     for key, values in pointing(maps, cells.masks).items():
         table[key] = values
     # The same test for one map shared by every cell (their average): what a centre bias alone would score
