@@ -327,3 +327,15 @@ def test_gallery_from_an_evaluation(run, tmp_path):
     listing.to_csv(tmp_path / "tiles.csv", index=False)  # p and p_of: not a prediction table
     tiles = cli("gallery", tmp_path / "tiles.csv", run / "manifest.parquet", "-o", tmp_path / "gc")
     assert tiles.exit_code == 3 and "not a prediction table" in tiles.output
+
+
+def test_the_report_shows_the_explanations_below_a_run(run, finetuned):
+    """The run folder also holds a fine-tuning, whose head's test report rests on no store."""
+    from aml_rapids.report.render import render_report
+
+    assert cli("gradcam", run / "features.zarr", run / "manifest.parquet", "-o", run / "gradcam").exit_code == 0
+    assert cli("embed", run / "features.zarr", "-o", run / "embed").exit_code == 0
+    page = render_report(run).read_text()
+    assert "<h2>Explanations</h2>" in page and 'alt="gradcam.png"' in page and 'alt="tiny-tsne.png"' in page
+    assert "Grad-CAM of tiny at features.2 through a linear probe" in page and "trustworthiness" in page
+    assert f"Rests on: fine-tuning {finetuned}" in page

@@ -24,13 +24,13 @@ from ..outputs import atomic_write  # noqa: E402
 TEXT_RC = {"text.parse_math": False, "svg.fonttype": "none", "svg.hashsalt": "aml-rapids"}
 
 
-def save_figure(fig, out: Path) -> list[Path]:
-    """Write ``fig`` as ``out`` (PNG) and the SVG beside it, each atomically, close it, return both paths."""
+def save_figure(fig, out: Path, dpi: int = 150) -> list[Path]:
+    """Write ``fig`` as ``out`` (PNG at ``dpi``) and the SVG beside it, each atomically, close it, return both."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     svg = out.with_suffix(".svg")
     try:
-        atomic_write(out, lambda tmp: fig.savefig(tmp, format="png", dpi=150, bbox_inches="tight"))
+        atomic_write(out, lambda tmp: fig.savefig(tmp, format="png", dpi=dpi, bbox_inches="tight"))
         atomic_write(svg, lambda tmp: fig.savefig(tmp, format="svg", bbox_inches="tight", metadata={"Date": None}))
     finally:
         plt.close(fig)

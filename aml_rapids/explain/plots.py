@@ -16,6 +16,20 @@ from ..evaluate.plots import TEXT_RC, save_figure  # noqa: E402
 
 TILE_INCH = 1.7
 HEADER_INCH = 0.5  # the two-line title above a grid
+TITLE_INCH = 0.6  # a tile's own title, up to four lines
+BAR_INCH = 0.9  # the colour bar and its label, right of a map grid
+
+
+def _grid(rows: int, cols: int, label_inch: float, right_inch: float):
+    """A figure of ``rows`` x ``cols`` square tiles laid out in inches (tight_layout centres square images in
+    taller slots and leaves gaps): the row labels left, ``right_inch`` free on the right, the title above."""
+    width = label_inch + cols * TILE_INCH + right_inch
+    height = HEADER_INCH + rows * (TILE_INCH + TITLE_INCH) + 0.1
+    fig, axes = plt.subplots(rows, cols, figsize=(width, height), squeeze=False)
+    fig.subplots_adjust(left=label_inch / width, right=(label_inch + cols * TILE_INCH) / width,
+                        top=1 - (HEADER_INCH + TITLE_INCH) / height, bottom=0.1 / height, wspace=0.06,
+                        hspace=TITLE_INCH / TILE_INCH)
+    return fig, axes, height
 
 
 def _tile_title(row: pd.Series) -> str:
@@ -31,8 +45,7 @@ def plot_maps(cells, maps: np.ndarray, table: pd.DataFrame, classes: list[str], 
     in white. ``signed`` maps (occlusion) get a diverging scale centred on zero."""
     rows = [(label, group.index[:per_class]) for label, group in table.groupby("label", sort=True)]
     cols = max(len(index) for _, index in rows)
-    height = HEADER_INCH + len(rows) * (TILE_INCH + 0.45)
-    fig, axes = plt.subplots(len(rows), cols, figsize=(1.6 + cols * TILE_INCH, height), squeeze=False)
+    fig, axes, height = _grid(len(rows), cols, 1.6, BAR_INCH)
     limit = (float(np.nanmax(np.abs(maps))) or 1.0) if signed else 1.0
     shown = None
     for r, (label, index) in enumerate(rows):
@@ -51,9 +64,9 @@ def plot_maps(cells, maps: np.ndarray, table: pd.DataFrame, classes: list[str], 
             ax.contour(cells.masks[i], levels=[0.5], colors="white", linewidths=0.6)
             ax.set_title(_tile_title(table.loc[i]), fontsize=7, pad=3)
     fig.suptitle(title, fontsize=8, y=1 - 0.05 / height, va="top")
-    fig.tight_layout(rect=(0, 0, 0.92, 1 - HEADER_INCH / height))
     if shown is not None:
-        bar = fig.colorbar(shown, cax=fig.add_axes((0.93, 0.2, 0.015, 0.6)))
+        right = axes[0][-1].get_position().x1
+        bar = fig.colorbar(shown, cax=fig.add_axes((right + 0.02, 0.2, 0.015, 0.6)))
         bar.set_label(colour_label, fontsize=8)
     return save_figure(fig, out)
 
@@ -91,8 +104,7 @@ def plot_embedding(coords: pd.DataFrame, title: str, out: Path) -> list[Path]:
 def plot_gallery(rows: list[tuple[str, list[dict]]], title: str, out: Path) -> list[Path]:
     """Rows of tiles: ``(row label, [{"image": HxWx3, "title": str}, ...])``."""
     cols = max([len(tiles) for _, tiles in rows] + [1])
-    height = HEADER_INCH + len(rows) * (TILE_INCH + 0.6)
-    fig, axes = plt.subplots(len(rows), cols, figsize=(2.2 + cols * TILE_INCH, height), squeeze=False)
+    fig, axes, height = _grid(len(rows), cols, 2.2, 0.1)
     for r, (label, tiles) in enumerate(rows):
         for c in range(cols):
             ax = axes[r][c]
@@ -108,5 +120,4 @@ def plot_gallery(rows: list[tuple[str, list[dict]]], title: str, out: Path) -> l
             ax.imshow(tiles[c]["image"])
             ax.set_title(tiles[c]["title"], fontsize=7, pad=3)
     fig.suptitle(title, fontsize=9, y=1 - 0.05 / height, va="top")
-    fig.tight_layout(rect=(0, 0, 1, 1 - HEADER_INCH / height))
-    return save_figure(fig, out)
+    return save_figure(fig, out, dpi=100)  # photographs: 150 dpi made a class gallery 6 MB

@@ -52,6 +52,48 @@ def _evaluation(folder: Path, root: Path) -> dict:
             "plots": [_image(folder / name) for name in PLOTS if (folder / name).is_file()]}
 
 
+def _per_class(summary: dict) -> str:
+    """A Grad-CAM or occlusion summary's numbers, a row per class and one for all cells."""
+    rows = [{"class": name, **numbers} for name, numbers in {**summary["per_class"], "all": summary["all"]}.items()]
+    return _table(pd.DataFrame(rows))
+
+
+def _map_folder(summary_path: Path, root: Path) -> dict:
+    summary = read_json(summary_path)
+    folder = summary_path.parent
+    if "layer" in summary:
+        about = (f"Grad-CAM of {summary['backbone']} at {summary['layer']} through {summary['head']}; weights "
+                 f"{summary['weights_words']} ({summary['weights']})")
+    else:
+        about = (f"occlusion of the hybrid ({', '.join(summary['backbones'])}; {summary['window']} px square, "
+                 f"stride {summary['stride']}); weights {summary['weights']}")
+    about += f"; cells of {summary.get('split', 'the Grad-CAM run')} ({summary['split_protocol']}), target {summary['target']}"
+    plots = [_image(png) for png in (folder / "gradcam.png", folder / "occlusion.png") if png.is_file()]
+    return {"title": str(folder.relative_to(root)), "about": about, "table": _per_class(summary), "plots": plots}
+
+
+def _explanations(folder: Path) -> list[dict]:
+    """The Grad-CAM, occlusion, embedding and gallery folders below ``folder``: what each shows, its numbers
+    and its pictures, as their commands wrote them."""
+    found = [_map_folder(path, folder) for path in sorted(folder.rglob("summary.json"))
+             if (path.parent / "maps.npy").is_file()]
+    for path in sorted(folder.rglob("embed.json")):
+        embedded = read_json(path)
+        table = pd.DataFrame([{"space": space, **{k: v for k, v in numbers.items() if k != "files"}}
+                              for space, numbers in embedded["spaces"].items()])
+        found.append({"title": str(path.parent.relative_to(folder)), "table": _table(table),
+                      "about": f"{embedded['method']} of {embedded['rows']:,} cells of store {embedded['store']} "
+                               f"({embedded['split_protocol']}), on {embedded['backend']}",
+                      "plots": [_image(path.parent / name) for numbers in embedded["spaces"].values()
+                                for name in numbers["files"] if name.endswith(".png")]})
+    for path in sorted(folder.rglob("gallery.csv")):
+        found.append({"title": str(path.parent.relative_to(folder)), "table": None,
+                      "about": "the most confident correct and wrong cells per class, and each patient's top cells",
+                      "plots": [_image(png) for png in (path.parent / "classes.png", path.parent / "patients.png")
+                                if png.is_file()]})
+    return found
+
+
 def _stages(folders: list[Path], root: Path) -> list[dict]:
     """Every run record in these folders, oldest first: stage, run id, time, commit, and its seconds and rate."""
     rows = []
@@ -95,7 +137,7 @@ def render_report(folder: Path) -> Path:
         results=_table(summary_table(_csv(folder / "results.csv"))) if (folder / "results.csv").is_file() else None,
         mcnemar=_table(_csv(folder / "mcnemar.csv")) if (folder / "mcnemar.csv").is_file() else None,
         study_roc=_image(folder / "roc.png") if study and (folder / "roc.png").is_file() else None,
-        evaluations=[_evaluation(p, folder) for p in evaluations],
+        evaluations=[_evaluation(p, folder) for p in evaluations], explanations=_explanations(folder),
         stages=stages, machine=stages[-1]["machine"] if stages else None,
         versions=stages[-1]["versions"] if stages else None,
         config=config.read_text() if config.is_file() else None)
