@@ -91,9 +91,9 @@ def test_extract_into_a_pipe_writes_progress_lines(indexed):
     done = subprocess.run([sys.executable, "-m", "aml_rapids", "extract", str(indexed / "manifest.parquet"), *TINY],
                           capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0, done.stderr
-    lines = re.findall(r"extracting tiny: [\d,]+/[\d,]+ img \(\d+%\), [\d,]+ img/s, ETA \d+:\d\d:\d\d", done.stderr)
+    lines = re.findall(r"extracting tiny: [\d,]+/[\d,]+ img \(\d+%\), [\d,.]+ img/s, ETA \d+:\d\d:\d\d", done.stderr)
     assert len(lines) >= 2, done.stderr  # one per chunk of 8 rows, of 40 train/val/test rows
-    assert re.search(r"extracting tiny: 40/40 img \(100%\), [\d,]+ img/s, done in", done.stderr), done.stderr
+    assert re.search(r"extracting tiny: 40/40 img \(100%\), [\d,.]+ img/s, done in", done.stderr), done.stderr
     assert "extracting on the CPU" in done.stderr and "precision fp32" in done.stderr
     assert "tiny (16 features, weights none (random initialisation))" in done.stderr
     assert done.stdout == ""  # stdout is kept for --json
