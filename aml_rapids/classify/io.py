@@ -15,6 +15,7 @@ import numpy as np
 import pandas as pd
 
 from .. import __version__
+from ..data.manifest import same_content
 from ..errors import AmlRapidsError, ConfigError, DataError
 from ..features.store import FeatureStore, feature_identity, identity_differences
 from ..outputs import atomic_write, atomic_write_text, file_sha256
@@ -115,9 +116,7 @@ def seen_in_training(rows: pd.DataFrame, model_dir: Path, info: dict) -> np.ndar
     """Which rows are cells the model was trained on: the same file (sha256), or the same pixels in another
     file (a re-saved or converted copy; where both were indexed with their pixels decoded)."""
     cells = training_cells(model_dir, info)
-    pixels = set(cells["pixels_sha256"]) - {""}
-    same_pixels = rows["pixels_sha256"].isin(pixels) & (rows["pixels_sha256"] != "")
-    return (rows["sha256"].isin(cells["sha256"]) | same_pixels).to_numpy()
+    return same_content(rows, set(cells["sha256"]) | set(cells["pixels_sha256"].fillna(""))).to_numpy()
 
 
 def check_features_match(info: dict, identity: dict, what: str) -> None:

@@ -68,6 +68,13 @@ def cell_id(cohort: str, rel: str) -> str:
     return hashlib.sha1(f"{cohort}/{rel}".encode()).hexdigest()[:16]
 
 
+def same_content(table: pd.DataFrame, hashes: frozenset[str] | set[str]) -> pd.Series:
+    """Which rows are cells whose file (sha256) or decoded pixels (pixels_sha256, where indexed) are among
+    ``hashes``: the one rule by which a copy of a cell under another name counts as that cell."""
+    pixels = table["pixels_sha256"].fillna("") if "pixels_sha256" in table else pd.Series("", index=table.index)
+    return table["sha256"].isin(hashes) | (pixels.isin(hashes) & (pixels != ""))
+
+
 def _inspect_all(candidates: list[Candidate], cfg: IndexConfig, progress: Callable[[int], None] | None):
     def work(c: Candidate):
         try:

@@ -23,6 +23,7 @@ from torch import nn
 
 from ..classify.backend import get_backend
 from ..classify.data import load_features, select_rows
+from ..data.manifest import same_content
 from ..errors import ConfigError, DataError
 from ..features.backbones import BackboneSpec, get_spec
 from ..features.store import FeatureStore
@@ -65,12 +66,8 @@ class ExplainedNetwork:
 
 
 def seen_by(hashes: frozenset[str]) -> Callable[[pd.DataFrame], np.ndarray]:
-    """Which manifest rows are cells whose file or decoded pixels (SHA-256) are among ``hashes``: a copy of a
-    training image under another name counts as seen, as the classifier's own check counts it."""
-    def seen(table: pd.DataFrame) -> np.ndarray:
-        pixels = table["pixels_sha256"].fillna("") if "pixels_sha256" in table else pd.Series("", index=table.index)
-        return (table["sha256"].isin(hashes) | (pixels.isin(hashes) & (pixels != ""))).to_numpy()
-    return seen
+    """Which manifest rows are cells among ``hashes`` (by file or pixel content, as everywhere)."""
+    return lambda table: same_content(table, hashes).to_numpy()
 
 
 def gradcam_layer(network: nn.Module, spec: BackboneSpec, within: nn.Module | None = None) -> nn.Module:

@@ -16,7 +16,7 @@ from ..classify.io import load_model, seen_in_training
 from ..config import RunConfig, load_config
 from ..errors import ConfigError, DataError
 from ..evaluate.report import weights_words
-from ..features.extract import autocast_for, load_backbones
+from ..features.extract import autocast_for, load_backbones, storable
 from ..loader.loader import resolve_device
 from ..logs import say
 from ..outputs import prepare_fresh_dir, read_json
@@ -37,7 +37,6 @@ class Hybrid:
         self.model, self.names = model, list(info["backbones"])
         self.cfg, self.device = cfg, device
         self.backbones = load_backbones(cfg, device)
-        self.float16 = cfg.features.store_dtype == "float16"  # the model was fitted on features stored so
 
     def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
         if self.cfg.features.channels_last:  # as extraction feeds them: the networks' weights are laid out so
@@ -47,7 +46,8 @@ class Hybrid:
             for name in self.names:
                 norm = self.backbones.normalizations[self.backbones.norm_of[name]]
                 features = self.backbones.nets[name](normalise(pixels, norm)).float().cpu().numpy()
-                blocks.append(features.astype(np.float16).astype(np.float32) if self.float16 else features)
+                # rounded as the store holds them: the model was fitted on stored features
+                blocks.append(storable(features, name, self.cfg.features.store_dtype).astype(np.float32))
         return torch.as_tensor(self.model.predict_proba(np.concatenate(blocks, axis=1)), dtype=torch.float32,
                                device=pixels.device)
 
@@ -64,9 +64,9 @@ def occlusion_maps(hybrid: Hybrid, images: torch.Tensor, targets: np.ndarray, wi
     maps = []
     for i in range(0, len(images), group):
         cells = images[i:i + group].to(hybrid.device)
-        chosen = torch.as_tensor(targets[i:i + group], dtype=torch.long)
         attributions = occlusion.attribute(cells, sliding_window_shapes=(3, window, window),
-                                           strides=(3, stride, stride), baselines=0.0, target=chosen.tolist(),
+                                           strides=(3, stride, stride), baselines=0.0,
+                                           target=[int(t) for t in targets[i:i + group]],
                                            perturbations_per_eval=max(1, min(windows, rows_per_pass // len(cells))))
         maps.append(attributions[:, 0].float().cpu().numpy())
         advance(len(cells))

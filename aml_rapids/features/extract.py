@@ -24,7 +24,7 @@ import torch
 from torch.fx.experimental.optimization import fuse
 
 from ..config import RunConfig
-from ..data.manifest import Manifest
+from ..data.manifest import Manifest, same_content
 from ..errors import ConfigError
 from ..data.scan import Problem
 from ..loader.augment import DRAWS
@@ -186,7 +186,7 @@ def open_or_extend(path: Path, manifest: Manifest, cfg: RunConfig, identity: dic
     """The store for this manifest: created, or checked and extended by the rows it lacks; rows of cells in
     ``seen`` (a fine-tuned backbone's) are marked so. The caller holds the store's lock."""
     rows = plan_rows(manifest.table, cfg)
-    rows["finetune_seen"] = rows["sha256"].isin(seen) | rows["pixels_sha256"].isin(seen - {""})
+    rows["finetune_seen"] = same_content(rows, seen)
     record = {"digest": manifest.digest(), "source": manifest.meta.get("source", str(manifest.root)),
               "split": manifest.meta.get("split"),
               "time_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
@@ -237,7 +237,7 @@ class _ChunkBuffer:
 FLOAT16_NORMAL = (2.0**-14, 65504.0)
 
 
-def _storable(values: np.ndarray, backbone: str, dtype: str) -> np.ndarray:
+def storable(values: np.ndarray, backbone: str, dtype: str) -> np.ndarray:
     """Cast to the store's dtype, refusing float16 when it would flush the features to zero or infinity."""
     if dtype == "float16":
         peak = float(np.abs(values).max()) if values.size else 0.0
@@ -395,7 +395,7 @@ def _extract_locked(manifest: Manifest, store_path: Path, cfg: RunConfig, backbo
                 with span(summary.seconds_in, "device wait"):
                     host = flight.wait()
                 with span(summary.seconds_in, "host + hand-off"):
-                    feats = {name: _storable(values.numpy(), name, cfg.features.store_dtype)
+                    feats = {name: storable(values.numpy(), name, cfg.features.store_dtype)
                              for name, values in host.items()}
                     delivered[flight.positions] = True
                     summary.rows_written += len(flight.positions)
