@@ -109,11 +109,17 @@ class LoaderConfig(_Section):
     seed: int = Field(0, ge=0)
 
 
+Engine = Literal["auto", "torch", "openvino", "onnxruntime", "tensorrt"]
+Precision = Literal["auto", "fp32", "bf16", "fp16", "int8", "fp8"]
+
+
 class BackboneConfig(_Section):
     """One feature extractor: a registry name and its weights (``imagenet``, a file path, or ``none``)."""
 
     name: str
     weights: str = "imagenet"
+    engine: Optional[Engine] = Field(None, description="this backbone's engine (null: features.engine)")
+    precision: Optional[Precision] = Field(None, description="this backbone's precision (null: features.precision)")
 
 
 class FeaturesConfig(_Section):
@@ -124,7 +130,13 @@ class FeaturesConfig(_Section):
         min_length=1)
     chunk_batches: int = Field(16, ge=1, le=1024,
                                description="loader batches per Zarr chunk (chunks hold whole batches)")
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field("auto", description="auto: bf16 on a GPU, fp32 on a CPU")
+    engine: Engine = Field("auto", description="what runs the backbones: torch, openvino (CPU), onnxruntime, tensorrt "
+                                               "(GPU), or auto: the fastest measured here that passes the parity "
+                                               "guard (docs/engines.md)")
+    precision: Precision = Field("auto", description="fp32, bf16, fp16, int8 (openvino, calibrated), or auto: the "
+                                                     "fastest of fp32/bf16/fp16 measured here that passes the guard")
+    calibration_cells: int = Field(64, ge=1, le=4096, description="training cells every engine is checked on "
+                                                                  "against PyTorch fp32 (and int8 calibrated on)")
     store_dtype: Literal["float16", "float32"] = Field(
         "float16", description="float16 halves the store; float32 for features outside float16's range")
     channels_last: bool = True

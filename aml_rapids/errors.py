@@ -66,6 +66,13 @@ class TrainingDiverged(AmlRapidsError):
     exit_code = 10
 
 
+class EngineError(AmlRapidsError):
+    """An inference engine that cannot run here (not installed, not on this device, cannot convert the network)
+    or whose features disagree with PyTorch fp32's beyond the parity guard's threshold."""
+
+    exit_code = 11
+
+
 EXIT_INTERRUPTED = 130  # Ctrl-C; every stage resumes or can be re-run
 EXIT_TERMINATED = 143  # SIGTERM (128 + 15), as a batch scheduler sends at a job's time limit: the same clean stop
 

@@ -14,6 +14,7 @@ from typing import get_args
 
 from aml_rapids.config import CompileMode, IndexConfig
 from aml_rapids.data.manifest import Manifest, build_manifest
+from aml_rapids.features.engines import ENGINES, PRECISIONS
 from aml_rapids.loader.loader import resolve_device
 
 from . import classify_bench, extract_bench, finetune_bench, loader_bench
@@ -37,6 +38,10 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--backbones", default="mobilenet_v2,resnet101,vgg16", help="extract: comma-separated")
     parser.add_argument("--extract-modes", default="eager,default",
                         help=f"extract: aml-rapids variants, comma-separated: {', '.join(EXTRACT_MODES)}")
+    parser.add_argument("--engines", default="all",
+                        help="extract: engine variants besides the torch modes, comma-separated ENGINE:PRECISION "
+                             "(e.g. openvino:bf16,openvino:int8,auto:auto), all (every one this device could run, "
+                             "and auto), or none")
     parser.add_argument("--no-warmup", action="store_true", help="time start-up too (for slow CPU runs)")
     parser.add_argument("--rows", type=int, default=56850, help="classify: training rows (default: 70%% of 81,214)")
     parser.add_argument("--baseline-rows", type=int, help="classify: rows for scikit-learn (default: --rows)")
@@ -55,6 +60,12 @@ def _cells(args) -> tuple[Manifest, Manifest]:
     else:
         manifest = synthetic_manifest(args.count, args.cache)
     return manifest, head(manifest, args.naive_count)
+
+
+def _engines(asked: str, device: str) -> list[str]:
+    if asked in ("all", "none"):
+        return extract_bench.all_engines(device) if asked == "all" else []
+    return asked.split(",")
 
 
 def run_stage(stage: str, args, cells: tuple[Manifest, Manifest] | None) -> None:
@@ -76,8 +87,9 @@ def run_stage(stage: str, args, cells: tuple[Manifest, Manifest] | None) -> None
         else:
             params["backbones"] = args.backbones.split(",")
             params["modes"] = args.extract_modes.split(",")
+            params["engines"] = _engines(args.engines, device)
             rows = extract_bench.run(manifest, naive, device, args.repeats, args.batch_size, params["backbones"],
-                                     not args.no_warmup, tuple(params["modes"]))
+                                     not args.no_warmup, tuple(params["modes"]), tuple(params["engines"]))
     append_results(stage, rows, params, args.results)
     for row in rows:
         ratio = f"x{row['x_naive']:.2f} naive" if row.get("x_naive") is not None else "(no baseline at this size)"
@@ -97,6 +109,12 @@ def main(argv=None) -> None:
     if unknown:
         raise SystemExit(f"unknown --extract-modes: {', '.join(sorted(unknown))} (choose from "
                          f"{', '.join(EXTRACT_MODES)})")
+    wrong = [e for e in ([] if args.engines in ("all", "none") else args.engines.split(","))
+             if len(e.split(":")) != 2 or e.split(":")[0] not in ("auto", *ENGINES)
+             or e.split(":")[1] not in ("auto", *PRECISIONS)]
+    if wrong:
+        raise SystemExit(f"unknown --engines: {', '.join(wrong)} (each ENGINE:PRECISION, engines "
+                         f"{', '.join(('auto', *ENGINES))}; precisions {', '.join(('auto', *PRECISIONS))})")
     cells = _cells(args) if set(stages) & {"loader", "extract", "finetune"} else None
     failed = []
     for stage in stages:

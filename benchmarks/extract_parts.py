@@ -1,12 +1,12 @@
 """The extraction stage taken apart: each backbone's forward pass and the store write, timed on their own.
 
 Each part has its naive counterpart in the same run (the backbone: eager fp32, unfused, NCHW, batch 32; the
-store: ``np.save`` of the same features) and, for the backbones, the fraction of the arithmetic floor reached.
+store: ``np.save`` of the same features) and, for the backbones on each engine, the fraction of the arithmetic
+floor reached in the precision it ran in.
 """
 
 from __future__ import annotations
 
-import contextlib
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -18,31 +18,34 @@ import torch
 from aml_rapids.config import RunConfig, load_config
 from aml_rapids.data.manifest import Manifest
 from aml_rapids.features.backbones import get_spec
-from aml_rapids.features.extract import autocast_for, load_backbones, precision_of
+from aml_rapids.features.extract import Backbones
 from aml_rapids.features.plan import STATUS_OK, pad_segments, plan_rows
 from aml_rapids.features.store import FeatureStore
 from aml_rapids.features.weights import load_backbone
 from aml_rapids.features.writer import ChunkWriter
 
-from .floor import flops_per_image, matmul_rate
+from .floor import DTYPES, flops_per_image, matmul_rate
 from .harness import Variant, throughputs
 
 
 def bench_config(backbones: list[str], device: str, batch_size: int, compiled: bool = False,
-                 compile_mode: str = "default") -> RunConfig:
-    """The config every extraction benchmark uses: random weights (nothing to download), float32 store."""
+                 compile_mode: str = "default", engine: str = "torch", precision: str | None = None) -> RunConfig:
+    """The config every extraction benchmark uses: random weights (nothing to download), float32 store; torch
+    in fp32 on a CPU and bf16 on a GPU unless another engine or precision is named."""
     spec = ", ".join(f"{{name: {b}, weights: none}}" for b in backbones)
+    precision = precision or ("bf16" if device == "gpu" else "fp32")
     return load_config(None, [f"features.backbones=[{spec}]", f"loader.device={device}",
                               f"loader.batch_size={batch_size}", "features.chunk_batches=4",
                               "features.store_dtype=float32", f"features.compile={compiled}",
-                              f"features.compile_mode={compile_mode}"])
+                              f"features.compile_mode={compile_mode}", f"features.engine={engine}",
+                              f"features.precision={precision}"])
 
 
-def _forward(net, images: torch.Tensor, batches: int, context) -> Callable[[], int]:
+def _forward(net, images: torch.Tensor, batches: int) -> Callable[[], int]:
     sync = torch.cuda.synchronize if images.is_cuda else (lambda: None)
 
     def run() -> int:
-        with torch.inference_mode(), context():
+        with torch.inference_mode():
             for _ in range(batches):
                 net(images)
         sync()
@@ -51,32 +54,42 @@ def _forward(net, images: torch.Tensor, batches: int, context) -> Callable[[], i
     return run
 
 
-def backbone_rows(backbones: list[str], device: str, batch_size: int, repeats: int, batches: int = 2) -> list[dict]:
-    """Images/s of each backbone's forward pass, naive and as the extraction runs it, with the floor."""
-    cfg = bench_config(backbones, device, batch_size)
+def backbone_rows(backbones: list[str], device: str, batch_size: int, repeats: int,
+                  prepared: dict[str, Backbones], batches: int = 2) -> list[dict]:
+    """Images/s of each backbone's forward pass: naive, and on each engine the extraction variants ran
+    (``prepared``: their loaded networks, by variant), each against the floor of the precision it ran in."""
     where = "cuda" if device == "gpu" else "cpu"
-    size = cfg.loader.image_size
-    prepared = load_backbones(cfg, where)
-    rate = matmul_rate(where)
-    layout = torch.channels_last if cfg.features.channels_last else torch.contiguous_format
-    fast_images = torch.randn(batch_size, 3, size, size, device=where).contiguous(memory_format=layout)
+    size = load_config().loader.image_size
+    precisions = {"fp32"} | {p for b in prepared.values() for p in (i["precision"] for i in b.info.values())}
+    rates = {p: matmul_rate(where, p) for p in sorted(precisions) if p in DTYPES}
+    images = torch.randn(batch_size, 3, size, size, device=where)
     naive_images = torch.randn(32, 3, size, size, device=where)
     rows = []
     for name in backbones:
         naive = load_backbone(name, "none")[0].to(where).eval()
-        floor = rate["flops_per_s"] / flops_per_image(naive, size, where)
-        timings = throughputs({
-            "naive": Variant(_forward(naive, naive_images, batches, contextlib.nullcontext)),
-            "fast": Variant(_forward(prepared.nets[name], fast_images, batches, lambda: autocast_for(cfg, device)))},
-            repeats)
-        base, fast = timings["naive"], timings["fast"]
-        extra = {"backbone": name, "floor_images_per_s": floor, "matmul": rate}
-        rows += [{"variant": f"{name} forward, naive (fp32 eager, batch 32)", **base, **extra,
-                  "x_naive": 1.0, "floor_fraction": base["items_per_s"] / floor},
-                 {"variant": f"{name} forward, aml-rapids ({precision_of(cfg, device)}, BN folded, "
-                             f"{'channels_last' if cfg.features.channels_last else 'NCHW'}, batch {batch_size})",
-                  **fast, **extra, "x_naive": fast["items_per_s"] / base["items_per_s"],
-                  "floor_fraction": fast["items_per_s"] / floor}]
+        flops = flops_per_image(naive, size, where)
+        runs = {"naive": Variant(_forward(naive, naive_images, batches))}
+        for variant, loaded in prepared.items():
+            runner = loaded.nets[name]
+            laid_out = images.contiguous(memory_format=torch.channels_last if runner.channels_last else
+                                         torch.contiguous_format)
+            runs[variant] = Variant(_forward(runner, laid_out, batches))
+        timings = throughputs(runs, repeats)
+        base = timings["naive"]
+        rows.append({"variant": f"{name} forward, naive (fp32 eager, batch 32)", **base, "backbone": name,
+                     "precision": "fp32", "floor_images_per_s": rates["fp32"]["flops_per_s"] / flops,
+                     "matmul": rates["fp32"], "x_naive": 1.0})
+        for variant, loaded in prepared.items():
+            info, timing = loaded.info[name], timings[variant]
+            rate = rates.get(info["precision"])
+            rows.append({"variant": f"{name} forward, aml-rapids {info['engine']} {info['precision']} (batch "
+                                    f"{batch_size})", **timing, "backbone": name, "precision": info["precision"],
+                         "engine_check": loaded.checks.get(name), "matmul": rate,
+                         "floor_images_per_s": rate and rate["flops_per_s"] / flops,
+                         "x_naive": timing["items_per_s"] / base["items_per_s"]})
+    for row in rows:
+        if row["floor_images_per_s"]:
+            row["floor_fraction"] = row["items_per_s"] / row["floor_images_per_s"]
     return rows
 
 

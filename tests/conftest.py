@@ -30,6 +30,15 @@ def python_blocks(page: Path) -> list[str]:
     return blocks
 
 
+@pytest.fixture(scope="session", autouse=True)
+def engine_cache(tmp_path_factory):
+    """Converted models and ``auto``'s choices in one folder of the test session: tests never read or fill the
+    user's cache, and one conversion serves every test of the session."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("AML_RAPIDS_CACHE", str(tmp_path_factory.mktemp("aml-rapids-cache")))
+        yield
+
+
 @pytest.fixture
 def tiny_tree(tmp_path: Path) -> Path:
     """``<class>/<patient>/<image>.tif``: 3 classes x 4 patients x 5 images of 16x16."""

@@ -19,14 +19,14 @@ def test_the_suite_writes_well_formed_results(tmp_path):
     # The CPU smoke run: 512 cells through MobileNetV2 (random weights), about a minute on 2 cores.
     main(["suite", "--count", "512", "--naive-count", "256", "--repeats", "1", "--batch-size", "64", "--cache",
           str(tmp_path), "--results", str(results), "--backbones", "mobilenet_v2", "--no-warmup", "--rows", "600",
-          "--pca", "8", "--train-images", "64", "--finetune-backbone", "tiny"])
+          "--pca", "8", "--train-images", "64", "--finetune-backbone", "tiny", "--engines", "openvino:bf16"])
     rows = [json.loads(line) for line in results.read_text().splitlines()]
     by_stage = {stage: [r for r in rows if r["stage"] == stage]
                 for stage in ("loader", "extract", "classify", "finetune")}
-    # loader: 2 naive + 3 DALI (a GPU adds the mixed decoder); extract: naive + 2 end to end (eager, compiled),
-    # naive + fast forward per backbone, 2 store writes; classify: 5 scikit-learn steps (no cuML); finetune:
-    # the naive loop and aml-rapids' in fp32 and bf16
-    assert [len(v) for v in by_stage.values()] == [5, 7, 5, 3] and len(rows) == 20
+    # loader: 2 naive + 3 DALI (a GPU adds the mixed decoder); extract: naive + 3 end to end (eager, compiled,
+    # OpenVINO bf16), naive + eager + OpenVINO forward per backbone, 2 store writes; classify: 5 scikit-learn
+    # steps (no cuML); finetune: the naive loop and aml-rapids' in fp32 and bf16
+    assert [len(v) for v in by_stage.values()] == [5, 9, 5, 3] and len(rows) == 22
     assert {r["items"] for r in by_stage["finetune"]} == {64}
     assert by_stage["finetune"][0]["auto_choice"]["chosen"] in ("fp32", "bf16")
     for row in rows:
@@ -49,7 +49,11 @@ def test_the_suite_writes_well_formed_results(tmp_path):
     forward = [r for r in by_stage["extract"] if "forward" in r["variant"]]
     assert all(0 < r["floor_fraction"] and r["floor_images_per_s"] > 0 for r in forward)
     table = markdown(latest_runs(results))
-    assert table.count("\n") == 2 + 20 - 1 and "of floor" in table and "sklearn stacking fit" in table
+    openvino = [r for r in by_stage["extract"] if "openvino" in r["variant"]]
+    assert len(openvino) == 2 and openvino[0]["engines"] == {"mobilenet_v2": "openvino bf16"}
+    assert openvino[0]["engine_checks"]["mobilenet_v2"]["min_cosine"] >= 0.999  # the parity guard held
+    assert openvino[1]["matmul"]["dtype"] == "bfloat16"  # its floor is bf16's
+    assert table.count("\n") == 2 + 22 - 1 and "of floor" in table and "sklearn stacking fit" in table
     assert "aml-rapids loop bf16 autocast" in table
 
 
@@ -110,7 +114,8 @@ def test_a_smaller_count_reuses_a_larger_synthetic_set(tmp_path):
 def test_the_extract_stage_times_the_modes_asked_for(tmp_path):
     results = tmp_path / "results.jsonl"
     main(["extract", "--count", "64", "--repeats", "2", "--batch-size", "32", "--cache", str(tmp_path),
-          "--results", str(results), "--backbones", "mobilenet_v2", "--no-warmup", "--extract-modes", "eager"])
+          "--results", str(results), "--backbones", "mobilenet_v2", "--no-warmup", "--extract-modes", "eager",
+          "--engines", "none"])
     rows = [json.loads(line) for line in results.read_text().splitlines()]
     ends = [r for r in rows if "Zarr, HSV" in r["variant"]]
     assert [r["variant"] for r in ends] == [variant_name("cpu", "eager")]
@@ -124,7 +129,9 @@ def test_the_extract_stage_times_the_modes_asked_for(tmp_path):
     assert ends[0]["floor_images_per_s"] == pytest.approx(forward[0]["floor_images_per_s"])
 
 
-def test_an_unknown_extract_mode_is_refused_before_any_work(tmp_path):
+def test_an_unknown_extract_mode_or_engine_is_refused_before_any_work(tmp_path):
     with pytest.raises(SystemExit, match="unknown --extract-modes: eagre .choose from eager, default, reduce"):
         main(["extract", "--cache", str(tmp_path), "--extract-modes", "eager,eagre"])
+    with pytest.raises(SystemExit, match="unknown --engines: openvno:bf16, torch .each ENGINE:PRECISION"):
+        main(["extract", "--cache", str(tmp_path), "--engines", "openvno:bf16,torch"])
     assert not any(tmp_path.iterdir())  # no cells drawn

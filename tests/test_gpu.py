@@ -180,3 +180,30 @@ def test_grad_cam_on_the_gpu_gives_the_cpu_maps():
     on_gpu = gradcam_maps(net, images, targets, batch_size=8, device="cuda")
     on_cpu = gradcam_maps(net, images, targets, batch_size=8, device="cpu")
     assert (on_cpu.max(axis=(1, 2)) > 0).all() and np.abs(on_gpu - on_cpu).max() < 1e-3
+
+
+def _demo_manifest(root):
+    write_demo_dataset(root, 1, 20)
+    return build_manifest(root, IndexConfig(verify_decode=False)).manifest
+
+
+@needs_gpu
+@pytest.mark.parametrize("engine, precision", [("tensorrt", "fp16"), ("tensorrt", "bf16"), ("auto", "auto")])
+def test_gpu_engines_pass_the_parity_guard_against_pytorch_fp32(tmp_path, engine, precision):
+    """TensorRT (through torch-tensorrt, skipped where it is not installed) and auto's choice on the GPU give
+    features within the guard's cosine of PyTorch fp32, on real-looking cells."""
+    if engine == "tensorrt":
+        pytest.importorskip("torch_tensorrt")
+    from aml_rapids.features.engines import calibration_cells
+    from aml_rapids.features.extract import load_backbones
+
+    manifest = _demo_manifest(tmp_path / "cells")
+    cfg = load_config(None, ["features.backbones=[{name: mobilenet_v2, weights: none}]", "loader.batch_size=64",
+                             "loader.device=gpu", f"features.engine={engine}", f"features.precision={precision}"])
+    loaded = load_backbones(cfg, "cuda", lambda norms: calibration_cells(manifest, cfg, norms))
+    check = loaded.checks["mobilenet_v2"]
+    assert check["min_cosine"] >= check["threshold"] >= 0.999
+    if engine == "tensorrt":
+        assert loaded.info["mobilenet_v2"]["engine"] == "tensorrt"
+    extract(manifest, tmp_path / "s.zarr", cfg, backbones=loaded)
+    assert FeatureStore.open(tmp_path / "s.zarr").summary()["ok"] == len(manifest.table)

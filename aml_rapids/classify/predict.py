@@ -19,6 +19,7 @@ from ..data.scan import NoUsableImages, Problem, printable
 from ..errors import ConfigError, DataError, OutputError
 from ..evaluate.metrics import patient_means
 from ..evaluate.report import prediction_table
+from ..features.engines import calibration_cells
 from ..features.extract import extract, load_backbones, store_identity
 from ..features.lock import lock_path
 from ..features.store import ATTRS_KEY, FeatureStore
@@ -75,7 +76,8 @@ def predict(model_dir: Path, source: Path, out: Path, overrides: list[str] | Non
         manifest, warnings = indexed.manifest, indexed.warnings
         failures = [p for p in indexed.problems if not p.skipped]
         device = resolve_device(cfg.loader.device)
-        backbones = load_backbones(cfg, "cuda" if device == "gpu" else "cpu")
+        backbones = load_backbones(cfg, "cuda" if device == "gpu" else "cpu",
+                                   lambda norms: calibration_cells(manifest, cfg, norms))
         asked = "the features this run would extract (the model's extraction config" + (
             f" with --set {', '.join(overrides)})" if overrides else ")")
         check_features_match(info, store_identity(cfg, backbones), asked)

@@ -1,4 +1,4 @@
-"""Commands on networks and feature stores: finetune, extract, backbones."""
+"""Commands on networks and feature stores: finetune, extract, export, backbones."""
 
 from __future__ import annotations
 
@@ -54,6 +54,31 @@ def register(app: typer.Typer) -> None:
         """Extract features of every configured backbone into a Zarr v3 store; resumes, retries rows that failed
         before, and appends new cells. One process writes a store at a time (a second is refused, exit code 7)."""
         return workflow.extract(manifest, out, resolve_config(config, set_), allow_failed)
+
+    @command(app)
+    def export(
+        backbone: Annotated[str, typer.Argument(metavar="BACKBONE", show_default=False,
+                                                help="Registry network (`aml-rapids backbones` lists them).")],
+        out: Annotated[Optional[Path], out_option("export-<backbone>", "Export folder")] = None,
+        weights: Annotated[str, typer.Option(metavar="imagenet|FILE|none", help="The network's weights.")] = "imagenet",
+        formats: Annotated[str, typer.Option("--format", metavar="onnx,openvino",
+                                             help="Formats to write, comma-separated.")] = "onnx,openvino",
+        precision: Annotated[str, typer.Option(metavar="fp32|int8",
+                                               help="int8: quantised by NNCF, calibrated on --cells.")] = "fp32",
+        cells: Annotated[Optional[Path], typer.Option(
+            metavar="SOURCE", show_default="synthetic demo cells (fp32 only)",
+            help="Manifest, folder or CSV whose training cells the export is checked (and int8 calibrated) on.")] = None,
+        overwrite: OverwriteOpt = False,
+        config: ConfigOpt = None,
+        set_: SetOpt = None,
+    ):
+        """Write a backbone as ONNX and OpenVINO IR for edge devices: its input normalisation inside (it takes
+        segmented, resized RGB cells in [0, 1]), fp32 or int8, with export.json naming input, output, files and
+        sha256, and checked against PyTorch fp32 on cells before any file is written (exit 11 if it disagrees)."""
+        from ..features.export import export_backbone
+
+        return export_backbone(backbone, weights, out or Path(f"export-{backbone}"), resolve_config(config, set_),
+                               tuple(f.strip() for f in formats.split(",") if f.strip()), precision, cells, overwrite)
 
     @command(app)
     def backbones() -> list[dict]:

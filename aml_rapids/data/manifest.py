@@ -216,3 +216,16 @@ def summarize(manifest: Manifest) -> dict:
         "patients": int(len(t.dropna(subset=["patient"]).drop_duplicates(["cohort", "patient"]))),
         "per_class": {str(k): int(v) for k, v in t["label"].value_counts().sort_index().items()},
     }
+
+
+def read_source(source: Path, index: IndexConfig) -> Manifest:
+    """A manifest (``.parquet``), or a folder or CSV of images indexed in memory."""
+    source = Path(source)
+    if source.suffix == ".parquet":
+        return read_manifest(source)
+    try:
+        return build_manifest(source, index).manifest
+    except NoUsableImages as exc:
+        reasons = "; ".join(f"{printable(p.path)}: {p.reason}" for p in exc.problems[:3])
+        raise DataError(f"{exc}" + (f", e.g. {reasons}" if reasons else "") + "; `aml-rapids index` lists them all "
+                        "in rejects.csv") from None

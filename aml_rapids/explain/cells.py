@@ -5,23 +5,21 @@ foreground mask at the network's input size (what the pointing test measures aga
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
 
 from ..config import RunConfig
-from ..data.manifest import Manifest, build_manifest, read_manifest
-from ..data.scan import NoUsableImages, Problem, printable
+from ..data.manifest import Manifest
+from ..data.scan import Problem
 from ..errors import ConfigError, DataError
 from ..evaluate.report import split_protocol
 from ..loader.loader import CellLoader
-from ..loader.pipeline import Normalization
+from ..loader.pipeline import PIXELS, Normalization
 from ..loader.preview import pick_examples
 from ..logs import say, warn
 
-PIXELS = Normalization((0.0, 0.0, 0.0), (1.0, 1.0, 1.0))  # RGB in [0, 1]: each network normalises its own copy
 
 
 @dataclass
@@ -41,19 +39,6 @@ def normalise(pixels: torch.Tensor, norm: Normalization) -> torch.Tensor:
     mean = torch.tensor(norm.mean, device=pixels.device).view(1, 3, 1, 1)
     std = torch.tensor(norm.std, device=pixels.device).view(1, 3, 1, 1)
     return (pixels - mean) / std
-
-
-def read_source(source: Path, cfg: RunConfig) -> Manifest:
-    """A manifest (``.parquet``), or a folder or CSV of images indexed in memory."""
-    source = Path(source)
-    if source.suffix == ".parquet":
-        return read_manifest(source)
-    try:
-        return build_manifest(source, cfg.index).manifest
-    except NoUsableImages as exc:
-        reasons = "; ".join(f"{printable(p.path)}: {p.reason}" for p in exc.problems[:3])
-        raise DataError(f"{exc}" + (f", e.g. {reasons}" if reasons else "") + "; `aml-rapids index` lists them all "
-                        "in rejects.csv") from None
 
 
 def choose_cells(manifest: Manifest, split: str, per_class: int, seed: int) -> pd.DataFrame:

@@ -21,7 +21,8 @@ from ..loader.loader import resolve_device
 from ..logs import say, warn
 from ..outputs import atomic_save_array, atomic_write_text, prepare_fresh_dir
 from ..provenance import write_run_record
-from .cells import Cells, choose_cells, read_cells, read_source
+from ..data.manifest import read_source
+from .cells import Cells, choose_cells, read_cells
 from .maps import mean_or_none, pointing, rank_correlation
 from .networks import ExplainedNetwork, from_checkpoint, from_probe, probe_source
 from .plots import plot_maps
@@ -148,7 +149,7 @@ def gradcam(checkpoint_or_store: Path, source: Path, out: Path, cfg: RunConfig, 
         net = from_checkpoint(checkpoint_or_store, backbone)
         made_with = net.made_with
     preprocess = load_config(None, None, base=made_with) if made_with else cfg  # as the network's inputs were
-    manifest = read_source(source, preprocess)
+    manifest = read_source(source, preprocess.index)
     chosen = choose_cells(manifest, settings.split, settings.cells_per_class, settings.seed)
     prepare_fresh_dir(out, "Grad-CAM folder", OUTPUTS, overwrite)
     net = net or from_probe(checkpoint_or_store, backbone, cfg.classify.backend, settings.seed)

@@ -16,13 +16,15 @@ from ..classify.io import load_model, seen_in_training
 from ..config import RunConfig, load_config
 from ..errors import ConfigError, DataError
 from ..evaluate.report import weights_words
-from ..features.extract import autocast_for, load_backbones, storable
+from ..features.engines import calibration_of
+from ..features.extract import load_backbones, storable
 from ..loader.loader import resolve_device
 from ..logs import say
 from ..outputs import prepare_fresh_dir, read_json
 from ..progress import progress_bar
 from ..provenance import write_run_record
-from .cells import choose_cells, normalise, read_cells, read_source
+from ..data.manifest import read_source
+from .cells import choose_cells, normalise, read_cells
 from .gradcam import Explained, cell_table, outcome, save_maps, target_indices
 from .maps import pooled, rank_correlation
 from .networks import seen_by
@@ -33,16 +35,16 @@ OUTPUTS = ("maps.npy", "cells.csv", "summary.json", "occlusion.png", "occlusion.
 class Hybrid:
     """Cells (RGB in [0, 1]) -> the stacking model's class probabilities, through every backbone it reads."""
 
-    def __init__(self, model, info: dict, cfg: RunConfig, device: str):
+    def __init__(self, model, info: dict, cfg: RunConfig, device: str, calibrate=None):
         self.model, self.names = model, list(info["backbones"])
         self.cfg, self.device = cfg, device
-        self.backbones = load_backbones(cfg, device)
+        self.backbones = load_backbones(cfg, device, calibrate)
 
     def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
         if self.cfg.features.channels_last:  # as extraction feeds them: the networks' weights are laid out so
             pixels = pixels.contiguous(memory_format=torch.channels_last)
         blocks = []
-        with torch.no_grad(), autocast_for(self.cfg, "gpu" if self.device == "cuda" else "cpu"):
+        with torch.no_grad():
             for name in self.names:
                 norm = self.backbones.normalizations[self.backbones.norm_of[name]]
                 features = self.backbones.nets[name](normalise(pixels, norm)).float().cpu().numpy()
@@ -119,7 +121,7 @@ def occlusion(model_dir: Path, source: Path, out: Path, cfg: RunConfig, against:
         raise ConfigError(f"explain.occlusion.window {settings.window} is larger than the {extract_cfg.loader.image_size}"
                           f" px images model {model_dir} reads")
     classes = [str(c) for c in model.classes_]
-    manifest = read_source(source, extract_cfg)
+    manifest = read_source(source, extract_cfg.index)
     if against is not None:
         table, targets, gradcam = _cells_of(Path(against), manifest, classes, extract_cfg.loader.image_size)
         say(f"occluding the {len(table)} cells of {against} for its target classes (explain.gradcam's split, "
@@ -129,7 +131,8 @@ def occlusion(model_dir: Path, source: Path, out: Path, cfg: RunConfig, against:
     prepare_fresh_dir(out, "occlusion folder", OUTPUTS, overwrite)
     cells = read_cells(table, manifest, extract_cfg)
     device = "cuda" if resolve_device(cfg.loader.device) == "gpu" else "cpu"
-    hybrid = Hybrid(model, info, extract_cfg, device)
+    hybrid = Hybrid(model, info, extract_cfg, device, lambda norms: calibration_of(
+        cells.table.head(extract_cfg.features.calibration_cells), manifest, extract_cfg, norms))
     proba = np.concatenate([hybrid(cells.images[i:i + gradcam_settings.batch_size].to(device)).cpu().numpy()
                             for i in range(0, len(cells.images), gradcam_settings.batch_size)])
     if against is None:

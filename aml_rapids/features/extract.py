@@ -2,12 +2,11 @@
 
 Start, resume and append are one operation, under the store's lock: the store is created from the plan if
 absent, extended by the plan's rows whose content (sha256 + augmentation index) it lacks, and then every chunk
-not marked done, or holding rows that failed before (their files may be back), is computed. Batch norm is
-folded into the convolutions (inference only; the registry's networks stay unfused and differentiable). On a
-GPU the backbones run under bf16/fp16 autocast in channels_last, optionally compiled (then every batch has one
-shape: the last is padded, so nothing recompiles mid-run); features come back to the host asynchronously, one
-batch behind, and finished chunks are written on background threads, so neither the copy nor the write stalls
-the device.
+not marked done, or holding rows that failed before (their files may be back), is computed. Each backbone runs
+on its engine (``engines/``: PyTorch, OpenVINO, ONNX Runtime or TensorRT, checked against PyTorch fp32 on
+calibration cells first); an engine of one batch shape gets every batch padded to it, so nothing recompiles
+mid-run. On a GPU features come back to the host asynchronously, one batch behind, and finished chunks are
+written on background threads, so neither the copy nor the write stalls the device.
 """
 
 from __future__ import annotations
@@ -21,11 +20,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from torch.fx.experimental.optimization import fuse
 
 from ..config import RunConfig
 from ..data.manifest import Manifest, same_content
-from ..errors import ConfigError
+from ..errors import ConfigError, DataError
 from ..data.scan import Problem
 from ..loader.augment import DRAWS
 from ..loader.loader import CellLoader, resolve_device
@@ -34,13 +32,14 @@ from ..logs import log
 from ..provenance import machine_info, software_versions, usable_cores
 from ..timing import span
 from .backbones import get_spec
+from .engines import Calibration, Choice, Runner, Target, calibration_cells, needs_calibration, prepare
+from .engines.base import padded
 from .plan import STATUS_FAILED, STATUS_OK, STATUS_PADDING, pad_segments, plan_rows
 from .lock import StoreLock
 from .store import FeatureStore, StoreError, StoreMismatch, identity_differences
 from .weights import load_backbone
 from .writer import ChunkWriter
 
-AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
 # Where an extraction's wall time goes, as the host sees it: setting up each loader pass (its rows, the loader
 # object), the loader's start (to its first batch: file checks, pipeline build), waiting for its later batches,
 # launching the networks (all of their compute on a CPU; on a GPU, queueing), waiting for the device to finish a
@@ -81,43 +80,36 @@ class ExtractSummary:
 
 @dataclass
 class Backbones:
-    """The loaded networks, the loader normalisation each one reads, and their provenance."""
+    """The networks, each on its engine, the loader normalisation each one reads, and their provenance."""
 
-    nets: dict[str, torch.nn.Module]
+    nets: dict[str, Runner]
     norm_of: dict[str, str]
     normalizations: dict[str, Normalization]
     info: dict[str, dict]
-    batch_size: int | None = None  # compiled networks: every batch is padded to this size
+    batch_size: int | None = None  # fixed-shape engines (compiled, TensorRT): every batch is padded to this size
     seen: frozenset[str] = frozenset()  # SHA-256 of the cells a fine-tuned backbone trained or validated on
+    checks: dict[str, dict] = field(default_factory=dict)  # each engine's parity (and auto's speeds) measured here
 
 
-def compile_settings(mode: str, device: str) -> dict:
-    """torch.compile's mode; on a CPU its options with the weights frozen in as well (ResNet-101 1.25x eager
-    there, not 1.15x), since torch.compile takes a mode or options, not both."""
-    if device == "cpu":
-        from torch._inductor import list_mode_options  # 1 s to import: only where a network is compiled
-        return {"options": {**list_mode_options(mode, False), "freezing": True}}
-    return {"mode": mode}
+Calibrate = Callable[[dict[str, Normalization]], Calibration]
 
 
-def load_backbones(cfg: RunConfig, device: str) -> Backbones:
-    """The configured networks, ready for inference on ``device`` ("cuda" or "cpu"). Load them once and pass
-    them to every ``extract`` of a process (shards, cohorts, benchmark repeats) to build and compile them once."""
+def load_backbones(cfg: RunConfig, device: str, calibrate: Calibrate | None = None,
+                   pinned: dict[str, Choice] | None = None) -> Backbones:
+    """The configured networks, each on its engine, ready for inference on ``device`` ("cuda" or "cpu"). Load
+    them once and pass them to every ``extract`` of a process (shards, cohorts, benchmark repeats) to build and
+    compile them once. ``calibrate(normalizations)``: the calibration cells, needed by any engine but PyTorch
+    fp32; ``pinned``: engines to use whatever the config says (an existing store's)."""
     if device == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed batch shapes: autotuned convolutions pay off at once
-    nets, norm_of, norms, info, seen = {}, {}, {}, {}, frozenset()
+    loaded, norm_of, norms, info, seen = {}, {}, {}, {}, frozenset()
     for item in cfg.features.backbones:
         spec = get_spec(item.name)
         if spec.input_size not in (None, cfg.loader.image_size):
             raise ConfigError(f"{item.name} takes {spec.input_size}x{spec.input_size} images only; set "
                               f"loader.image_size={spec.input_size} (it is {cfg.loader.image_size})")
         net, weights = load_backbone(item.name, item.weights, cfg.features.seed)
-        net = fuse(net).to(device)  # batch norm folded into the convolutions: 2x for MobileNetV2 on a CPU
-        if cfg.features.channels_last:
-            net = net.to(memory_format=torch.channels_last)
-        if cfg.features.compile:
-            net = torch.compile(net, dynamic=False, **compile_settings(cfg.features.compile_mode, device))
-        nets[item.name] = net
+        loaded[item.name] = net.to(device), weights
         key = next((k for k, v in norms.items() if v == spec.normalization), item.name)
         norms[key] = spec.normalization
         norm_of[item.name] = key
@@ -126,19 +118,34 @@ def load_backbones(cfg: RunConfig, device: str) -> Backbones:
         if weights.finetuned is not None:
             info[item.name]["finetuned"] = weights.finetuned.provenance()
             seen |= weights.finetuned.seen
-    return Backbones(nets, norm_of, norms, info, cfg.loader.batch_size if cfg.features.compile else None, seen)
+    wanted = {item.name: _wanted(Choice(item.engine or cfg.features.engine, item.precision or cfg.features.precision),
+                                 (pinned or {}).get(item.name)) for item in cfg.features.backbones}
+    calibration = None
+    if any(needs_calibration(c.engine, c.precision) for c in wanted.values()):
+        if calibrate is None:
+            raise ConfigError("engines other than torch fp32 are checked on calibration cells, and none were given")
+        calibration = calibrate(norms)
+    nets, checks = {}, {}
+    for name, (net, weights) in loaded.items():
+        target = Target(name, net, weights.sha256 or f"none (seed {cfg.features.seed})", cfg.loader.image_size,
+                        device, cfg.loader.batch_size, calibration and calibration.images[norm_of[name]],
+                        calibration and calibration.digest, cfg.features.channels_last, cfg.features.compile,
+                        cfg.features.compile_mode)
+        nets[name] = runner = prepare(target, wanted[name].engine, wanted[name].precision)
+        info[name].update(engine=runner.choice.engine, precision=runner.choice.precision)
+        if runner.choice.precision == "int8":
+            info[name]["calibration"] = calibration.digest  # an int8 network is made of its calibration cells
+        checks[name] = {"engine": str(runner.choice), **runner.measured}
+    fixed = {r.batch_size for r in nets.values()} - {None}
+    return Backbones(nets, norm_of, norms, info, fixed.pop() if fixed else None, seen, checks)
 
 
-def precision_of(cfg: RunConfig, device: str) -> str:
-    """bf16 on a GPU unless configured otherwise, fp32 on a CPU (this project's CPUs have no bf16 units: bf16
-    autocast made the backbones 8x slower there)."""
-    return cfg.features.precision if cfg.features.precision != "auto" else ("bf16" if device == "gpu" else "fp32")
-
-
-def autocast_for(cfg: RunConfig, device: str) -> torch.autocast:
-    precision = precision_of(cfg, device)
-    return torch.autocast("cuda" if device == "gpu" else "cpu", dtype=AUTOCAST.get(precision, torch.float32),
-                          enabled=precision in AUTOCAST)
+def _wanted(asked: Choice, stored: Choice | None) -> Choice:
+    """The engine a backbone runs on: the store's where it has one and the config leaves the choice to ``auto``
+    (so an extension matches what the store holds); otherwise what the config asks."""
+    if stored is not None and asked.engine in ("auto", stored.engine) and asked.precision in ("auto", stored.precision):
+        return stored
+    return asked
 
 
 def store_identity(cfg: RunConfig, backbones: Backbones) -> dict:
@@ -150,8 +157,29 @@ def store_identity(cfg: RunConfig, backbones: Backbones) -> dict:
                            "augment_seed": cfg.loader.seed, "augment_draws": DRAWS}}
 
 
+def stored_backbones(meta: dict) -> dict[str, dict]:
+    """A store's backbones with the engine and precision each ran on; a store made before engines were a choice
+    ran PyTorch, in the precision its config and device gave (bf16 on a GPU, fp32 on a CPU, unless set)."""
+    asked = (meta.get("config") or {}).get("features", {}).get("precision", "auto")
+    legacy = {"engine": "torch", "precision": asked if asked != "auto" else
+              ("bf16" if meta.get("device") == "gpu" else "fp32")}
+    return {name: {**legacy, **info} for name, info in (meta.get("backbones") or {}).items()}
+
+
+def _engines_of(store_path: Path) -> dict[str, Choice]:
+    """The engines an existing store's features were computed on (none for a new store): an extension of it
+    runs them again, whatever ``auto`` would choose today."""
+    try:
+        meta = FeatureStore.open(store_path).meta
+    except (StoreError, DataError, OSError):
+        return {}
+    return {name: Choice(info["engine"], info["precision"]) for name, info in stored_backbones(meta).items()}
+
+
 def _check_identity(store: FeatureStore, identity: dict) -> None:
-    differs = identity_differences({key: store.meta.get(key) for key in identity}, identity)
+    have = {key: store.meta.get(key) for key in identity}
+    have["backbones"] = stored_backbones(store.meta)
+    differs = identity_differences(have, identity)
     if differs:
         raise StoreMismatch(f"store {store.path} was made with another configuration (differs in "
                             f"{', '.join(differs)}); extract into a new store (-o), or use the config it was made "
@@ -182,13 +210,14 @@ def _check_rows_agree(store: FeatureStore, have: pd.DataFrame, rows: pd.DataFram
 
 
 def open_or_extend(path: Path, manifest: Manifest, cfg: RunConfig, identity: dict, device: str,
-                   seen: frozenset[str] = frozenset()) -> tuple[FeatureStore, int]:
+                   seen: frozenset[str] = frozenset(), checks: dict | None = None) -> tuple[FeatureStore, int]:
     """The store for this manifest: created, or checked and extended by the rows it lacks; rows of cells in
-    ``seen`` (a fine-tuned backbone's) are marked so. The caller holds the store's lock."""
+    ``seen`` (a fine-tuned backbone's) are marked so; ``checks``, the engines' parity measured for these
+    rows, go into the manifest's record. The caller holds the store's lock."""
     rows = plan_rows(manifest.table, cfg)
     rows["finetune_seen"] = same_content(rows, seen)
     record = {"digest": manifest.digest(), "source": manifest.meta.get("source", str(manifest.root)),
-              "split": manifest.meta.get("split"),
+              "split": manifest.meta.get("split"), "engines": checks or {},
               "time_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
     path = Path(path)
     if not path.exists() or (path.is_dir() and not any(path.iterdir())):
@@ -259,13 +288,6 @@ def _runs(chunks: list[int], augment_of_chunk: np.ndarray) -> list[list[int]]:
     return runs
 
 
-def _padded(images: torch.Tensor, size: int | None) -> torch.Tensor:
-    """A short batch filled up with zero images to ``size`` rows (None: as it is)."""
-    if size is None or len(images) >= size:
-        return images
-    return torch.cat([images, images.new_zeros((size - len(images), *images.shape[1:]))])
-
-
 @dataclass
 class _InFlight:
     """One batch's features on their way to the host. On a GPU the copies are asynchronous (into pinned memory)
@@ -277,13 +299,19 @@ class _InFlight:
     done: torch.cuda.Event | None
 
     @classmethod
-    def launch(cls, batch, backbones: Backbones, channels_last: bool) -> "_InFlight":
-        layout = torch.channels_last if channels_last else torch.contiguous_format
+    def launch(cls, batch, backbones: Backbones) -> "_InFlight":
         rows = len(batch.positions)
-        images = {key: _padded(tensor, backbones.batch_size).contiguous(memory_format=layout)  # once each
-                  for key, tensor in batch.images.items()}
-        host = {name: net(images[backbones.norm_of[name]])[:rows].float().to("cpu", non_blocking=True)
-                for name, net in backbones.nets.items()}
+        laid_out: dict[tuple[str, bool], torch.Tensor] = {}  # each normalisation in each layout, once
+
+        def images_for(name: str) -> torch.Tensor:
+            key = (backbones.norm_of[name], backbones.nets[name].channels_last)
+            if key not in laid_out:
+                layout = torch.channels_last if key[1] else torch.contiguous_format
+                laid_out[key] = padded(batch.images[key[0]], backbones.batch_size).contiguous(memory_format=layout)
+            return laid_out[key]
+
+        host = {name: runner(images_for(name))[:rows].float().to("cpu", non_blocking=True)
+                for name, runner in backbones.nets.items()}
         done = None
         if next(iter(batch.images.values())).is_cuda:
             done = torch.cuda.Event()
@@ -331,7 +359,9 @@ def extract(manifest: Manifest, store_path: Path, cfg: RunConfig,
     if Path(store_path).is_file():
         raise StoreError(f"{store_path} is a file, not a feature store (a store is a folder)")
     with StoreLock(store_path) as lock:
-        backbones = backbones or load_backbones(cfg, "cuda" if device == "gpu" else "cpu")
+        backbones = backbones or load_backbones(
+            cfg, "cuda" if device == "gpu" else "cpu", lambda norms: calibration_cells(manifest, cfg, norms),
+            _engines_of(Path(store_path)) if Path(store_path).is_dir() else None)
         summary = _extract_locked(manifest, store_path, cfg, backbones, device, progress, on_total)
     summary.interrupted_writer = lock.interrupted
     return summary
@@ -340,7 +370,7 @@ def extract(manifest: Manifest, store_path: Path, cfg: RunConfig,
 def _extract_locked(manifest: Manifest, store_path: Path, cfg: RunConfig, backbones: Backbones, device: str,
                     progress: Callable[[int], None] | None, on_total: Callable[[int], None] | None) -> ExtractSummary:
     identity = store_identity(cfg, backbones)
-    store, appended = open_or_extend(store_path, manifest, cfg, identity, device, backbones.seen)
+    store, appended = open_or_extend(store_path, manifest, cfg, identity, device, backbones.seen, backbones.checks)
     rows = store.rows()
     status = rows["status"].to_numpy()
     real_per_chunk = (status != STATUS_PADDING).reshape(-1, store.chunk_rows).sum(axis=1)
@@ -356,12 +386,11 @@ def _extract_locked(manifest: Manifest, store_path: Path, cfg: RunConfig, backbo
     index = {cid: i for i, cid in enumerate(manifest.table["cell_id"])}
     dims = {n: b["dim"] for n, b in identity["backbones"].items()}
     augment_of_chunk = rows["augment"].to_numpy()[::store.chunk_rows]
-    autocast = autocast_for(cfg, device)
     log.info(f"extracting on the {device.upper()} ({usable_cores()} cores)" if device == "cpu" else
              f"extracting on the {device.upper()}")
-    log.info("backbones " + ", ".join(f"{n} ({b['dim']} features, weights {b['weights']})"
-                                      for n, b in identity["backbones"].items())
-             + f"; precision {precision_of(cfg, device)}, stored as {cfg.features.store_dtype}; "
+    log.info("backbones " + ", ".join(f"{n} ({b['dim']} features, weights {b['weights']}, {b['engine']} "
+                                      f"{b['precision']})" for n, b in identity["backbones"].items())
+             + f"; stored as {cfg.features.store_dtype}; "
              f"{len(pending):,} of {store.n_chunks:,} chunks to compute ({store.chunk_rows:,} rows each)")
     start = time.perf_counter()
     with ChunkWriter(store, workers=cfg.features.writers) as writer:
@@ -402,10 +431,10 @@ def _extract_locked(manifest: Manifest, store_path: Path, cfg: RunConfig, backbo
                     deliver(flight.positions, feats)
 
             previous = None
-            with torch.inference_mode(), autocast:
+            with torch.inference_mode():
                 for batch in _timed_batches(loader, summary.seconds_in):
                     with span(summary.seconds_in, "launch"):
-                        current = _InFlight.launch(batch, backbones, cfg.features.channels_last)
+                        current = _InFlight.launch(batch, backbones)
                     if previous is not None:
                         land(previous)  # while the device computes ``current``
                     previous = current

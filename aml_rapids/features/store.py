@@ -71,15 +71,14 @@ def feature_identity(identity: dict, backbones: list[str] | None = None) -> dict
             "segmentation": identity["preprocess"]["segmentation"]}
 
 
-def identity_differences(have: dict, want: dict) -> list[str]:
-    """The keys (``section.key``, one level down) in which two identities differ."""
+def identity_differences(have: dict, want: dict, prefix: str = "") -> list[str]:
+    """The keys (``section.key.key``, down to the values that differ) in which two identities differ."""
     out = []
     for key in sorted(set(have) | set(want)):
         a, b = have.get(key), want.get(key)
         if a != b:
             nested = isinstance(a, dict) and isinstance(b, dict)
-            inner = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k)) if nested else []
-            out += [f"{key}.{k}" for k in inner] or [key]
+            out += identity_differences(a, b, f"{prefix}{key}.") if nested else [f"{prefix}{key}"]
     return out
 
 

@@ -29,6 +29,9 @@ class Normalization:
     std: tuple[float, float, float] = IMAGENET[1]
 
 
+PIXELS = Normalization((0.0, 0.0, 0.0), (1.0, 1.0, 1.0))  # RGB in [0, 1]: each network normalises its own copy
+
+
 @dataclass(frozen=True)
 class GraphSpec:
     """Everything the graph depends on besides the file list."""

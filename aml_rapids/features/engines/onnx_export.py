@@ -1,0 +1,35 @@
+"""A backbone as an ONNX graph with a batch axis of any size: what ONNX Runtime runs and ``aml-rapids export``
+hands to edge devices. torch's TorchScript exporter: it needs no extra package and converts every registry
+network (the dynamo exporter would add onnxscript)."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .cache import artefact
+from .target import Target
+
+OPSET = 18
+INPUT, OUTPUT = "images", "features"
+
+
+def export_onnx(net: nn.Module, path: Path, image_size: int, input_name: str = INPUT) -> Path:
+    net = copy.deepcopy(net).cpu().eval()  # the caller's network stays where it is
+    example = torch.zeros(1, 3, image_size, image_size)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the exporter's notices (its successor, constant folding) help no user
+        torch.onnx.export(net, (example,), str(path), input_names=[input_name], output_names=[OUTPUT],
+                          dynamic_axes={input_name: {0: "batch"}, OUTPUT: {0: "batch"}}, opset_version=OPSET,
+                          dynamo=False)
+    return Path(path)
+
+
+def onnx_of(target: Target) -> Path:
+    """The backbone's ONNX graph in the engine cache: one export serves ONNX Runtime and OpenVINO."""
+    fields = target.cache_fields("onnx", "fp32", {"torch": torch.__version__, "opset": OPSET})
+    return artefact(fields, lambda work: export_onnx(target.net, work / "model.onnx", target.image_size)) / "model.onnx"

@@ -1,0 +1,73 @@
+"""What an engine is asked to run: one backbone's network, where, on which cells it is checked, and how."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+
+from ...config import RunConfig
+from ...data.manifest import Manifest
+from ...loader.loader import CellLoader
+from ...loader.pipeline import Normalization
+
+
+@dataclass
+class Calibration:
+    """Cells every engine is checked on (and int8 calibrated on), as each normalisation key's network reads
+    them: (N, 3, S, S) float32 on the networks' device."""
+
+    images: dict[str, torch.Tensor]
+    digest: str  # sha256 over the cells' content hashes: an int8 model is made of these cells
+
+
+def calibration_cells(manifest: Manifest, cfg: RunConfig, normalizations: dict[str, Normalization]) -> Calibration:
+    """A seeded sample of ``features.calibration_cells`` training cells (all cells where there is no split),
+    preprocessed as extraction does, without augmentation."""
+    table = manifest.table
+    if "split" in table and (table["split"] == "train").any():
+        table = table[table["split"] == "train"]
+    chosen = table.sample(n=min(cfg.features.calibration_cells, len(table)), random_state=cfg.features.seed)
+    return calibration_of(chosen.sort_index(), manifest, cfg, normalizations)
+
+
+def calibration_of(table: pd.DataFrame, manifest: Manifest, cfg: RunConfig,
+                   normalizations: dict[str, Normalization]) -> Calibration:
+    batches = list(CellLoader(table, manifest.root, cfg, augment=False, normalizations=normalizations))
+    if not batches:
+        raise ValueError(f"none of the {len(table)} calibration cells could be read")
+    used = table.iloc[np.concatenate([b.positions for b in batches])]
+    digest = hashlib.sha256("".join(sorted(used["sha256"])).encode()).hexdigest()
+    return Calibration({key: torch.cat([b.images[key].float() for b in batches]) for key in normalizations}, digest)
+
+
+@dataclass
+class Target:
+    """One backbone for an engine to run: its registry network (fp32, eval mode, on ``device``), what makes its
+    converted form unique, and the calibration cells as it reads them."""
+
+    backbone: str
+    net: nn.Module
+    weights_sha256: str | None
+    image_size: int
+    device: str  # "cpu" or "cuda"
+    batch_size: int
+    calibration: torch.Tensor | None = None
+    calibration_digest: str | None = None
+    channels_last: bool = True
+    compile: bool = False
+    compile_mode: str = "default"
+
+    def cache_fields(self, engine: str, precision: str, versions: dict) -> dict:
+        fields = {"backbone": self.backbone, "weights_sha256": self.weights_sha256, "engine": engine,
+                  "precision": precision, "image_size": self.image_size, "device": self.device, "versions": versions}
+        if precision == "int8":
+            fields["calibration"] = self.calibration_digest
+        return fields
+
+    def example(self, rows: int = 1) -> torch.Tensor:
+        return torch.zeros(rows, 3, self.image_size, self.image_size, device=self.device)
