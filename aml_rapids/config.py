@@ -137,6 +137,9 @@ class FeaturesConfig(_Section):
                                                      "fastest of fp32/bf16/fp16 measured here that passes the guard")
     calibration_cells: int = Field(64, ge=1, le=4096, description="training cells every engine is checked on "
                                                                   "against PyTorch fp32 (and int8 calibrated on)")
+    min_cosine: dict[Literal["fp32", "bf16", "fp16", "int8", "fp8"], Annotated[float, Field(gt=0, le=1)]] = Field(
+        default_factory=dict, description="the parity guard's threshold per precision where not the documented "
+                                          "one (e.g. {bf16: 0.998}): every calibration cell's cosine to PyTorch fp32")
     store_dtype: Literal["float16", "float32"] = Field(
         "float16", description="float16 halves the store; float32 for features outside float16's range")
     channels_last: bool = True

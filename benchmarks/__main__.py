@@ -42,6 +42,8 @@ def _parser() -> argparse.ArgumentParser:
                         help="extract: engine variants besides the torch modes, comma-separated ENGINE:PRECISION "
                              "(e.g. openvino:bf16,openvino:int8,auto:auto), all (every one this device could run, "
                              "and auto), or none")
+    parser.add_argument("--weights", default="", help="extract: weights files for some backbones, comma-separated "
+                                                      "NAME=FILE (the others run with random weights)")
     parser.add_argument("--no-warmup", action="store_true", help="time start-up too (for slow CPU runs)")
     parser.add_argument("--rows", type=int, default=56850, help="classify: training rows (default: 70%% of 81,214)")
     parser.add_argument("--baseline-rows", type=int, help="classify: rows for scikit-learn (default: --rows)")
@@ -88,8 +90,10 @@ def run_stage(stage: str, args, cells: tuple[Manifest, Manifest] | None) -> None
             params["backbones"] = args.backbones.split(",")
             params["modes"] = args.extract_modes.split(",")
             params["engines"] = _engines(args.engines, device)
+            params["weights"] = dict(item.split("=", 1) for item in args.weights.split(",") if item)
             rows = extract_bench.run(manifest, naive, device, args.repeats, args.batch_size, params["backbones"],
-                                     not args.no_warmup, tuple(params["modes"]), tuple(params["engines"]))
+                                     not args.no_warmup, tuple(params["modes"]), tuple(params["engines"]),
+                                     params["weights"])
     append_results(stage, rows, params, args.results)
     for row in rows:
         ratio = f"x{row['x_naive']:.2f} naive" if row.get("x_naive") is not None else "(no baseline at this size)"

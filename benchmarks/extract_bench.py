@@ -26,7 +26,8 @@ from torch.utils.data import DataLoader
 
 from aml_rapids.config import RunConfig, load_config
 from aml_rapids.data.manifest import Manifest
-from aml_rapids.features.engines import EngineUnavailable, calibration_cells
+from aml_rapids.errors import EngineError
+from aml_rapids.features.engines import calibration_cells
 from aml_rapids.features.engines.select import REFERENCE, candidates
 from aml_rapids.features.extract import Backbones, ExtractSummary, extract, load_backbones
 from aml_rapids.features.weights import load_backbone
@@ -82,12 +83,13 @@ def all_engines(device: str) -> list[str]:
 
 def run(manifest: Manifest, naive_manifest: Manifest, device: str, repeats: int, batch_size: int,
         backbones: list[str], warmup: bool, modes: tuple[str, ...] = ("eager", "default"),
-        engines: tuple[str, ...] = ()) -> list[dict]:
+        engines: tuple[str, ...] = (), weights: dict[str, str] | None = None) -> list[dict]:
     """The naive pipeline and aml-rapids in each of ``modes`` (PyTorch eager, or a torch.compile mode, whose
     compile is part of the warm-up) and on each of ``engines`` (``ENGINE:PRECISION``, their conversion and
     parity check before the timing), in turns; each against the floor of all its backbones (their FLOPs over
     the matrix-multiply rate of the precision each ran in, from the backbone rows of the same run). An engine
-    this machine cannot run is reported and left out."""
+    this machine cannot run, or whose features the parity guard refuses, is reported and left out. ``weights``:
+    files for some backbones (the others, and the naive pipeline's, are random)."""
     where = "cuda" if device == "gpu" else "cpu"
     size = load_config().loader.image_size
     nets = {name: load_backbone(name, "none")[0].to(where).eval() for name in backbones}
@@ -95,18 +97,19 @@ def run(manifest: Manifest, naive_manifest: Manifest, device: str, repeats: int,
     variants = {naive: Variant(lambda: naive_extract(naive_manifest, nets, size),
                                lambda: naive_extract(head(naive_manifest, WARMUP_CELLS), nets, size))}
     configs = {variant_name(device, mode): bench_config(backbones, device, batch_size, mode != "eager",
-                                                         mode if mode != "eager" else "default") for mode in modes}
+                                                         mode if mode != "eager" else "default", weights=weights)
+               for mode in modes}
     for spec in engines:
         engine, precision = spec.split(":")
         configs[variant_name(device, "eager", spec.replace(":", " ") if engine != "auto" else "engine auto")] = (
-            bench_config(backbones, device, batch_size, engine=engine, precision=precision))
+            bench_config(backbones, device, batch_size, engine=engine, precision=precision, weights=weights))
     extractions, prepared, prepare_seconds = {}, {}, {}
     for name, cfg in configs.items():
         start = time.perf_counter()
         try:
             loaded = load_backbones(cfg, where, lambda norms, c=cfg: calibration_cells(manifest, c, norms))
-        except EngineUnavailable as exc:
-            print(f"extract  {name}: not run here ({exc})")
+        except EngineError as exc:  # not installed or not on this device, or refused by the parity guard
+            print(f"extract  {name}: not run here ({exc})", flush=True)
             continue
         prepare_seconds[name] = time.perf_counter() - start
         if "torch.compile" not in name:

@@ -29,10 +29,12 @@ from .harness import Variant, throughputs
 
 
 def bench_config(backbones: list[str], device: str, batch_size: int, compiled: bool = False,
-                 compile_mode: str = "default", engine: str = "torch", precision: str | None = None) -> RunConfig:
-    """The config every extraction benchmark uses: random weights (nothing to download), float32 store; torch
-    in fp32 on a CPU and bf16 on a GPU unless another engine or precision is named."""
-    spec = ", ".join(f"{{name: {b}, weights: none}}" for b in backbones)
+                 compile_mode: str = "default", engine: str = "torch", precision: str | None = None,
+                 weights: dict[str, str] | None = None) -> RunConfig:
+    """The config every extraction benchmark uses: random weights (nothing to download; speed does not depend on
+    them) unless ``weights`` names a file for a backbone (int8's calibration and its parity check do depend on
+    them), float32 store; torch in fp32 on a CPU and bf16 on a GPU unless another engine or precision is named."""
+    spec = ", ".join(f"{{name: {b}, weights: '{(weights or {}).get(b, 'none')}'}}" for b in backbones)
     precision = precision or ("bf16" if device == "gpu" else "fp32")
     return load_config(None, [f"features.backbones=[{spec}]", f"loader.device={device}",
                               f"loader.batch_size={batch_size}", "features.chunk_batches=4",
@@ -82,8 +84,8 @@ def backbone_rows(backbones: list[str], device: str, batch_size: int, repeats: i
         for variant, loaded in prepared.items():
             info, timing = loaded.info[name], timings[variant]
             rate = rates.get(info["precision"])
-            rows.append({"variant": f"{name} forward, aml-rapids {info['engine']} {info['precision']} (batch "
-                                    f"{batch_size})", **timing, "backbone": name, "precision": info["precision"],
+            how = f"{'engine auto: ' if variant.endswith('engine auto') else ''}{info['engine']} {info['precision']}"
+            rows.append({"variant": f"{name} forward, aml-rapids {how} (batch {batch_size})", **timing, "backbone": name, "precision": info["precision"],
                          "engine_check": loaded.checks.get(name), "matmul": rate,
                          "floor_images_per_s": rate and rate["flops_per_s"] / flops,
                          "x_naive": timing["items_per_s"] / base["items_per_s"]})

@@ -8,7 +8,8 @@
 # benchmarks/results/results.jsonl and shown as docs/benchmarks.md's table; with OUT set, results (OUT/results.jsonl: add
 # them to benchmarks/results/results.jsonl) and logs are written there as they appear. Last, outside the budget,
 # a profiled compiled extraction of TRACE_COUNT cells per torch.compile mode in TRACE_MODES (empty skips them)
-# writes OUT/trace-<mode>/ (benchmarks/trace_extract.py). A device call runs at most 10 minutes: run the tests and
+# writes OUT/trace-<mode>/ (benchmarks/trace_extract.py). ENGINES: the extraction's engine variants (default
+# TensorRT fp16 and bf16, which need torch-tensorrt brought along, and auto; docs/engines.md). A device call runs at most 10 minutes: run the tests and
 # the suite with TRACE_MODES= first, then the traces with TEST_S=0 STAGES= (the cells stay in /tmp meanwhile).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -59,7 +60,7 @@ if [ -n "$stages" ]; then
   timeout "${SUITE_S:-600}" python3 -m benchmarks suite --device gpu --count "$count" --cache "$cache" \
     --naive-count "${NAIVE_COUNT:-4096}" --repeats "${REPEATS:-1}" --rows "${ROWS:-56850}" \
     --baseline-rows "${BASELINE_ROWS:-4096}" --folds "${FOLDS:-5}" --stages "$stages" \
-    --results "$results" "$@" 2>&1 | tee "$logs/suite.log"
+    --engines "${ENGINES:-tensorrt:fp16,tensorrt:bf16,auto:auto}" --results "$results" "$@" 2>&1 | tee "$logs/suite.log"
   took=$((SECONDS - suite_start))
   echo "benchmark suite ($stages): ${took}s ($([ "$took" -le "${BUDGET_S:-300}" ] && echo within || echo OVER) its ${BUDGET_S:-300}s budget); all: ${SECONDS}s"
   python3 -m benchmarks.report --results "$results" | tee "$logs/table.md"

@@ -30,9 +30,11 @@ def _machine(row: dict) -> str:
 
 
 def _run_kind(row: dict) -> tuple:
-    """Runs of one kind replace each other in the table: same machine, stage and extraction variants asked for
-    (``--extract-modes``; runs from before it timed eager and compiled)."""
-    return _machine(row), row["stage"], tuple(row["params"].get("modes", ("eager", "default")))
+    """Runs of one kind replace each other in the table: same machine, stage, extraction variants asked for
+    (``--extract-modes``, runs from before it timed eager and compiled; ``--engines``) and weights given."""
+    params = row["params"]
+    return (_machine(row), row["stage"], tuple(params.get("modes", ("eager", "default"))),
+            tuple(params.get("engines", ())), tuple(sorted((params.get("weights") or {}).items())))
 
 
 def _measurement(row: dict) -> tuple:

@@ -72,6 +72,9 @@ def test_an_engine_gives_the_pytorch_features_and_the_store_records_it(manifest,
     check = other.meta["manifests"][0]["engines"]["tiny"]  # what the parity guard measured on this machine
     assert check["engine"] == f"{engine} {precision}" and check["min_cosine"] >= check["threshold"]
     assert check["cells"] == 24
+    relaxed = load_backbones(cfg(f"features.engine={engine}", f"features.precision={precision}",
+                                 f"features.min_cosine={{{precision}: 0.5}}"), "cpu", calibrate(manifest, asked))
+    assert relaxed.checks["tiny"]["threshold"] == 0.5  # a threshold set in the config is the one applied
 
 
 def test_the_parity_guard_refuses_a_broken_engine_and_auto_passes_it_over(manifest, monkeypatch, own_cache):

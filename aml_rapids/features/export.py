@@ -134,7 +134,7 @@ def export_backbone(backbone: str, weights: str, out: Path, cfg: RunConfig, form
             _quantized_onnx(onnx, pixels)
         advice = "Nothing was written; export fp32, or calibrate on more or other cells (--cells)"
         parity = {fmt: check(backbone, Choice(fmt, precision), reference, _features(fmt, work / "files", pixels),
-                             advice) for fmt in formats}
+                             advice, cfg.features.min_cosine.get(precision)) for fmt in formats}
         files = {p.name: file_sha256(p) for p in sorted((work / "files").iterdir())}
         record = {
             "backbone": backbone, "dim": spec.dim, "layer": spec.layer, "precision": precision,

@@ -9,6 +9,7 @@ import contextlib
 import functools
 import logging
 import sys
+from importlib import metadata
 from pathlib import Path
 
 import torch
@@ -24,6 +25,13 @@ CAPABILITY = {"bf16": "BF16", "fp16": "FP16", "int8": "INT8"}  # what the CPU pl
 HINT = {"fp32": "f32", "bf16": "bf16", "fp16": "f16"}  # int8: the quantised graph decides; the rest as OpenVINO picks
 
 
+def _version(package: str) -> str:
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        raise EngineUnavailable(f"int8 on openvino needs {package}; install {EXTRA['openvino']}") from None
+
+
 @functools.lru_cache(maxsize=1)
 def _core():
     try:
@@ -36,6 +44,7 @@ def _core():
 def quantize(model, cells: torch.Tensor, input_name: str = INPUT):
     """int8 by NNCF's post-training quantisation, calibrated on ``cells`` as the model reads them: an OpenVINO
     model or an ONNX graph (NNCF takes either). Its progress goes to stderr."""
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)  # NNCF's import: "no CUDA runtime"
     try:
         import nncf
     except ImportError:
@@ -78,8 +87,7 @@ def build(target: Target, precision: str) -> Runner:
 
     versions = {"torch": torch.__version__, "opset": OPSET, "openvino": openvino.__version__}
     if precision == "int8":
-        import nncf
-        versions["nncf"] = nncf.__version__
+        versions["nncf"] = _version("nncf")
     stored = "int8" if precision == "int8" else "float"  # fp32, bf16 and fp16 compile one IR with another hint
     folder = artefact(target.cache_fields("openvino", stored, versions), lambda work: _convert(target, precision, work))
     settings = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": usable_cores()}

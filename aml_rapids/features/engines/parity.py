@@ -24,11 +24,13 @@ def cosine_rows(reference: torch.Tensor, candidate: torch.Tensor) -> torch.Tenso
     return torch.nan_to_num(cosine, nan=-1.0)  # a NaN feature agrees with nothing
 
 
-def check(backbone: str, choice: Choice, reference: torch.Tensor, candidate: torch.Tensor, advice: str = "") -> dict:
+def check(backbone: str, choice: Choice, reference: torch.Tensor, candidate: torch.Tensor, advice: str = "",
+          threshold: float | None = None) -> dict:
     """The agreement of ``candidate`` with ``reference`` (PyTorch fp32 on the same images); ParityError, with
-    the measured similarity and ``advice``, when its worst row is below the precision's threshold."""
+    the measured similarity and ``advice``, when its worst row is below ``threshold`` (default: the
+    precision's)."""
     cosine = cosine_rows(reference, candidate)
-    threshold = MIN_COSINE[choice.precision]
+    threshold = MIN_COSINE[choice.precision] if threshold is None else threshold
     measured = {"min_cosine": float(cosine.min()), "median_cosine": float(cosine.median()),
                 "cells": len(cosine), "threshold": threshold}
     if measured["min_cosine"] < threshold:

@@ -28,6 +28,7 @@ BUILDERS = {"torch": torch_engine, "openvino": openvino_engine, "onnxruntime": o
 AUTO_PRECISIONS = ("fp32", "bf16", "fp16")
 RANK = {"fp32": 3, "bf16": 2, "fp16": 2, "fp8": 1, "int8": 1}  # how closely each keeps fp32's features
 KEEP_HIGHER = 1.1
+TIMED_CELLS = 16  # auto times each candidate on this many of the calibration cells (each is checked on all)
 REFERENCE = Choice("torch", "fp32")
 
 
@@ -59,7 +60,11 @@ def prepare(target: Target, engine: str, precision: str) -> Runner:
         raise ValueError("engines other than torch fp32 need calibration cells")
     reference = _reference(target)
     if len(asked) == 1:
-        return _checked(target, asked[0], reference)
+        try:
+            return _checked(target, asked[0], reference)
+        except ParityError as exc:
+            raise ParityError(f"{exc}. Choose another engine or precision (features.engine / features.precision), "
+                              "or auto; or, knowing what it costs, a lower threshold (features.min_cosine)") from None
     return _auto(target, asked, reference)
 
 
@@ -83,8 +88,8 @@ def _checked(target: Target, choice: Choice, reference: torch.Tensor) -> Runner:
         raise
     except Exception as exc:  # conversion fails in engine-specific ways; the user needs the engine's words
         raise EngineUnavailable(f"{choice} cannot run {target.backbone}: {type(exc).__name__}: {exc}") from exc
-    runner.measured = check(target.backbone, choice, reference, features, "Choose another engine or precision "
-                            "(features.engine / features.precision), or auto")
+    runner.measured = check(target.backbone, choice, reference, features,
+                            threshold=target.min_cosine.get(choice.precision))
     return runner
 
 
@@ -140,7 +145,7 @@ def _auto(target: Target, asked: list[Choice], reference: torch.Tensor) -> Runne
         except (EngineUnavailable, ParityError) as exc:
             measured[str(choice)] = f"not used: {exc}"
             continue
-        runner.measured["images_per_s"] = _images_per_s(runner, target.calibration)
+        runner.measured["images_per_s"] = _images_per_s(runner, target.calibration[:TIMED_CELLS])
         measured[str(choice)] = round(runner.measured["images_per_s"], 2)
         runners.append(runner)
     if not runners:

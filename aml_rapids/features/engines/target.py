@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
@@ -61,6 +61,7 @@ class Target:
     channels_last: bool = True
     compile: bool = False
     compile_mode: str = "default"
+    min_cosine: dict[str, float] = field(default_factory=dict)  # the parity guard's thresholds, where not its own
 
     def cache_fields(self, engine: str, precision: str, versions: dict) -> dict:
         fields = {"backbone": self.backbone, "weights_sha256": self.weights_sha256, "engine": engine,
