@@ -136,7 +136,9 @@ class FeaturesConfig(_Section):
     precision: Precision = Field("auto", description="fp32, bf16, fp16, int8 (openvino, calibrated), or auto: the "
                                                      "fastest of fp32/bf16/fp16 measured here that passes the guard")
     calibration_cells: int = Field(64, ge=1, le=4096, description="training cells every engine is checked on "
-                                                                  "against PyTorch fp32 (and int8 calibrated on)")
+                                                                  "against PyTorch fp32")
+    int8_calibration_cells: int = Field(300, ge=1, le=4096, description="training cells NNCF calibrates an int8 "
+                                                                        "network on (converted once, then cached)")
     min_cosine: dict[Literal["fp32", "bf16", "fp16", "int8", "fp8"], Annotated[float, Field(gt=0, le=1)]] = Field(
         default_factory=dict, description="the parity guard's threshold per precision where not the documented "
                                           "one (e.g. {bf16: 0.998}): every calibration cell's cosine to PyTorch fp32")

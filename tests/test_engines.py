@@ -167,14 +167,17 @@ def test_a_store_from_before_engines_extends_as_pytorch(manifest, tmp_path):
     assert extract(manifest, store, cfg()).rows_written == 0  # accepted, nothing to compute
 
 
-def test_int8_on_openvino_is_calibrated_and_keyed_by_its_cells(manifest, tmp_path):
-    asked = cfg("features.engine=openvino", "features.precision=int8", "features.calibration_cells=16")
+def test_int8_on_openvino_is_calibrated_on_its_own_cells_and_keyed_by_them(manifest, tmp_path):
+    asked = cfg("features.engine=openvino", "features.precision=int8", "features.calibration_cells=16",
+                "features.int8_calibration_cells=40")
     try:
         loaded = load_backbones(asked, "cpu", calibrate(manifest, asked))
     except ParityError as exc:  # a random 2-layer network may not quantise within 0.98; then say by how much
         pytest.fail(f"tiny did not quantise: {exc}")
-    assert loaded.info["tiny"]["precision"] == "int8" and len(loaded.info["tiny"]["calibration"]) == 64
-    assert loaded.checks["tiny"]["threshold"] == 0.98
+    norms = {"tiny": loaded.normalizations["tiny"]}
+    assert loaded.info["tiny"]["precision"] == "int8"
+    assert loaded.info["tiny"]["calibration"] == calibration_cells(manifest, asked, norms, 40).digest  # NNCF's cells
+    assert loaded.checks["tiny"]["cells"] == 16 and loaded.checks["tiny"]["threshold"] == 0.98  # the guard's
 
 
 def test_export_writes_checked_onnx_and_openvino_files(tmp_path, manifest):

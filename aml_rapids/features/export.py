@@ -57,8 +57,9 @@ class Exported:
 
 
 def _check_cells(cells: Path | None, cfg: RunConfig, precision: str, work: Path) -> tuple[torch.Tensor, str]:
-    """RGB [0, 1] cells, segmented and resized: ``features.calibration_cells`` of the given source's training
-    cells, or without a source (fp32 only) synthetic demo cells."""
+    """RGB [0, 1] cells, segmented and resized: ``features.calibration_cells`` (int8:
+    ``features.int8_calibration_cells``) of the given source's training cells, or without a source (fp32 only)
+    synthetic demo cells."""
     cpu = cfg.model_copy(update={"loader": cfg.loader.model_copy(update={"device": "cpu"})})
     if cells is None:
         if precision == "int8":
@@ -68,7 +69,8 @@ def _check_cells(cells: Path | None, cfg: RunConfig, precision: str, work: Path)
         cells, what = work / "synthetic", "synthetic demo cells (no --cells given)"
     else:
         what = str(cells)
-    calibration = calibration_cells(read_source(cells, cfg.index), cpu, {INPUT: PIXELS})
+    count = cfg.features.int8_calibration_cells if precision == "int8" else cfg.features.calibration_cells
+    calibration = calibration_cells(read_source(cells, cfg.index), cpu, {INPUT: PIXELS}, count)
     pixels = calibration.images[INPUT]
     return pixels, f"{len(pixels)} cells of {what} (sha256 digest {calibration.digest[:16]})"
 

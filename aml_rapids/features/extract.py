@@ -127,9 +127,10 @@ def load_backbones(cfg: RunConfig, device: str, calibrate: Calibrate | None = No
         calibration = calibrate(norms)
     nets, checks = {}, {}
     for name, (net, weights) in loaded.items():
+        cells = calibration and calibration.images[norm_of[name]]
         target = Target(name, net, weights.sha256 or f"none (seed {cfg.features.seed})", cfg.loader.image_size,
-                        device, cfg.loader.batch_size, calibration and calibration.images[norm_of[name]],
-                        calibration and calibration.digest, cfg.features.channels_last, cfg.features.compile,
+                        device, cfg.loader.batch_size, cells if cells is None else cells[:cfg.features.calibration_cells],
+                        calibration and calibration.digest, cells, cfg.features.channels_last, cfg.features.compile,
                         cfg.features.compile_mode, dict(cfg.features.min_cosine))
         nets[name] = runner = prepare(target, wanted[name].engine, wanted[name].precision)
         info[name].update(engine=runner.choice.engine, precision=runner.choice.precision)

@@ -69,7 +69,7 @@ def to_ir(onnx: Path, folder: Path, calibration: torch.Tensor | None = None, inp
 
 
 def _convert(target: Target, precision: str, folder: Path) -> None:
-    to_ir(onnx_of(target), folder, target.calibration if precision == "int8" else None)
+    to_ir(onnx_of(target), folder, target.quantize_cells if precision == "int8" else None)
 
 
 def build(target: Target, precision: str) -> Runner:
@@ -81,7 +81,7 @@ def build(target: Target, precision: str) -> Runner:
     capabilities = core.get_property("CPU", "OPTIMIZATION_CAPABILITIES")
     if precision in CAPABILITY and CAPABILITY[precision] not in capabilities:
         raise EngineUnavailable(f"this CPU offers OpenVINO no {precision} ({', '.join(capabilities)})")
-    if precision == "int8" and target.calibration is None:
+    if precision == "int8" and target.quantize_cells is None:
         raise EngineUnavailable("int8 needs calibration cells")
     import openvino
 

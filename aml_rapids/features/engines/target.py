@@ -18,20 +18,28 @@ from ...loader.pipeline import Normalization
 
 @dataclass
 class Calibration:
-    """Cells every engine is checked on (and int8 calibrated on), as each normalisation key's network reads
-    them: (N, 3, S, S) float32 on the networks' device."""
+    """Cells every engine is checked on (the first ``features.calibration_cells``) and int8 calibrated on (all),
+    as each normalisation key's network reads them: (N, 3, S, S) float32 on the networks' device."""
 
     images: dict[str, torch.Tensor]
     digest: str  # sha256 over the cells' content hashes: an int8 model is made of these cells
 
 
-def calibration_cells(manifest: Manifest, cfg: RunConfig, normalizations: dict[str, Normalization]) -> Calibration:
-    """A seeded sample of ``features.calibration_cells`` training cells (all cells where there is no split),
-    preprocessed as extraction does, without augmentation."""
+def asks_int8(cfg: RunConfig) -> bool:
+    return "int8" in {cfg.features.precision, *(b.precision for b in cfg.features.backbones)}
+
+
+def calibration_cells(manifest: Manifest, cfg: RunConfig, normalizations: dict[str, Normalization],
+                      count: int | None = None) -> Calibration:
+    """A seeded sample of ``count`` training cells (all cells where there is no split), preprocessed as
+    extraction does, without augmentation. ``count`` defaults to ``features.calibration_cells``, or where the
+    config asks for int8 to ``features.int8_calibration_cells`` if that is more."""
     table = manifest.table
     if "split" in table and (table["split"] == "train").any():
         table = table[table["split"] == "train"]
-    chosen = table.sample(n=min(cfg.features.calibration_cells, len(table)), random_state=cfg.features.seed)
+    if count is None:
+        count = max(cfg.features.calibration_cells, cfg.features.int8_calibration_cells if asks_int8(cfg) else 0)
+    chosen = table.sample(n=min(count, len(table)), random_state=cfg.features.seed)
     return calibration_of(chosen.sort_index(), manifest, cfg, normalizations)
 
 
@@ -56,8 +64,9 @@ class Target:
     image_size: int
     device: str  # "cpu" or "cuda"
     batch_size: int
-    calibration: torch.Tensor | None = None
-    calibration_digest: str | None = None
+    calibration: torch.Tensor | None = None  # the cells the parity guard checks on
+    calibration_digest: str | None = None  # of ``quantize_cells``: an int8 network is made of them
+    quantize_cells: torch.Tensor | None = None  # the cells int8 is calibrated on
     channels_last: bool = True
     compile: bool = False
     compile_mode: str = "default"
