@@ -37,10 +37,12 @@ def prepare_output_dir(path: Path, what: str = "output folder") -> Path:
 RECORDS = ("runs", "config.yaml")  # every command's run records: a folder's history, kept
 
 
-def prepare_fresh_dir(path: Path, what: str, outputs: Iterable[str], overwrite: bool) -> Path:
+def prepare_fresh_dir(path: Path, what: str, outputs: Iterable[str], overwrite: bool, delete: bool = True) -> Path:
     """A folder for one command's results: new or empty; or, with ``overwrite``, one holding this command's
-    earlier results (names matching the glob patterns ``outputs``, and run records), which are deleted. Anything
-    else in it is refused either way, so nothing of the user's is deleted and two runs never share a folder."""
+    earlier results (names matching the glob patterns ``outputs``, and run records), which are deleted (not yet
+    with ``delete`` false: a command that builds its results aside checks first, and replaces them once they
+    are good). Anything else in it is refused either way, so nothing of the user's is deleted and two runs never
+    share a folder."""
     prepare_output_dir(path, what)
     patterns = (*outputs, ".*.tmp")  # .tmp: what a killed atomic_write left
     names = sorted(p.name for p in path.iterdir())
@@ -53,6 +55,8 @@ def prepare_fresh_dir(path: Path, what: str, outputs: Iterable[str], overwrite: 
         raise OutputError(f"{what} {path} already holds an earlier run's results ({', '.join(ours[:5])}); use a "
                           "new folder, or pass --overwrite to replace them")
     real = [n for n in ours if not fnmatch(n, ".*.tmp")]
+    if not delete:
+        return path
     if real:
         warn(f"--overwrite: replacing the earlier results in {path}: {', '.join(real)}")
     for name in ours:

@@ -155,6 +155,17 @@ def test_a_store_is_keyed_by_its_engine_and_auto_extends_it_on_its_own(manifest,
     assert FeatureStore.open(store).meta["backbones"]["tiny"]["engine"] == "onnxruntime"
 
 
+def test_an_int8_store_extends_with_new_cells_on_the_network_it_was_made_with(manifest, tmp_path):
+    asked = cfg("features.engine=openvino", "features.precision=int8", "features.int8_calibration_cells=20")
+    first = type(manifest)(manifest.table.iloc[:40].reset_index(drop=True), manifest.root, manifest.meta)
+    store = tmp_path / "s.zarr"
+    extract(first, store, asked)
+    made_of = FeatureStore.open(store).meta["backbones"]["tiny"]["calibration"]
+    summary = extract(manifest, store, asked)  # 20 more cells: other calibration cells, the same int8 network
+    assert summary.rows_appended > 0 and summary.rows_failed == 0
+    assert FeatureStore.open(store).meta["backbones"]["tiny"]["calibration"] == made_of
+
+
 def test_a_store_from_before_engines_extends_as_pytorch(manifest, tmp_path):
     """Stores made before engines were a choice ran PyTorch in their configured precision (fp32 on a CPU)."""
     store = tmp_path / "s.zarr"
@@ -204,6 +215,13 @@ def test_export_writes_checked_onnx_and_openvino_files(tmp_path, manifest):
     wrong = CliRunner().invoke(app, ["export", "tiny", "--weights", "none", "-o", str(tmp_path / "e2"),
                                      "--format", "tflite"])
     assert wrong.exit_code == 2 and "unknown export format tflite" in wrong.output
+    before = (out / "model.onnx").read_bytes()
+    refused = CliRunner().invoke(app, ["export", "tiny", "--weights", "none", "-o", str(out), "--overwrite",
+                                       "--precision", "int8", "--cells", str(manifest.root), "--set",
+                                       "loader.image_size=32", "--set", "features.min_cosine={int8: 1.0}"])
+    assert refused.exit_code == 11 and "int8 needs 1.0" in refused.output
+    assert (out / "model.onnx").read_bytes() == before  # the earlier export stays until a new one has passed
+    assert not list(tmp_path.glob(".export*")) and not list(out.glob(".*"))  # no scratch left behind
     int8 = CliRunner().invoke(app, ["export", "tiny", "--weights", "none", "-o", str(tmp_path / "e3"),
                                     "--precision", "int8"])
     assert int8.exit_code == 2 and "int8 is calibrated on cells: give --cells" in int8.output

@@ -1,7 +1,8 @@
 """``aml-rapids export``: a backbone as ONNX and OpenVINO IR for edge devices (the published paper's future
 work), its input normalisation inside, fp32 or int8, with ``export.json`` naming its input and output, and a
 parity check against PyTorch fp32 on real (or, without any given, synthetic) cells: a file handed on is one
-whose features were seen to agree. The files appear in the folder only once every check has passed."""
+whose features were seen to agree. The files are built beside the folder and appear in it (replacing an earlier
+export's, with ``overwrite``) only once every check has passed."""
 
 from __future__ import annotations
 
@@ -120,8 +121,8 @@ def export_backbone(backbone: str, weights: str, out: Path, cfg: RunConfig, form
         cfg = cfg.model_copy(update={"loader": cfg.loader.model_copy(update={"image_size": size})})
     net, made = load_backbone(backbone, weights, cfg.features.seed)
     model = WithNormalization(net, spec.normalization).eval()
-    out = prepare_fresh_dir(Path(out), "export folder", OUTPUTS, overwrite)
-    with tempfile.TemporaryDirectory(prefix=".export-", dir=out) as scratch:
+    out = prepare_fresh_dir(Path(out), "export folder", OUTPUTS, overwrite, delete=False)  # checked, kept as it is
+    with tempfile.TemporaryDirectory(prefix=f".{out.name}.export-", dir=out.parent) as scratch:  # beside it
         work = Path(scratch)
         pixels, cells_used = _check_cells(cells, cfg, precision, work)
         with torch.inference_mode():
@@ -138,6 +139,7 @@ def export_backbone(backbone: str, weights: str, out: Path, cfg: RunConfig, form
         parity = {fmt: check(backbone, Choice(fmt, precision), reference, _features(fmt, work / "files", pixels),
                              advice, cfg.features.min_cosine.get(precision)) for fmt in formats}
         files = {p.name: file_sha256(p) for p in sorted((work / "files").iterdir())}
+        prepare_fresh_dir(out, "export folder", OUTPUTS, overwrite)  # every check passed: the earlier export goes
         record = {
             "backbone": backbone, "dim": spec.dim, "layer": spec.layer, "precision": precision,
             "weights": {"source": made.source, "sha256": made.sha256, "pretrained": made.pretrained},

@@ -95,11 +95,11 @@ Calibrate = Callable[[dict[str, Normalization]], Calibration]
 
 
 def load_backbones(cfg: RunConfig, device: str, calibrate: Calibrate | None = None,
-                   pinned: dict[str, Choice] | None = None) -> Backbones:
+                   pinned: dict[str, dict] | None = None) -> Backbones:
     """The configured networks, each on its engine, ready for inference on ``device`` ("cuda" or "cpu"). Load
     them once and pass them to every ``extract`` of a process (shards, cohorts, benchmark repeats) to build and
     compile them once. ``calibrate(normalizations)``: the calibration cells, needed by any engine but PyTorch
-    fp32; ``pinned``: engines to use whatever the config says (an existing store's)."""
+    fp32; ``pinned``: an existing store's backbones (``stored_backbones``), whose engines an extension runs."""
     if device == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed batch shapes: autotuned convolutions pay off at once
     loaded, norm_of, norms, info, seen = {}, {}, {}, {}, frozenset()
@@ -118,8 +118,10 @@ def load_backbones(cfg: RunConfig, device: str, calibrate: Calibrate | None = No
         if weights.finetuned is not None:
             info[item.name]["finetuned"] = weights.finetuned.provenance()
             seen |= weights.finetuned.seen
-    wanted = {item.name: _wanted(Choice(item.engine or cfg.features.engine, item.precision or cfg.features.precision),
-                                 (pinned or {}).get(item.name)) for item in cfg.features.backbones}
+    pinned = pinned or {}
+    wanted = {item.name: _wanted(item.name, Choice(item.engine or cfg.features.engine, item.precision or
+                                                   cfg.features.precision), pinned.get(item.name))
+              for item in cfg.features.backbones}
     calibration = None
     if any(needs_calibration(c.engine, c.precision) for c in wanted.values()):
         if calibrate is None:
@@ -128,25 +130,37 @@ def load_backbones(cfg: RunConfig, device: str, calibrate: Calibrate | None = No
     nets, checks = {}, {}
     for name, (net, weights) in loaded.items():
         cells = calibration and calibration.images[norm_of[name]]
+        digest = calibration and calibration.digest
+        made_of = pinned.get(name, {}).get("calibration")  # an int8 store's network: the one made of its cells
+        if wanted[name].precision == "int8" and made_of not in (None, digest):
+            digest, cells = made_of, None  # from the engine cache, or a clear refusal; never recalibrated
         target = Target(name, net, weights.sha256 or f"none (seed {cfg.features.seed})", cfg.loader.image_size,
-                        device, cfg.loader.batch_size, cells if cells is None else cells[:cfg.features.calibration_cells],
-                        calibration and calibration.digest, cells, cfg.features.channels_last, cfg.features.compile,
+                        device, cfg.loader.batch_size,
+                        calibration and calibration.images[norm_of[name]][:cfg.features.calibration_cells],
+                        digest, cells, cfg.features.channels_last, cfg.features.compile,
                         cfg.features.compile_mode, dict(cfg.features.min_cosine))
         nets[name] = runner = prepare(target, wanted[name].engine, wanted[name].precision)
         info[name].update(engine=runner.choice.engine, precision=runner.choice.precision)
         if runner.choice.precision == "int8":
-            info[name]["calibration"] = calibration.digest  # an int8 network is made of its calibration cells
+            info[name]["calibration"] = digest  # an int8 network is made of its calibration cells
         checks[name] = {"engine": str(runner.choice), **runner.measured}
     fixed = {r.batch_size for r in nets.values()} - {None}
     return Backbones(nets, norm_of, norms, info, fixed.pop() if fixed else None, seen, checks)
 
 
-def _wanted(asked: Choice, stored: Choice | None) -> Choice:
-    """The engine a backbone runs on: the store's where it has one and the config leaves the choice to ``auto``
-    (so an extension matches what the store holds); otherwise what the config asks."""
-    if stored is not None and asked.engine in ("auto", stored.engine) and asked.precision in ("auto", stored.precision):
-        return stored
-    return asked
+def _wanted(name: str, asked: Choice, stored: dict | None) -> Choice:
+    """The engine a backbone runs on: the store's where it has one (the config may leave either half to
+    ``auto``), so an extension matches what the store holds; a store of another engine is refused before any
+    engine is built."""
+    if stored is None:
+        return asked
+    made = Choice(stored["engine"], stored["precision"])
+    if asked.engine in ("auto", made.engine) and asked.precision in ("auto", made.precision):
+        return made
+    key = "engine" if asked.engine not in ("auto", made.engine) else "precision"
+    raise StoreMismatch(f"the store's {name} features were computed on {made}, and the config asks for "
+                        f"{asked.engine} {asked.precision} (differs in backbones.{name}.{key}); extract into a new "
+                        "store (-o), or leave features.engine and features.precision at auto to extend it")
 
 
 def store_identity(cfg: RunConfig, backbones: Backbones) -> dict:
@@ -167,14 +181,13 @@ def stored_backbones(meta: dict) -> dict[str, dict]:
     return {name: {**legacy, **info} for name, info in (meta.get("backbones") or {}).items()}
 
 
-def _engines_of(store_path: Path) -> dict[str, Choice]:
-    """The engines an existing store's features were computed on (none for a new store): an extension of it
-    runs them again, whatever ``auto`` would choose today."""
+def _engines_of(store_path: Path) -> dict[str, dict]:
+    """An existing store's backbones with their engines (none for a new store): an extension of it runs them
+    again, whatever ``auto`` would choose today."""
     try:
-        meta = FeatureStore.open(store_path).meta
+        return stored_backbones(FeatureStore.open(store_path).meta)
     except (StoreError, DataError, OSError):
         return {}
-    return {name: Choice(info["engine"], info["precision"]) for name, info in stored_backbones(meta).items()}
 
 
 def _check_identity(store: FeatureStore, identity: dict) -> None:

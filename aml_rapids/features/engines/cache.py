@@ -16,6 +16,7 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
+from ...errors import OutputError
 from ...logs import warn
 from ...outputs import atomic_write_text, file_sha256
 
@@ -36,16 +37,24 @@ def _intact(folder: Path) -> bool:
         return False
 
 
+def _writable(folder: Path) -> None:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputError(f"engine cache {folder} cannot be written ({exc.strerror or exc}); set AML_RAPIDS_CACHE "
+                          "to a writable folder") from None
+
+
 def artefact(fields: dict, build: Callable[[Path], None]) -> Path:
     """The cached folder for ``fields``, built by ``build(folder)`` (which writes the model files into it)
     when absent or damaged. Built beside its place and renamed in, so a crash leaves no half folder."""
     folder = cache_root() / key_of(fields)
+    _writable(folder.parent)
     if folder.exists():
         if _intact(folder):
             return folder
         warn(f"engine cache {folder} is incomplete or damaged (its files do not match artefact.json); rebuilding it")
         shutil.rmtree(folder, ignore_errors=True)
-    folder.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
     try:
         build(work)
@@ -71,5 +80,5 @@ def remembered(fields: dict) -> dict | None:
 
 def remember(fields: dict, choice: dict) -> None:
     path = cache_root() / "choices" / f"{key_of(fields)}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
+    _writable(path.parent)
     atomic_write_text(path, json.dumps({"question": fields, "choice": choice}, indent=1, default=str))

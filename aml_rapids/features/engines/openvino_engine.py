@@ -69,6 +69,11 @@ def to_ir(onnx: Path, folder: Path, calibration: torch.Tensor | None = None, inp
 
 
 def _convert(target: Target, precision: str, folder: Path) -> None:
+    if precision == "int8" and target.quantize_cells is None:
+        raise EngineUnavailable(
+            f"the int8 network of {target.backbone} this store was made with (calibrated on cells of digest "
+            f"{str(target.calibration_digest)[:16]}...) is not in the engine cache, and those cells are not at hand to "
+            "calibrate it again; extract into a new store, or copy the engine cache of the machine that made it")
     to_ir(onnx_of(target), folder, target.quantize_cells if precision == "int8" else None)
 
 
@@ -81,8 +86,6 @@ def build(target: Target, precision: str) -> Runner:
     capabilities = core.get_property("CPU", "OPTIMIZATION_CAPABILITIES")
     if precision in CAPABILITY and CAPABILITY[precision] not in capabilities:
         raise EngineUnavailable(f"this CPU offers OpenVINO no {precision} ({', '.join(capabilities)})")
-    if precision == "int8" and target.quantize_cells is None:
-        raise EngineUnavailable("int8 needs calibration cells")
     import openvino
 
     versions = {"torch": torch.__version__, "opset": OPSET, "openvino": openvino.__version__}

@@ -15,8 +15,9 @@ from pathlib import Path
 
 import torch
 
+from ...errors import AmlRapidsError
 from ...logs import log, warn
-from ...provenance import machine_info
+from ...provenance import machine_info, software_versions
 from . import onnxruntime_engine, openvino_engine, tensorrt_engine, torch_engine
 from .base import ENGINES, Choice, EngineUnavailable, ParityError, Runner, padded
 from .cache import remember, remembered
@@ -84,10 +85,13 @@ def _checked(target: Target, choice: Choice, reference: torch.Tensor) -> Runner:
     try:
         runner = BUILDERS[choice.engine].build(target, choice.precision)
         features = _forward(runner, target.calibration)
-    except (EngineUnavailable, ParityError):
+    except AmlRapidsError:
         raise
     except Exception as exc:  # conversion fails in engine-specific ways; the user needs the engine's words
-        raise EngineUnavailable(f"{choice} cannot run {target.backbone}: {type(exc).__name__}: {exc}") from exc
+        if "KeyboardInterrupt" in f"{exc!r}":  # OpenVINO's converter wraps a Ctrl-C in its own RuntimeError
+            raise KeyboardInterrupt from None
+        raise EngineUnavailable(f"{choice} cannot run {target.backbone}: {type(exc).__name__}: "
+                                f"{str(exc).splitlines()[0] if str(exc) else ''}") from exc
     runner.measured = check(target.backbone, choice, reference, features,
                             threshold=target.min_cosine.get(choice.precision))
     return runner
@@ -119,8 +123,10 @@ def _question(target: Target, asked: list[Choice]) -> dict:
         flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
     except (OSError, StopIteration):
         flags = ""
-    fields = target.cache_fields("auto", "auto", {"torch": torch.__version__})
-    return {**fields, "asked": [str(c) for c in asked],
+    versions = {k: v for k, v in software_versions().items()
+                if k in ("torch", "openvino", "onnxruntime", "onnxruntime-gpu", "nncf", "torch-tensorrt")}
+    fields = target.cache_fields("auto", "auto", versions)
+    return {**fields, "asked": [str(c) for c in asked], "compile": [target.compile, target.compile_mode],
             "cpu": machine["cpu"], "cpu_flags": hashlib.sha256(flags.encode()).hexdigest()[:16],
             "cores": machine["cores"], "gpus": [g["name"] for g in machine["gpus"]]}
 
