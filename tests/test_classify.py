@@ -118,7 +118,7 @@ def test_train_and_evaluate_commands_on_a_synthetic_store(tmp_path):
     runner.invoke(app, ["demo-data", "-o", str(demo), "--patients", "3", "--cells", "12"])
     runner.invoke(app, ["index", str(demo), "-o", str(run)])
     assert runner.invoke(app, ["split", str(run / "manifest.parquet")]).exit_code == 0
-    tiny = ["--set", "features.backbones=[{name: tiny, weights: none}]", "--set", "loader.batch_size=16",
+    tiny = ["--set", "features.backbones=[{name: tiny, weights: none, engine: torch, precision: fp32}]", "--set", "loader.batch_size=16",
             "--set", "features.chunk_batches=2", "--set", "loader.image_size=64", "--set", "loader.device=cpu",
             "--set", "features.store_dtype=float32"]
     assert runner.invoke(app, ["extract", str(run / "manifest.parquet"), *tiny]).exit_code == 0
@@ -175,7 +175,7 @@ def test_fold_training_rows_never_include_the_held_out_fold():
 def test_run_with_kfold_cross_validates_by_patient(tmp_path):
     demo, run = tmp_path / "demo", tmp_path / "run"
     runner.invoke(app, ["demo-data", "-o", str(demo), "--patients", "3", "--cells", "8"])
-    settings = ["split.method=kfold", "split.folds=3", "features.backbones=[{name: tiny, weights: none}]",
+    settings = ["split.method=kfold", "split.folds=3", "features.backbones=[{name: tiny, weights: none, engine: torch, precision: fp32}]",
                 "loader.batch_size=16", "features.chunk_batches=2", "loader.image_size=64", "loader.device=cpu",
                 "features.store_dtype=float32", "classify.pca_components=8", "classify.rf_trees=20",
                 "classify.folds=2", "classify.backend=sklearn"]
@@ -284,7 +284,7 @@ def test_training_streams_features_that_exceed_the_memory_budget(tmp_path, monke
     write_demo_dataset(demo, patients_per_class=3, cells_per_patient=12)
     runner.invoke(app, ["index", str(demo), "-o", str(run)])
     runner.invoke(app, ["split", str(run / "manifest.parquet")])
-    settings = ["features.backbones=[{name: tiny, weights: none}]", "loader.batch_size=16", "features.chunk_batches=1",
+    settings = ["features.backbones=[{name: tiny, weights: none, engine: torch, precision: fp32}]", "loader.batch_size=16", "features.chunk_batches=1",
                 "loader.image_size=64", "loader.device=cpu", "features.store_dtype=float32"]
     result = runner.invoke(app, ["extract", str(run / "manifest.parquet"), *[a for s in settings for a in ("--set", s)]])
     assert result.exit_code == 0, result.output

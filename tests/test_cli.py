@@ -55,7 +55,7 @@ def test_preview_and_extract(tmp_path):
     result = runner.invoke(app, ["preview", manifest, "--per-class", "1", "--stats-per-class", "2"])
     assert result.exit_code == 0, result.output
     assert (out / "preview.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and "foreground fraction" in result.output
-    tiny = ["--set", "features.backbones=[{name: tiny, weights: none}]", "--set", "loader.batch_size=8",
+    tiny = ["--set", "features.backbones=[{name: tiny, weights: none, engine: torch, precision: fp32}]", "--set", "loader.batch_size=8",
             "--set", "features.chunk_batches=1", "--set", "loader.image_size=32", "--set", "loader.device=cpu"]
     result = runner.invoke(app, ["extract", manifest, *tiny])
     assert result.exit_code == 0, result.output

@@ -32,7 +32,7 @@ from aml_rapids.errors import OutputError
 from aml_rapids.features.extract import extract
 from aml_rapids.features.store import JOURNAL, FeatureStore, StoreError, partial_path
 
-SETTINGS = {"features.backbones": "[{name: tiny, weights: none}]", "loader.batch_size": 8,
+SETTINGS = {"features.backbones": "[{name: tiny, weights: none, engine: torch, precision: fp32}]", "loader.batch_size": 8,
             "features.chunk_batches": 1, "loader.image_size": 32, "loader.device": "cpu", "loader.num_threads": 1,
             "features.writers": 1}
 CTX = multiprocessing.get_context("forkserver")

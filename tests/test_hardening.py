@@ -23,7 +23,7 @@ from aml_rapids.provenance import run_records
 from conftest import write_image
 
 runner = CliRunner()
-TINY = [a for kv in ("features.backbones=[{name: tiny, weights: none}]", "loader.batch_size=16",
+TINY = [a for kv in ("features.backbones=[{name: tiny, weights: none, engine: torch, precision: fp32}]", "loader.batch_size=16",
                      "features.chunk_batches=2", "loader.image_size=32", "loader.device=cpu",
                      "features.store_dtype=float32") for a in ("--set", kv)]
 SMALL = [a for kv in ("classify.pca_components=4", "classify.rf_trees=10", "classify.folds=2",

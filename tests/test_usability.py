@@ -21,7 +21,7 @@ from aml_rapids.cli import app
 from aml_rapids.provenance import run_records
 
 runner = CliRunner()
-TINY = ["--set", "features.backbones=[{name: tiny, weights: none}]", "--set", "loader.batch_size=8",
+TINY = ["--set", "features.backbones=[{name: tiny, weights: none, engine: torch, precision: fp32}]", "--set", "loader.batch_size=8",
         "--set", "features.chunk_batches=1", "--set", "loader.image_size=32", "--set", "loader.device=cpu"]
 COMMANDS = sorted(typer.main.get_command(app).commands)
 
