@@ -129,14 +129,14 @@ def load_backbones(cfg: RunConfig, device: str, calibrate: Calibrate | None = No
         calibration = calibrate(norms)
     nets, checks = {}, {}
     for name, (net, weights) in loaded.items():
-        cells = calibration and calibration.images[norm_of[name]]
+        checked = cells = calibration and calibration.images[norm_of[name]]
         digest = calibration and calibration.digest
         made_of = pinned.get(name, {}).get("calibration")  # an int8 store's network: the one made of its cells
         if wanted[name].precision == "int8" and made_of not in (None, digest):
             digest, cells = made_of, None  # from the engine cache, or a clear refusal; never recalibrated
         target = Target(name, net, weights.sha256 or f"none (seed {cfg.features.seed})", cfg.loader.image_size,
                         device, cfg.loader.batch_size,
-                        calibration and calibration.images[norm_of[name]][:cfg.features.calibration_cells],
+                        checked if checked is None else checked[:cfg.features.calibration_cells],
                         digest, cells, cfg.features.channels_last, cfg.features.compile,
                         cfg.features.compile_mode, dict(cfg.features.min_cosine))
         nets[name] = runner = prepare(target, wanted[name].engine, wanted[name].precision)
