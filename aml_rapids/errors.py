@@ -24,6 +24,10 @@ class DataError(AmlRapidsError):
     exit_code = 3
 
 
+class WeightsError(DataError):
+    """Weights that cannot be found on this machine or do not fit the network."""
+
+
 class SplitError(AmlRapidsError):
     """A split that cannot give every class a place in every part."""
 
@@ -71,6 +75,13 @@ class EngineError(AmlRapidsError):
     or whose features disagree with PyTorch fp32's beyond the parity guard's threshold."""
 
     exit_code = 11
+
+
+class DownloadError(AmlRapidsError):
+    """A download that failed (no internet, the file gone from its source): ``aml-rapids weights fetch`` is the
+    one command that downloads."""
+
+    exit_code = 12
 
 
 EXIT_INTERRUPTED = 130  # Ctrl-C; every stage resumes or can be re-run

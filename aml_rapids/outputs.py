@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Callable, Iterable
@@ -71,6 +72,17 @@ def read_json(path: Path):
     except (OSError, ValueError) as exc:
         raise DataError(f"{path} cannot be read ({getattr(exc, 'strerror', None) or exc}); write it again with the "
                         "command that made it") from None
+
+
+def slug(name: str) -> str:
+    """A backbone's name as one file or array name (a hub name holds ':' and '/'); plain names are unchanged."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", name)
+
+
+def cache_home() -> Path:
+    """aml-rapids' own cache folder: ``$AML_RAPIDS_CACHE``, by default ``~/.cache/aml-rapids`` (converted engines,
+    registered weights)."""
+    return Path(os.environ.get("AML_RAPIDS_CACHE") or Path.home() / ".cache" / "aml-rapids")
 
 
 def file_sha256(path: Path) -> str:

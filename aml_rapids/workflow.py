@@ -16,7 +16,7 @@ from pathlib import Path
 from .config import RunConfig, load_config
 from .errors import DataError, FailedRowsError
 from .logs import say, warn
-from .outputs import prepare_output_dir
+from .outputs import prepare_output_dir, slug
 from .progress import progress_bar
 from .provenance import run_scope, write_run_record
 
@@ -261,7 +261,7 @@ def finetune(manifest: Path, out: Path | None = None, cfg: RunConfig | None = No
 
     cfg, manifest = cfg or RunConfig(), Path(manifest)
     data = read_manifest(manifest)
-    out = Path(out or manifest.parent / f"finetune-{cfg.finetune.backbone}")
+    out = Path(out or manifest.parent / f"finetune-{slug(cfg.finetune.backbone)}")
     ft = cfg.finetune
     say(f"fine-tuning {ft.backbone} from weights {ft.weights}: Adam lr {ft.lr:g}, batch {ft.batch_size}, at most "
         f"{ft.epochs} epochs, validation every {ft.val_every} steps")

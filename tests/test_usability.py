@@ -23,7 +23,15 @@ from aml_rapids.provenance import run_records
 runner = CliRunner()
 TINY = ["--set", "features.backbones=[{name: tiny, weights: none, engine: torch, precision: fp32}]", "--set", "loader.batch_size=8",
         "--set", "features.chunk_batches=1", "--set", "loader.image_size=32", "--set", "loader.device=cpu"]
-COMMANDS = sorted(typer.main.get_command(app).commands)
+
+
+def _commands(group, path: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
+    """Every command's words (``weights fetch`` for a command of a group)."""
+    return [leaf for name, command in sorted(group.commands.items())
+            for leaf in (_commands(command, (*path, name)) if hasattr(command, "commands") else [(*path, name)])]
+
+
+COMMANDS = [" ".join(words) for words in _commands(typer.main.get_command(app))]
 
 
 def _option_blocks(help_text: str) -> dict[str, str]:
@@ -41,10 +49,12 @@ def _option_blocks(help_text: str) -> dict[str, str]:
 
 @pytest.mark.parametrize("name", COMMANDS)
 def test_every_option_of_every_command_shows_its_default(name):
-    result = runner.invoke(app, [name, "--help"], env={"COLUMNS": "100"})
+    result = runner.invoke(app, [*name.split(), "--help"], env={"COLUMNS": "100"})
     assert result.exit_code == 0, result.output
     blocks = _option_blocks(result.output)
-    command = typer.main.get_command(app).commands[name]
+    command = typer.main.get_command(app)
+    for word in name.split():
+        command = command.commands[word]
     options = [p for p in command.params if isinstance(p, TyperOption) and p.name != "help"]
     assert options
     for option in options:
@@ -70,10 +80,11 @@ def test_backbones_lists_the_registry_without_the_test_network(tmp_path, monkeyp
     assert result.exit_code == 0, result.output
     listed = {row["name"]: row for row in json.loads(result.stdout)["result"]}
     assert {"mobilenet_v2", "resnet101", "vgg16", "vit_b_16"} <= set(listed) and "tiny" not in listed
-    assert listed["mobilenet_v2"]["imagenet"]["cached"] and not listed["vgg16"]["imagenet"]["cached"]
+    assert listed["mobilenet_v2"]["weights"]["place"] == "torch cache" and not listed["vgg16"]["weights"]["cached"]
     assert listed["vit_b_16"]["input_size"] == "224x224" and listed["resnet101"]["dim"] == 2048
-    table = runner.invoke(app, ["backbones"], env={"COLUMNS": "160"}).stdout
-    assert "resnet101" in table and "tiny" not in table and "not cached" in table
+    assert listed["dinobloom_b"]["dim"] == 768 and "DinoBloom-B" in listed["dinobloom_b"]["weights"]["published"]
+    table = runner.invoke(app, ["backbones"], env={"COLUMNS": "200"}).stdout
+    assert "resnet101" in table and "tiny" not in table and "not here" in table and "dinobloom_l" in table
 
 
 @pytest.fixture

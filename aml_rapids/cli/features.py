@@ -76,29 +76,32 @@ def register(app: typer.Typer) -> None:
         segmented, resized RGB cells in [0, 1]), fp32 or int8, with export.json naming input, output, files and
         sha256, and checked against PyTorch fp32 on cells before any file is written (exit 11 if it disagrees)."""
         from ..features.export import export_backbone
+        from ..outputs import slug
 
-        return export_backbone(backbone, weights, out or Path(f"export-{backbone}"), resolve_config(config, set_),
+        return export_backbone(backbone, weights, out or Path(f"export-{slug(backbone)}"), resolve_config(config, set_),
                                tuple(f.strip() for f in formats.split(",") if f.strip()), precision, cells, overwrite)
 
     @command(app)
     def backbones() -> list[dict]:
-        """List the feature extractors: feature size, layer, input size, and whether ImageNet weights are on this
-        machine (nothing is downloaded offline; a local weights file works for any of them)."""
+        """List the feature extractors: the torchvision networks, the hematology presets and the timm models whose
+        weights this machine holds (any timm model works as timm:NAME); feature size, layer, input size, and
+        whether its published weights are here (nothing is downloaded; `aml-rapids weights fetch` does that, and a
+        local weights file works for any of them)."""
         from rich.console import Console
         from rich.table import Table
 
         from ..features.weights import list_backbones
 
         rows = list_backbones()
-        cache = next((Path(r["imagenet"]["path"]).parent for r in rows if r["imagenet"]["path"]), None)
-        table = Table(caption=f"ImageNet weights are read from torch's cache ({cache}); offline, copy a "
-                              "checkpoint there, or set weights to a local state_dict file, or none",
-                      caption_justify="left")
-        for column in ("name", "dim", "layer", "input", "ImageNet weights"):
+        table = Table(caption="published weights are read from aml-rapids' registered files, TORCH_HOME and HF_HOME; "
+                              "offline, fetch them elsewhere (`aml-rapids weights fetch NAME --to DIR`), or set "
+                              "weights to a local file, or none", caption_justify="left")
+        for column in ("name", "dim", "layer", "input", "published weights", "here"):
             table.add_column(column)
         for row in rows:
+            weights = row["weights"]
             table.add_row(row["name"], str(row["dim"]), row["layer"], row["input_size"] or "any",
-                          "cached" if row["imagenet"]["cached"] else "not cached")
+                          weights["published"] or "none", weights["place"] or "not here")
         if not json_requested():
             Console(markup=False, highlight=False, emoji=False).print(table)  # the listing is the command's output: stdout
         return rows

@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +19,7 @@ import torch
 from ..config import RunConfig, load_config
 from ..errors import ConfigError
 from ..evaluate.report import weights_words
+from ..features.backbones import BackboneSpec
 from ..loader.loader import resolve_device
 from ..logs import say, warn
 from ..outputs import atomic_save_array, atomic_write_text, prepare_fresh_dir
@@ -30,13 +33,25 @@ from .plots import plot_maps
 OUTPUTS = ("maps.npy", "cells.csv", "summary.json", "gradcam.png", "gradcam.svg")
 
 
-def token_grid(tokens: torch.Tensor) -> torch.Tensor:
-    """A ViT layer's (N, 1 + side^2, C) tokens as an (N, C, side, side) map, the class token dropped."""
-    patches = tokens[:, 1:, :]
+def token_grid(tokens: torch.Tensor, prefix: int = 1) -> torch.Tensor:
+    """A ViT layer's (N, prefix + side^2, C) tokens as an (N, C, side, side) map, the class (and register)
+    tokens dropped."""
+    patches = tokens[:, prefix:, :]
     side = round(patches.shape[1] ** 0.5)
     if side * side != patches.shape[1]:
-        raise ConfigError(f"a token layer of {tokens.shape[1]} tokens is not a class token and a square patch grid")
+        raise ConfigError(f"a token layer of {tokens.shape[1]} tokens is not {prefix} prefix tokens and a square "
+                          "patch grid")
     return patches.reshape(len(tokens), side, side, -1).permute(0, 3, 1, 2)
+
+
+def map_layout(spec: BackboneSpec) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """How the Grad-CAM layer's output becomes the (N, C, H, W) map pytorch-grad-cam weighs: a ViT's tokens
+    reshaped to their grid, a Swin's (N, H, W, C) maps permuted; a CNN's maps as they are (None)."""
+    if spec.tokens is not None:
+        return partial(token_grid, prefix=spec.tokens)
+    if spec.nhwc:
+        return lambda maps: maps.permute(0, 3, 1, 2)
+    return None
 
 
 def class_scores(net: ExplainedNetwork, images: torch.Tensor, batch_size: int, device: str) -> np.ndarray:
@@ -58,7 +73,7 @@ def gradcam_maps(net: ExplainedNetwork, images: torch.Tensor, targets: np.ndarra
     tf32 = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
     torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False  # fp32 means fp32 on a GPU too
     with _restored(tf32), GradCAM(model=model, target_layers=[net.layer],
-                 reshape_transform=token_grid if net.spec.tokens else None) as cam:
+                 reshape_transform=map_layout(net.spec)) as cam:
         for i in range(0, len(images), batch_size):
             chosen = [ClassifierOutputTarget(int(t)) for t in targets[i:i + batch_size]]
             maps.append(cam(input_tensor=images[i:i + batch_size].to(device), targets=chosen))

@@ -1,7 +1,8 @@
 """The feature store: a plain Zarr v3 group any zarr, xarray or dask.array reader can open, and which says what
 it holds (docs/reading-a-store.md).
 
-    features/<backbone>   (rows, dim) float16 (or float32), chunked (chunk_rows, dim)
+    features/<backbone>   (rows, dim) float16 (or float32), chunked (chunk_rows, dim); a name with ":" or "/" (a
+                          timm hub model) has each run of other characters than A-Z a-z 0-9 . _ - as "-"
     rows/<field>          (rows,) cell_id, path, label, patient, cohort, split, sha256, pixels_sha256, aug_index,
                           fold, augment, status (0 pending, 1 ok, 2 failed, 3 padding)
     progress/chunk_done   (chunks,) bool, one chunk file per store chunk, written after that chunk's data
@@ -38,7 +39,7 @@ import pandas as pd
 import zarr
 
 from ..errors import ConfigError, DataError, OutputError
-from ..outputs import atomic_write_text
+from ..outputs import atomic_write_text, slug
 from .plan import (OPTIONAL_ROW_FIELDS, ROW_DEFAULTS, ROW_FIELDS, ROW_LONG_NAMES, STATUS_FAILED, STATUS_NAMES, STATUS_OK,
                    STATUS_PADDING, STATUS_PENDING)
 
@@ -140,7 +141,7 @@ class FeatureStore:
         group = zarr.open_group(str(path), mode="w-", zarr_format=3)
         group.attrs[ATTRS_KEY] = {"format": FORMAT, "status_codes": STATUS_CODES, **meta}
         for name, dim in dims.items():
-            group.create_array(f"features/{name}", shape=(len(rows), dim), chunks=(chunk_rows, dim),
+            group.create_array(f"features/{slug(name)}", shape=(len(rows), dim), chunks=(chunk_rows, dim),
                                dtype=meta["store_dtype"], fill_value=np.nan, dimension_names=("row", f"{name}_feature"),
                                attributes={"long_name": f"{name} features of each row (NaN unless its status is ok)"})
         for field, kind in ROW_FIELDS.items():
@@ -204,7 +205,7 @@ class FeatureStore:
         if backbone not in self.backbones:
             raise StoreError(f"store {self.path} has no features for backbone {backbone!r}; it has "
                              f"{', '.join(self.backbones)}")
-        return self.group[f"features/{backbone}"]
+        return self.group[f"features/{slug(backbone)}"]
 
     def done_chunks(self) -> np.ndarray:
         """Which chunks are complete; a marker that cannot be read counts as not done."""
@@ -226,10 +227,10 @@ class FeatureStore:
         feature files where it holds a usable row (zarr skips chunks that are all fill value, as all-failed
         rows are)."""
         ok = (status == STATUS_OK).reshape(-1, self.chunk_rows).any(axis=1)
-        arrays = {a: self.group[a].metadata for a in ["rows/status", *(f"features/{b}" for b in self.backbones)]}
+        arrays = {a: self.group[a].metadata for a in ["rows/status", *(f"features/{slug(b)}" for b in self.backbones)]}
         lost = np.zeros(len(done), dtype=bool)
         for k in np.flatnonzero(done):
-            needed = [("rows/status", (k,))] + [(f"features/{b}", (k, 0)) for b in self.backbones if ok[k]]
+            needed = [("rows/status", (k,))] + [(f"features/{slug(b)}", (k, 0)) for b in self.backbones if ok[k]]
             lost[k] = not all((self.path / a / arrays[a].encode_chunk_key(c)).is_file() for a, c in needed)
         return lost
 
@@ -240,12 +241,12 @@ class FeatureStore:
         """Write one whole chunk of every backbone and its row status, then mark it done."""
         rows = self.chunk_slice(k)
         for name, values in features.items():
-            self.group[f"features/{name}"][rows] = values
+            self.group[f"features/{slug(name)}"][rows] = values
         self.group["rows/status"][rows] = status
         self.group["progress/chunk_done"][k] = True
 
     def _arrays(self) -> list[str]:
-        return [*(f"features/{n}" for n in self.backbones), *(f"rows/{f}" for f in self.fields), "progress/chunk_done"]
+        return [*(f"features/{slug(n)}" for n in self.backbones), *(f"rows/{f}" for f in self.fields), "progress/chunk_done"]
 
     def append(self, rows: pd.DataFrame, manifest_record: dict) -> range:
         """Grow every array by ``rows`` (whole chunks) and write their metadata, journalled; returns the new
@@ -260,7 +261,7 @@ class FeatureStore:
              "metadata": {m: (self.path / m).read_text() for m in metadata}}))
         try:
             for name in self.backbones:
-                arr = self.group[f"features/{name}"]
+                arr = self.group[f"features/{slug(name)}"]
                 arr.resize((start + len(rows), arr.shape[1]))
             for field in self.fields:
                 self.group[f"rows/{field}"].resize((start + len(rows),))

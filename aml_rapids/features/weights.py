@@ -1,6 +1,7 @@
-"""Weights for a backbone: ``imagenet`` (torchvision's weights and cache), a local state_dict or checkpoint
-file, or ``none`` (seeded random initialisation). Whatever was used is recorded with its sha256, and a file
-written by ``aml-rapids finetune`` also with what it was fine-tuned on (``finetune.json`` beside it)."""
+"""Weights for a backbone: its published ones (``imagenet`` or ``pretrained``: torchvision's ImageNet weights,
+a timm model's pretrained tag, a preset's release; ``published.py`` finds them), a local state_dict or
+checkpoint file, or ``none`` (seeded random initialisation). Whatever was used is recorded with its sha256, and
+a file written by ``aml-rapids finetune`` also with what it was fine-tuned on (``finetune.json`` beside it)."""
 
 from __future__ import annotations
 
@@ -8,21 +9,20 @@ import contextlib
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.error import URLError
 
 import torch
 from torch import nn
-from torchvision.models import get_weight
 
-from ..errors import DataError
+from ..errors import AmlRapidsError, ConfigError, DownloadError, WeightsError
 from ..outputs import file_sha256
 from ..finetune.record import UNKNOWN, FinetuneRecord, read_record
 from ..logs import log
-from .backbones import BackboneSpec, get_spec, public_specs
+from . import published
+from .backbones import BackboneSpec, Published, get_spec, public_specs
+from .timm_backbones import HUB, PREFIX, PRESETS
 
-
-class WeightsError(DataError):
-    """Weights that cannot be found or do not fit the network."""
+PUBLISHED = ("imagenet", "pretrained")  # the keywords for a network's published weights
+HUB_NAME = PREFIX + HUB
 
 
 @dataclass(frozen=True)
@@ -35,56 +35,112 @@ class WeightsInfo:
     finetuned: FinetuneRecord | None = None  # the cells and split the weights were fine-tuned on
 
 
-def imagenet_cache(spec: BackboneSpec) -> tuple[str, Path]:
-    """Where torchvision downloads a network's ImageNet checkpoint from, and where it caches it."""
-    url = get_weight(spec.imagenet_weights).url
-    return url, Path(torch.hub.get_dir()) / "checkpoints" / Path(url).name
-
-
 def list_backbones() -> list[dict]:
-    """Every network users choose from: name, feature size, layer, input size, and whether its ImageNet
-    weights are on this machine (``weights: imagenet`` works offline only then; a local file always does)."""
+    """Every network users choose from: the torchvision ones, the hematology presets, and the timm models whose
+    weights are on this machine (and any other asked for in this process); with feature size, layer, input size,
+    and whether its published weights are here (``weights: imagenet`` works offline only then; a local file
+    always does)."""
+    for name in [*PRESETS, *sorted({row["backbone"] for row in published.cached() if row["backbone"]})]:
+        try:
+            get_spec(name)
+        except AmlRapidsError as exc:  # a cached hub repository that timm cannot build: said, not listed
+            log.warning(f"{name} is cached but cannot be listed: {exc}")
     out = []
     for spec in public_specs():
-        if spec.imagenet_weights is None:
-            imagenet = {"cached": False, "path": None, "url": None}
-        else:
-            url, cached = imagenet_cache(spec)
-            imagenet = {"cached": cached.is_file(), "path": str(cached), "url": url}
+        found = published.find(spec) if spec.published else None
         out.append({"name": spec.name, "dim": spec.dim, "layer": spec.layer,
-                    "input_size": spec.input_size and f"{spec.input_size}x{spec.input_size}", "imagenet": imagenet})
+                    "input_size": spec.input_size and f"{spec.input_size}x{spec.input_size}",
+                    "weights": {"published": spec.published and spec.published.words, "cached": found is not None,
+                                "path": str(found.path) if found else None, "place": found.place if found else None},
+                    "citation": PRESETS[spec.name].citation if spec.name in PRESETS else None})
     return out
 
 
-def _imagenet_file(spec: BackboneSpec) -> Path:
-    """The cached torchvision checkpoint, downloaded if the network allows; a clear error if not."""
-    if spec.imagenet_weights is None:
-        raise WeightsError(f"backbone {spec.name!r} has no ImageNet weights; use a file path or 'none'")
-    url, cached = imagenet_cache(spec)
-    if not cached.is_file():
+def fetch_weights(names: list[str], to: Path | None = None, file: Path | None = None) -> list[dict]:
+    """``aml-rapids weights fetch``: each network's published weights downloaded into the loaders' caches (or
+    into ``to``, to copy to an offline node), or a local ``file`` registered as one network's, once it loads into
+    that network; each with its path and sha256."""
+    if file is not None and len(names) != 1:
+        raise ConfigError(f"--file registers one file as one backbone's weights; {len(names)} backbones were named")
+    rows = []
+    for name in names:
         try:
-            with contextlib.redirect_stdout(sys.stderr):  # torch prints "Downloading ..." there; stdout is --json's
-                torch.hub.load_state_dict_from_url(url, progress=True, check_hash=True)
-        except (URLError, OSError, RuntimeError) as exc:
+            found = _fetch_one(name, to, file)
+        except DownloadError as exc:
+            raise DownloadError(f"{exc}. Where there is no internet, run `aml-rapids weights fetch {name} --to DIR` "
+                                f"on a machine that has it and copy DIR here, or register a local copy: "
+                                f"`aml-rapids weights fetch {name} --file FILE`") from None
+        rows.append({"backbone": name, "place": found.place, "path": str(found.path),
+                     "sha256": file_sha256(found.path)})
+    return rows
+
+
+def _fetch_one(name: str, to: Path | None, file: Path | None) -> published.Found:
+    if file is not None:
+        spec = get_spec(name)
+        return published.register(spec, file, lambda path: load_state(spec, spec.build(), path))
+    if name.startswith(HUB_NAME):  # its config.json first: the network is built from it
+        return published.fetch(name, Published(name, hf_repo=name[len(HUB_NAME):]), to, config=True)
+    spec = get_spec(name)
+    if spec.published is None:
+        raise WeightsError(f"backbone {name!r} has no published weights to fetch; register a file (--file) or use "
+                           "weights: none")
+    found = published.fetch(name, spec.published, to)
+    check_published(spec, found.path, file_sha256(found.path))
+    return found
+
+
+def published_file(spec: BackboneSpec) -> published.Found:
+    """The network's published weights on this machine, downloaded first where the network allows; a clear
+    error naming every place looked at if not."""
+    if spec.published is None:
+        raise WeightsError(f"backbone {spec.name!r} has no published weights; use a file path or 'none'")
+    found = published.find(spec)
+    if found is None:
+        try:
+            if not spec.published.url:
+                raise DownloadError("only `aml-rapids weights fetch` downloads from the hub")
+            with contextlib.redirect_stdout(sys.stderr):  # downloads print progress there; stdout is --json's
+                found = published.fetch(spec.name, spec.published)
+        except DownloadError as exc:
             raise WeightsError(
-                f"ImageNet weights for {spec.name} are not cached at {cached} and could not be downloaded ({exc}). "
-                f"Fetch {url} on a machine with internet and copy it to {cached} (or set TORCH_HOME), or pass a "
-                f"local file: --set 'features.backbones=[{{name: {spec.name}, weights: /path/to/state_dict.pth}}]'"
-            ) from None
-    return cached
+                f"the published weights of {spec.name} ({spec.published.words}) are not on this machine (looked at: "
+                f"{published.places(spec)}) and were not downloaded: {exc}. Fetch them where there is internet "
+                f"(`aml-rapids weights fetch {spec.name} --to DIR`) and copy DIR here, register a local copy "
+                f"(`aml-rapids weights fetch {spec.name} --file FILE`), or pass a local file: "
+                f"--set 'features.backbones=[{{name: {spec.name}, weights: /path/to/state_dict.pth}}]'") from None
+    return found
 
 
 def _read_state_dict(path: Path) -> dict:
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(path)
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch.load fails in many ways on a file that is not a checkpoint
         raise WeightsError(f"cannot read weights file {path}: {type(exc).__name__}: {exc}") from None
     for key in ("state_dict", "model"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
+    if isinstance(state, dict) and isinstance(state.get("teacher"), dict):  # a DINO training checkpoint
+        state = {k.removeprefix("backbone."): v for k, v in state["teacher"].items() if k.startswith("backbone.")}
     if not isinstance(state, dict):
         raise WeightsError(f"{path} holds a {type(state).__name__}, not a state_dict")
     return {k.removeprefix("module."): v for k, v in state.items()}
+
+
+def _fitted(spec: BackboneSpec, model: nn.Module, state: dict) -> dict:
+    """``state`` with a release's key names mapped onto the network's (timm's own converter for its model
+    family, e.g. DINOv2's original names) where they differ; a file saved from the network is left as it is."""
+    if spec.adapt_state is None or set(state) == set(model.state_dict()):
+        return state
+    try:
+        return spec.adapt_state(state, model)
+    except (KeyError, ValueError, RuntimeError, AttributeError, TypeError):  # not one of the family's releases:
+        return state  # _load_into names what does not fit
 
 
 def _load_into(model: nn.Module, state: dict, path: Path, name: str) -> None:
@@ -94,44 +150,59 @@ def _load_into(model: nn.Module, state: dict, path: Path, name: str) -> None:
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
     if wrong or missing or unexpected:
-        parts = [f"{len(wrong)} shape mismatches ({'; '.join(wrong[:3])})" if wrong else "",
+        parts = [f"{len(wrong)} shape mismatches (first: {'; '.join(wrong[:3])})" if wrong else "",
                  f"{len(missing)} missing keys ({', '.join(missing[:3])})" if missing else "",
                  f"{len(unexpected)} unexpected keys ({', '.join(unexpected[:3])})" if unexpected else ""]
         raise WeightsError(f"weights {path} do not fit {name}: " + "; ".join(p for p in parts if p))
     model.load_state_dict(state, strict=True)
 
 
+def check_published(spec: BackboneSpec, path: Path, digest: str) -> None:
+    """torchvision names each checkpoint by its sha256's first digits: a file of that name with other contents
+    (a random state_dict saved there) would otherwise be used and reported as ImageNet weights."""
+    named = torch.hub.HASH_REGEX.search(path.name) if spec.published.hash_in_name else None
+    if named and not digest.startswith(named.group(1)):
+        raise WeightsError(f"{path} is not torchvision's ImageNet checkpoint for {spec.name}: its sha256 "
+                           f"{digest[:12]}... does not start with {named.group(1)}, as its name says; delete it and "
+                           "put the real file there")
+
+
+def load_state(spec: BackboneSpec, model: nn.Module, path: Path) -> bool:
+    """Load the weights file ``path`` into ``model`` (the whole network); a file whose head predicts other
+    classes than the network's (a fine-tuned one) gives it a head of that size first. Returns whether it did."""
+    state = _fitted(spec, model, _read_state_dict(path))
+    retrained = spec.head is not None and f"{spec.head}.weight" in state and (
+        spec.classes_of(state) != spec.head_width(model))
+    if retrained:
+        spec.reset_head(model, spec.classes_of(state))
+    _load_into(model, state, path, spec.name)
+    return retrained
+
+
 def build_network(name: str, weights: str = "imagenet", seed: int = 0) -> tuple[nn.Module, WeightsInfo]:
-    """The whole network (its head included) with these weights; a file whose head predicts other classes
-    than ImageNet's (a fine-tuned network) gets a head of its size first."""
+    """The whole network (its head included) with these weights."""
     spec = get_spec(name)
     torch.manual_seed(seed)
     model = spec.build()
     if weights == "none":
         info = WeightsInfo("none (random initialisation)", None, False)
     else:
-        path = _imagenet_file(spec) if weights == "imagenet" else Path(weights)
+        found = published_file(spec) if weights in PUBLISHED else None
+        path = found.path if found else Path(weights)
         if not path.is_file():
             raise WeightsError(f"weights file {path} for {name} does not exist")
         digest = file_sha256(path)
-        named = torch.hub.HASH_REGEX.search(path.name) if weights == "imagenet" else None
-        if named and not digest.startswith(named.group(1)):  # torchvision names its checkpoints by their hash
-            raise WeightsError(f"{path} is not torchvision's ImageNet checkpoint for {name}: its sha256 "
-                               f"{digest[:12]}... does not start with {named.group(1)}, as its name says; delete "
-                               "it and put the real file there")
-        state = _read_state_dict(path)
-        retrained = spec.head is not None and f"{spec.head}.weight" in state and (
-            spec.classes_of(state) != model.get_submodule(spec.head).out_features)
-        if retrained:
-            spec.reset_head(model, spec.classes_of(state))
-        _load_into(model, state, path, name)
-        record = None if weights == "imagenet" else read_record(path)
+        if found and found.place == "torch cache":
+            check_published(spec, path, digest)
+        retrained = load_state(spec, model, path)
+        record = None if weights in PUBLISHED else read_record(path)
         if record is None and retrained:
-            log.warning(f"weights {path} have a {spec.classes_of(state)}-class head but no finetune.json beside "
+            log.warning(f"weights {path} have a {spec.head_width(model)}-class head but no finetune.json beside "
                         "them: the cells they were fine-tuned on are unknown, so evaluation cannot refuse them; "
                         "keep a fine-tuning's best.pt in its folder")
             record = UNKNOWN
-        info = WeightsInfo("imagenet" if weights == "imagenet" else str(path), digest, True, record)
+        source = ("imagenet" if spec.published.hash_in_name else "pretrained") if weights in PUBLISHED else str(path)
+        info = WeightsInfo(source, digest, True, record)
     return model, info
 
 

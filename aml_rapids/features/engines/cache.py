@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -18,11 +17,11 @@ from pathlib import Path
 
 from ...errors import OutputError
 from ...logs import warn
-from ...outputs import atomic_write_text, file_sha256
+from ...outputs import atomic_write_text, cache_home, file_sha256
 
 
 def cache_root() -> Path:
-    return Path(os.environ.get("AML_RAPIDS_CACHE") or Path.home() / ".cache" / "aml-rapids") / "engines"
+    return cache_home() / "engines"
 
 
 def key_of(fields: dict) -> str:

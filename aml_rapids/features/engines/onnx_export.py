@@ -5,7 +5,10 @@ network (the dynamo exporter would add onnxscript)."""
 from __future__ import annotations
 
 import copy
+import os
+import tempfile
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -21,12 +24,27 @@ INPUT, OUTPUT = "images", "features"
 def export_onnx(net: nn.Module, path: Path, image_size: int, input_name: str = INPUT) -> Path:
     net = copy.deepcopy(net).cpu().eval()  # the caller's network stays where it is
     example = torch.zeros(1, 3, image_size, image_size)
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), _native_output_held():
         warnings.simplefilter("ignore")  # the exporter's notices (its successor, constant folding) help no user
         torch.onnx.export(net, (example,), str(path), input_names=[input_name], output_names=[OUTPUT],
                           dynamic_axes={input_name: {0: "batch"}, OUTPUT: {0: "batch"}}, opset_version=OPSET,
                           dynamo=False)
     return Path(path)
+
+
+@contextmanager
+def _native_output_held():
+    """The exporter's C++ side prints the whole TorchScript graph to stdout (the --json summary's) when a network
+    does not convert, hundreds of lines; its exception already names the operator. Held back here, at the file
+    descriptor, for the export's duration (no other thread writes while networks are loaded)."""
+    saved = os.dup(1)
+    with tempfile.TemporaryFile() as held:
+        os.dup2(held.fileno(), 1)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 1)
+            os.close(saved)
 
 
 def onnx_of(target: Target) -> Path:

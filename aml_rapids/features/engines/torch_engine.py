@@ -4,9 +4,14 @@ runs on its bf16 instructions where the CPU has them, and slowly where not: ``au
 
 from __future__ import annotations
 
-import torch
-from torch.fx.experimental.optimization import fuse
+import copy
 
+import torch
+from torch import nn
+from torch.fx.experimental.optimization import fuse
+from torch.fx.proxy import TraceError
+
+from ...logs import log
 from .base import Choice, EngineUnavailable, Runner
 from .target import Target
 
@@ -23,11 +28,24 @@ def compile_settings(mode: str, device: str) -> dict:
     return {"mode": mode}
 
 
+def folded(net: nn.Module, backbone: str) -> nn.Module:
+    """A copy of ``net`` with its batch norm folded into the convolutions before it; the network copied as it
+    is where it has no batch norm (a ViT, a ConvNeXt) or where torch.fx cannot trace it (control flow on input
+    shapes, as a timm ViT's position embedding has), which changes speed, not features."""
+    if not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in net.modules()):
+        return copy.deepcopy(net)
+    try:
+        return fuse(net)
+    except TraceError as exc:
+        log.info(f"{backbone}: batch norm left unfolded (torch.fx cannot trace the network: {exc})")
+        return copy.deepcopy(net)
+
+
 def build(target: Target, precision: str) -> Runner:
     if precision not in PRECISIONS[target.device]:
         raise EngineUnavailable(f"torch runs {', '.join(PRECISIONS[target.device])} on the {target.device.upper()}, "
                                 f"not {precision} (int8 runs on openvino)")
-    net = fuse(target.net)  # a folded copy: the registry network stays the fp32 reference
+    net = folded(target.net, target.backbone)  # a copy: the registry network stays the fp32 reference
     if target.channels_last:
         net = net.to(memory_format=torch.channels_last)
     if target.compile:
