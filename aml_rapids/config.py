@@ -114,7 +114,8 @@ Precision = Literal["auto", "fp32", "bf16", "fp16", "int8", "fp8"]
 
 
 class BackboneConfig(_Section):
-    """One feature extractor: a registry name and its weights (``imagenet``, a file path, or ``none``)."""
+    """One feature extractor: a registry name (``aml-rapids backbones``; any timm model as ``timm:NAME``) and its
+    weights (``imagenet`` or ``pretrained``: its published ones; a file path; or ``none``)."""
 
     name: str
     weights: str = "imagenet"
@@ -201,7 +202,8 @@ class FinetuneConfig(_Section):
     none)."""
 
     backbone: str = Field("mobilenet_v2", description="registry name of the network to fine-tune")
-    weights: str = Field("imagenet", description="the weights it starts from: imagenet, a file, or none")
+    weights: str = Field("imagenet", description="the weights it starts from: imagenet (or pretrained: the "
+                                                 "network's published ones), a file, or none")
     epochs: int = Field(50, ge=1, description="at most; may grow when a run resumes (not with lr_schedule: cosine)")
     batch_size: int = Field(32, ge=2, le=4096)
     lr: float = Field(1e-4, gt=0)

@@ -23,6 +23,7 @@ from aml_rapids.features.backbones import get_spec
 from aml_rapids.features.store import FeatureStore
 from aml_rapids.data.manifest import read_manifest
 from aml_rapids.features.extract import load_backbones
+from aml_rapids.features.published import url_file
 from aml_rapids.features.weights import load_backbone, load_state
 from aml_rapids.loader.loader import CellLoader
 from aml_rapids.outputs import file_sha256
@@ -210,5 +211,16 @@ def test_unknown_timm_names_suggest_close_ones():
 def test_the_dinobloom_presets_build_offline_with_their_published_input():
     spec = get_spec("dinobloom_s")
     assert (spec.dim, spec.input_size, spec.tokens, spec.cam_layer) == (384, 224, 1, "blocks.11.norm1")
-    assert spec.published.url.endswith("DinoBloom-S.pth") and spec.normalization.mean == (0.485, 0.456, 0.406)
+    assert url_file(spec.published.url) == "DinoBloom-S.pth" and "zenodo.org/records/10908163" in spec.published.url
+    assert spec.normalization.mean == (0.485, 0.456, 0.406)
     assert (get_spec("dinobloom_b").dim, get_spec("dinobloom_l").dim) == (768, 1024)
+
+
+def test_a_vit_that_resizes_its_position_embedding_per_batch_is_refused_by_export_with_the_operator(tmp_path):
+    """ONNX has no antialiased bicubic resize: a dynamic-size timm ViT cannot be exported (engines then leave
+    OpenVINO and ONNX Runtime out); the refusal is one line, exit 11, and nothing is written."""
+    result = runner.invoke(app, ["export", "timm:test_vit", "--weights", "none", "-o", str(tmp_path / "out"),
+                                 "--format", "onnx"])
+    assert result.exit_code == 11, result.output
+    assert "timm:test_vit cannot be written as ONNX (opset 18)" in result.output
+    assert "upsample_bicubic2d_aa" in result.output and list((tmp_path / "out").iterdir()) == []

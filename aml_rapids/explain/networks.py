@@ -27,7 +27,7 @@ from ..data.manifest import same_content
 from ..errors import ConfigError, DataError
 from ..features.backbones import BackboneSpec, get_spec
 from ..features.store import FeatureStore
-from ..features.weights import WeightsError, build_network
+from ..features.weights import PUBLISHED, WeightsError, build_network
 from ..finetune.record import read_record
 
 RANDOM_WEIGHTS = "none (random initialisation)"  # how a store records weights 'none'
@@ -121,7 +121,7 @@ def _store_weights(entry: dict, backbone: str, store: Path) -> str:
     weights = entry["weights"]
     if weights == RANDOM_WEIGHTS:
         return "none"
-    if weights != "imagenet" and not Path(weights).is_file():
+    if weights not in PUBLISHED and not Path(weights).is_file():
         raise WeightsError(f"store {store} was extracted with {backbone} weights {weights}, which is not here: "
                            "run from the folder the extraction ran in, or copy the file there")
     return weights

@@ -128,7 +128,7 @@ def export_backbone(backbone: str, weights: str, out: Path, cfg: RunConfig, form
         with torch.inference_mode():
             reference = model(pixels)
         (work / "files").mkdir()
-        onnx = export_onnx(model, work / "files" / "model.onnx", size, INPUT)
+        onnx = export_onnx(model, work / "files" / "model.onnx", size, INPUT, backbone)
         if "openvino" in formats:
             to_ir(onnx, work / "files", pixels if precision == "int8" else None, INPUT)
         if "onnx" not in formats:

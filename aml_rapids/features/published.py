@@ -184,9 +184,9 @@ def hub_backbone(repo: str) -> str:
     return f"timm:{repo.removeprefix('timm/')}" if repo.startswith("timm/") else f"timm:hf-hub:{repo}"
 
 
-def cached() -> list[dict]:
+def cached(checksums: bool = True) -> list[dict]:
     """Every weights file on this machine in the three places, with the backbone it is for (where known), its
-    size and sha256."""
+    size and (``checksums``) sha256."""
     from .backbones import REGISTRY
     from .timm_backbones import PRESETS
 
@@ -206,4 +206,4 @@ def cached() -> list[dict]:
                       for revision in repo.revisions for f in revision.files
                       if repo.repo_type == "model" and f.file_name.endswith(WEIGHT_FILES)]
     return [{"backbone": name, "place": place, "path": str(path), "bytes": path.stat().st_size,
-             "sha256": file_sha256(path)} for name, place, path in found]
+             "sha256": file_sha256(path) if checksums else None} for name, place, path in found]

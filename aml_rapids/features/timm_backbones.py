@@ -45,7 +45,7 @@ class Preset:
 def _dinobloom(size: str, architecture: str) -> Preset:
     return Preset(architecture, {"img_size": 224, "num_classes": 0},
                   Published(f"DinoBloom-{size} (DINOv2 trained on blood and bone-marrow cells, Koch et al. 2024)",
-                            url=f"https://zenodo.org/records/10908163/files/DinoBloom-{size}.pth"),
+                            url=f"https://zenodo.org/records/10908163/files/DinoBloom-{size}.pth?download=1"),
                   Normalization(), DINOBLOOM)
 
 

@@ -40,7 +40,7 @@ def list_backbones() -> list[dict]:
     weights are on this machine (and any other asked for in this process); with feature size, layer, input size,
     and whether its published weights are here (``weights: imagenet`` works offline only then; a local file
     always does)."""
-    for name in [*PRESETS, *sorted({row["backbone"] for row in published.cached() if row["backbone"]})]:
+    for name in [*PRESETS, *sorted({row["backbone"] for row in published.cached(checksums=False) if row["backbone"]})]:
         try:
             get_spec(name)
         except AmlRapidsError as exc:  # a cached hub repository that timm cannot build: said, not listed

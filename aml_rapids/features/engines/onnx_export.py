@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .base import EngineUnavailable
 from .cache import artefact
 from .target import Target
 
@@ -21,14 +22,21 @@ OPSET = 18
 INPUT, OUTPUT = "images", "features"
 
 
-def export_onnx(net: nn.Module, path: Path, image_size: int, input_name: str = INPUT) -> Path:
+def export_onnx(net: nn.Module, path: Path, image_size: int, input_name: str = INPUT,
+                backbone: str = "the network") -> Path:
+    """``net`` as an ONNX graph at ``path``; a network the exporter cannot convert (an operator ONNX lacks) is
+    ``EngineUnavailable``, naming the operator."""
     net = copy.deepcopy(net).cpu().eval()  # the caller's network stays where it is
     example = torch.zeros(1, 3, image_size, image_size)
-    with warnings.catch_warnings(), _native_output_held():
-        warnings.simplefilter("ignore")  # the exporter's notices (its successor, constant folding) help no user
-        torch.onnx.export(net, (example,), str(path), input_names=[input_name], output_names=[OUTPUT],
-                          dynamic_axes={input_name: {0: "batch"}, OUTPUT: {0: "batch"}}, opset_version=OPSET,
-                          dynamo=False)
+    try:
+        with warnings.catch_warnings(), _native_output_held():
+            warnings.simplefilter("ignore")  # the exporter's notices (its successor, constant folding) help no user
+            torch.onnx.export(net, (example,), str(path), input_names=[input_name], output_names=[OUTPUT],
+                              dynamic_axes={input_name: {0: "batch"}, OUTPUT: {0: "batch"}}, opset_version=OPSET,
+                              dynamo=False)
+    except (torch.onnx.errors.OnnxExporterError, RuntimeError) as exc:
+        raise EngineUnavailable(f"{backbone} cannot be written as ONNX (opset {OPSET}): {type(exc).__name__}: "
+                                f"{str(exc).splitlines()[0] if str(exc) else ''}") from None
     return Path(path)
 
 
@@ -50,4 +58,5 @@ def _native_output_held():
 def onnx_of(target: Target) -> Path:
     """The backbone's ONNX graph in the engine cache: one export serves ONNX Runtime and OpenVINO."""
     fields = target.cache_fields("onnx", "fp32", {"torch": torch.__version__, "opset": OPSET})
-    return artefact(fields, lambda work: export_onnx(target.net, work / "model.onnx", target.image_size)) / "model.onnx"
+    return artefact(fields, lambda work: export_onnx(target.net, work / "model.onnx", target.image_size,
+                                                     backbone=target.backbone)) / "model.onnx"
