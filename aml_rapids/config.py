@@ -153,6 +153,15 @@ class FeaturesConfig(_Section):
     writers: int = Field(2, ge=1, description="threads writing finished chunks to the store")
     seed: int = Field(0, ge=0, description="seed of random initialisation for weights 'none'")
 
+    @model_validator(mode="after")
+    def _one_entry_per_backbone(self) -> "FeaturesConfig":
+        names = [b.name for b in self.backbones]
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise ValueError(f"features.backbones names {', '.join(twice)} more than once; a store holds one set of "
+                             "features per backbone (extract other weights into another store)")
+        return self
+
 
 class ClassifyConfig(_Section):
     """The stacking classifier: PCA per backbone, RBF SVM + random forest, logistic-regression meta-learner."""
@@ -342,7 +351,12 @@ def parse_overrides(overrides: list[str] | None) -> dict:
         if "=" not in item:
             raise ConfigError(f"override {item!r} must look like section.key=value")
         key, raw = item.split("=", 1)
-        _set_dotted(tree, key.strip(), yaml.safe_load(raw))
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"override {item!r}: its value is not YAML ({str(exc).splitlines()[0]}); quote a value "
+                              "holding ':' or ',' (name: 'timm:hf-hub:org/repo')") from None
+        _set_dotted(tree, key.strip(), value)
     return tree
 
 

@@ -75,8 +75,11 @@ def read_json(path: Path):
 
 
 def slug(name: str) -> str:
-    """A backbone's name as one file or array name (a hub name holds ':' and '/'); plain names are unchanged."""
-    return re.sub(r"[^A-Za-z0-9._-]+", "-", name)
+    """A backbone's name as one file or array name: a name with other characters than A-Z a-z 0-9 . _ - (a
+    timm name holds ':', a hub name '/') has each run of them as '-' and its own hash appended, so two names never
+    share a folder or an array; plain names are unchanged."""
+    plain = re.sub(r"[^A-Za-z0-9._-]+", "-", name)
+    return plain if plain == name else f"{plain}-{hashlib.sha256(name.encode()).hexdigest()[:8]}"
 
 
 def cache_home() -> Path:

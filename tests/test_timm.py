@@ -161,7 +161,7 @@ def test_fetch_without_internet_fails_clearly_and_a_local_file_is_registered_and
 
 def test_published_weights_missing_offline_name_every_place_looked_at(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf"))
-    with pytest.raises(WeightsError, match=r"not on this machine \(looked at: .*timm-test_vit/registered.json; "
+    with pytest.raises(WeightsError, match=r"not on this machine \(looked at: .*timm-test_vit-[0-9a-f]{8}/registered.json; "
                                            rf"{tmp_path / 'hf'} \(hub repository timm/test_vit.r160_in1k"):
         load_backbone("timm:test_vit", "pretrained")
 
@@ -224,3 +224,52 @@ def test_a_vit_that_resizes_its_position_embedding_per_batch_is_refused_by_expor
     assert result.exit_code == 11, result.output
     assert "timm:test_vit cannot be written as ONNX (opset 18)" in result.output
     assert "upsample_bicubic2d_aa" in result.output and list((tmp_path / "out").iterdir()) == []
+
+
+def test_malformed_hub_configs_and_repository_ids_are_refused_in_one_line(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf"))
+    good = {"mean": [0.5] * 3, "std": [0.5] * 3, "input_size": [3, 64, 64]}
+    for repo, config, words in [
+            ("lab/listed", [1, 2], "not a timm model config"),
+            ("lab/nameless", {"architecture": "no_such_net", "pretrained_cfg": good}, "does not build a timm model"),
+            ("lab/colour", {"architecture": "test_vit", "pretrained_cfg": {**good, "mean": "x"}}, "not three numbers"),
+            ("lab/kwargs", {"architecture": "test_vit", "pretrained_cfg": good, "model_args": {"bogus": 3}},
+             "does not build a timm model .TypeError"),
+            ("lab/argslist", {"architecture": "test_vit", "pretrained_cfg": good, "model_args": [1]}, "not a mapping")]:
+        hub_repo(tmp_path / "hf", repo, config)
+        with pytest.raises(WeightsError, match=words):
+            get_spec(f"timm:hf-hub:{repo}")
+    for name in ("timm:hf-hub:", "timm:hf-hub:a/b/c", "timm:hf-hub:../../etc"):
+        with pytest.raises(ConfigError, match="is not a hub repository id"):
+            get_spec(name)
+    hub_repo(tmp_path / "hf", "lab/headless", {"architecture": "test_vit", "num_classes": 0, "pretrained_cfg": good})
+    assert get_spec("timm:hf-hub:lab/headless").head == "head"  # the architecture's own, for fine-tuning
+
+
+def test_names_that_flatten_alike_keep_apart_and_a_headless_encoder_file_loads(tmp_path):
+    from aml_rapids.outputs import slug
+    assert slug("timm:hf-hub:org/vit") != slug("timm:hf-hub:org-vit") and slug("mobilenet_v2") == "mobilenet_v2"
+    with pytest.raises(ConfigError, match="names timm:test_vit more than once"):
+        load_config(None, ["features.backbones=[{name: timm:test_vit}, {name: timm:test_vit, weights: none}]"])
+    with pytest.raises(ConfigError, match="not YAML .*quote a value"):
+        load_config(None, ["features.backbones=[{name: x"])
+    torch.manual_seed(2)
+    headless = timm.create_model("test_vit", num_classes=0)
+    torch.save(headless.state_dict(), tmp_path / "encoder.pth")
+    net, _ = load_backbone("timm:test_vit", str(tmp_path / "encoder.pth"))
+    images = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        np.testing.assert_allclose(net(images).numpy(), headless.forward_head(
+            headless.forward_features(images), pre_logits=True).numpy(), atol=1e-5)
+    for args, words in [(["weights", "fetch", ","], "name at least one backbone"),
+                        (["weights", "fetch", "timm:test_vit", "--file", str(tmp_path / "encoder.pth"), "--to",
+                          str(tmp_path)], "give one")]:
+        result = runner.invoke(app, args)
+        assert result.exit_code == 2 and words in result.output, result.output
+
+
+def test_fine_tuning_a_fixed_size_network_at_another_size_is_refused_before_any_folder(run, tmp_path):
+    cfg = load_config(None, SETTINGS + ["finetune.backbone=dinobloom_s", "finetune.weights=none"])
+    with pytest.raises(ConfigError, match="dinobloom_s takes 224x224 images only; set loader.image_size=224"):
+        workflow.finetune(run / "manifest.parquet", tmp_path / "ft", cfg)
+    assert not (tmp_path / "ft").exists()

@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from ..logs import say
+from ..logs import say, warn
 from ._common import command, json_requested
 
 weights_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None,
@@ -60,8 +60,11 @@ def list_() -> list[dict]:
     for column in ("backbone", "place", "MB", "sha256", "path"):
         table.add_column(column)
     for row in rows:
-        table.add_row(row["backbone"] or "?", row["place"], f"{row['bytes'] / 1e6:.1f}", row["sha256"][:16],
-                      row["path"])
+        damaged = " DAMAGED: not the registered file" if row["intact"] is False else ""
+        table.add_row(row["backbone"] or "?", row["place"], f"{(row['bytes'] or 0) / 1e6:.1f}",
+                      (row["sha256"] or "missing")[:16] + damaged, row["path"])
+    for row in (r for r in rows if r["intact"] is False):
+        warn(f"{row['path']} is not the file registered for {row['backbone']}: register it again")
     if not json_requested():
         Console(markup=False, highlight=False, emoji=False).print(table)
     return rows

@@ -76,7 +76,13 @@ def gradcam_maps(net: ExplainedNetwork, images: torch.Tensor, targets: np.ndarra
                  reshape_transform=map_layout(net.spec)) as cam:
         for i in range(0, len(images), batch_size):
             chosen = [ClassifierOutputTarget(int(t)) for t in targets[i:i + batch_size]]
-            maps.append(cam(input_tensor=images[i:i + batch_size].to(device), targets=chosen))
+            try:
+                maps.append(cam(input_tensor=images[i:i + batch_size].to(device), targets=chosen))
+            except (AttributeError, ValueError, RuntimeError, IndexError) as exc:  # a layer output CAM cannot weigh
+                raise ConfigError(f"Grad-CAM cannot read {net.backbone}'s layer {net.spec.gradcam_layer}: its output is "
+                                  f"not a feature map or a token grid it can weigh ({type(exc).__name__}: "
+                                  f"{str(exc).splitlines()[0] if str(exc) else ''}); explain it with "
+                                  "`aml-rapids occlusion`, which reads no layer") from None
     return np.concatenate(maps).astype(np.float32)
 
 

@@ -73,6 +73,9 @@ def seen_by(hashes: frozenset[str]) -> Callable[[pd.DataFrame], np.ndarray]:
 def gradcam_layer(network: nn.Module, spec: BackboneSpec, within: nn.Module | None = None) -> nn.Module:
     """The registry's Grad-CAM layer of ``network`` (the whole torchvision model), checked to lie inside
     ``within`` (the model Grad-CAM runs: a truncated network keeps its modules)."""
+    if spec.gradcam_layer is None:
+        raise ConfigError(f"backbone {spec.name!r} has no known Grad-CAM layer (its timm feature_info names no module "
+                          "of the network); explain it with `aml-rapids occlusion`, which needs no layer")
     try:
         layer = network.get_submodule(spec.gradcam_layer)
     except AttributeError:

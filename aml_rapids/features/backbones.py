@@ -44,7 +44,7 @@ class BackboneSpec:
     build: Callable[[], nn.Module]
     truncate: Callable[[nn.Module], nn.Module]
     head: str | None  # the classification layer (an nn.Linear), a dotted module path; None: it has none
-    last_block: str  # the last block (Grad-CAM's layer; fine-tuning's ``unfreeze: last_block``)
+    last_block: str | None  # the last block (Grad-CAM's layer; ``unfreeze: last_block``); None: not known
     published: Published | None = None  # the weights ``weights: imagenet`` (or ``pretrained``) loads
     cam_layer: str | None = None  # Grad-CAM's layer where it is not ``last_block``'s output (see ``gradcam_layer``)
     tokens: int | None = None  # the Grad-CAM layer outputs tokens (N, tokens + patches, C): this many before a grid
@@ -61,6 +61,12 @@ class BackboneSpec:
         only through the final norm, which reads the class token alone, so its patch tokens get no gradient;
         its last block's first norm still feeds them into the class token through attention."""
         return self.cam_layer or self.last_block
+
+    def check_input(self, image_size: int) -> None:
+        """Refuse an image size the network cannot take (a ViT with a fixed patch grid)."""
+        if self.input_size not in (None, image_size):
+            raise ConfigError(f"{self.name} takes {self.input_size}x{self.input_size} images only; set "
+                              f"loader.image_size={self.input_size} (it is {image_size})")
 
     def classes_of(self, state: dict) -> int:
         """How many classes the head of a state_dict of this network predicts."""

@@ -105,9 +105,7 @@ def load_backbones(cfg: RunConfig, device: str, calibrate: Calibrate | None = No
     loaded, norm_of, norms, info, seen = {}, {}, {}, {}, frozenset()
     for item in cfg.features.backbones:
         spec = get_spec(item.name)
-        if spec.input_size not in (None, cfg.loader.image_size):
-            raise ConfigError(f"{item.name} takes {spec.input_size}x{spec.input_size} images only; set "
-                              f"loader.image_size={spec.input_size} (it is {cfg.loader.image_size})")
+        spec.check_input(cfg.loader.image_size)
         net, weights = load_backbone(item.name, item.weights, cfg.features.seed)
         loaded[item.name] = net.to(device), weights
         key = next((k for k, v in norms.items() if v == spec.normalization), item.name)

@@ -169,7 +169,11 @@ def register(spec: BackboneSpec, file: Path, check: Callable[[Path], None]) -> F
     folder.mkdir(parents=True, exist_ok=True)
     with tempfile.NamedTemporaryFile(dir=folder, prefix=f".{file.name}.", delete=False) as scratch:
         shutil.copyfileobj(file.open("rb"), scratch)
+    os.chmod(scratch.name, 0o644)  # a shared cache: readable by the other users of the node, as the copied file is
     os.replace(scratch.name, folder / file.name)
+    for other in folder.iterdir():  # an earlier registration's file
+        if other.name not in (file.name, REGISTRATION) and not other.name.startswith("."):
+            other.unlink()
     atomic_write_text(folder / REGISTRATION, json.dumps({
         "backbone": spec.name, "file": file.name, "sha256": file_sha256(folder / file.name),
         "registered_from": str(file.resolve()), "registered_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}, indent=1))
@@ -192,10 +196,11 @@ def cached(checksums: bool = True) -> list[dict]:
 
     by_file = {url_file(p.url): n for n, p in [*((s.name, s.published) for s in REGISTRY.values()),
                                                *((n, p.published) for n, p in PRESETS.items())] if p and p.url}
-    found = []
+    found, registered_sha = [], {}
     for record in sorted((cache_home() / "weights").glob(f"*/{REGISTRATION}")):
         about = json.loads(record.read_text())
         found.append((about["backbone"], "registered", record.parent / about["file"]))
+        registered_sha[record.parent / about["file"]] = about["sha256"]
     if torch_cache().is_dir():
         found += [(by_file.get(p.name), "torch cache", p) for p in sorted(torch_cache().iterdir()) if p.is_file()]
     if hf_cache().is_dir():
@@ -205,5 +210,14 @@ def cached(checksums: bool = True) -> list[dict]:
             found += [(hub_backbone(repo.repo_id), "hugging face cache", f.file_path)
                       for revision in repo.revisions for f in revision.files
                       if repo.repo_type == "model" and f.file_name.endswith(WEIGHT_FILES)]
-    return [{"backbone": name, "place": place, "path": str(path), "bytes": path.stat().st_size,
-             "sha256": file_sha256(path) if checksums else None} for name, place, path in found]
+    rows = []
+    for name, place, path in found:
+        if not path.is_file():
+            rows.append({"backbone": name, "place": place, "path": str(path), "bytes": None, "sha256": None,
+                         "intact": False})
+            continue
+        digest = file_sha256(path) if checksums else None
+        rows.append({"backbone": name, "place": place, "path": str(path), "bytes": path.stat().st_size,
+                     "sha256": digest, "intact": registered_sha[path] == digest
+                     if checksums and path in registered_sha else None})
+    return rows

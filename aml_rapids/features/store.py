@@ -2,7 +2,8 @@
 it holds (docs/reading-a-store.md).
 
     features/<backbone>   (rows, dim) float16 (or float32), chunked (chunk_rows, dim); a name with ":" or "/" (a
-                          timm hub model) has each run of other characters than A-Z a-z 0-9 . _ - as "-"
+                          timm model) has each run of other characters than A-Z a-z 0-9 . _ - as "-" and the
+                          first 8 hex digits of the name's sha256 appended (timm:test_vit: timm-test_vit-<hash>)
     rows/<field>          (rows,) cell_id, path, label, patient, cohort, split, sha256, pixels_sha256, aug_index,
                           fold, augment, status (0 pending, 1 ok, 2 failed, 3 padding)
     progress/chunk_done   (chunks,) bool, one chunk file per store chunk, written after that chunk's data

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import re
 import sys
 from dataclasses import dataclass, field
 
@@ -69,23 +70,30 @@ def make_spec(name: str) -> BackboneSpec:
     if preset is not None:
         architecture, args, overlay = preset.architecture, dict(preset.model_args), None
     elif name[len(PREFIX):].startswith(HUB):
-        architecture, args, overlay = _hub_config(name, name[len(PREFIX) + len(HUB):])
+        architecture, args, overlay = _hub_config(name, hub_repo(name))
     else:
         architecture, args, overlay = _checked_name(name, name[len(PREFIX):]), {}, None
 
     def build() -> nn.Module:
         return timm.create_model(architecture, pretrained=False, pretrained_cfg=overlay, **args)
 
-    with torch.device("meta"):
-        model = build()
-    cfg = model.pretrained_cfg
-    last = _last_block(name, model)
+    try:
+        with torch.device("meta"):
+            model = build()
+        cfg = model.pretrained_cfg
+        normalization = preset.normalization if preset else Normalization(*(_triple(cfg, k) for k in ("mean", "std")))
+    except (RuntimeError, TypeError, ValueError, KeyError, AttributeError) as exc:
+        if overlay is None:
+            raise
+        raise WeightsError(f"backbone {name!r}: its hub config does not build a timm model ({type(exc).__name__}: "
+                           f"{str(exc).splitlines()[0] if str(exc) else ''})") from None
+    last = _last_block(model)
     tokens = getattr(model, "num_prefix_tokens", None) if hasattr(model, "blocks") else None
-    cam = f"{last}.norm1" if tokens is not None and _has(model, f"{last}.norm1") else None
+    cam = f"{last}.norm1" if last and tokens is not None and _has(model, f"{last}.norm1") else None
+    default = timm.models.get_pretrained_cfg(architecture.partition(".")[0])  # a hub config may not name the head
     return BackboneSpec(
         name, int(getattr(model, "head_hidden_size", None) or model.num_features), _layer_words(model),
-        preset.normalization if preset else Normalization(tuple(cfg["mean"]), tuple(cfg["std"])),
-        build, TimmFeatures, cfg.get("classifier"), last,
+        normalization, build, TimmFeatures, cfg.get("classifier") or (default and default.classifier), last,
         preset.published if preset else _published(cfg, name),
         cam, tokens if cam else None, getattr(model, "output_fmt", "NCHW") == "NHWC", _input_size(name, model),
         reset=lambda m, n: m.reset_classifier(n),
@@ -120,6 +128,14 @@ def _checked_name(name: str, model_name: str) -> str:
     return model_name
 
 
+def hub_repo(name: str) -> str:
+    """The hub repository of a ``timm:hf-hub:ORG/REPO`` name, checked to be one."""
+    repo = name[len(PREFIX) + len(HUB):]
+    if not re.fullmatch(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*", repo) or ".." in repo:
+        raise ConfigError(f"backbone {name!r}: {repo!r} is not a hub repository id; write timm:hf-hub:ORG/REPO")
+    return repo
+
+
 def _hub_config(name: str, repo: str) -> tuple[str, dict, dict]:
     """A hub model's architecture, model arguments and pretrained config, from its config.json in the Hugging Face
     cache (read as timm reads it; never downloaded here: ``aml-rapids weights fetch`` does that)."""
@@ -134,6 +150,8 @@ def _hub_config(name: str, repo: str) -> tuple[str, dict, dict]:
         config = json.loads(path.read_text())
     except (OSError, ValueError) as exc:
         raise WeightsError(f"backbone {name!r}: cannot read its hub config {path}: {exc}") from None
+    if not isinstance(config, dict):
+        config = {}
     if "pretrained_cfg" not in config and "architecture" in config:  # the older, flat form timm still reads
         config = {"architecture": config.pop("architecture"), "pretrained_cfg": config}
     if not isinstance(config.get("pretrained_cfg"), dict) or not isinstance(config.get("architecture"), str):
@@ -143,7 +161,11 @@ def _hub_config(name: str, repo: str) -> tuple[str, dict, dict]:
     pretrained = {**config["pretrained_cfg"], "hf_hub_id": repo, "source": "hf-hub"}
     if "num_classes" in config:
         pretrained["num_classes"] = config["num_classes"]
-    return config["architecture"], dict(config.get("model_args") or {}), pretrained
+    args = config.get("model_args") or {}
+    if not isinstance(args, dict):
+        raise WeightsError(f"backbone {name!r}: hub config {path} has model_args {args!r}, not a mapping of "
+                           "arguments")
+    return config["architecture"], dict(args), pretrained
 
 
 def _published(cfg: dict, name: str) -> Published | None:
@@ -156,12 +178,19 @@ def _published(cfg: dict, name: str) -> Published | None:
     return None
 
 
-def _last_block(name: str, model: nn.Module) -> str:
+def _last_block(model: nn.Module) -> str | None:
+    """The module of the model's last ``feature_info`` entry; None where it declares none or names a module the
+    model does not have (Grad-CAM and ``unfreeze: last_block`` then say so; features need no last block)."""
     info = getattr(model, "feature_info", None)
-    if not info or "module" not in info[-1]:
-        raise ConfigError(f"timm model {name!r} declares no feature_info, so its last block (for Grad-CAM and "
-                          "fine-tuning's unfreeze: last_block) is unknown; choose another model")
-    return info[-1]["module"]
+    last = info[-1].get("module") if info and isinstance(info[-1], dict) else None
+    return last if last and _has(model, last) else None
+
+
+def _triple(cfg: dict, key: str) -> tuple[float, float, float]:
+    value = cfg.get(key)
+    if not (isinstance(value, (list, tuple)) and len(value) == 3 and all(isinstance(v, (int, float)) for v in value)):
+        raise ValueError(f"pretrained_cfg {key} is {value!r}, not three numbers (one per RGB channel)")
+    return tuple(float(v) for v in value)
 
 
 def _has(model: nn.Module, path: str) -> bool:

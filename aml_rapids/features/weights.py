@@ -19,7 +19,7 @@ from ..finetune.record import UNKNOWN, FinetuneRecord, read_record
 from ..logs import log
 from . import published
 from .backbones import BackboneSpec, Published, get_spec, public_specs
-from .timm_backbones import HUB, PREFIX, PRESETS
+from .timm_backbones import HUB, PREFIX, PRESETS, hub_repo
 
 PUBLISHED = ("imagenet", "pretrained")  # the keywords for a network's published weights
 HUB_NAME = PREFIX + HUB
@@ -60,8 +60,12 @@ def fetch_weights(names: list[str], to: Path | None = None, file: Path | None = 
     """``aml-rapids weights fetch``: each network's published weights downloaded into the loaders' caches (or
     into ``to``, to copy to an offline node), or a local ``file`` registered as one network's, once it loads into
     that network; each with its path and sha256."""
+    if not names:
+        raise ConfigError("name at least one backbone (`aml-rapids backbones` lists them)")
     if file is not None and len(names) != 1:
         raise ConfigError(f"--file registers one file as one backbone's weights; {len(names)} backbones were named")
+    if file is not None and to is not None:
+        raise ConfigError("--file registers a local file on this machine, --to downloads for another one: give one")
     rows = []
     for name in names:
         try:
@@ -80,7 +84,7 @@ def _fetch_one(name: str, to: Path | None, file: Path | None) -> published.Found
         spec = get_spec(name)
         return published.register(spec, file, lambda path: load_state(spec, spec.build(), path))
     if name.startswith(HUB_NAME):  # its config.json first: the network is built from it
-        return published.fetch(name, Published(name, hf_repo=name[len(HUB_NAME):]), to, config=True)
+        return published.fetch(name, Published(name, hf_repo=hub_repo(name)), to, config=True)
     spec = get_spec(name)
     if spec.published is None:
         raise WeightsError(f"backbone {name!r} has no published weights to fetch; register a file (--file) or use "
@@ -98,8 +102,8 @@ def published_file(spec: BackboneSpec) -> published.Found:
     found = published.find(spec)
     if found is None:
         try:
-            if not spec.published.url:
-                raise DownloadError("only `aml-rapids weights fetch` downloads from the hub")
+            if not spec.published.hash_in_name:  # torchvision's own files, checked by the hash in their names
+                raise DownloadError("only `aml-rapids weights fetch` downloads weights other than torchvision's")
             with contextlib.redirect_stdout(sys.stderr):  # downloads print progress there; stdout is --json's
                 found = published.fetch(spec.name, spec.published)
         except DownloadError as exc:
@@ -113,6 +117,8 @@ def published_file(spec: BackboneSpec) -> published.Found:
 
 
 def _read_state_dict(path: Path) -> dict:
+    if path.is_dir():
+        raise WeightsError(f"weights {path} is a folder; give the weights file itself")
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
@@ -121,7 +127,9 @@ def _read_state_dict(path: Path) -> dict:
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch.load fails in many ways on a file that is not a checkpoint
-        raise WeightsError(f"cannot read weights file {path}: {type(exc).__name__}: {exc}") from None
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise WeightsError(f"cannot read weights file {path}: not a complete PyTorch state_dict or safetensors file "
+                           f"({type(exc).__name__}{': ' + first if first else ''})") from None
     for key in ("state_dict", "model"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
@@ -171,6 +179,9 @@ def load_state(spec: BackboneSpec, model: nn.Module, path: Path) -> bool:
     """Load the weights file ``path`` into ``model`` (the whole network); a file whose head predicts other
     classes than the network's (a fine-tuned one) gives it a head of that size first. Returns whether it did."""
     state = _fitted(spec, model, _read_state_dict(path))
+    head = {k for k in model.state_dict() if k.startswith(f"{spec.head}.")}
+    if spec.reset is not None and head and not head & set(state) and set(model.state_dict()) - set(state) == head:
+        spec.reset(model, 0)  # an encoder saved headless (as hub encoders are): its features need no head
     retrained = spec.head is not None and f"{spec.head}.weight" in state and (
         spec.classes_of(state) != spec.head_width(model))
     if retrained:

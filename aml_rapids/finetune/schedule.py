@@ -8,11 +8,15 @@ from __future__ import annotations
 
 from torch import nn
 
+from ..errors import ConfigError
 from ..features.backbones import BackboneSpec
 
 
 class FreezeSchedule:
     def __init__(self, spec: BackboneSpec, freeze_epochs: int, unfreeze: str):
+        if unfreeze == "last_block" and spec.last_block is None:
+            raise ConfigError(f"{spec.name}'s last block is not known (its timm feature_info names no module of the "
+                              "network), so finetune.unfreeze=last_block cannot be honoured; use unfreeze: all")
         self.spec, self.freeze_epochs, self.unfreeze = spec, freeze_epochs, unfreeze
 
     def first_trained(self, epoch: int) -> str | None:

@@ -28,6 +28,7 @@ from ..data.manifest import Manifest
 from ..data.scan import Problem
 from ..errors import OutputError, TrainingDiverged
 from ..evaluate.report import split_protocol, write_report
+from ..features.backbones import get_spec
 from ..loader.loader import CellLoader, resolve_device
 from ..logs import log
 from ..outputs import atomic_write_text, file_sha256, prepare_output_dir
@@ -141,6 +142,9 @@ def finetune(manifest: Manifest, where: Path, out: Path, cfg: RunConfig, overwri
     if device == "cpu":
         torch.set_num_threads(usable_cores())
     tables = training_tables(manifest, cfg, where)
+    spec = get_spec(ft.backbone)
+    spec.check_input(cfg.loader.image_size)
+    FreezeSchedule(spec, ft.freeze_epochs, ft.unfreeze)  # a schedule this network cannot follow: said before any work
     out = prepare_folder(Path(out), overwrite)
     task = make_task(ft, tables.classes, device, cfg.features.channels_last)
     digest = manifest.digest()  # hashes every row: once a run
