@@ -11,6 +11,7 @@ import re
 import shutil
 import tempfile
 from collections.abc import Callable, Iterable
+from contextlib import contextmanager
 from fnmatch import fnmatch
 from pathlib import Path
 
@@ -63,6 +64,18 @@ def prepare_fresh_dir(path: Path, what: str, outputs: Iterable[str], overwrite: 
     for name in ours:
         shutil.rmtree(path / name) if (path / name).is_dir() else (path / name).unlink()
     return path
+
+
+@contextmanager
+def removed_if_left_empty(folder: Path, fresh: bool):
+    """A folder this command made (``fresh``) is removed again if it fails before writing anything into it: a
+    refused run leaves nothing behind."""
+    try:
+        yield
+    except BaseException:
+        if fresh and folder.is_dir() and not any(folder.iterdir()):
+            folder.rmdir()
+        raise
 
 
 def read_json(path: Path):

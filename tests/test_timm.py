@@ -223,7 +223,7 @@ def test_a_vit_that_resizes_its_position_embedding_per_batch_is_refused_by_expor
                                  "--format", "onnx"])
     assert result.exit_code == 11, result.output
     assert "timm:test_vit cannot be written as ONNX (opset 18)" in result.output
-    assert "upsample_bicubic2d_aa" in result.output and list((tmp_path / "out").iterdir()) == []
+    assert "upsample_bicubic2d_aa" in result.output and not (tmp_path / "out").exists()
 
 
 def test_malformed_hub_configs_and_repository_ids_are_refused_in_one_line(tmp_path, monkeypatch):

@@ -20,7 +20,7 @@ from ..data.manifest import read_source
 from ..errors import ConfigError
 from ..loader.pipeline import PIXELS, Normalization
 from ..logs import say
-from ..outputs import file_sha256, prepare_fresh_dir
+from ..outputs import file_sha256, prepare_fresh_dir, removed_if_left_empty
 from ..provenance import software_versions
 from .backbones import get_spec
 from .engines import Choice, EngineUnavailable, calibration_cells
@@ -121,8 +121,10 @@ def export_backbone(backbone: str, weights: str, out: Path, cfg: RunConfig, form
         cfg = cfg.model_copy(update={"loader": cfg.loader.model_copy(update={"image_size": size})})
     net, made = load_backbone(backbone, weights, cfg.features.seed)
     model = WithNormalization(net, spec.normalization).eval()
+    fresh = not Path(out).exists()
     out = prepare_fresh_dir(Path(out), "export folder", OUTPUTS, overwrite, delete=False)  # checked, kept as it is
-    with tempfile.TemporaryDirectory(prefix=f".{out.name}.export-", dir=out.parent) as scratch:  # beside it
+    with removed_if_left_empty(out, fresh), tempfile.TemporaryDirectory(prefix=f".{out.name}.export-",
+                                                                        dir=out.parent) as scratch:  # beside it
         work = Path(scratch)
         pixels, cells_used = _check_cells(cells, cfg, precision, work)
         with torch.inference_mode():
