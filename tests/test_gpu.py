@@ -31,16 +31,17 @@ def separable(rows=2000, classes=5, dim=64, seed=0):
 
 
 @needs_gpu
-def test_gpu_extraction_matches_the_cpu_store(tmp_path):
+@pytest.mark.parametrize("backbone", ["mobilenet_v2", "dinobloom_s"])  # a torchvision CNN and a timm ViT-S/14
+def test_gpu_extraction_matches_the_cpu_store(tmp_path, backbone):
     write_demo_dataset(tmp_path / "cells", 1, 40)
     manifest = build_manifest(tmp_path / "cells", IndexConfig(verify_decode=False)).manifest
     stores = {}
     for device in ("cpu", "gpu"):
-        cfg = load_config(None, ["features.backbones=[{name: mobilenet_v2, weights: none}]", "loader.batch_size=64",
+        cfg = load_config(None, [f"features.backbones=[{{name: {backbone}, weights: none}}]", "loader.batch_size=64",
                                  "features.chunk_batches=1", f"loader.device={device}", "features.store_dtype=float32"])
         summary = extract(manifest, tmp_path / f"{device}.zarr", cfg)
         assert summary.rows_written == 200 and summary.rows_failed == 0
-        stores[device] = FeatureStore.open(tmp_path / f"{device}.zarr").features("mobilenet_v2")[:200]
+        stores[device] = FeatureStore.open(tmp_path / f"{device}.zarr").features(backbone)[:200]
     cpu, gpu = stores["cpu"], stores["gpu"]  # fp32 on the CPU, bf16 autocast on the GPU
     cosine = (cpu * gpu).sum(1) / np.linalg.norm(cpu, axis=1) / np.linalg.norm(gpu, axis=1)
     assert cosine.min() > 0.98
