@@ -37,6 +37,16 @@ class Found:
 
     path: Path
     place: str  # "registered", "torch cache" or "hugging face cache"
+    sha256: str | None = None  # a registered file's sha256 when it was registered: what loading it must find
+
+
+def verify(found: Found, digest: str, name: str) -> None:
+    """A registered file whose sha256 (``digest``, computed by the loader anyway) is not the registered one is
+    refused: a copy cut short or overwritten."""
+    if found.sha256 is not None and digest != found.sha256:
+        raise WeightsError(f"the weights registered for {name} at {found.path} are damaged (their sha256 is not the "
+                           f"registered {found.sha256[:12]}...): register the file again with "
+                           f"`aml-rapids weights fetch {name} --file FILE`")
 
 
 def torch_cache() -> Path:
@@ -69,18 +79,18 @@ def hf_cached(repo: str, filename: str, cache_dir: Path | None = None) -> Path |
 
 
 def registered(name: str) -> Found | None:
-    """The file registered for ``name``, checked against the sha256 it was registered with."""
+    """The file registered for ``name``, with the sha256 it was registered with (``verify`` checks it where the
+    file is read: hashing it here too would read a large file twice)."""
     folder = registered_dir(name)
     try:
         record = json.loads((folder / REGISTRATION).read_text())
     except (OSError, ValueError):
         return None
     path = folder / record["file"]
-    if not path.is_file() or file_sha256(path) != record["sha256"]:
-        raise WeightsError(f"the weights registered for {name} at {path} are missing or damaged (their sha256 is "
-                           f"not the registered {record['sha256'][:12]}...): register the file again with "
+    if not path.is_file():
+        raise WeightsError(f"the weights registered for {name} at {path} are missing: register the file again with "
                            f"`aml-rapids weights fetch {name} --file FILE`")
-    return Found(path, "registered")
+    return Found(path, "registered", record["sha256"])
 
 
 def find(spec: BackboneSpec) -> Found | None:

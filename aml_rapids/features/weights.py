@@ -74,8 +74,10 @@ def fetch_weights(names: list[str], to: Path | None = None, file: Path | None = 
             raise DownloadError(f"{exc}. Where there is no internet, run `aml-rapids weights fetch {name} --to DIR` "
                                 f"on a machine that has it and copy DIR here, or register a local copy: "
                                 f"`aml-rapids weights fetch {name} --file FILE`") from None
-        rows.append({"backbone": name, "place": found.place, "path": str(found.path),
-                     "sha256": file_sha256(found.path)})
+        digest = file_sha256(found.path)
+        if found.place == "torch cache":
+            check_published(get_spec(name), found.path, digest)
+        rows.append({"backbone": name, "place": found.place, "path": str(found.path), "sha256": digest})
     return rows
 
 
@@ -89,9 +91,7 @@ def _fetch_one(name: str, to: Path | None, file: Path | None) -> published.Found
     if spec.published is None:
         raise WeightsError(f"backbone {name!r} has no published weights to fetch; register a file (--file) or use "
                            "weights: none")
-    found = published.fetch(name, spec.published, to)
-    check_published(spec, found.path, file_sha256(found.path))
-    return found
+    return published.fetch(name, spec.published, to)
 
 
 def published_file(spec: BackboneSpec) -> published.Found:
@@ -205,6 +205,8 @@ def build_network(name: str, weights: str = "imagenet", seed: int = 0) -> tuple[
         digest = file_sha256(path)
         if found and found.place == "torch cache":
             check_published(spec, path, digest)
+        if found:
+            published.verify(found, digest, name)
         retrained = load_state(spec, model, path)
         record = None if weights in PUBLISHED else read_record(path)
         if record is None and retrained:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import os
+import sys
 import tempfile
 import warnings
 from contextlib import contextmanager
@@ -45,6 +46,7 @@ def _native_output_held():
     """The exporter's C++ side prints the whole TorchScript graph to stdout (the --json summary's) when a network
     does not convert, hundreds of lines; its exception already names the operator. Held back here, at the file
     descriptor, for the export's duration (no other thread writes while networks are loaded)."""
+    sys.stdout.flush()  # what Python has buffered is written before the descriptor is taken
     saved = os.dup(1)
     with tempfile.TemporaryFile() as held:
         os.dup2(held.fileno(), 1)
