@@ -203,6 +203,41 @@ class EvaluateConfig(_Section):
                                                     "evaluated rows (its sensitivity and AUC are then coarse)")
 
 
+class PatientsConfig(_Section):
+    """Patient-level diagnosis from bags of cells (``train --level patient``, ``cv --level patient``): attention
+    multiple-instance learning (Ilse et al. 2018) over each backbone's row-z-scored PCA features, trained on
+    class-balanced draws of patients with early stopping on patients held out of training."""
+
+    attention: Literal["gated", "per_class"] = Field(
+        "gated", description="gated: one gated attention over the cells (Ilse et al.); per_class: one attention "
+                             "and one bag embedding per class (as SCEMILA)")
+    pca_components: PositiveInt = Field(64, description="PCA components per backbone the model reads")
+    hidden: PositiveInt = Field(128, description="width of each cell's embedding")
+    attention_hidden: PositiveInt = Field(64, description="width of the attention network")
+    dropout: float = Field(0.25, ge=0, lt=1)
+    lr: float = Field(5e-4, gt=0, description="Adam")
+    weight_decay: float = Field(1e-4, ge=0)
+    epochs: PositiveInt = Field(100, description="at most")
+    patience: PositiveInt = Field(15, description="epochs without a lower validation loss before stopping")
+    ensemble: PositiveInt = Field(5, description="networks averaged, each stopped early on its own fold of the "
+                                                 "training patients (with a val split: on it, by seed)")
+    val_fraction: float = Field(0.2, gt=0, lt=1, description="with ensemble 1 and no val split: the share of the "
+                                                             "training patients held out for early stopping")
+    batch_patients: PositiveInt = Field(4, description="bags per optimiser step (padded, masked)")
+    max_cells: Optional[PositiveInt] = Field(
+        512, description="cells drawn from a bag at each training step (null: all); prediction reads every cell")
+    include_augmented: bool = Field(False, description="augmented copies of cells in the bags (false: originals)")
+    dedupe: bool = Field(True, description="one cell per content within a patient (byte-identical files once)")
+    quantiles: tuple[Annotated[float, Field(gt=0, lt=1)], ...] = Field(
+        (0.5, 0.9), description="baselines of cv --level patient: these quantiles of the cells' class scores, "
+                                "besides their mean")
+    top_cells: PositiveInt = Field(8, description="most attended cells listed per patient by predict")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: the GPU when there is one")
+    memory_gb: float = Field(4.0, gt=0, description="on a CPU, the most a training step may hold (a GPU: its free "
+                                                    "memory); larger bags x batch are refused")
+    seed: int = Field(0, ge=0, description="initialisation, the validation patients, sampling and dropout")
+
+
 class FinetuneConfig(_Section):
     """Fine-tuning a registry network with a new head (``aml-rapids finetune``). The defaults are the published
     training policy (Adam, learning rate 1e-4, mini-batches of 32, at most 50 epochs, reshuffled every epoch,
@@ -307,6 +342,7 @@ class RunConfig(_Section):
     features: FeaturesConfig = FeaturesConfig()
     classify: ClassifyConfig = ClassifyConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
+    patients: PatientsConfig = PatientsConfig()
     finetune: FinetuneConfig = FinetuneConfig()
     explain: ExplainConfig = ExplainConfig()
 

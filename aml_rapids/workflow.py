@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .config import RunConfig, load_config
-from .errors import DataError, FailedRowsError
+from .errors import ConfigError, DataError, FailedRowsError
 from .logs import say, warn
 from .outputs import prepare_output_dir, slug
 from .progress import progress_bar
@@ -283,15 +283,37 @@ def finetune(manifest: Path, out: Path | None = None, cfg: RunConfig | None = No
     return result
 
 
-def train(store: Path, out: Path, cfg: RunConfig | None = None, overwrite: bool = False) -> Trained:
-    """Fit the stacking classifier on the store's training rows into a new (or, ``overwrite``, its own) folder."""
-    from .classify.train import train as run_train
+LEVELS = ("cell", "patient")
 
+
+def check_level(level: str) -> None:
+    if level not in LEVELS:
+        raise ConfigError(f"unknown level {level!r}; use cell (the stacking classifier) or patient (attention MIL)")
+
+
+def train(store: Path, out: Path, cfg: RunConfig | None = None, overwrite: bool = False,
+          level: str = "cell") -> Trained:
+    """Fit the stacking classifier on the store's training rows (``level`` cell), or the attention MIL model on
+    its training patients (``patient``), into a new (or, ``overwrite``, its own) folder."""
+    check_level(level)
     cfg = cfg or RunConfig()
-    say("training: z-score, PCA, out-of-fold SVM + random forest, meta-learner")
+    if level == "patient":
+        from .patients.train import train as run_train
+
+        say(f"training: attention MIL ({cfg.patients.attention}) over each patient's cells (row z-score, PCA)")
+    else:
+        from .classify.train import train as run_train
+
+        say("training: z-score, PCA, out-of-fold SVM + random forest, meta-learner")
     info = run_train(Path(store), cfg, Path(out), overwrite=overwrite)
     write_run_record(out, "train", cfg, model=info)
-    say(f"trained on {info['training_rows']:,} rows ({info['backend']}), classes {info['classes']}; model: {out}")
+    if level == "patient":
+        say(f"{len(info['members'])} network(s), stopped early on {info['validation']}; epochs kept (lowest "
+            f"validation loss): {', '.join(str(m['best_epoch']) for m in info['members'])}")
+        say(f"trained on {info['training_patients']:,} patients ({info['backend']}), classes {info['classes']}; "
+            f"model: {out}")
+    else:
+        say(f"trained on {info['training_rows']:,} rows ({info['backend']}), classes {info['classes']}; model: {out}")
     say("time in: " + ", ".join(f"{step} {seconds:.1f} s" for step, seconds in info["fit_seconds"].items()))
     return Trained(Path(out), info)
 
@@ -322,12 +344,13 @@ def evaluate(model: Path, store: Path, split: str = "test", out: Path | None = N
              cfg: RunConfig | None = None) -> Evaluated:
     """Metrics, plots and per-cell predictions of a model on one split of a store (never its training rows)."""
     from .classify.io import read_info
-    from .classify.train import check_evaluable, evaluate as run_evaluate
+    from .classify.train import check_evaluable, evaluate as evaluate_cells
     from .features.store import FeatureStore
+    from .patients.train import LEVEL, evaluate as evaluate_patients
 
     cfg, model = cfg or RunConfig(), Path(model)
     check_evaluable(split)  # before its folder is made, as are the model and the store
-    read_info(model)
+    run_evaluate = evaluate_patients if read_info(model).get("level") == LEVEL else evaluate_cells
     FeatureStore.open(store)
     out = prepare_output_dir(out or model / f"eval-{split}", "report folder")
     report = run_evaluate(model, Path(store), split, out, cfg.evaluate)
@@ -341,14 +364,19 @@ def evaluate(model: Path, store: Path, split: str = "test", out: Path | None = N
     return Evaluated(out, report)
 
 
-def cross_validate(store: Path, out: Path | None = None, cfg: RunConfig | None = None) -> Evaluated:
-    """Patient-grouped k-fold cross-validation on a store of a ``kfold`` manifest: pooled out-of-fold report."""
+def cross_validate(store: Path, out: Path | None = None, cfg: RunConfig | None = None,
+                   level: str = "cell") -> Evaluated:
+    """Patient-grouped k-fold cross-validation on a store of a ``kfold`` manifest: pooled out-of-fold report of
+    the stacking classifier (``level`` cell), or attention MIL against pooled cell scores (``patient``)."""
     from .classify.crossval import cross_validate as run_cv
     from .features.store import FeatureStore
 
+    check_level(level)
     cfg, store = cfg or RunConfig(), Path(store)
     FeatureStore.open(store)  # before its report folder is made
-    out = prepare_output_dir(out or store.parent / "cv", "report folder")
+    out = prepare_output_dir(out or store.parent / ("cv" if level == "cell" else "cv-patients"), "report folder")
+    if level == "patient":
+        return _compare_patient_models(store, out, cfg)
 
     def show(fold: dict) -> None:
         say(f"fold {fold['fold']}: {fold['cells']:,} cells, cell AUC {fold['cell_macro_auc']:.3f}"
@@ -363,6 +391,30 @@ def cross_validate(store: Path, out: Path | None = None, cfg: RunConfig | None =
     for line in report_lines(report, report["split"]):
         say(line)
     say(f"report: {out / 'metrics.json'}, out-of-fold predictions: {out / 'predictions.csv'}")
+    return Evaluated(out, report)
+
+
+def _compare_patient_models(store: Path, out: Path, cfg: RunConfig) -> Evaluated:
+    from .patients.crossval import compare
+
+    def show(fold: dict) -> None:
+        say(f"fold {fold['fold']}: {fold['patients']} patients, macro AUC " + ", ".join(
+            f"{key.removesuffix(' macro AUC')} {value:.3f}" for key, value in fold.items()
+            if key.endswith("macro AUC") and value is not None))
+
+    say("cross-validating at patient level: per fold, the stacking classifier (pooled cell scores) and attention "
+        "MIL on the same patients")
+    report = compare(store, cfg, out, on_fold=show)
+    write_run_record(out, "cv", cfg, store=str(store), level="patient", folds=report["folds"])
+    say(f"{report['split']} ({report['split_protocol']}), {report['bags']['patients']} patients, "
+        f"{report['bags']['cells']:,} cells:")
+    for name, level in report["models"].items():
+        interval = level["ci95"].get("macro_auc")
+        say(f"  {name}: macro AUC " + ("undefined" if level["macro_auc"] is None else f"{level['macro_auc']:.3f}")
+            + (f" (95% CI {interval[0]:.3f}-{interval[1]:.3f})" if interval else "")
+            + f", accuracy {level['accuracy']:.3f}")
+    say(f"report: {out / 'metrics.json'}, per-patient scores: {out / 'patients.csv'}, attention: "
+        f"{out / 'attention.csv'}")
     return Evaluated(out, report)
 
 

@@ -26,13 +26,14 @@ MODEL_FILE, PORTABLE_FILE, INFO_FILE = "model.joblib", "model-sklearn.joblib", "
 TRAINING_CELLS = "training_cells.parquet"  # cell_id, sha256, pixels_sha256, cohort, patient, label of each
 # what a model folder holds besides run records: the model's files, and evaluations and predictions made with it
 OUTPUTS = (MODEL_FILE, PORTABLE_FILE, TRAINING_CELLS, INFO_FILE, "eval-*", "predict-*")
+PORTABLE_BACKENDS = ("sklearn", "torch")  # models any CPU runs as saved (torch: the patient-level model)
 
 
 class ModelError(DataError):
     """A model folder that cannot be used: missing, damaged, edited, or made by another version."""
 
 
-def save_model(model: FeatureStackingClassifier, out: Path, info: dict, training_rows: pd.DataFrame,
+def save_model(model, out: Path, info: dict, training_rows: pd.DataFrame,
                identity: dict) -> dict:
     """Write the folder; returns ``info`` completed with the twin's state, the feature identity and file hashes."""
     atomic_write(out / MODEL_FILE, lambda tmp: joblib.dump(model, tmp))
@@ -40,8 +41,8 @@ def save_model(model: FeatureStackingClassifier, out: Path, info: dict, training
     cells = training_rows[["cell_id", "sha256", "pixels_sha256", "cohort", "patient", "label"]].drop_duplicates(
         "sha256")
     atomic_write(out / TRAINING_CELLS, lambda tmp: cells.to_parquet(tmp, index=False))
-    names = [MODEL_FILE, TRAINING_CELLS] + ([PORTABLE_FILE] if model.backend_ != "sklearn" and portable is True
-                                            else [])
+    names = [MODEL_FILE, TRAINING_CELLS] + ([PORTABLE_FILE] if model.backend_ not in PORTABLE_BACKENDS
+                                            and portable is True else [])
     info = {**info, "portable": portable, "feature_identity": identity,
             "files": {name: file_sha256(out / name) for name in names}}
     atomic_write_text(out / INFO_FILE, json.dumps(info, indent=2))
@@ -50,7 +51,7 @@ def save_model(model: FeatureStackingClassifier, out: Path, info: dict, training
 
 def _save_portable(model: FeatureStackingClassifier, out: Path) -> bool | str:
     """Beside a cuML model, its scikit-learn twin for machines without a GPU: True, or why there is none."""
-    if model.backend_ == "sklearn":
+    if model.backend_ in PORTABLE_BACKENDS:
         return True
     try:
         twin = model.to_sklearn()
@@ -94,7 +95,7 @@ def load_model(model_dir: Path) -> tuple[FeatureStackingClassifier, dict]:
     """The model as trained where its backend runs here; else its scikit-learn twin; else a clear error."""
     info = read_info(model_dir)
     name = MODEL_FILE
-    if info["backend"] != "sklearn" and get_backend("auto").name != info["backend"]:
+    if info["backend"] not in PORTABLE_BACKENDS and get_backend("auto").name != info["backend"]:
         if info.get("portable") is not True:
             raise ModelError(f"model {model_dir} was trained with {info['backend']}, which does not run here, "
                              f"and has no scikit-learn twin: {info.get('portable')}")

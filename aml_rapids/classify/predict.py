@@ -26,6 +26,7 @@ from ..features.store import ATTRS_KEY, FeatureStore
 from ..loader.loader import resolve_device
 from ..logs import say
 from ..outputs import prepare_fresh_dir
+from ..patients.train import LEVEL as PATIENT_LEVEL, predict as predict_patients
 from .io import check_features_match, check_store_matches, load_model, seen_in_training
 from .train import predict_store
 
@@ -84,6 +85,10 @@ def predict(model_dir: Path, source: Path, out: Path, overrides: list[str] | Non
         store_path = out / "features.zarr"
         failures += extract(manifest, store_path, cfg, progress=progress, on_total=on_total,
                             backbones=backbones).failures
+    if info.get("level") == PATIENT_LEVEL:
+        cells, patients = predict_patients(model, info, FeatureStore.open(store_path), model_dir, out)
+        _write_failures(failures, out)
+        return Prediction(cells, patients, failures, int(cells["in_training"].sum()), cfg, warnings)
     proba, rows = predict_store(model, FeatureStore.open(store_path), list(info["backbones"]), None,
                                 originals_only=True)
     classes = model.classes_

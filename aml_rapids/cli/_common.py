@@ -60,6 +60,11 @@ BackendOpt = Annotated[Optional[str], typer.Option(
     metavar="auto|cuml|sklearn", show_default=from_config("classify.backend"),
     help="Classifier backend: cuML on a GPU, scikit-learn on a CPU.")]
 
+LevelOpt = Annotated[str, typer.Option(
+    "--level", metavar="cell|patient", help="cell: the stacking classifier on cells (the method); patient: attention "
+                                            "multiple-instance learning on each patient's bag of cells (config "
+                                            "section patients).")]
+
 
 def out_option(default: str, what: str = "Output folder", *aliases: str):
     """``-o/--out``: every command's output, with the default it takes when not given."""

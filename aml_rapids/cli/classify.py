@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 import typer
 
 from .. import workflow
-from ._common import (AllowFailedOpt, BackendOpt, ConfigOpt, ModelArg, OverwriteOpt, SetOpt, StoreArg, command,
+from ._common import (AllowFailedOpt, BackendOpt, ConfigOpt, LevelOpt, ModelArg, OverwriteOpt, SetOpt, StoreArg, command,
                       out_option, resolve_config)
 
 
@@ -17,15 +17,17 @@ def register(app: typer.Typer) -> None:
     def train(
         store: StoreArg,
         out: Annotated[Path, out_option("model", "Model folder (new or empty, or --overwrite)")] = Path("model"),
+        level: LevelOpt = "cell",
         backend: BackendOpt = None,
         overwrite: OverwriteOpt = False,
         config: ConfigOpt = None,
         set_: SetOpt = None,
     ) -> workflow.Trained:
-        """Fit z-score + PCA + SVM/RF stacking on the store's training rows and save the model folder (a new or
+        """Fit z-score + PCA + SVM/RF stacking on the store's training rows (--level patient: attention MIL on its
+        training patients, stopped early on its val split or a share of them) and save the model folder (a new or
         empty folder, or --overwrite replaces an earlier model there)."""
         cfg = resolve_config(config, set_, **{"classify.backend": backend})
-        return workflow.train(store, out, cfg, overwrite)
+        return workflow.train(store, out, cfg, overwrite, level)
 
     @command(app)
     def evaluate(
@@ -48,14 +50,18 @@ def register(app: typer.Typer) -> None:
         store: Annotated[Path, typer.Argument(
             metavar="STORE", show_default=False,
             help="Feature store extracted from a manifest split with --method kfold.")],
-        out: Annotated[Optional[Path], out_option("cv beside the store", "Report folder")] = None,
+        out: Annotated[Optional[Path], out_option("cv (cv-patients) beside the store", "Report folder")] = None,
+        level: LevelOpt = "cell",
         backend: BackendOpt = None,
         config: ConfigOpt = None,
         set_: SetOpt = None,
     ) -> workflow.Evaluated:
         """Patient-grouped k-fold cross-validation: one classifier per fold, pooled out-of-fold metrics, plots
-        and predictions."""
-        return workflow.cross_validate(store, out, resolve_config(config, set_, **{"classify.backend": backend}))
+        and predictions. --level patient compares, on the same folds and cells, attention MIL against the mean
+        and quantiles (patients.quantiles) of the stacking classifier's cell probabilities, with McNemar's test
+        on patients."""
+        cfg = resolve_config(config, set_, **{"classify.backend": backend})
+        return workflow.cross_validate(store, out, cfg, level)
 
     @command(app)
     def predict(
