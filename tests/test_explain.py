@@ -329,6 +329,24 @@ def test_gallery_from_an_evaluation(run, tmp_path):
     assert tiles.exit_code == 3 and "not a prediction table" in tiles.output
 
 
+def test_a_patient_level_prediction_makes_a_gallery_of_the_most_attended_cells(run, tmp_path):
+    quick = ["--set", "patients.epochs=3", "--set", "patients.ensemble=1", "--set", "patients.pca_components=8"]
+    result = cli("train", run / "features.zarr", "--level", "patient", "-o", tmp_path / "mil", *quick)
+    assert result.exit_code == 0, result.output
+    assert cli("predict", tmp_path / "mil", run / "features.zarr", "-o", tmp_path / "p").exit_code == 0
+    result = cli("gallery", tmp_path / "p", run / "manifest.parquet", "-o", tmp_path / "g", "--set",
+                 "explain.gallery.per_patient=3")
+    assert result.exit_code == 0, result.output
+    assert {p.name for p in (tmp_path / "g").iterdir()} >= {"patients.png", "gallery.csv"}
+    assert not (tmp_path / "g" / "classes.png").exists()  # a patient model's p_<class> are no cell's
+    listing = pd.read_csv(tmp_path / "g" / "gallery.csv")
+    cells = pd.read_csv(tmp_path / "p" / "predictions.csv").set_index("cell_id")
+    assert (listing["p_of"] == "attention").all()
+    assert np.allclose(listing["p"], cells.loc[listing["cell_id"], "attention"])
+    ranks = cells.loc[listing["cell_id"], "attention_rank"].to_numpy().reshape(-1, 3)
+    assert (ranks == [1, 2, 3]).all()  # each patient's three most attended cells, best first (no copies here)
+
+
 def test_the_report_shows_the_explanations_below_a_run(run, finetuned):
     """The run folder also holds a fine-tuning, whose head's test report rests on no store."""
     from aml_rapids.report.render import render_report

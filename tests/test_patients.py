@@ -121,18 +121,20 @@ def test_attention_finds_the_few_cells_the_mean_misses(tmp_path):
     hardly rank the patients, attention MIL does, and the cells it attends to most are the planted ones."""
     rows, X = planted()
     write_store(tmp_path / "planted.zarr", rows, X)
-    small = ["classify.pca_components=32", "classify.rf_trees=30", "classify.folds=3", "classify.backend=sklearn",
-             "patients.pca_components=32", "evaluate.bootstrap_samples=200"]
+    small = ["classify.pca_components=32", "classify.rf_trees=20", "classify.folds=3", "classify.backend=sklearn",
+             "patients.pca_components=32", "patients.ensemble=3", "patients.epochs=40", "patients.patience=10",
+             "evaluate.bootstrap_samples=200"]
     result = runner.invoke(app, ["cv", str(tmp_path / "planted.zarr"), "--level", "patient", "-o", str(tmp_path / "cv"),
                                  *[a for s in small for a in ("--set", s)]])
     assert result.exit_code == 0, result.output
     report = json.loads((tmp_path / "cv" / "metrics.json").read_text())
     auc = {name: m["macro_auc"] for name, m in report["models"].items()}
     mil, mean = auc["attention MIL"], auc["mean of cell probabilities"]
-    assert mil >= 0.9 and mean <= 0.75 and report["models"]["attention MIL"]["ci95"]["macro_auc"][0] > mean
+    assert mil >= 0.95 and mil - mean >= 0.1 and report["models"]["attention MIL"]["ci95"]["macro_auc"][0] > mean
     assert report["bags"] == {"patients": 60, "cells": 3000, "left_out": {"augmented copies": 0,
                                                                           "same content within a patient": 0}}
-    assert report["mcnemar_vs_attention_mil"]["mean of cell probabilities"]["c"] > 0
+    mcnemar = report["mcnemar_vs_attention_mil"]["mean of cell probabilities"]
+    assert mcnemar["b"] > mcnemar["c"]  # patients only attention MIL gets right outnumber the others
     attention = pd.read_csv(tmp_path / "cv" / "attention.csv")
     assert np.allclose(attention.groupby("patient")["attention"].sum(), 1, atol=1e-4)
     positives = attention[attention["label"] == "pos"]
@@ -147,14 +149,15 @@ def test_train_evaluate_and_predict_at_patient_level(tmp_path):
     rows, X = planted(patients=40, cells=30)
     rows["split"] = np.select([rows["fold"] == 0, rows["fold"] == 1], ["test", "val"], "train")
     write_store(tmp_path / "s.zarr", rows, X)
-    small = ["--set", "patients.pca_components=32", "--set", "patients.epochs=30"]
+    small = ["--set", "patients.pca_components=32", "--set", "patients.epochs=30", "--set", "patients.ensemble=2"]
     result = runner.invoke(app, ["train", str(tmp_path / "s.zarr"), "--level", "patient", "-o", str(tmp_path / "m"),
                                  *small])
     assert result.exit_code == 0, result.output
     info = json.loads((tmp_path / "m" / "model.json").read_text())
     assert info["level"] == "patient" and info["validation"] == "the store's val split"
     assert info["training_patients"] == 24 and info["validation_patients"] == 8 and info["training_rows"] == 960
-    assert 1 <= info["best_epoch"] <= info["epochs_run"] <= 30
+    assert len(info["members"]) == 2 and {m["validation_patients"] for m in info["members"]} == {8}
+    assert all(1 <= m["best_epoch"] <= m["epochs_run"] <= 30 for m in info["members"])
     result = runner.invoke(app, ["evaluate", str(tmp_path / "m"), str(tmp_path / "s.zarr")])
     assert result.exit_code == 0, result.output
     report = json.loads((tmp_path / "m" / "eval-test" / "metrics.json").read_text())

@@ -1,6 +1,6 @@
 """Galleries of cells from a prediction table (an evaluation's or a prediction's predictions.csv): per class the
 most confident correct and the most confident wrong cells; per patient the cells that push its mean score for
-the class it is called most (wrongly called patients first). Every tile names its cell, true and predicted class
+the class it is called most (wrongly called patients first), or a patient-level model's most attended cells. Every tile names its cell, true and predicted class
 and probability; gallery.csv lists every tile shown."""
 
 from __future__ import annotations
@@ -62,8 +62,8 @@ def _tile(row: pd.Series, root: Path) -> dict:
         image = np.asarray(Image.open(path).convert("RGB"))
     except OSError as exc:
         raise DataError(f"cannot read cell image {path}: {exc}") from None
-    return {"image": image, "title": f"{row['cell_id'][:8]}\ntrue {row['label']}\npred {row['predicted']}\n"
-                                     f"p({row['p_of']}) {row['p']:.2f}"}
+    score = f"attention {row['p']:.3f}" if row["p_of"] == "attention" else f"p({row['p_of']}) {row['p']:.2f}"
+    return {"image": image, "title": f"{row['cell_id'][:8]}\ntrue {row['label']}\npred {row['predicted']}\n{score}"}
 
 
 def _shown(cells: pd.DataFrame, of: pd.Series | str) -> pd.DataFrame:
@@ -95,7 +95,8 @@ def class_rows(table: pd.DataFrame, classes: list[str], per_class: int) -> list[
 
 def patient_rows(table: pd.DataFrame, classes: list[str], settings: GalleryConfig) -> list[tuple[str, pd.DataFrame]]:
     """Per patient (wrongly called first, then the most cells): its cells with the highest probability of the
-    class its mean calls."""
+    class its mean calls, or, in a patient-level model's table (an ``attention`` column), its most attended
+    cells."""
     with_patient = table[table["patient"] != ""]
     if with_patient.empty or not settings.patients:
         return []
@@ -105,12 +106,14 @@ def patient_rows(table: pd.DataFrame, classes: list[str], settings: GalleryConfi
     truth = keyed.groupby("key")["label"].agg(lambda s: s.mode().iloc[0])
     size = keyed.groupby("key").size()
     order = sorted(means.index, key=lambda k: (called[k] == truth[k], -size[k], k))[:settings.patients]
+    attended = "attention" in keyed
     rows = []
     for key in order:
         cells = keyed[keyed["key"] == key]
         label = (f"{cells['patient'].iloc[0]}\ntrue {truth[key]}\ncalled {called[key]}\n"
-                 f"mean p {means.loc[key, f'p_{called[key]}']:.2f}, {size[key]} cells")
-        rows.append((label, _top(_shown(cells, called[key]), settings.per_patient)))
+                 f"{'p' if attended else 'mean p'} {means.loc[key, f'p_{called[key]}']:.2f}, {size[key]} cells")
+        shown = cells.assign(p_of="attention", p=cells["attention"]) if attended else _shown(cells, called[key])
+        rows.append((label, _top(shown, settings.per_patient)))
     return rows
 
 
@@ -142,9 +145,11 @@ def gallery(predictions: Path, manifest_path: Path, out: Path, cfg: RunConfig, o
     about = f"{predictions}: {metrics.get('split', 'predicted')} cells ({protocol})" + (
         f"; weights: {weights}" if weights else "")
     shown, files = [], []
-    for name, rows, what in (("classes", class_rows(table, classes, settings.per_class),
+    attended = "attention" in table  # a patient-level model's: its p_<class> are the patients', not the cells'
+    for name, rows, what in (("classes", [] if attended else class_rows(table, classes, settings.per_class),
                               "most confident correct and wrong cells per class"),
                              ("patients", patient_rows(table, classes, settings),
+                              "each patient's most attended cells (attention MIL)" if attended else
                               "each patient's cells with the highest probability of the class it is called")):
         if not rows:
             continue

@@ -20,6 +20,7 @@ from ..errors import ConfigError
 
 BYTES_PER_VALUE = 4  # float32
 ACTIVATION_FACTOR = 3  # forward activations, their gradients and the optimiser's own buffers, per value
+PREDICT_BAGS = 16  # bags padded together when predicting
 
 
 @dataclass
@@ -95,16 +96,18 @@ def train_one_epoch(network, optimizer, data: BagTensors, batch_bags: int, max_c
 
 
 @torch.no_grad()
-def bag_outputs(network, data: BagTensors) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """Logits (bags, classes) and each bag's attention (branches, cells), every cell read, one bag at a time."""
+def bag_outputs(network, data: BagTensors, bags_per_pass: int = PREDICT_BAGS) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Logits (bags, classes) and each bag's attention (branches, cells), every cell read, ``bags_per_pass`` bags
+    padded together at a time."""
     network.eval()
     logits, attention = [], []
-    for i in range(len(data)):
-        cells = data.cells(i)[None]
-        out, weights = network(cells, torch.ones(cells.shape[:2], dtype=torch.bool, device=cells.device))
-        logits.append(out[0])
-        attention.append(weights[0])
-    return torch.stack(logits), attention
+    for first in range(0, len(data), bags_per_pass):
+        bags = list(range(first, min(first + bags_per_pass, len(data))))
+        x, mask = _batch(data, bags, None, None)
+        out, weights = network(x, mask)
+        logits.append(out)
+        attention += [weights[j, :, :int(mask[j].sum())] for j in range(len(bags))]
+    return torch.cat(logits), attention
 
 
 def validate(network, data: BagTensors, n_classes: int) -> tuple[float, float]:

@@ -23,7 +23,7 @@ from sklearn.model_selection import StratifiedKFold, train_test_split
 from ..classify.model import row_zscore
 from ..errors import ConfigError, DataError
 from .bags import Bags
-from .fit import BagTensors, bag_outputs, check_memory, fit_network, step_bytes
+from .fit import PREDICT_BAGS, BagTensors, bag_outputs, check_memory, fit_network, step_bytes
 from .network import AttentionMIL
 
 # The keys of the config's ``patients`` section that the estimator takes; the others shape bags and reports.
@@ -157,7 +157,7 @@ class PatientMILClassifier(ClassifierMixin, BaseEstimator):
         """Class probabilities per bag (bags, classes), and each cell's attention (cells, branches): the share
         of its bag's pooled embedding it makes up, summing to 1 over a bag (per branch); both the members' mean."""
         device = resolve_device(self.device)
-        self._check_memory(bags, device, 1, None, "predicting a bag")
+        self._check_memory(bags, device, PREDICT_BAGS, None, "predicting bags")
         data = self._tensors(bags, device)
         probas, attentions = [], []
         for network in self.networks_:
