@@ -208,3 +208,31 @@ def test_gpu_engines_pass_the_parity_guard_against_pytorch_fp32(tmp_path, engine
         assert loaded.info["mobilenet_v2"]["engine"] == "tensorrt"
     extract(manifest, tmp_path / "s.zarr", cfg, backbones=loaded)
     assert FeatureStore.open(tmp_path / "s.zarr").summary()["ok"] == len(manifest.table)
+
+
+@needs_gpu
+def test_attention_mil_trains_on_the_gpu_and_its_model_predicts_alike_on_a_cpu(tmp_path):
+    import pandas as pd
+
+    from aml_rapids.patients.bags import Bags
+    from aml_rapids.patients.model import PatientMILClassifier
+
+    rng = np.random.default_rng(0)
+    signal = rng.normal(0, 1, 32)
+    X, labels = [], []
+    for p in range(40):  # four cells of each "pos" patient moved along one direction: only they tell
+        x = rng.normal(0, 1, (50, 32)) + rng.normal(0, 0.3, 32)
+        if p % 2:
+            x[:4] += 6 * signal / np.linalg.norm(signal)
+        X.append(x)
+        labels.append("pos" if p % 2 else "neg")
+    keys = np.array([f"c/p{p:02d}" for p in range(40)])
+    rows = pd.DataFrame({"key": np.repeat(keys, 50), "label": np.repeat(labels, 50)})
+    bags = Bags(rows, np.concatenate(X).astype(np.float32), keys, np.array(labels), np.arange(0, 2001, 50))
+    train, held = bags.subset(np.arange(30)), bags.subset(np.arange(30, 40))
+    model = PatientMILClassifier(block_dims=(32,), pca_components=32, ensemble=2, device="cuda").fit(train)
+    proba, _ = model.outputs(held)
+    joblib.dump(model, tmp_path / "mil.joblib")
+    on_cpu = joblib.load(tmp_path / "mil.joblib").set_params(device="cpu")
+    assert np.allclose(on_cpu.predict_proba(held), proba, atol=1e-4)
+    assert (model.predict(held) == held.labels).mean() >= 0.9

@@ -122,7 +122,7 @@ def test_attention_finds_the_few_cells_the_mean_misses(tmp_path):
     rows, X = planted()
     write_store(tmp_path / "planted.zarr", rows, X)
     small = ["classify.pca_components=32", "classify.rf_trees=20", "classify.folds=3", "classify.backend=sklearn",
-             "patients.pca_components=32", "patients.ensemble=3", "patients.epochs=40", "patients.patience=10",
+             "patients.pca_components=32", "patients.ensemble=2", "patients.epochs=40", "patients.patience=10",
              "evaluate.bootstrap_samples=200"]
     result = runner.invoke(app, ["cv", str(tmp_path / "planted.zarr"), "--level", "patient", "-o", str(tmp_path / "cv"),
                                  *[a for s in small for a in ("--set", s)]])
