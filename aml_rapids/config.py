@@ -174,6 +174,12 @@ class ClassifyConfig(_Section):
                          "PCA, the features go to the learners whole (for the ablation study)")
     pca_mode: Literal["per_backbone", "concatenated"] = Field(
         "per_backbone", description="a PCA per backbone (the method), or one over the backbones side by side")
+    learners: tuple[Literal["svm", "forest"], ...] = Field(
+        ("svm", "forest"), min_length=1, description="the base learners (the ablation study leaves one out)")
+    combine: Literal["stacking", "average"] = Field(
+        "stacking", description="stacking: a logistic-regression meta-learner on the learners' out-of-fold outputs "
+                                "(the method); average: each learner calibrated by its own, their probabilities "
+                                "averaged with equal weight (the ablation's 'without stacking')")
     svm_c: float = Field(1.0, gt=0)
     rf_trees: int = Field(100, ge=1)
     rf_max_depth: Optional[PositiveInt] = Field(
@@ -190,6 +196,15 @@ class ClassifyConfig(_Section):
                           "with cuML (see docs/classifier.md)")
     memory_gb: float = Field(8.0, gt=0, description="training features above this size are streamed from the "
                                                     "store chunk by chunk (incremental PCA) instead of loaded")
+
+    @model_validator(mode="after")
+    def _learners_once_each(self) -> "ClassifyConfig":
+        if len(set(self.learners)) < len(self.learners):
+            raise ValueError(f"classify.learners {list(self.learners)} names a learner twice")
+        if self.combine == "average" and len(self.learners) < 2:
+            raise ValueError("classify.combine average needs two learners to average; with one, use stacking (its "
+                             "meta-learner then calibrates that learner alone)")
+        return self
 
 
 class EvaluateConfig(_Section):

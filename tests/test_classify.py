@@ -215,6 +215,35 @@ def write_info(folder, **info):
                                                 "feature_identity": {}, "files": files, **info}))
 
 
+def test_the_ablation_leaves_out_a_learner_or_the_stacking(tmp_path):
+    """Either learner alone (the meta-learner then calibrates it), or both averaged with equal weight, each
+    calibrated by its own logistic regression on its out-of-fold outputs: by hand."""
+    from aml_rapids.config import ClassifyConfig
+
+    X, y, cells = planted_copies()
+    kwargs = dict(block_dims=(24,), pca_components=8, rf_trees=10, folds=3, backend="sklearn")
+    for alone in ("svm", "forest"):
+        model = FeatureStackingClassifier(learners=(alone,), **kwargs).fit(X, y, groups=cells)
+        assert (model.svm_ is None) == (alone == "forest") and (model.forest_ is None) == (alone == "svm")
+        assert model.oof_.shape == (len(y), 2) and set(model.learner_seconds_) == (
+            {"fold svm fit", "svm refit"} if alone == "svm" else {"fold rf fit", "rf refit"})
+        assert np.allclose(model.predict_proba(X).sum(axis=1), 1)
+    average = FeatureStackingClassifier(combine="average", **kwargs).fit(X, y, groups=cells)
+    stacked = FeatureStackingClassifier(**kwargs).fit(X, y, groups=cells)
+    assert np.array_equal(average.oof_, stacked.oof_) and len(average.meta_) == 2
+    Z = average.transform(X)
+    score = average.svm_.decision_function(Z)  # two classes: one score, as the columns -s, s
+    outputs = np.column_stack([-score, score, average.forest_.predict_proba(Z)])
+    inputs = (outputs - average.meta_center_) / average.meta_scale_
+    by_hand = (average.meta_[0].predict_proba(inputs[:, :2]) + average.meta_[1].predict_proba(inputs[:, 2:])) / 2
+    assert np.allclose(average.predict_proba(X), by_hand, atol=1e-6)
+    assert not np.allclose(average.predict_proba(X), stacked.predict_proba(X))
+    with pytest.raises(ValueError, match="names a learner twice"):
+        ClassifyConfig(learners=("svm", "svm"))
+    with pytest.raises(ValueError, match="needs two learners"):
+        ClassifyConfig(learners=("forest",), combine="average")
+
+
 def test_a_gpu_model_loads_on_a_cpu_through_its_scikit_learn_twin(tmp_path):
     from aml_rapids.classify.io import MODEL_FILE, PORTABLE_FILE, _save_portable, load_model
 

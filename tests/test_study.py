@@ -41,7 +41,7 @@ def test_patterns_expand_in_order_and_every_variant_is_checked(tmp_path):
         ("b", {"augment.enabled": False}), ("c", {"augment.enabled": False, "oversample.enabled": False}),
         ("c - aug", {"augment.enabled": True, "oversample.enabled": False})]
     assert variant_config(spec, spec.expand()[-1]).augment.enabled is True
-    for name in ("paper-comparison", "paper-ablation"):
+    for name in ("paper-comparison", "paper-ablation", "pbc-ablation", "deepapl-ablation"):
         shipped = read_spec(REPO / "configs" / "studies" / f"{name}.yaml")
         assert all(variant_config(shipped, v) for v in shipped.expand())
 

@@ -1,5 +1,6 @@
 """The published classifier as one scikit-learn-compatible estimator: per-backbone row-wise z-score and PCA,
-an RBF SVM and a random forest, stacked by a logistic-regression meta-learner.
+an RBF SVM and a random forest, stacked by a logistic-regression meta-learner. For the ablation study either
+learner can be left out (``learners``), and the stacking replaced by an equal-weight average (``combine``).
 
 Stacking without leakage: the meta-learner is fitted on out-of-fold outputs only. Folds are grouped (by
 patient, or by cell so that oversampled copies of one cell stay together), so no base-learner output it sees
@@ -24,6 +25,11 @@ from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
 from ..errors import AmlRapidsError, ConfigError, DataError
 from ..timing import span
 from .backend import Backend, get_backend
+
+
+LEARNERS = ("svm", "forest")  # the base learners, in the order of their output columns
+COMBINES = ("stacking", "average")
+STEP_NAMES = {"svm": ("svm refit", "fold svm fit"), "forest": ("rf refit", "fold rf fit")}  # (all rows, a fold)
 
 
 def row_zscore(xp, block):
@@ -93,11 +99,18 @@ class FeatureStackingClassifier(ClassifierMixin, BaseEstimator):
     PCA (the features go to the learners whole; ``zscore`` and None exist for the ablation study).
     ``pca_mode``: ``per_backbone`` (a PCA per backbone, outputs side by side, as the method) or
     ``concatenated`` (z-scored backbones side by side, then one PCA).
-    ``n_jobs``: base learners fitted at once, on threads (None: every core with scikit-learn, 4 with cuML)."""
+    ``n_jobs``: base learners fitted at once, on threads (None: every core with scikit-learn, 4 with cuML).
+    ``learners``: the base learners, of ``LEARNERS``; a learner left out has no fitted estimator (None).
+    ``combine``: ``stacking`` (one logistic regression on every learner's out-of-fold outputs, the method) or
+    ``average``: each learner's out-of-fold outputs calibrated by a logistic regression of its own, and their
+    probabilities averaged with equal weight, so nothing learns how to weigh one learner against the other."""
 
     def __init__(self, block_dims=(1280,), pca_components=128, pca_mode="per_backbone", svm_c=1.0, rf_trees=100,
-                 rf_max_depth=16, rf_max_samples=0.5, folds=5, seed=0, backend="auto", n_jobs=None, zscore=True):
+                 rf_max_depth=16, rf_max_samples=0.5, folds=5, seed=0, backend="auto", n_jobs=None, zscore=True,
+                 learners=("svm", "forest"), combine="stacking"):
         self.block_dims = block_dims
+        self.learners = learners
+        self.combine = combine
         self.zscore = zscore
         self.pca_components = pca_components
         self.pca_mode = pca_mode
@@ -157,25 +170,51 @@ class FeatureStackingClassifier(ClassifierMixin, BaseEstimator):
         out = [pca.transform(block)[:, :kept] for pca, kept, block in zip(self.pcas_, self.kept_, inputs)]
         return be.xp.concatenate(out, axis=1).astype(be.xp.float32)
 
-    def _base_learners(self, be: Backend):
-        return (be.SVC(kernel="rbf", C=self.svm_c, gamma="scale", **be.svc_options),
-                be.RandomForestClassifier(n_estimators=self.rf_trees, max_depth=self.rf_max_depth,
-                                          max_samples=self.rf_max_samples, random_state=self.seed,
-                                          **be.forest_options))
+    def _base_learners(self, be: Backend) -> dict:
+        """A fresh estimator of each chosen learner, in ``LEARNERS`` order."""
+        unknown = sorted(set(self.learners) - set(LEARNERS))
+        if unknown or not self.learners:
+            raise ConfigError(f"classify.learners {list(self.learners)}: choose one or both of {', '.join(LEARNERS)}")
+        made = {"svm": lambda: be.SVC(kernel="rbf", C=self.svm_c, gamma="scale", **be.svc_options),
+                "forest": lambda: be.RandomForestClassifier(n_estimators=self.rf_trees, max_depth=self.rf_max_depth,
+                                                            max_samples=self.rf_max_samples, random_state=self.seed,
+                                                            **be.forest_options)}
+        return {name: made[name]() for name in LEARNERS if name in self.learners}
 
-    def _base_outputs(self, be: Backend, svm, forest, Z):
-        """SVM scores and forest probabilities, one column per class of the whole training set, even when a
+    def _fitted_learners(self) -> dict:
+        return {name: learner for name, learner in (("svm", self.svm_), ("forest", self.forest_)) if learner is not None}
+
+    def _learner_outputs(self, be: Backend, name: str, learner, Z):
+        """SVM scores or forest probabilities, one column per class of the whole training set, even when a
         fold's training part lacked a class (its columns then say 'never this class')."""
         n = len(self.classes_)
-        scores = be.asarray(svm.decision_function(Z))
-        present = be.to_host(svm.classes_).astype(int)
+        present = be.to_host(learner.classes_).astype(int)
+        if name == "forest":
+            full_proba = be.xp.zeros((Z.shape[0], n), dtype=be.xp.float32)
+            full_proba[:, present] = be.asarray(learner.predict_proba(Z))
+            return full_proba
+        scores = be.asarray(learner.decision_function(Z))
         if scores.ndim == 1:
             scores = be.xp.stack([-scores, scores], axis=1)
         full_scores = be.xp.full((Z.shape[0], n), float(scores.min()) - 1.0, dtype=be.xp.float32)
         full_scores[:, present] = scores
-        full_proba = be.xp.zeros((Z.shape[0], n), dtype=be.xp.float32)
-        full_proba[:, be.to_host(forest.classes_).astype(int)] = be.asarray(forest.predict_proba(Z))
-        return be.xp.concatenate([full_scores, full_proba], axis=1)
+        return full_scores
+
+    def _base_outputs(self, be: Backend, learners: dict, Z):
+        """Every learner's outputs side by side (a block of one column per class each, in ``LEARNERS`` order)."""
+        return be.xp.concatenate([self._learner_outputs(be, name, learner, Z) for name, learner in learners.items()],
+                                 axis=1)
+
+    def _blocks_of(self, outputs) -> list:
+        n = len(self.classes_)
+        return [outputs[:, k * n:(k + 1) * n] for k in range(outputs.shape[1] // n)]
+
+    def _combined(self, be: Backend, outputs):
+        """Class probabilities from the learners' outputs: the meta-learner's, or the calibrated learners' mean."""
+        inputs = self._meta_inputs(be, outputs)
+        if self.combine == "stacking":
+            return self.meta_.predict_proba(inputs)
+        return sum(meta.predict_proba(block) for meta, block in zip(self.meta_, self._blocks_of(inputs))) / len(self.meta_)
 
     def _in_parallel(self, be: Backend, calls: list[Callable]) -> list:
         """The calls' results in order, ``n_jobs`` of them running at once. The fits release the GIL
@@ -240,22 +279,23 @@ class FeatureStackingClassifier(ClassifierMixin, BaseEstimator):
             raise DataError(f"stacking fold {single[0]}'s training part holds a single class: too few groups "
                             f"(patients, or cells) of the other classes for classify.folds={self.folds}; lower "
                             "classify.folds or train on more patients")
-        # One (SVM, forest) pair per fold and the final pair on all rows: independent fits, the largest first.
-        pairs = [self._base_learners(be) for _ in range(len(folds) + 1)]
-        parts = [(None, "svm refit", "rf refit")] + [(train, "fold svm fit", "fold rf fit") for train, _ in folds]
-        fits = []
-        for (svm, forest), (rows, svm_step, rf_step) in zip(pairs, parts):
-            fits += [partial(_fit_learner, svm, Z, labels, rows, svm_step),
-                     partial(_fit_learner, forest, Z, labels, rows, rf_step)]
+        if self.combine not in COMBINES:
+            raise ConfigError(f"classify.combine {self.combine!r}: use {' or '.join(COMBINES)}")
+        # One set of learners per fold and the final set on all rows: independent fits, the largest first.
+        sets = [self._base_learners(be) for _ in range(len(folds) + 1)]
+        parts = [(None, "refit")] + [(train, "fold") for train, _ in folds]
+        fits = [partial(_fit_learner, learner, Z, labels, rows, STEP_NAMES[name][part == "fold"])
+                for learners, (rows, part) in zip(sets, parts) for name, learner in learners.items()]
         busy: Counter[str] = Counter()
         with span(seconds, "base learner fits", sync):
             for took in self._in_parallel(be, fits):
                 busy.update(took)
         self.learner_seconds_ = dict(busy)
-        (self.svm_, self.forest_), fold_pairs = pairs[0], pairs[1:]
+        final, fold_sets = sets[0], sets[1:]
+        self.svm_, self.forest_ = final.get("svm"), final.get("forest")
         with span(seconds, "fold outputs", sync):
-            outputs = self._in_parallel(be, [partial(self._base_outputs, be, svm, forest, Z[held])
-                                             for (svm, forest), (_, held) in zip(fold_pairs, folds)])
+            outputs = self._in_parallel(be, [partial(self._base_outputs, be, learners, Z[held])
+                                             for learners, (_, held) in zip(fold_sets, folds)])
             self.oof_ = be.xp.zeros((len(y), outputs[0].shape[1]), dtype=be.xp.float32)
             for (_, held), fold_outputs in zip(folds, outputs):
                 self.oof_[held] = fold_outputs
@@ -263,7 +303,11 @@ class FeatureStackingClassifier(ClassifierMixin, BaseEstimator):
             oof = Backend.to_host(self.oof_)
             self.meta_center_, spread = oof.mean(axis=0), oof.std(axis=0)
             self.meta_scale_ = np.where(spread > 0, spread, 1.0).astype(np.float32)
-            self.meta_ = be.LogisticRegression(max_iter=2000).fit(self._meta_inputs(be, self.oof_), labels)
+            inputs = self._meta_inputs(be, self.oof_)
+            if self.combine == "stacking":
+                self.meta_ = be.LogisticRegression(max_iter=2000).fit(inputs, labels)
+            else:
+                self.meta_ = [be.LogisticRegression(max_iter=2000).fit(block, labels) for block in self._blocks_of(inputs)]
         self.fit_seconds_ = seconds
         self.backend_ = be.name
         return self
@@ -279,8 +323,10 @@ class FeatureStackingClassifier(ClassifierMixin, BaseEstimator):
         twin = copy.copy(self)
         try:
             twin.pcas_ = [pca.as_sklearn() for pca in self.pcas_]
-            twin.svm_ = _svc_as_sklearn(self.svm_)
-            twin.forest_, twin.meta_ = (e.as_sklearn() for e in (self.forest_, self.meta_))
+            twin.svm_ = None if self.svm_ is None else _svc_as_sklearn(self.svm_)
+            twin.forest_ = None if self.forest_ is None else self.forest_.as_sklearn()
+            twin.meta_ = (self.meta_.as_sklearn() if self.combine == "stacking"
+                          else [meta.as_sklearn() for meta in self.meta_])
         except Exception as exc:  # cuML raises its own UnsupportedOnCPU, or NotImplementedError in older versions
             raise AmlRapidsError(f"cuML cannot convert this model to scikit-learn ({type(exc).__name__}: {exc}); "
                                  "it runs only where cuML and a GPU are (train with --backend sklearn for a "
@@ -297,8 +343,7 @@ class FeatureStackingClassifier(ClassifierMixin, BaseEstimator):
     def predict_proba(self, X):
         be = get_backend(self.backend_)
         Z = self._reduce(be, X, fit=False)
-        outputs = self._base_outputs(be, self.svm_, self.forest_, Z)
-        return be.to_host(self.meta_.predict_proba(self._meta_inputs(be, outputs)))
+        return be.to_host(self._combined(be, self._base_outputs(be, self._fitted_learners(), Z)))
 
     def predict(self, X):
         return self.classes_[self.predict_proba(X).argmax(axis=1)]

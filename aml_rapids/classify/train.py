@@ -32,11 +32,7 @@ def describe_features(store: FeatureStore, backbones: list[str]) -> dict:
 
 
 def new_model(block_dims: tuple[int, ...], cfg: RunConfig) -> FeatureStackingClassifier:
-    c = cfg.classify
-    return FeatureStackingClassifier(block_dims=block_dims, pca_components=c.pca_components, pca_mode=c.pca_mode,
-                                     svm_c=c.svm_c, rf_trees=c.rf_trees, rf_max_depth=c.rf_max_depth,
-                                     rf_max_samples=c.rf_max_samples, folds=c.folds, seed=c.seed, backend=c.backend,
-                                     n_jobs=c.n_jobs, zscore=c.zscore)
+    return FeatureStackingClassifier(block_dims=block_dims, **cfg.classify.model_dump(exclude={"memory_gb"}))
 
 
 def fit_model(X, rows, block_dims: tuple[int, ...], cfg: RunConfig) -> FeatureStackingClassifier:
