@@ -142,6 +142,10 @@ def test_attention_finds_the_few_cells_the_mean_misses(tmp_path):
     assert top["cell_id"].str.contains("planted").mean() >= 0.7  # chance: 4 of 50 cells
     patients = pd.read_csv(tmp_path / "cv" / "patients.csv")
     assert len(patients) == 60 and (patients.groupby("patient")["fold"].nunique() == 1).all()
+    from aml_rapids.report.render import render_report
+
+    page = render_report(tmp_path).read_text()
+    assert "Patients, attention MIL (n = 60)" in page and "Patients, mean of cell probabilities" in page
 
 
 @pytest.mark.slow

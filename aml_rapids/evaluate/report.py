@@ -37,6 +37,12 @@ def prediction_table(rows, proba, classes, columns: list[str]):
         predicted=classes[proba.argmax(axis=1)], **{f"p_{c}": proba[:, i] for i, c in enumerate(classes)})
 
 
+def stamped(source: dict) -> dict:
+    """Where a report's rows came from, with the code's commit, the run id and the time."""
+    return {**source, "git_commit": git_commit(), "run_id": current_run_id(),
+            "time_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
+
+
 def weights_words(backbone: dict) -> str:
     """How a report names a backbone's weights: fine-tuned on what, pretrained, or NOT pretrained."""
     if backbone.get("finetuned"):
@@ -78,8 +84,7 @@ def write_report(rows, proba, classes, info: dict, split: str, out: Path, settin
     has_patients = (rows["patient"] != "").all()
     draws = {"n": settings.bootstrap_samples, "seed": settings.bootstrap_seed}
     report = {"split": split, **{k: info[k] for k in ("split_protocol", "backbones", "backend")},
-              "source": {**info["source"], "git_commit": git_commit(), "run_id": current_run_id(),
-                         "time_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")},
+              "source": stamped(info["source"]),
               "bootstrap": {"samples": draws["n"], "seed": draws["seed"], "interval": "percentile 95%",
                             "resampled": ("patients" if has_patients else "cells") + ", within each class"},
               "warnings": small_sample_warnings(rows, classes, split, settings),

@@ -24,6 +24,7 @@ from ..config import RunConfig
 from ..errors import DataError
 from ..evaluate.metrics import bootstrap, summary
 from ..evaluate.plots import plot_macro_rocs
+from ..evaluate.report import small_sample_warnings, stamped
 from ..features.store import FeatureStore
 from ..outputs import atomic_write_text
 from ..study.compare import mcnemar_test
@@ -93,11 +94,13 @@ def compare(store_path: Path, cfg: RunConfig, out: Path, backbones: list[str] | 
     correct = {name: classes[scores[name].argmax(axis=1)] == bags.labels for name in names}
     info = describe_features(store, backbones)
     report = {"split": f"{len(per_fold)}-fold out-of-fold", "level": "patient",
-              "split_protocol": info["split_protocol"], "backbones": info["backbones"], "source": info["source"],
+              "backend": f"{cells.backend_} (stacking), torch (attention MIL)",
+              "split_protocol": info["split_protocol"], "backbones": info["backbones"],
+              "source": stamped(info["source"]),
               "bags": {"patients": len(bags), "cells": int(bags.sizes.sum()), "left_out": bags.left_out},
               "bootstrap": {"samples": draws["n"], "seed": draws["seed"], "interval": "percentile 95%",
                             "resampled": "patients, within each class"},
-              "models": models,
+              "warnings": small_sample_warnings(bags.rows, classes, "all folds", cfg.evaluate), "models": models,
               "mcnemar_vs_attention_mil": {name: mcnemar_test(correct[MIL], correct[name]) for name in names[1:]},
               "folds": per_fold, "patients_config": cfg.patients.model_dump(mode="json"),
               "classify_config": cfg.classify.model_dump()}

@@ -9,7 +9,6 @@ per-class attention), ``attention_rank`` 1 its most attended cell.
 
 from __future__ import annotations
 
-import datetime as _dt
 import json
 from pathlib import Path
 
@@ -20,9 +19,8 @@ from ..config import EvaluateConfig
 from ..errors import DataError
 from ..evaluate.metrics import bootstrap, summary
 from ..evaluate.plots import plot_confusion, plot_roc
-from ..evaluate.report import PREDICTIONS, small_sample_warnings, weights_words
+from ..evaluate.report import PREDICTIONS, small_sample_warnings, stamped, weights_words
 from ..outputs import atomic_write_text
-from ..provenance import current_run_id, git_commit
 from .bags import Bags
 
 PATIENTS = "patients.csv"
@@ -67,10 +65,7 @@ def write_patient_report(bags: Bags, proba: np.ndarray, attention: np.ndarray, c
         raise DataError(f"split {split} holds classes the model never saw: {', '.join(unseen)}")
     draws = {"n": settings.bootstrap_samples, "seed": settings.bootstrap_seed}
     report = {"split": split, "level": "patient", **{k: info[k] for k in ("split_protocol", "backbones", "backend")},
-              "model": "attention MIL", "source": {**info["source"], "git_commit": git_commit(),
-                                                   "run_id": current_run_id(),
-                                                   "time_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(
-                                                       timespec="seconds")},
+              "model": "attention MIL", "source": stamped(info["source"]),
               "bootstrap": {"samples": draws["n"], "seed": draws["seed"], "interval": "percentile 95%",
                             "resampled": "patients, within each class"},
               "bags": {"patients": len(bags), "cells": int(bags.sizes.sum()), "left_out": bags.left_out},

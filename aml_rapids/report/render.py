@@ -41,13 +41,12 @@ def _csv(path: Path) -> pd.DataFrame:
 def _evaluation(folder: Path, root: Path) -> dict:
     """One evaluation folder (metrics.json and its plots), as the template shows it."""
     metrics = read_json(folder / "metrics.json")
-    levels = []
-    for key, label in (("cell_level", "cells"), ("patient_level", "patients")):
-        if key in metrics:
-            level = metrics[key]
-            levels.append({"label": label, "n": level["n"], "ci95": level["ci95"], "accuracy": level["accuracy"],
-                           "macro_auc": level["macro_auc"], "macro": level["macro"],
-                           "per_class": level["per_class"], "auc": level["auc"]})
+    shown = [(label, metrics[key]) for key, label in (("cell_level", "cells"), ("patient_level", "patients"))
+             if key in metrics]
+    shown += [(f"patients, {name}", level) for name, level in metrics.get("models", {}).items()]  # cv --level patient
+    levels = [{"label": label, "n": level["n"], "ci95": level["ci95"], "accuracy": level["accuracy"],
+               "macro_auc": level["macro_auc"], "macro": level["macro"], "per_class": level["per_class"],
+               "auc": level["auc"]} for label, level in shown]
     return {"title": str(folder.relative_to(root)), "metrics": metrics, "levels": levels,
             "plots": [_image(folder / name) for name in PLOTS if (folder / name).is_file()]}
 
