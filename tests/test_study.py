@@ -116,6 +116,35 @@ def test_a_study_shares_stores_goes_on_past_a_failure_and_resumes(tmp_path):
 
 
 @pytest.mark.slow
+def test_a_fine_tuned_head_is_a_variant_compared_on_the_same_test_cells(tmp_path):
+    runner.invoke(app, ["demo-data", "-o", str(tmp_path / "demo"), "--patients", "4", "--cells", "6"])
+    tuned = {"finetune.backbone": "tiny", "finetune.weights": "none", "finetune.max_steps": 2,
+             "finetune.batch_size": 8, "finetune.val_every": 2}
+    spec = _spec(tmp_path, set=TINY, reference="tiny", variants=[{"name": "tiny"},
+                                                                {"name": "tiny head", "head": True, "set": tuned}])
+    out = tmp_path / "study"
+    result = runner.invoke(app, ["study", str(spec), str(tmp_path / "demo"), "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    head = next((out / "variants").glob("tiny_head-*"))
+    assert (head / "finetune" / "best.pt").is_file() and not (head / "model").exists()
+    assert json.loads((head / "variant.json").read_text())["store"] is None
+    assert len(list((out / "stores").glob("*/features.zarr"))) == 1  # the head extracts nothing
+    cells = {name: pd.read_csv(folder).set_index("cell_id").sort_index() for name, folder in (
+        ("tiny", next((out / "variants").glob("tiny-*")) / "model" / "eval-test" / "predictions.csv"),
+        ("tiny head", head / "finetune" / "eval-test" / "predictions.csv"))}
+    assert list(cells["tiny"].index) == list(cells["tiny head"].index)  # the same test cells
+    right = {name: (c["predicted"] == c["label"]).to_numpy() for name, c in cells.items()}
+    row = pd.read_csv(out / "mcnemar.csv").query("level == 'cells'").iloc[0]
+    assert row["variant"] == "tiny head" and row["b"] == (right["tiny"] & ~right["tiny head"]).sum()
+    assert row["c"] == (~right["tiny"] & right["tiny head"]).sum()
+    assert list(pd.read_csv(out / "results.csv")["variant"]) == ["tiny", "tiny head"]
+    kfold = _spec(tmp_path, set={**TINY, "split.method": "kfold"}, reference="tiny",
+                  variants=[{"name": "tiny"}, {"name": "tiny head", "head": True, "set": tuned}])
+    refused = runner.invoke(app, ["study", str(kfold), str(tmp_path / "demo"), "-o", str(tmp_path / "k")])
+    assert refused.exit_code == 2 and "a k-fold study has none" in " ".join(refused.output.split())
+
+
+@pytest.mark.slow
 def test_a_kfold_study_compares_pooled_out_of_fold_predictions(tmp_path):
     runner.invoke(app, ["demo-data", "-o", str(tmp_path / "demo"), "--patients", "4", "--cells", "4"])
     spec = _spec(tmp_path, set={**TINY, "split.method": "kfold", "split.folds": 4}, reference="a",
@@ -125,6 +154,20 @@ def test_a_kfold_study_compares_pooled_out_of_fold_predictions(tmp_path):
     tests = pd.read_csv(tmp_path / "s" / "mcnemar.csv")
     assert list(tests["level"]) == ["cells", "patients"] and list(tests["n"]) == [80, 20]  # every cell, once
     assert "patient-grouped k-fold, out-of-fold" in (tmp_path / "s" / "results.md").read_text()
+
+
+@pytest.mark.slow
+def test_a_comparison_is_never_left_from_an_earlier_run(tmp_path):
+    runner.invoke(app, ["demo-data", "-o", str(tmp_path / "demo"), "--patients", "4", "--cells", "3"])
+    spec = _spec(tmp_path, set=TINY, reference="a", variants=[
+        {"name": "a"}, {"name": "broken", "set": {"features.backbones": [{"name": "tiny", "weights": "/nowhere.pt"}]}}])
+    out = tmp_path / "s"
+    assert runner.invoke(app, ["study", str(spec), str(tmp_path / "demo"), "-o", str(out)]).exit_code == 9
+    for name in ("results.csv", "roc.png"):  # as a run whose other variants had results would have left them
+        (out / name).write_text("earlier")
+    again = runner.invoke(app, ["study", str(spec), "-o", str(out)])
+    assert again.exit_code == 9 and not (out / "results.csv").exists() and not (out / "roc.png").exists()
+    assert "earlier comparison (results.csv, roc.png) was removed" in " ".join(again.output.split())
 
 
 def test_a_study_folder_is_claimed_before_any_work_and_its_base_is_kept(tmp_path):

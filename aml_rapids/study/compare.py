@@ -136,6 +136,9 @@ def summary_table(table: pd.DataFrame) -> pd.DataFrame:
     return out
 
 
+COMPARISON_FILES = ("results.csv", "results.md", "mcnemar.csv", "roc.png", "roc.svg")  # what write_comparison writes
+
+
 def write_comparison(results: list[VariantResult], reference: str, out: Path, title: str) -> dict:
     """results.csv / results.md, mcnemar.csv and roc.png / roc.svg for variants evaluated on the same cells."""
     results = aligned(results)

@@ -4,7 +4,8 @@ compare them on the same cells.
     DIR/manifest.parquet          the cells and their split, shared by every variant
     DIR/stores/<key>/features.zarr  one store per extraction config: variants that differ only in the classifier
                                   share one, so they never extract again
-    DIR/variants/<name>-<hash>/   each variant's model and report (eval-test/ or cv/) and variant.json
+    DIR/variants/<name>-<hash>/   each variant's model and report (eval-test/ or cv/; a fine-tuned head's
+                                  finetune/ with its eval-test/) and variant.json
     DIR/results.csv, results.md, mcnemar.csv, roc.png, roc.svg, study.json
 
 A variant is done once its ``variant.json`` is written, so a study killed midway resumes with the variants
@@ -23,11 +24,12 @@ from pathlib import Path
 from .. import workflow
 from ..config import RunConfig, as_overrides, load_config
 from ..data.manifest import read_manifest
+from ..finetune.train import EVAL as FINETUNE_EVAL
 from ..errors import AmlRapidsError, ConfigError, DataError, VariantsFailed
 from ..logs import say, warn
 from ..outputs import atomic_write_text, prepare_output_dir, read_json
 from ..provenance import write_run_record
-from .compare import read_variant, write_comparison
+from .compare import COMPARISON_FILES, read_variant, write_comparison
 from .spec import StudySpec, Variant, read_spec, variant_config
 
 STUDY_FILE = "study.json"
@@ -95,20 +97,28 @@ def _claim_folder(out: Path, spec: StudySpec, data: Path | None, base: RunConfig
 
 
 def _run_variant(variant: Variant, cfg: RunConfig, manifest: Path, out: Path) -> tuple[Path, int]:
-    """Extract (or reuse the store), then train + evaluate on test, or cross-validate; the report folder and
-    the rows written to the store."""
-    store = out / "stores" / store_key(cfg) / "features.zarr"
-    extracted = workflow.extract(manifest, store, cfg)
+    """Extract (or reuse the store), then train + evaluate on test, or cross-validate; or fine-tune (resuming)
+    and take the head's own test report. Returns the report folder and the rows written to a store."""
     folder = variant_folder(out, variant.name)
-    if cfg.split.method == "kfold":
-        report = workflow.cross_validate(store, folder / "cv", cfg).folder
+    if variant.head:
+        tuned = workflow.finetune(manifest, folder / "finetune", cfg)
+        if tuned.head_test is None:
+            raise ConfigError(f"variant {variant.name!r}: the fine-tuned head is judged on the test split, and "
+                              f"{manifest} has none")
+        store, report, written = None, tuned.folder / FINETUNE_EVAL, 0
     else:
-        trained = workflow.train(store, folder / "model", cfg, overwrite=True)
-        report = workflow.evaluate(trained.model, store, "test", folder / "model" / "eval-test", cfg).folder
+        store = out / "stores" / store_key(cfg) / "features.zarr"
+        written = workflow.extract(manifest, store, cfg).rows_written
+        if cfg.split.method == "kfold":
+            report = workflow.cross_validate(store, folder / "cv", cfg).folder
+        else:
+            trained = workflow.train(store, folder / "model", cfg, overwrite=True)
+            report = workflow.evaluate(trained.model, store, "test", folder / "model" / "eval-test", cfg).folder
     atomic_write_text(folder / "variant.json", json.dumps(  # paths within the study folder, which may move
-        {"name": variant.name, "set": variant.set, "store": str(store.relative_to(out)),
-         "report": str(report.relative_to(out))}, indent=2, default=str))
-    return report, extracted.rows_written
+        {"name": variant.name, "set": variant.set, "head": variant.head,
+         "store": None if store is None else str(store.relative_to(out)), "report": str(report.relative_to(out))},
+        indent=2, default=str))
+    return report, written
 
 
 def _done(variant: Variant, out: Path) -> Path | None:
@@ -117,7 +127,7 @@ def _done(variant: Variant, out: Path) -> Path | None:
     if not record.exists():
         return None
     held = read_json(record)
-    if held["set"] != json.loads(json.dumps(variant.set, default=str)):
+    if held["set"] != json.loads(json.dumps(variant.set, default=str)) or held.get("head", False) != variant.head:
         raise ConfigError(f"variant {variant.name!r} in {out} was run with other overrides ({held['set']}); "
                           "rename the variant, or use a new study folder")
     return out / held["report"]
@@ -128,6 +138,10 @@ def run_study(spec_path: Path, out: Path, data: Path | None = None, overrides: l
     spec = read_spec(spec_path)
     variants = spec.expand()
     configs = {v.name: variant_config(spec, v, overrides) for v in variants}  # every key checked before any work
+    heads = [v.name for v in variants if v.head and configs[v.name].split.method == "kfold"]
+    if heads:
+        raise ConfigError(f"variant {heads[0]!r} is a fine-tuned head, judged on a test split, and a k-fold study has "
+                          "none (fine-tuning inside every fold is not built)")
     out = prepare_output_dir(out, "study folder")
     base = load_config(spec.config, as_overrides(spec.set) + list(overrides or []))
     data = _claim_folder(out, spec, data, base)
@@ -158,8 +172,14 @@ def run_study(spec_path: Path, out: Path, data: Path | None = None, overrides: l
         title = f"{spec.name}: {results[0].metrics['split_protocol']}, {where}"
         result.comparison = write_comparison(results, spec.reference, out, title)
         say(f"results: {out / 'results.md'}, McNemar's tests: {out / 'mcnemar.csv'}, ROC curves: {out / 'roc.png'}")
-    elif spec.reference not in reports:
-        warn(f"the reference variant {spec.reference} has no results, so nothing is compared")
+    else:
+        stale = [name for name in COMPARISON_FILES if (out / name).exists()]
+        for name in stale:  # an earlier run's comparison would read as this run's
+            (out / name).unlink()
+        why = (f"the reference variant {spec.reference} has no results" if spec.reference not in reports
+               else "only the reference variant has results")
+        warn(f"{why}, so nothing is compared" + (f"; the earlier comparison ({', '.join(stale)}) was removed"
+                                                 if stale else ""))
     write_run_record(out, "study", base, study=str(spec_path), done=result.done, failed=result.failed,
                      extractions=result.extractions)
     if result.failed:

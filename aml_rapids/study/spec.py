@@ -5,6 +5,8 @@ Variants are written out one by one, or made from three patterns that cover the 
 - ``grid``: every combination of a few keys' values;
 - ``cumulative``: each step adds its overrides to all the steps before it (the paper's ablation chain);
 - ``leave_one_out``: one named variant minus one part at a time (each part a set of overrides).
+A variant with ``head: true`` is the network its ``finetune`` section fine-tunes, judged by its own new head on the
+test split (the paper's fine-tuned networks), beside variants of features and the classifier.
 
 Every variant is checked against the config model before anything runs, so a misspelt key stops the study at
 once. Variants may not touch how cells are indexed or split: their comparison is paired, on identical cells.
@@ -33,6 +35,8 @@ class _Strict(BaseModel):
 class Variant(_Strict):
     name: str = Field(min_length=1)
     set: Overrides = Field(default_factory=dict, description="config overrides of this variant")
+    head: bool = Field(False, description="the network fine-tuned by the finetune section, its own head on the test "
+                                          "split, instead of extracted features and the classifier")
 
 
 class LeaveOneOut(_Strict):
