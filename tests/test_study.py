@@ -168,6 +168,8 @@ def test_a_comparison_is_never_left_from_an_earlier_run(tmp_path):
     again = runner.invoke(app, ["study", str(spec), "-o", str(out)])
     assert again.exit_code == 9 and not (out / "results.csv").exists() and not (out / "roc.png").exists()
     assert "earlier comparison (results.csv, roc.png) was removed" in " ".join(again.output.split())
+    accepted = runner.invoke(app, ["study", str(spec), "-o", str(out), "--allow-failed"])
+    assert accepted.exit_code == 0 and "1 of 2 variants failed (broken:" in " ".join(accepted.output.split())
 
 
 def test_a_study_folder_is_claimed_before_any_work_and_its_base_is_kept(tmp_path):

@@ -133,8 +133,10 @@ def _done(variant: Variant, out: Path) -> Path | None:
     return out / held["report"]
 
 
-def run_study(spec_path: Path, out: Path, data: Path | None = None, overrides: list[str] | None = None) -> StudyResult:
-    """Run every variant of the study file that has not run yet into ``out``, then compare them all."""
+def run_study(spec_path: Path, out: Path, data: Path | None = None, overrides: list[str] | None = None,
+              allow_failed: bool = False) -> StudyResult:
+    """Run every variant of the study file that has not run yet into ``out``, then compare them all; failed
+    variants raise VariantsFailed at the end, unless ``allow_failed`` (then they are only named)."""
     spec = read_spec(spec_path)
     variants = spec.expand()
     configs = {v.name: variant_config(spec, v, overrides) for v in variants}  # every key checked before any work
@@ -183,9 +185,12 @@ def run_study(spec_path: Path, out: Path, data: Path | None = None, overrides: l
     write_run_record(out, "study", base, study=str(spec_path), done=result.done, failed=result.failed,
                      extractions=result.extractions)
     if result.failed:
-        raise VariantsFailed(f"{len(result.failed)} of {len(variants)} variants failed ("
-                             + "; ".join(f"{n}: {why}" for n, why in result.failed.items())
-                             + f"); the others' results are in {out}")
+        message = (f"{len(result.failed)} of {len(variants)} variants failed ("
+                   + "; ".join(f"{n}: {why}" for n, why in result.failed.items())
+                   + f"); the others' results are in {out}")
+        if not allow_failed:
+            raise VariantsFailed(message)
+        warn(message)
     if not result.done:
         raise DataError(f"no variant of {spec_path} has results")
     return result
