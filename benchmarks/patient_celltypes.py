@@ -63,6 +63,9 @@ def main() -> None:
     shares = type_shares(cells, args.top)
     proxy = proxy_auc(cells, args.type, args.positive)
     metrics = json.loads((args.cv / "metrics.json").read_text())
+    if len(metrics["models"][next(iter(metrics["models"]))]["auc"]) != 2:
+        raise SystemExit("two classes only: the intervals are those of the macro AUC, which is the positive "
+                         "class's AUC only for two classes")
     models = {name: {"auc": m["auc"].get(args.positive), "ci95": m["ci95"].get("macro_auc")}
               for name, m in metrics["models"].items()}
     result = {"top_attended_per_patient": args.top, "shares": shares.to_dict(orient="records"),
@@ -73,7 +76,8 @@ def main() -> None:
     print(f"\npatient AUC for {args.positive}: share of {args.type} cells {proxy['auc']:.3f} "
           f"({proxy['ci95'][0]:.3f}-{proxy['ci95'][1]:.3f}), {proxy['patients']} patients")
     for name, m in models.items():
-        print(f"  {name}: {m['auc']:.3f} ({m['ci95'][0]:.3f}-{m['ci95'][1]:.3f})")
+        print(f"  {name}: " + ("undefined" if m["auc"] is None else
+                               f"{m['auc']:.3f} ({m['ci95'][0]:.3f}-{m['ci95'][1]:.3f})"))
 
 
 if __name__ == "__main__":

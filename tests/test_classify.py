@@ -238,6 +238,13 @@ def test_the_ablation_leaves_out_a_learner_or_the_stacking(tmp_path):
     by_hand = (average.meta_[0].predict_proba(inputs[:, :2]) + average.meta_[1].predict_proba(inputs[:, 2:])) / 2
     assert np.allclose(average.predict_proba(X), by_hand, atol=1e-6)
     assert not np.allclose(average.predict_proba(X), stacked.predict_proba(X))
+    for fitted in (FeatureStackingClassifier(learners=("forest",), **kwargs).fit(X, y, groups=cells), average):
+        gpu = FeatureStackingClassifier(**fitted.get_params())  # as cuML made it: converted learner by learner
+        gpu.__dict__.update(fitted.__dict__, backend_="cuml", pcas_=[_FakeCuml(p) for p in fitted.pcas_],
+                            svm_=None if fitted.svm_ is None else _FakeCuml(fitted.svm_), forest_=_FakeCuml(fitted.forest_),
+                            meta_=[_FakeCuml(m) for m in fitted.meta_] if fitted.combine == "average"
+                            else _FakeCuml(fitted.meta_))
+        assert np.array_equal(gpu.to_sklearn().predict_proba(X), fitted.predict_proba(X))
     with pytest.raises(ValueError, match="names a learner twice"):
         ClassifyConfig(learners=("svm", "svm"))
     with pytest.raises(ValueError, match="needs two learners"):

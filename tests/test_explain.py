@@ -345,6 +345,8 @@ def test_a_patient_level_prediction_makes_a_gallery_of_the_most_attended_cells(r
     assert np.allclose(listing["p"], cells.loc[listing["cell_id"], "attention"])
     ranks = cells.loc[listing["cell_id"], "attention_rank"].to_numpy().reshape(-1, 3)
     assert (ranks == [1, 2, 3]).all()  # each patient's three most attended cells, best first (no copies here)
+    refused = cli("embed", run / "features.zarr", "--model", tmp_path / "mil", "-o", tmp_path / "e")
+    assert refused.exit_code == 2 and "patient-level model" in refused.output
 
 
 def test_the_report_shows_the_explanations_below_a_run(run, finetuned):

@@ -12,7 +12,7 @@ from aml_rapids.config import PatientsConfig
 from aml_rapids.errors import ConfigError, DataError
 from aml_rapids.features.plan import ROW_FIELDS, STATUS_FAILED, STATUS_OK, STATUS_PADDING, pad_segments
 from aml_rapids.features.store import FeatureStore
-from aml_rapids.patients.bags import read_bags
+from aml_rapids.patients.bags import Bags, read_bags
 from aml_rapids.patients.model import PatientMILClassifier
 
 runner = CliRunner()
@@ -103,6 +103,10 @@ def test_bad_bags_are_refused_naming_the_problem(tmp_path):
                      ["tiny"], None)
     with pytest.raises(DataError, match="class a has 1 training patient"):
         PatientMILClassifier(block_dims=(3,), epochs=1).fit(bags)
+    other = read_bags(write_store(tmp_path / "other.zarr", rows.assign(label=["a"] * 4 + ["z"] * 4),
+                                  np.ones((8, 3))), ["tiny"], None)
+    with pytest.raises(DataError, match="validation patients of class\\(es\\) z, which no training patient has"):
+        PatientMILClassifier(block_dims=(3,), epochs=1).fit(bags.subset(np.array([0, 1, 0, 1])), other)
     big = bags.subset(np.array([0, 1, 0, 1]))
     with pytest.raises(ConfigError, match=r"4 bag\(s\) of up to 4 cells; patient c/p1 has 4\), over.*lower patients.batch_patients"):
         PatientMILClassifier(block_dims=(3,), epochs=1, memory_gb=1e-9).fit(big, bags)
@@ -113,6 +117,10 @@ def test_a_class_with_fewer_patients_than_folds_is_refused(tmp_path):
     write_store(tmp_path / "s.zarr", rows, np.random.default_rng(0).normal(size=(6, 3)))
     result = runner.invoke(app, ["cv", str(tmp_path / "s.zarr"), "--level", "patient", "-o", str(tmp_path / "cv")])
     assert result.exit_code == 3 and "class b has patients in only 2 of the 3 folds" in result.output
+    split = pd.DataFrame({"patient": ["p0", "p0", "p1", "p1"], "label": list("aabb"), "fold": [0, 1, 1, 1]})
+    write_store(tmp_path / "split.zarr", split, np.random.default_rng(0).normal(size=(4, 3)))
+    result = runner.invoke(app, ["cv", str(tmp_path / "split.zarr"), "--level", "patient", "-o", str(tmp_path / "c2")])
+    assert result.exit_code == 3 and "patient c/p0 has cells in 2 folds" in result.output
 
 
 @pytest.mark.slow
@@ -140,8 +148,8 @@ def test_attention_finds_the_few_cells_the_mean_misses(tmp_path):
     positives = attention[attention["label"] == "pos"]
     top = positives.sort_values("attention", ascending=False).groupby("patient").head(4)
     assert top["cell_id"].str.contains("planted").mean() >= 0.7  # chance: 4 of 50 cells
-    patients = pd.read_csv(tmp_path / "cv" / "patients.csv")
-    assert len(patients) == 60 and (patients.groupby("patient")["fold"].nunique() == 1).all()
+    patients = pd.read_csv(tmp_path / "cv" / "patients.csv").set_index("patient")
+    assert len(patients) == 60 and (patients["fold"] == rows.groupby("patient")["fold"].first()).all()
     from aml_rapids.report.render import render_report
 
     page = render_report(tmp_path).read_text()
@@ -189,3 +197,20 @@ def test_patient_options_reach_the_model():
 
     model = new_model((5, 7), options)
     assert (model.attention, model.hidden, model.max_cells, model.block_dims) == ("per_class", 8, None, (5, 7))
+
+
+def test_per_class_attention_on_three_classes_gives_each_class_its_own_weights():
+    rng = np.random.default_rng(0)
+    sizes = rng.integers(3, 9, 12)  # bags of unequal size: padding and masks at work
+    labels = np.array(["a", "b", "c"] * 4)
+    rows = pd.DataFrame({"key": np.repeat([f"c/p{i}" for i in range(12)], sizes),
+                         "label": np.repeat(labels, sizes)})
+    bags = Bags(rows, rng.normal(size=(sizes.sum(), 6)).astype(np.float32), np.array([f"c/p{i}" for i in range(12)]),
+                labels, np.concatenate([[0], np.cumsum(sizes)]))
+    model = PatientMILClassifier(block_dims=(6,), attention="per_class", pca_components=4, epochs=2, ensemble=2,
+                                 batch_patients=3, max_cells=4).fit(bags)
+    proba, attention = model.outputs(bags)
+    assert proba.shape == (12, 3) and np.allclose(proba.sum(axis=1), 1) and attention.shape == (sizes.sum(), 3)
+    per_bag = np.add.reduceat(attention, bags.offsets[:-1], axis=0)
+    assert np.allclose(per_bag, 1, atol=1e-5)  # each class's attention sums to 1 over each bag
+    assert not np.allclose(attention[:, 0], attention[:, 1])

@@ -107,6 +107,15 @@ def load_model(model_dir: Path) -> tuple[FeatureStackingClassifier, dict]:
         raise ModelError(f"cannot load {path}: {type(exc).__name__}: {exc}; retrain it") from exc
 
 
+def load_cell_model(model_dir: Path, what: str) -> tuple[FeatureStackingClassifier, dict]:
+    """``load_model``, refusing a patient-level model: ``what`` (a command) reads the cell classifier."""
+    model, info = load_model(model_dir)
+    if info.get("level") == "patient":
+        raise ConfigError(f"model {model_dir} is a patient-level model (attention MIL), and {what} explains the cell "
+                          "classifier: give it a model of `aml-rapids train` (--level cell)")
+    return model, info
+
+
 def training_cells(model_dir: Path, info: dict) -> pd.DataFrame:
     """The cells the model was trained on (one row per distinct content)."""
     path = _verified(model_dir, TRAINING_CELLS, info)

@@ -85,12 +85,24 @@ def predict(model_dir: Path, source: Path, out: Path, overrides: list[str] | Non
         store_path = out / "features.zarr"
         failures += extract(manifest, store_path, cfg, progress=progress, on_total=on_total,
                             backbones=backbones).failures
+    store = FeatureStore.open(store_path)
     if info.get("level") == PATIENT_LEVEL:
-        cells, patients = predict_patients(model, info, FeatureStore.open(store_path), model_dir, out)
-        _write_failures(failures, out)
-        return Prediction(cells, patients, failures, int(cells["in_training"].sum()), cfg, warnings)
-    proba, rows = predict_store(model, FeatureStore.open(store_path), list(info["backbones"]), None,
-                                originals_only=True)
+        cells, patients = predict_patients(model, info, store, model_dir, out)
+    else:
+        cells, patients = _cell_predictions(model, info, store, model_dir, out)
+    _write_failures(failures, out)
+    unknown = sorted(set(cells["label"]) - set(map(str, model.classes_)))
+    if unknown and cfg is not None and source.suffix.lower() != ".csv":
+        warnings.append(f"the first-level folder names ({', '.join(unknown[:5])}) are not the model's classes: a "
+                        "folder is read as <class>/<patient>/<image> or <class>/<image>, so in a folder of "
+                        "<patient>/<image> the patients are taken for classes and the cells have none; give a CSV "
+                        "with path, label (any text) and patient columns instead")
+    return Prediction(cells, patients, failures, int(cells["in_training"].sum()), cfg, warnings)
+
+
+def _cell_predictions(model, info: dict, store: FeatureStore, model_dir: Path, out: Path):
+    """The stacking classifier's predictions.csv (per cell) and patients.csv (each patient's mean)."""
+    proba, rows = predict_store(model, store, list(info["backbones"]), None, originals_only=True)
     classes = model.classes_
     cells = prediction_table(rows, proba, classes, ["cell_id", "path", "cohort", "patient", "label", "split"])
     cells["in_training"] = seen_in_training(rows, model_dir, info)
@@ -102,14 +114,7 @@ def predict(model_dir: Path, source: Path, out: Path, overrides: list[str] | Non
     patients["predicted"] = classes[means[list(classes)].to_numpy().argmax(axis=1)]
     cells.to_csv(out / "predictions.csv", index=False)
     patients.to_csv(out / "patients.csv", index=False)
-    _write_failures(failures, out)
-    unknown = sorted(set(rows["label"]) - set(map(str, classes)))
-    if unknown and cfg is not None and source.suffix.lower() != ".csv":
-        warnings.append(f"the first-level folder names ({', '.join(unknown[:5])}) are not the model's classes: a "
-                        "folder is read as <class>/<patient>/<image> or <class>/<image>, so in a folder of "
-                        "<patient>/<image> the patients are taken for classes and the cells have none; give a CSV "
-                        "with path, label (any text) and patient columns instead")
-    return Prediction(cells, patients, failures, int(cells["in_training"].sum()), cfg, warnings)
+    return cells, patients
 
 
 def _unfinished(out: Path, source: Path) -> bool:

@@ -16,7 +16,7 @@ import pandas as pd
 
 from ..classify.backend import get_backend
 from ..classify.data import load_features, select_rows
-from ..classify.io import check_store_matches, load_model
+from ..classify.io import check_store_matches, load_cell_model
 from ..config import EmbedConfig, RunConfig
 from ..errors import ConfigError
 from ..evaluate.report import split_protocol, weights_words
@@ -142,7 +142,7 @@ def embed(store_path: Path, out: Path, cfg: RunConfig, backbones: list[str] | No
         raise ConfigError(f"store {store_path} has no backbone {', '.join(missing)}; it has {', '.join(store.backbones)}")
     model = info = None
     if model_dir is not None:
-        model, info = load_model(model_dir)
+        model, info = load_cell_model(model_dir, "embed --model")
         check_store_matches(info, store)
     keep, rows = select_rows(store, (settings.split,) if settings.split else None, originals_only=True)
     chosen = stratified_rows(rows, settings.max_rows, settings.seed)

@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ..classify.io import load_model, seen_in_training
+from ..classify.io import load_cell_model, seen_in_training
 from ..config import RunConfig, load_config
 from ..errors import ConfigError, DataError
 from ..evaluate.report import weights_words
@@ -111,7 +111,7 @@ def occlusion(model_dir: Path, source: Path, out: Path, cfg: RunConfig, against:
     """Occlusion maps of the model's class probability on a seeded per-class sample of the source's split (or
     on the cells of a Grad-CAM run, ``against``, with its targets, and the rank correlation of the two maps)."""
     started = time.perf_counter()
-    model, info = load_model(model_dir)
+    model, info = load_cell_model(model_dir, "occlusion")
     if not info.get("extract_config"):
         raise ConfigError(f"model {model_dir} does not record how its features were extracted, so its cells "
                           "cannot be run through its networks again")

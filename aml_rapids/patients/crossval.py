@@ -35,11 +35,17 @@ from .train import new_model, store_bags
 MIL = "attention MIL"
 
 
-def check_folds(table: pd.DataFrame, store_path: Path) -> np.ndarray:
-    """Each patient's fold, refusing a store without folds and a class with fewer patients than folds."""
+def check_folds(table: pd.DataFrame, cells: pd.DataFrame, store_path: Path) -> np.ndarray:
+    """Each patient's fold (``table``: one line per bag; ``cells``: the bags' rows), refusing a store without
+    folds, a patient whose cells lie in two folds, and a class with fewer patients than folds."""
     if "fold" not in table:
         raise DataError(f"store {store_path} has rows without a fold: split the manifest with "
                         "`aml-rapids split --method kfold` before extracting, then cross-validate")
+    spread = cells.groupby("key")["fold"].nunique()
+    if (spread > 1).any():
+        raise DataError(f"store {store_path}: patient {spread.index[spread.argmax()]} has cells in "
+                        f"{spread.max()} folds; a patient-grouped cross-validation needs each patient in one "
+                        "(split with `aml-rapids split --method kfold`, which keeps patients whole)")
     folds = table["fold"].to_numpy()
     per_class = table.groupby("label")["fold"].nunique()
     short = per_class[per_class < len(np.unique(folds))]
@@ -61,7 +67,7 @@ def compare(store_path: Path, cfg: RunConfig, out: Path, backbones: list[str] | 
     bags = store_bags(store, backbones, None, cfg.patients)
     refuse_finetune_seen(store, bags.rows, "the cross-validation's folds")
     table = bags.table()
-    folds = check_folds(table, store_path)
+    folds = check_folds(table, bags.rows, store_path)
     classes = np.unique(bags.labels)
     names = [MIL] + [pooling_name(how) for how in ("mean", *cfg.patients.quantiles)]
     scores = {name: np.zeros((len(bags), len(classes))) for name in names}

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.utils.rnn import pad_sequence
 
-from ..errors import ConfigError
+from ..errors import ConfigError, TrainingDiverged
 
 BYTES_PER_VALUE = 4  # float32
 ACTIVATION_FACTOR = 3  # forward activations, their gradients and the optimiser's own buffers, per value
@@ -52,11 +52,10 @@ def step_bytes(cells: int, bags: int, in_dim: int, hidden: int, attention_hidden
     return bags * cells * per_cell * BYTES_PER_VALUE * ACTIVATION_FACTOR
 
 
-def check_memory(bytes_needed: int, limit: int, where: str, largest: str) -> None:
+def check_memory(bytes_needed: int, limit: int, where: str, largest: str, advice: str) -> None:
     if bytes_needed > limit:
         raise ConfigError(f"{where} needs about {bytes_needed / 2**20:,.1f} MiB ({largest}), over the "
-                          f"{limit / 2**20:,.1f} MiB allowed; lower patients.batch_patients or patients.max_cells "
-                          "(or raise patients.memory_gb on a CPU)")
+                          f"{limit / 2**20:,.1f} MiB allowed; {advice}")
 
 
 def _batch(data: BagTensors, bags: list[int], max_cells: int | None, generator: torch.Generator):
@@ -137,5 +136,8 @@ def fit_network(network, train: BagTensors, val: BagTensors, n_classes: int, epo
             break
     else:
         record.status = f"ran all {epochs} epochs"
+    if best_state is None:
+        raise TrainingDiverged(f"the validation loss was never a finite number in {len(record.history)} epochs "
+                               f"(last {record.history[-1]['val_loss']}): lower patients.lr")
     network.load_state_dict(best_state)
     return record

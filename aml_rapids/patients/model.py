@@ -20,12 +20,14 @@ import torch
 from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.model_selection import StratifiedKFold, train_test_split
 
-from ..classify.model import row_zscore
 from ..errors import ConfigError, DataError
 from .bags import Bags
 from .fit import PREDICT_BAGS, BagTensors, bag_outputs, check_memory, fit_network, step_bytes
 from .network import AttentionMIL
 
+TRAINING_ADVICE = "lower patients.batch_patients or patients.max_cells (or raise patients.memory_gb on a CPU)"
+PREDICTION_ADVICE = ("every cell of a bag is read at once: raise patients.memory_gb on a CPU (a model keeps the "
+                     "value it was trained with: retrain), or predict the largest patients on a GPU")
 # The keys of the config's ``patients`` section that the estimator takes; the others shape bags and reports.
 MODEL_OPTIONS = {"attention", "pca_components", "hidden", "attention_hidden", "dropout", "lr", "weight_decay",
                  "epochs", "patience", "ensemble", "val_fraction", "batch_patients", "max_cells", "device",
@@ -36,6 +38,12 @@ def resolve_device(name: str) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
         raise ConfigError("patients.device cuda asked for, but torch sees no GPU here; use auto or cpu")
     return torch.device("cuda" if name == "cuda" or (name == "auto" and torch.cuda.is_available()) else "cpu")
+
+
+def prediction_device(trained_on: str) -> torch.device:
+    """Where a trained model predicts: the GPU when there is one (and it was not told cpu), else the CPU, so a
+    model trained on a GPU runs on any machine."""
+    return torch.device("cuda" if trained_on != "cpu" and torch.cuda.is_available() else "cpu")
 
 
 def memory_limit(device: torch.device, memory_gb: float) -> int:
@@ -51,7 +59,8 @@ def validation_parts(bags: Bags, members: int, fraction: float, seed: int) -> li
     if counts.min() < need:
         raise DataError(f"class {labels[counts.argmin()]} has {counts.min()} training patient(s): too few to hold "
                         f"some out for early stopping ({need} needed with patients.ensemble = {members}); lower "
-                        "patients.ensemble, give more patients, or a store with a val split")
+                        "patients.ensemble or give more patients (train: or a store with a val split, which "
+                        "the networks then share)")
     if members > 1:
         return list(StratifiedKFold(members, shuffle=True, random_state=seed).split(np.zeros(len(bags)), bags.labels))
     n_val = min(max(len(labels), round(fraction * len(bags))), len(bags) - len(labels))
@@ -87,7 +96,9 @@ class PatientMILClassifier(ClassifierMixin, BaseEstimator):
         if X.shape[1] != sum(self.block_dims):
             raise DataError(f"features have {X.shape[1]} columns, the model expects {sum(self.block_dims)} "
                             f"({' + '.join(map(str, self.block_dims))})")
-        return [row_zscore(torch, block) for block in torch.split(X, list(self.block_dims), dim=1)]
+        blocks = torch.split(X, list(self.block_dims), dim=1)  # each row to zero mean and unit (population) spread
+        return [(b - b.mean(dim=1, keepdim=True)) / b.std(dim=1, keepdim=True, correction=0).clamp_min(1e-12)
+                for b in blocks]
 
     def _fit_reduction(self, X: torch.Tensor) -> None:
         self.means_, self.components_ = [], []
@@ -105,10 +116,12 @@ class PatientMILClassifier(ClassifierMixin, BaseEstimator):
                           for block, mean, components in zip(blocks, self.means_, self.components_)], dim=1)
 
     def _tensors(self, bags: Bags, device: torch.device) -> BagTensors:
-        codes = np.searchsorted(self.classes_, bags.labels) if bags.labels.size else np.zeros(0, dtype=int)
+        index = {label: code for code, label in enumerate(self.classes_)}
+        codes = np.array([index.get(label, -1) for label in bags.labels], dtype=np.int64)  # -1: not a known class
         return BagTensors(self._reduce(bags.X, device), bags.offsets, torch.as_tensor(codes, device=device))
 
-    def _check_memory(self, bags: Bags, device: torch.device, batch: int, cells_cap: int | None, what: str) -> None:
+    def _check_memory(self, bags: Bags, device: torch.device, batch: int, cells_cap: int | None, what: str,
+                      advice: str = TRAINING_ADVICE) -> None:
         largest = int(bags.sizes.argmax())
         cells = int(bags.sizes[largest]) if cells_cap is None else min(cells_cap, int(bags.sizes[largest]))
         branches = len(self.classes_) if self.attention == "per_class" else 1
@@ -116,7 +129,7 @@ class PatientMILClassifier(ClassifierMixin, BaseEstimator):
                           branches)
         check_memory(need, memory_limit(device, self.memory_gb), what,
                      f"{batch} bag(s) of up to {cells:,} cells; patient {bags.keys[largest]} has "
-                     f"{int(bags.sizes[largest]):,}")
+                     f"{int(bags.sizes[largest]):,}", advice)
 
     def _members(self, bags: Bags, val: Bags | None) -> list[tuple[Bags, Bags, int]]:
         """(training bags, validation bags, seed) of each member."""
@@ -131,10 +144,17 @@ class PatientMILClassifier(ClassifierMixin, BaseEstimator):
         self.classes_ = np.unique(bags.labels)
         if len(self.classes_) < 2:
             raise DataError(f"training patients hold a single class ({self.classes_[0]!r}); need at least two")
+        unknown = sorted(set(val.labels) - set(self.classes_)) if val is not None else []
+        if unknown:
+            raise DataError(f"validation patients of class(es) {', '.join(map(str, unknown))}, which no training patient "
+                            f"has (e.g. {val.keys[np.isin(val.labels, unknown)][0]}): early stopping could not score "
+                            "them; split so that every class has training patients")
         members = self._members(bags, val)
         device = resolve_device(self.device)
         self._fit_reduction(torch.as_tensor(bags.X, dtype=torch.float32, device=device))
         self._check_memory(bags, device, self.batch_patients, self.max_cells, "a training step")
+        for _, held, _ in members:
+            self._check_memory(held, device, PREDICT_BAGS, None, "validating bags")
         self.networks_, self.members_ = [], []
         for train, held, seed in members:
             train_data, val_data = self._tensors(train, device), self._tensors(held, device)
@@ -156,8 +176,8 @@ class PatientMILClassifier(ClassifierMixin, BaseEstimator):
     def outputs(self, bags: Bags) -> tuple[np.ndarray, np.ndarray]:
         """Class probabilities per bag (bags, classes), and each cell's attention (cells, branches): the share
         of its bag's pooled embedding it makes up, summing to 1 over a bag (per branch); both the members' mean."""
-        device = resolve_device(self.device)
-        self._check_memory(bags, device, PREDICT_BAGS, None, "predicting bags")
+        device = prediction_device(self.device)
+        self._check_memory(bags, device, PREDICT_BAGS, None, "predicting bags", PREDICTION_ADVICE)
         data = self._tensors(bags, device)
         probas, attentions = [], []
         for network in self.networks_:

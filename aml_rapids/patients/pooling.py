@@ -1,6 +1,7 @@
 """Patient scores pooled from cell scores, the baselines a learned patient model must beat: the mean of a bag's
 cell probabilities (the method's patient-level call) and their quantiles (a high quantile: "some cells look like
-it"), each patient's row normalised to sum to 1."""
+it"). A quantile row is a score per class, not a distribution (it need not sum to 1): rescaling it would reorder
+the patients, and its AUC would no longer be the quantile's."""
 
 from __future__ import annotations
 
@@ -16,6 +17,4 @@ def pooling_name(how: str | float) -> str:
 def pooled(bags: Bags, cell_proba: np.ndarray, how: str | float) -> np.ndarray:
     """(bags, classes): per bag, the mean (``"mean"``) or the ``how``-quantile of its cells' class probabilities."""
     parts = [cell_proba[bags.cells(i)] for i in range(len(bags))]
-    scores = np.stack([p.mean(axis=0) if how == "mean" else np.quantile(p, how, axis=0) for p in parts])
-    total = scores.sum(axis=1, keepdims=True)
-    return np.where(total > 0, scores / np.where(total > 0, total, 1), 1 / scores.shape[1])
+    return np.stack([p.mean(axis=0) if how == "mean" else np.quantile(p, how, axis=0) for p in parts])

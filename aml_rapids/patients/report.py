@@ -17,7 +17,7 @@ import pandas as pd
 
 from ..config import EvaluateConfig
 from ..errors import DataError
-from ..evaluate.metrics import bootstrap, summary
+from ..evaluate.metrics import bootstrap, patient_keys, summary
 from ..evaluate.plots import plot_confusion, plot_roc
 from ..evaluate.report import PREDICTIONS, small_sample_warnings, stamped, weights_words
 from ..outputs import atomic_write_text
@@ -50,10 +50,8 @@ def cell_table(bags: Bags, proba: np.ndarray, attention: np.ndarray, classes: np
 def with_top_cells(patients: pd.DataFrame, cells: pd.DataFrame, k: int) -> pd.DataFrame:
     """``patients`` with ``top_cells``: the cell ids of each patient's ``k`` most attended cells, best first."""
     top = cells[cells["attention_rank"] <= k].sort_values("attention_rank")
-    keys = top["cohort"].astype(str) + "/" + top["patient"].astype(str)
-    listed = top.groupby(keys)["cell_id"].agg(" ".join)
-    return patients.assign(top_cells=(patients["cohort"].astype(str) + "/" + patients["patient"].astype(str))
-                           .map(listed).fillna(""))
+    listed = top.groupby(patient_keys(top))["cell_id"].agg(" ".join)
+    return patients.assign(top_cells=pd.Series(patient_keys(patients)).map(listed).fillna("").to_numpy())
 
 
 def write_patient_report(bags: Bags, proba: np.ndarray, attention: np.ndarray, classes: np.ndarray, info: dict,
@@ -84,9 +82,10 @@ def write_patient_report(bags: Bags, proba: np.ndarray, attention: np.ndarray, c
 
 
 def write_tables(bags: Bags, proba: np.ndarray, attention: np.ndarray, classes: np.ndarray, out: Path,
-                 top_cells: int, columns: tuple[str, ...] = ("cell_id", "path", "cohort", "patient", "label")
-                 ) -> tuple[pd.DataFrame, pd.DataFrame]:
-    cells = cell_table(bags, proba, attention, classes, columns)
+                 top_cells: int, columns: tuple[str, ...] = ("cell_id", "path", "cohort", "patient", "label"),
+                 extra: dict | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """patients.csv and predictions.csv (with ``extra`` columns, one value per cell); returns both tables."""
+    cells = cell_table(bags, proba, attention, classes, columns).assign(**(extra or {}))
     patients = with_top_cells(patient_table(bags, proba, classes), cells, top_cells)
     atomic_write_text(out / PATIENTS, patients.to_csv(index=False))
     atomic_write_text(out / PREDICTIONS, cells.to_csv(index=False))

@@ -19,8 +19,7 @@ from ..classify.train import describe_features
 from ..config import EvaluateConfig, PatientsConfig, RunConfig
 from ..errors import ConfigError
 from ..features.store import FeatureStore, feature_identity
-from ..evaluate.report import PREDICTIONS
-from ..outputs import atomic_write_text, prepare_fresh_dir
+from ..outputs import prepare_fresh_dir
 from .bags import Bags, read_bags
 from .model import MODEL_OPTIONS, PatientMILClassifier
 from .report import write_patient_report, write_tables
@@ -58,7 +57,7 @@ def train(store_path: Path, cfg: RunConfig, out: Path, backbones: list[str] | No
     seen = bags.rows if val is None else pd.concat([bags.rows, val.rows], ignore_index=True)
     info = {"aml_rapids": __version__, "level": LEVEL, "backend": model.backend_, "model": "attention MIL",
             "classes": [str(k) for k in model.classes_], "training_patients": len(bags),
-            "validation_patients": len(val) if has_val else len(bags),
+            "validation_patients": len(val) if has_val else sum(m["validation_patients"] for m in model.members_),
             "validation": "the store's val split" if has_val else validation_words(model),
             "training_rows": int(seen.shape[0]), "bags_left_out": bags.left_out, "members": model.members_,
             "fit_seconds": {"total": model.fit_seconds_},
@@ -99,8 +98,6 @@ def predict(model: PatientMILClassifier, info: dict, store: FeatureStore, model_
     """Every patient of the store called, its cells ranked by attention: predictions.csv and patients.csv in
     ``out`` (cells of the model's training patients flagged in ``in_training``)."""
     bags, proba, attention = outputs_on(model, info, store, None)
-    cells, patients = write_tables(bags, proba, attention, model.classes_, out, info["config"]["top_cells"],
-                                   ("cell_id", "path", "cohort", "patient", "label", "split"))
-    cells["in_training"] = seen_in_training(bags.rows, model_dir, info)
-    atomic_write_text(out / PREDICTIONS, cells.to_csv(index=False))
-    return cells, patients
+    return write_tables(bags, proba, attention, model.classes_, out, info["config"]["top_cells"],
+                        ("cell_id", "path", "cohort", "patient", "label", "split"),
+                        {"in_training": seen_in_training(bags.rows, model_dir, info)})

@@ -101,10 +101,10 @@ def _run_variant(variant: Variant, cfg: RunConfig, manifest: Path, out: Path) ->
     and take the head's own test report. Returns the report folder and the rows written to a store."""
     folder = variant_folder(out, variant.name)
     if variant.head:
-        tuned = workflow.finetune(manifest, folder / "finetune", cfg)
-        if tuned.head_test is None:
+        if "test" not in set(read_manifest(manifest).table.get("split", [])):  # before any training
             raise ConfigError(f"variant {variant.name!r}: the fine-tuned head is judged on the test split, and "
                               f"{manifest} has none")
+        tuned = workflow.finetune(manifest, folder / "finetune", cfg)
         store, report, written = None, tuned.folder / FINETUNE_EVAL, 0
     else:
         store = out / "stores" / store_key(cfg) / "features.zarr"
@@ -128,8 +128,8 @@ def _done(variant: Variant, out: Path) -> Path | None:
         return None
     held = read_json(record)
     if held["set"] != json.loads(json.dumps(variant.set, default=str)) or held.get("head", False) != variant.head:
-        raise ConfigError(f"variant {variant.name!r} in {out} was run with other overrides ({held['set']}); "
-                          "rename the variant, or use a new study folder")
+        raise ConfigError(f"variant {variant.name!r} in {out} was run otherwise (overrides {held['set']}, head "
+                          f"{held.get('head', False)}); rename the variant, or use a new study folder")
     return out / held["report"]
 
 
