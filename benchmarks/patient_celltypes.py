@@ -7,7 +7,7 @@ CV_FOLDER is what ``aml-rapids cv --level patient`` wrote (attention.csv, patien
 manifest.parquet the store was extracted from. Prints, per class, each cell type's share among every patient's
 ``--top`` most attended cells against its share among all their cells (the types that gain), and the patient AUC
 (95% interval, patients resampled within each class) of the share of ``--type`` cells as a score for
-``--positive`` beside each model's; writes the same as JSON into CV_FOLDER.
+``--positive`` beside each model's macro AUC (two classes); writes the same as JSON into CV_FOLDER.
 """
 
 from __future__ import annotations
@@ -64,9 +64,8 @@ def main() -> None:
     proxy = proxy_auc(cells, args.type, args.positive)
     metrics = json.loads((args.cv / "metrics.json").read_text())
     if len(metrics["models"][next(iter(metrics["models"]))]["auc"]) != 2:
-        raise SystemExit("two classes only: the intervals are those of the macro AUC, which is the positive "
-                         "class's AUC only for two classes")
-    models = {name: {"auc": m["auc"].get(args.positive), "ci95": m["ci95"].get("macro_auc")}
+        raise SystemExit("two classes only: the share of one cell type scores one class against the other")
+    models = {name: {"macro_auc": m["macro_auc"], "ci95": m["ci95"].get("macro_auc")}
               for name, m in metrics["models"].items()}
     result = {"top_attended_per_patient": args.top, "shares": shares.to_dict(orient="records"),
               f"share of {args.type} as a score for {args.positive}": proxy, "models": models}
@@ -74,10 +73,10 @@ def main() -> None:
     pd.set_option("display.width", 140)
     print(shares.sort_values(["label", "gain"], ascending=[True, False]).round(3).to_string(index=False))
     print(f"\npatient AUC for {args.positive}: share of {args.type} cells {proxy['auc']:.3f} "
-          f"({proxy['ci95'][0]:.3f}-{proxy['ci95'][1]:.3f}), {proxy['patients']} patients")
+          f"({proxy['ci95'][0]:.3f}-{proxy['ci95'][1]:.3f}), {proxy['patients']} patients; the models' macro AUC:")
     for name, m in models.items():
-        print(f"  {name}: " + ("undefined" if m["auc"] is None else
-                               f"{m['auc']:.3f} ({m['ci95'][0]:.3f}-{m['ci95'][1]:.3f})"))
+        print(f"  {name}: " + ("undefined" if m["macro_auc"] is None else
+                               f"{m['macro_auc']:.3f} ({m['ci95'][0]:.3f}-{m['ci95'][1]:.3f})"))
 
 
 if __name__ == "__main__":
