@@ -52,7 +52,8 @@ def _step_seconds(be, model: FeatureStackingClassifier, X, codes) -> dict[str, f
     """Each step alone: row z-score + PCA, SVM fit, forest fit."""
     out = {"zscore+pca": _timed(lambda: model._reduce(be, X, fit=True))[0]}
     Z = model._reduce(be, X, fit=False)
-    svm, forest = model._base_learners(be)
+    learners = model._base_learners(be)
+    svm, forest = learners["svm"], learners["forest"]
     out["svm fit"] = _timed(lambda: svm.fit(Z, codes))[0]
     out["rf fit"] = _timed(lambda: forest.fit(Z, codes))[0]
     return out
