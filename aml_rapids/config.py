@@ -345,6 +345,44 @@ class ExplainConfig(_Section):
     gallery: GalleryConfig = GalleryConfig()
 
 
+class SlurmConfig(_Section):
+    """The batch jobs ``cluster: slurm`` submits through dask-jobqueue, each running Dask workers."""
+
+    queue: Optional[str] = Field(None, description="partition (null: the site's default)")
+    account: Optional[str] = None
+    walltime: str = Field("02:00:00", description="each job's time limit")
+    cores: PositiveInt = Field(8, description="CPU cores per job")
+    memory: str = Field("64GiB", description="memory per job")
+    gpus: int = Field(1, ge=0, description="GPUs per job (--gres=gpu:N); one worker per GPU")
+    job_extra_directives: list[str] = Field(default_factory=list, description="more #SBATCH lines, e.g. --constraint=a100")
+
+
+class ScaleConfig(_Section):
+    """Where extraction and the classifier's fits run: this process (``none``), or a Dask cluster. Extraction is
+    cut into units of whole store chunks, each extracted and written by one worker; the fits become Dask tasks."""
+
+    cluster: Literal["none", "local", "local-cuda", "scheduler-file", "slurm"] = Field(
+        "none", description="none: this process; local: CPU worker processes on this machine; local-cuda: one worker "
+                            "per visible GPU (dask-cuda); scheduler-file: join a running cluster; slurm: dask-jobqueue")
+    scheduler_file: Optional[str] = Field(None, description="cluster: scheduler-file: the file `dask scheduler "
+                                                            "--scheduler-file` wrote (on shared storage)")
+    workers: Optional[PositiveInt] = Field(None, description="local: worker processes (null: usable cores); "
+                                                             "local-cuda: GPUs (null: every visible one); slurm: jobs")
+    threads_per_worker: PositiveInt = Field(1, description="local and local-cuda: threads of each worker")
+    memory_per_worker: str = Field("auto", description="local and local-cuda: each worker's memory limit (auto: "
+                                                        "the machine's memory shared out), e.g. 16GiB")
+    unit_chunks: PositiveInt = Field(1, description="whole store chunks in one unit of extraction work")
+    connect_timeout_s: float = Field(60.0, gt=0, description="how long to wait for a scheduler or for the workers")
+    slurm: SlurmConfig = SlurmConfig()
+
+    @model_validator(mode="after")
+    def _scheduler_file_given(self) -> "ScaleConfig":
+        if self.cluster == "scheduler-file" and not self.scheduler_file:
+            raise ValueError("cluster scheduler-file needs scale.scheduler_file: the file `dask scheduler "
+                             "--scheduler-file PATH` wrote")
+        return self
+
+
 class RunConfig(_Section):
     """Everything one run needs; each stage reads its own section."""
 
@@ -360,6 +398,7 @@ class RunConfig(_Section):
     patients: PatientsConfig = PatientsConfig()
     finetune: FinetuneConfig = FinetuneConfig()
     explain: ExplainConfig = ExplainConfig()
+    scale: ScaleConfig = ScaleConfig()
 
     @model_validator(mode="after")
     def _chunks_fit_in_memory(self) -> "RunConfig":

@@ -84,6 +84,13 @@ class DownloadError(AmlRapidsError):
     exit_code = 12
 
 
+class ClusterError(AmlRapidsError):
+    """A Dask cluster that cannot be started or reached (no scheduler at its file, more workers than GPUs,
+    dask-jobqueue not installed), or whose workers are too small for the work."""
+
+    exit_code = 13
+
+
 EXIT_INTERRUPTED = 130  # Ctrl-C; every stage resumes or can be re-run
 EXIT_TERMINATED = 143  # SIGTERM (128 + 15), as a batch scheduler sends at a job's time limit: the same clean stop
 

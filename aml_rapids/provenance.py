@@ -23,7 +23,7 @@ from .outputs import atomic_write_text
 TRACKED_PACKAGES = (
     "numpy", "pandas", "pyarrow", "pillow", "torch", "torchvision", "nvidia-dali-cuda130",
     "nvidia-dali-cuda120", "zarr", "scikit-learn", "cuml-cu13", "cuml-cu12", "cupy-cuda13x",
-    "cupy-cuda12x", "dask", "dask-cuda", "onnx", "onnxruntime", "onnxruntime-gpu", "openvino", "nncf",
+    "cupy-cuda12x", "dask", "distributed", "dask-cuda", "dask-jobqueue", "onnx", "onnxruntime", "onnxruntime-gpu", "openvino", "nncf",
     "torch-tensorrt",
 )
 

@@ -10,6 +10,8 @@ which the CLI's logging session keeps).
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -63,6 +65,7 @@ class Extracted:
     seconds_in: dict[str, float]
     store_summary: dict
     failed: list[tuple[str, str]] = field(default_factory=list)  # (path, reason) of cells that could not be read
+    units: list[dict] = field(default_factory=list)  # on a Dask cluster: each unit's chunks and who wrote them
 
 
 @dataclass
@@ -229,11 +232,18 @@ def extract(manifest: Path, store: Path | None = None, cfg: RunConfig | None = N
     store = Path(store or manifest.parent / "features.zarr")
     prepare_output_dir(manifest.parent / "runs", "run record folder (beside the manifest)")  # before the work
     with progress_bar(f"extracting {', '.join(b.name for b in cfg.features.backbones)}") as (advance, set_total):
-        summary = run_extract(data, store, cfg, progress=advance, on_total=set_total)
+        if cfg.scale.cluster == "none":
+            summary = run_extract(data, store, cfg, progress=advance, on_total=set_total)
+        else:
+            from .scale.cluster import dask_client
+            from .scale.extract import extract_sharded
+
+            with dask_client(cfg.scale) as client:
+                summary = extract_sharded(client, data, store, cfg, progress=advance, on_total=set_total)
     totals = FeatureStore.open(store).summary()
     result = Extracted(store, summary.rows_written, summary.rows_skipped, summary.rows_failed,
                        summary.rows_appended, summary.rows_retried, summary.chunks_lost, summary.images_per_s,
-                       summary.seconds, summary.seconds_in, totals, _failures(summary.failures))
+                       summary.seconds, summary.seconds_in, totals, _failures(summary.failures), summary.units)
     write_run_record(manifest.parent, "extract", cfg, manifest=str(manifest),
                      interrupted_writer=summary.interrupted_writer, **as_json(result))
     if summary.interrupted_writer:
@@ -286,6 +296,25 @@ def finetune(manifest: Path, out: Path | None = None, cfg: RunConfig | None = No
 LEVELS = ("cell", "patient")
 
 
+@contextmanager
+def _classifier_fits(cfg: RunConfig, level: str) -> Iterator[RunConfig]:
+    """Where the stacking classifier's fits run: in this process, or on the Dask cluster of ``scale`` (the
+    config yielded then gives the fits the cluster's threads)."""
+    if cfg.scale.cluster == "none":
+        yield cfg
+        return
+    if level == "patient":
+        warn(f"scale.cluster={cfg.scale.cluster} is for extraction and the cell-level classifier; the patient-level "
+             "model trains in this process")
+        yield cfg
+        return
+    from .scale.cluster import dask_client
+    from .scale.fits import fits_on
+
+    with dask_client(cfg.scale) as client, fits_on(client, cfg) as on_cluster:
+        yield on_cluster
+
+
 def check_level(level: str) -> None:
     if level not in LEVELS:
         raise ConfigError(f"unknown level {level!r}; use cell (the stacking classifier) or patient (attention MIL)")
@@ -305,7 +334,8 @@ def train(store: Path, out: Path, cfg: RunConfig | None = None, overwrite: bool 
         from .classify.train import train as run_train
 
         say("training: z-score, PCA, out-of-fold SVM + random forest, meta-learner")
-    info = run_train(Path(store), cfg, Path(out), overwrite=overwrite)
+    with _classifier_fits(cfg, level) as fit_cfg:
+        info = run_train(Path(store), fit_cfg, Path(out), overwrite=overwrite)
     write_run_record(out, "train", cfg, model=info)
     if level == "patient":
         say(f"{len(info['members'])} network(s), stopped early on {info['validation']}; epochs kept (lowest "
@@ -384,7 +414,8 @@ def cross_validate(store: Path, out: Path | None = None, cfg: RunConfig | None =
                if fold.get("patient_macro_auc") is not None else ""))
 
     say("cross-validating: one stacking classifier per fold")
-    report = run_cv(store, cfg, out, on_fold=show)
+    with _classifier_fits(cfg, level) as fit_cfg:
+        report = run_cv(store, fit_cfg, out, on_fold=show)
     write_run_record(out, "cv", cfg, store=str(store), folds=report["folds"], warnings=report["warnings"])
     for warning in report["warnings"]:
         warn(warning)
@@ -487,10 +518,24 @@ def _run(data: Path | None, out: Path | None, config: Path | RunConfig | None, o
         cfg = load_config(config, overrides)
     stages: dict[str, object] = {"index": index(data, out, cfg)}
     stages["split"] = split(out / "manifest.parquet", cfg)
-    stages["extract"] = extract(out / "manifest.parquet", out / "features.zarr", cfg, allow_failed)
-    if cfg.split.method == "kfold":
-        stages["cv"] = cross_validate(out / "features.zarr", out / "cv", cfg)
-    else:
-        stages["train"] = train(out / "features.zarr", out / "model", cfg, overwrite=True)  # the run's own
-        stages["evaluate"] = evaluate(out / "model", out / "features.zarr", "test", out / "model" / "eval-test", cfg)
+    with _one_cluster(cfg):
+        stages["extract"] = extract(out / "manifest.parquet", out / "features.zarr", cfg, allow_failed)
+        if cfg.split.method == "kfold":
+            stages["cv"] = cross_validate(out / "features.zarr", out / "cv", cfg)
+        else:
+            stages["train"] = train(out / "features.zarr", out / "model", cfg, overwrite=True)  # the run's own
+            stages["evaluate"] = evaluate(out / "model", out / "features.zarr", "test", out / "model" / "eval-test",
+                                          cfg)
     return RunResult(out, stages)
+
+
+@contextmanager
+def _one_cluster(cfg: RunConfig) -> Iterator[None]:
+    """The Dask cluster of ``scale`` (if any) started once for every stage of a run, not once per stage."""
+    if cfg.scale.cluster == "none":
+        yield
+        return
+    from .scale.cluster import dask_client
+
+    with dask_client(cfg.scale):
+        yield

@@ -56,6 +56,10 @@ class Backend:
             return UMAP(n_components=2, **options)
         raise ConfigError(f"unknown embedding method {method!r}; use tsne or umap")
 
+    def __reduce__(self):
+        """A backend travels by name (its array module cannot be pickled): a Dask worker makes its own."""
+        return get_backend, (self.name,)
+
     @staticmethod
     def to_host(values) -> np.ndarray:
         return values.get() if hasattr(values, "get") else np.asarray(values)

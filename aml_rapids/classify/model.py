@@ -15,10 +15,9 @@ from __future__ import annotations
 import copy
 from collections import Counter
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
-from functools import partial
 
 import numpy as np
+from joblib import Parallel, delayed
 from sklearn.base import BaseEstimator, ClassifierMixin, clone
 from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
 
@@ -68,14 +67,15 @@ def _device_sync(be: Backend) -> Callable[[], None] | None:
     return (lambda: be.xp.cuda.get_current_stream().synchronize()) if be.name == "cuml" else None
 
 
-def _fit_learner(estimator, Z, labels, rows, step: str) -> dict[str, float]:
-    """Fit one base learner on ``rows`` of Z (all of Z when None); returns its seconds under ``step``. No device
-    wait: cuML's fits return once their GPU work is done (its SVC synchronises its handle, its forest returns a
-    Treelite model on the host), and a wait in one thread would stall on the others' queued work."""
+def _fit_learner(estimator, Z, labels, rows, step: str) -> tuple[object, dict[str, float]]:
+    """Fit one base learner on ``rows`` of Z (all of Z when None); returns it (from a Dask worker, a copy) and its
+    seconds under ``step``. No device wait: cuML's fits return once their GPU work is done (its SVC synchronises
+    its handle, its forest returns a Treelite model on the host), and a wait in one thread would stall on the
+    others' queued work."""
     took: dict[str, float] = {}
     with span(took, step):
         estimator.fit(Z if rows is None else Z[rows], labels if rows is None else labels[rows])
-    return took
+    return estimator, took
 
 
 def _svc_as_sklearn(svc):
@@ -216,15 +216,13 @@ class FeatureStackingClassifier(ClassifierMixin, BaseEstimator):
             return self.meta_.predict_proba(inputs)
         return sum(meta.predict_proba(block) for meta, block in zip(self.meta_, self._blocks_of(inputs))) / len(self.meta_)
 
-    def _in_parallel(self, be: Backend, calls: list[Callable]) -> list:
-        """The calls' results in order, ``n_jobs`` of them running at once. The fits release the GIL
-        (libsvm, the forest's trees, cuML's C++), and each cuML thread queues on its own per-thread stream;
-        scikit-learn's SVC uses one core, so on a CPU the SVMs of different folds run side by side."""
-        jobs = self.n_jobs or be.fit_jobs
-        if jobs == 1:
-            return [call() for call in calls]
-        with ThreadPoolExecutor(min(jobs, len(calls))) as pool:
-            return [future.result() for future in [pool.submit(call) for call in calls]]
+    def _in_parallel(self, be: Backend, calls: list) -> list:
+        """The results of joblib ``delayed`` calls in order, ``n_jobs`` of them running at once: on threads, or
+        as Dask tasks inside ``joblib.parallel_config(backend="dask")`` (``scale.fits``). On threads, the fits
+        release the GIL (libsvm, the forest's trees, cuML's C++), and each cuML thread queues on its own
+        per-thread stream; scikit-learn's SVC uses one core, so on a CPU the SVMs of different folds run side by
+        side."""
+        return Parallel(n_jobs=min(self.n_jobs or be.fit_jobs, len(calls)), prefer="threads")(calls)
 
     def _meta_inputs(self, be: Backend, outputs):
         """Base outputs standardised per column with the out-of-fold outputs' mean and spread: SVM scores span
@@ -283,18 +281,20 @@ class FeatureStackingClassifier(ClassifierMixin, BaseEstimator):
             raise ConfigError(f"classify.combine {self.combine!r}: use {' or '.join(COMBINES)}")
         # One set of learners per fold and the final set on all rows: independent fits, the largest first.
         sets = [self._base_learners(be) for _ in range(len(folds) + 1)]
-        parts = [(None, "refit")] + [(train, "fold") for train, _ in folds]
-        fits = [partial(_fit_learner, learner, Z, labels, rows, STEP_NAMES[name][part == "fold"])
-                for learners, (rows, part) in zip(sets, parts) for name, learner in learners.items()]
+        rows_of = [None] + [train for train, _ in folds]  # all rows, then each fold's training rows
+        which = [(k, name) for k, learners in enumerate(sets) for name in learners]
+        fits = [delayed(_fit_learner)(sets[k][name], Z, labels, rows_of[k], STEP_NAMES[name][k > 0])
+                for k, name in which]
         busy: Counter[str] = Counter()
         with span(seconds, "base learner fits", sync):
-            for took in self._in_parallel(be, fits):
+            for (k, name), (fitted, took) in zip(which, self._in_parallel(be, fits)):
+                sets[k][name] = fitted
                 busy.update(took)
         self.learner_seconds_ = dict(busy)
         final, fold_sets = sets[0], sets[1:]
         self.svm_, self.forest_ = final.get("svm"), final.get("forest")
         with span(seconds, "fold outputs", sync):
-            outputs = self._in_parallel(be, [partial(self._base_outputs, be, learners, Z[held])
+            outputs = self._in_parallel(be, [delayed(self._base_outputs)(be, learners, Z[held])
                                              for learners, (_, held) in zip(fold_sets, folds)])
             self.oof_ = be.xp.zeros((len(y), outputs[0].shape[1]), dtype=be.xp.float32)
             for (_, held), fold_outputs in zip(folds, outputs):

@@ -56,10 +56,11 @@ class ExtractSummary:
     rows_appended: int = 0
     rows_retried: int = 0  # rows that had failed in an earlier run, tried again
     chunks_lost: int = 0  # chunks marked done whose files were gone, computed again
-    chunks_written: int = 0
+    chunks_written: list[int] = field(default_factory=list)  # by this process, in the order handed to the writer
     interrupted_writer: str | None = None  # an earlier writer that ended without releasing the lock
     seconds: float = 0.0
     failures: list[Problem] = field(default_factory=list)
+    units: list[dict] = field(default_factory=list)  # a Dask run's units: chunks, the chunks each worker wrote, time
     seconds_in: dict[str, float] = field(default_factory=lambda: dict.fromkeys(TIME_PARTS, 0.0))
 
     @property
@@ -179,7 +180,7 @@ def stored_backbones(meta: dict) -> dict[str, dict]:
     return {name: {**legacy, **info} for name, info in (meta.get("backbones") or {}).items()}
 
 
-def _engines_of(store_path: Path) -> dict[str, dict]:
+def store_engines(store_path: Path) -> dict[str, dict]:
     """An existing store's backbones with their engines (none for a new store): an extension of it runs them
     again, whatever ``auto`` would choose today."""
     try:
@@ -289,11 +290,14 @@ def storable(values: np.ndarray, backbone: str, dtype: str) -> np.ndarray:
     return values.astype(dtype)
 
 
-def _runs(chunks: list[int], augment_of_chunk: np.ndarray) -> list[list[int]]:
-    """Consecutive pending chunks with the same augmentation flag: one loader pass each."""
+def loader_passes(chunks: list[int], augment_of_chunk: np.ndarray, padded_chunk: np.ndarray) -> list[list[int]]:
+    """Consecutive pending chunks with the same augmentation flag: one loader pass each. A pass also ends after
+    a chunk that holds padding (a segment's last), so every chunk's batches start at the chunk's first row: a
+    resumed run, or a worker given any whole chunks, sees the same batches as one uninterrupted pass."""
     runs: list[list[int]] = []
     for k in chunks:
-        if runs and runs[-1][-1] == k - 1 and augment_of_chunk[runs[-1][-1]] == augment_of_chunk[k]:
+        last = runs[-1][-1] if runs else None
+        if last == k - 1 and augment_of_chunk[last] == augment_of_chunk[k] and not padded_chunk[last]:
             runs[-1].append(k)
         else:
             runs.append([k])
@@ -373,14 +377,33 @@ def extract(manifest: Manifest, store_path: Path, cfg: RunConfig,
     with StoreLock(store_path) as lock:
         backbones = backbones or load_backbones(
             cfg, "cuda" if device == "gpu" else "cpu", lambda norms: calibration_cells(manifest, cfg, norms),
-            _engines_of(Path(store_path)) if Path(store_path).is_dir() else None)
+            store_engines(Path(store_path)) if Path(store_path).is_dir() else None)
         summary = _extract_locked(manifest, store_path, cfg, backbones, device, progress, on_total)
     summary.interrupted_writer = lock.interrupted
     return summary
 
 
-def _extract_locked(manifest: Manifest, store_path: Path, cfg: RunConfig, backbones: Backbones, device: str,
-                    progress: Callable[[int], None] | None, on_total: Callable[[int], None] | None) -> ExtractSummary:
+@dataclass
+class Pending:
+    """A store opened for this manifest and what is left to compute in it."""
+
+    store: FeatureStore
+    rows: pd.DataFrame
+    chunks: list[int]  # not done: never computed, lost, or holding rows that failed before
+    summary: ExtractSummary  # what was appended, skipped, retried and lost; filled in by ``fill_chunks``
+
+    def passes(self, chunks: list[int] | None = None) -> list[list[int]]:
+        """``chunks`` (default: every pending one) grouped into loader passes."""
+        status = self.rows["status"].to_numpy().reshape(-1, self.store.chunk_rows)
+        return loader_passes(self.chunks if chunks is None else chunks,
+                             self.rows["augment"].to_numpy()[::self.store.chunk_rows],
+                             (status == STATUS_PADDING).any(axis=1))
+
+
+def plan_pending(manifest: Manifest, store_path: Path, cfg: RunConfig, backbones: Backbones,
+                 device: str) -> Pending:
+    """Create or extend the store for this manifest and find the chunks still to compute. The caller holds the
+    store's lock."""
     identity = store_identity(cfg, backbones)
     store, appended = open_or_extend(store_path, manifest, cfg, identity, device, backbones.seen, backbones.checks)
     rows = store.rows()
@@ -390,27 +413,51 @@ def _extract_locked(manifest: Manifest, store_path: Path, cfg: RunConfig, backbo
     marked = store.done_chunks()
     lost = store.lost_chunks(status, marked)
     done = marked & (failed_per_chunk == 0) & ~lost
-    pending = [k for k in range(store.n_chunks) if not done[k]]
     summary = ExtractSummary(rows_appended=appended, rows_skipped=int(real_per_chunk[done].sum()),
                              rows_retried=int(failed_per_chunk.sum()), chunks_lost=int(lost.sum()))
+    return Pending(store, rows, [k for k in range(store.n_chunks) if not done[k]], summary)
+
+
+def pending_rows(pending: Pending, chunks: list[int] | None = None) -> int:
+    """Rows (padding left out) in ``chunks`` (default: every pending chunk)."""
+    status = pending.rows["status"].to_numpy().reshape(-1, pending.store.chunk_rows)
+    return int((status[pending.chunks if chunks is None else chunks] != STATUS_PADDING).sum())
+
+
+def _extract_locked(manifest: Manifest, store_path: Path, cfg: RunConfig, backbones: Backbones, device: str,
+                    progress: Callable[[int], None] | None, on_total: Callable[[int], None] | None) -> ExtractSummary:
+    pending = plan_pending(manifest, store_path, cfg, backbones, device)
     if on_total:
-        on_total(int(real_per_chunk[pending].sum()))
-    index = {cid: i for i, cid in enumerate(manifest.table["cell_id"])}
-    dims = {n: b["dim"] for n, b in identity["backbones"].items()}
-    augment_of_chunk = rows["augment"].to_numpy()[::store.chunk_rows]
+        on_total(pending_rows(pending))
+    store = pending.store
     log.info(f"extracting on the {device.upper()} ({usable_cores()} cores)" if device == "cpu" else
              f"extracting on the {device.upper()}")
     log.info("backbones " + ", ".join(f"{n} ({b['dim']} features, weights {b['weights']}, {b['engine']} "
-                                      f"{b['precision']})" for n, b in identity["backbones"].items())
+                                      f"{b['precision']})" for n, b in backbones.info.items())
              + f"; stored as {cfg.features.store_dtype}; "
-             f"{len(pending):,} of {store.n_chunks:,} chunks to compute ({store.chunk_rows:,} rows each)")
+             f"{len(pending.chunks):,} of {store.n_chunks:,} chunks to compute ({store.chunk_rows:,} rows each)")
     start = time.perf_counter()
+    fill_chunks(manifest, pending, pending.passes(), cfg, backbones, pending.summary, progress)
+    pending.summary.seconds = time.perf_counter() - start
+    return pending.summary
+
+
+def fill_chunks(manifest: Manifest, pending: Pending, passes: list[list[int]], cfg: RunConfig,
+                backbones: Backbones, summary: ExtractSummary,
+                progress: Callable[[int], None] | None = None) -> None:
+    """Compute and write the chunks of ``passes`` (each a run of consecutive chunks read in one loader pass),
+    adding what was done to ``summary``: the whole loop of one process, or one worker's unit of a Dask run."""
+    store, rows = pending.store, pending.rows
+    status = rows["status"].to_numpy()
+    index = {cid: i for i, cid in enumerate(manifest.table["cell_id"])}
+    dims = {n: b["dim"] for n, b in backbones.info.items()}
+    augment_of_chunk = rows["augment"].to_numpy()[::store.chunk_rows]
     with ChunkWriter(store, workers=cfg.features.writers) as writer:
-        for run in _runs(pending, augment_of_chunk):
+        for run in passes:
             with span(summary.seconds_in, "pass setup"):
                 window = rows.iloc[run[0] * store.chunk_rows:(run[-1] + 1) * store.chunk_rows]
                 real = window[window["status"] != STATUS_PADDING]
-                table = _pass_table(manifest, index, real, store_path)
+                table = _pass_table(manifest, index, real, store.path)
                 global_rows = real.index.to_numpy()
                 loader = CellLoader(table, manifest.root, cfg, augment=bool(augment_of_chunk[run[0]]),
                                     normalizations=backbones.normalizations)
@@ -427,7 +474,7 @@ def _extract_locked(manifest: Manifest, store_path: Path, cfg: RunConfig, backbo
                                    None if feats is None else {n: v[mine] for n, v in feats.items()})
                     if buffers[k].complete:
                         writer.put(k, buffers[k].features, buffers[k].status)
-                        summary.chunks_written += 1
+                        summary.chunks_written.append(int(k))
                         del buffers[k]
                 if progress:
                     progress(len(positions))
@@ -459,6 +506,4 @@ def _extract_locked(manifest: Manifest, store_path: Path, cfg: RunConfig, backbo
                 with span(summary.seconds_in, "host + hand-off"):
                     deliver(missing, None)
         drain = time.perf_counter()
-    summary.seconds_in["final writes"] = time.perf_counter() - drain
-    summary.seconds = time.perf_counter() - start
-    return summary
+    summary.seconds_in["final writes"] += time.perf_counter() - drain

@@ -6,6 +6,10 @@ writer killed by SIGKILL or a crashed node leaves no lock behind, only the holde
 pid, start time, command), which the next writer reports as an interrupted run it takes over. A second writer
 is refused at once with the holder named. The lock file itself stays: deleting it would let two processes lock
 two different files of one name.
+
+A Dask extraction (``scale/``) holds the lock in its coordinating process for the whole job and names the job in
+the record; its workers, on any node, write only while the record names their job (``check_lease``), so a
+worker left over from a stopped job never writes into a store that another job has taken.
 """
 
 from __future__ import annotations
@@ -49,10 +53,11 @@ def _read_holder(fd: int, wait_s: float = 1.0) -> str:
 
 class StoreLock:
     """``with StoreLock(store):`` holds the store's write lock or raises BusyError naming the holder.
-    ``interrupted`` is the record of an earlier writer that ended without releasing it (None if none)."""
+    ``interrupted`` is the record of an earlier writer that ended without releasing it (None if none);
+    ``job``: a Dask job's id, written into the record for its workers' ``check_lease``."""
 
-    def __init__(self, store: Path):
-        self.store, self.path = Path(store), lock_path(store)
+    def __init__(self, store: Path, job: str | None = None):
+        self.store, self.path, self.job = Path(store), lock_path(store), job
         self.fd: int | None = None
         self.interrupted: str | None = None
 
@@ -76,6 +81,8 @@ class StoreLock:
         self.interrupted = _holder_text(previous) if previous else None
         record = {"host": platform.node(), "pid": os.getpid(), "argv": sys.argv,
                   "since": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
+        if self.job is not None:
+            record["job"] = self.job
         try:
             os.ftruncate(fd, 0)
             os.pwrite(fd, json.dumps(record).encode(), 0)
@@ -91,3 +98,22 @@ class StoreLock:
             fcntl.flock(self.fd, fcntl.LOCK_UN)
             os.close(self.fd)
             self.fd = None
+
+
+def check_lease(store: Path, job: str) -> None:
+    """Raise BusyError unless the lock of ``store`` is held for Dask job ``job`` (a worker's check before it
+    writes: the job that started it may have stopped, and another taken the store)."""
+    path = lock_path(store)
+    try:
+        raw = path.read_text(errors="replace")
+    except OSError as exc:
+        raise BusyError(f"cannot read the lock {path} of feature store {store} ({exc.strerror or exc}); this worker "
+                        "writes only for the job that holds it") from None
+    try:
+        holder = json.loads(raw).get("job") if raw.strip() else None
+    except (ValueError, AttributeError):
+        holder = None
+    if holder != job:
+        now = f"now held by {_holder_text(raw)}" if raw.strip() else "now released"
+        raise BusyError(f"feature store {store} is no longer held for Dask job {job} ({now}); this worker's unit "
+                        "is dropped, and the job holding the store computes it")

@@ -246,6 +246,14 @@ class FeatureStore:
         self.group["rows/status"][rows] = status
         self.group["progress/chunk_done"][k] = True
 
+    def mark_pending(self, chunks: list[int]) -> None:
+        """Clear the done-markers of ``chunks`` (marked chunks that are to be computed again: lost files, rows
+        that failed), so that a worker of a Dask job, retrying a unit another worker died in, computes exactly
+        the unit's chunks that are not yet done."""
+        marks = self.group["progress/chunk_done"]
+        for k in chunks:
+            marks[k] = False
+
     def _arrays(self) -> list[str]:
         return [*(f"features/{slug(n)}" for n in self.backbones), *(f"rows/{f}" for f in self.fields), "progress/chunk_done"]
 

@@ -1,0 +1,229 @@
+"""Extraction over a Dask cluster: the pending chunks cut into units of whole chunks, each extracted and written
+by one worker with the single-process loop (``features.extract.fill_chunks``).
+
+The coordinating process (this one) holds the store's lock for the whole job and names the job in it; it
+creates or extends the store, clears the done-markers of the chunks to compute again, and hands out the units.
+A worker loads the networks once and keeps them for every unit it is given; before a unit it checks that the
+store is still held for its job (``check_lease``), and it skips the unit's chunks already done, so a unit retried
+after its worker died computes only what that worker had not written. Two workers never write one chunk: zarr
+writes a chunk in several files, and a unit is never shared. Units never cross a loader pass, so every chunk is
+read in the same batches as by one process, and the store's arrays equal a single-process extraction's.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import secrets
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..config import RunConfig
+from ..data.manifest import Manifest
+from ..errors import ClusterError
+from ..features.engines import calibration_cells
+from ..features.extract import (Backbones, ExtractSummary, Pending, store_engines, fill_chunks, load_backbones,
+                                pending_rows, plan_pending, stored_backbones)
+from ..features.lock import StoreLock, check_lease
+from ..features.store import FeatureStore, StoreError
+from ..logs import log, say
+from ..loader.loader import resolve_device
+
+GiB = 2**30
+
+
+@dataclass
+class Unit:
+    number: int
+    chunks: list[int]
+
+
+@dataclass
+class UnitDone:
+    """What one worker did with one unit: the chunks it wrote itself (the per-chunk writer record)."""
+
+    number: int
+    worker: str
+    host: str
+    pid: int
+    seconds: float
+    chunks_written: list[int]
+    summary: ExtractSummary
+
+
+def cut_units(pending: Pending, unit_chunks: int) -> list[Unit]:
+    """The pending chunks in units of at most ``unit_chunks`` consecutive chunks, never across a loader pass."""
+    units: list[Unit] = []
+    for run in pending.passes():
+        for i in range(0, len(run), unit_chunks):
+            units.append(Unit(len(units), run[i:i + unit_chunks]))
+    return units
+
+
+# What a worker process keeps between units of one job: its networks (by config and pinned engines) and the store's
+# rows (by store and job). A worker runs one unit at a time per thread; the dicts are only filled, never emptied.
+_NETWORKS: dict[str, tuple[Backbones, str]] = {}
+_ROWS: dict[tuple[str, str], Pending] = {}
+
+
+def _worker_config(cfg: RunConfig) -> RunConfig:
+    """The config a worker runs with: its own threads for torch and DALI, not every core of its machine."""
+    threads = _worker_threads()
+    if cfg.loader.num_threads is None:
+        cfg = cfg.model_copy(update={"loader": cfg.loader.model_copy(update={"num_threads": threads})})
+    return cfg
+
+
+def _worker_threads() -> int:
+    from distributed import get_worker
+
+    try:
+        return get_worker().state.nthreads
+    except ValueError:  # not on a worker (a test calling a task directly)
+        return 1
+
+
+def _key(cfg: RunConfig, pinned: dict | None) -> str:
+    return json.dumps([cfg.model_dump(mode="json"), pinned], sort_keys=True, default=str)
+
+
+def _networks(cfg: RunConfig, manifest: Manifest, pinned: dict | None) -> tuple[Backbones, str]:
+    key = _key(cfg, pinned)
+    if key not in _NETWORKS:
+        import torch
+
+        device = resolve_device(cfg.loader.device)
+        if device == "cpu":
+            torch.set_num_threads(_worker_threads())
+        backbones = load_backbones(cfg, "cuda" if device == "gpu" else "cpu",
+                                   lambda norms: calibration_cells(manifest, cfg, norms), pinned)
+        _NETWORKS[key] = backbones, device
+    return _NETWORKS[key]
+
+
+def describe_backbones(manifest: Manifest, cfg: RunConfig, pinned: dict | None) -> dict:
+    """(On a worker.) The networks' identity as this worker loads them, and the memory its process then holds:
+    what the coordinator creates the store with and sizes the units by."""
+    import psutil
+
+    cfg = _worker_config(cfg)
+    backbones, device = _networks(cfg, manifest, pinned)
+    _NETWORKS.setdefault(_key(cfg, backbones.info), (backbones, device))  # as its units will ask, once stored
+    return {"info": backbones.info, "seen": backbones.seen, "checks": backbones.checks, "device": device,
+            "normalizations": len(backbones.normalizations), "rss": psutil.Process().memory_info().rss}
+
+
+def extract_unit(manifest: Manifest, store_path: str, cfg: RunConfig, job: str, unit: Unit) -> UnitDone:
+    """(On a worker.) Compute and write the unit's chunks that are not done yet, the store's lease checked first."""
+    from distributed import get_worker
+
+    start = time.perf_counter()
+    check_lease(Path(store_path), job)
+    cfg = _worker_config(cfg)
+    if (store_path, job) not in _ROWS:
+        store = FeatureStore.open(Path(store_path), mode="r+")
+        _ROWS[(store_path, job)] = Pending(store, store.rows(), [], ExtractSummary())
+    shared = _ROWS[(store_path, job)]
+    backbones, _ = _networks(cfg, manifest, stored_backbones(shared.store.meta))
+    done = shared.store.done_chunks()
+    todo = [k for k in unit.chunks if not done[k]]
+    summary = ExtractSummary()
+    fill_chunks(manifest, shared, shared.passes(todo), cfg, backbones, summary)
+    summary.seconds = time.perf_counter() - start
+    return UnitDone(unit.number, get_worker().address, platform.node(), os.getpid(), summary.seconds,
+                    summary.chunks_written, summary)
+
+
+def unit_memory(cfg: RunConfig, dims: dict[str, int], normalizations: int) -> int:
+    """Bytes a unit needs on a worker beside its networks: the chunks in flight (two filling, and the writers'
+    queue of ``2 x writers``) and the loader's batches (prefetched, each normalisation as float32)."""
+    itemsize = 2 if cfg.features.store_dtype == "float16" else 4
+    chunks = (2 + 2 * cfg.features.writers) * cfg.chunk_rows * sum(dims.values()) * (4 + itemsize)
+    batches = (cfg.loader.prefetch + 1) * cfg.loader.batch_size * 3 * cfg.loader.image_size**2 * 4 * normalizations
+    return chunks + batches
+
+
+def _check_memory(client, cfg: RunConfig, described: dict) -> None:
+    limits = [w.get("memory_limit") or 0 for w in client.scheduler_info(n_workers=-1)["workers"].values()]
+    if not limits or min(limits) == 0:
+        return  # no limit set: nothing to check against
+    need = described["rss"] + unit_memory(cfg, {n: b["dim"] for n, b in described["info"].items()},
+                                          described["normalizations"])
+    if need > min(limits):
+        raise ClusterError(f"a unit of extraction needs about {need / GiB:.1f} GiB on a worker (its process with the "
+                           f"networks loaded held {described['rss'] / GiB:.1f} GiB), and the smallest worker may use "
+                           f"{min(limits) / GiB:.1f} GiB: raise scale.memory_per_worker, or lower "
+                           "features.chunk_batches or loader.batch_size")
+
+
+def extract_sharded(client, manifest: Manifest, store_path: Path, cfg: RunConfig,
+                    progress: Callable[[int], None] | None = None,
+                    on_total: Callable[[int], None] | None = None) -> ExtractSummary:
+    """Fill every pending chunk of the store on the cluster's workers; the same store as ``features.extract``."""
+    from distributed import as_completed
+    from distributed.client import FutureCancelledError
+    from distributed.scheduler import KilledWorker
+
+    store_path = Path(store_path)
+    if store_path.is_file():
+        raise StoreError(f"{store_path} is a file, not a feature store (a store is a folder)")
+    job = f"dask-{secrets.token_hex(6)}"
+    start = time.perf_counter()
+    with StoreLock(store_path, job=job) as lock:
+        pinned = store_engines(store_path) if store_path.is_dir() else None
+        # A task's result, not scattered data: the scheduler recomputes it when the workers holding it die.
+        manifest_on_workers = client.submit(_same, manifest, key=f"aml-rapids-manifest-{job}")
+        described = client.submit(describe_backbones, manifest_on_workers, cfg, pinned, pure=False).result()
+        _check_memory(client, cfg, described)
+        coordinator = Backbones({}, {}, {}, described["info"], seen=described["seen"], checks=described["checks"])
+        pending = plan_pending(manifest, store_path, cfg, coordinator, described["device"])
+        marked = pending.store.done_chunks()
+        pending.store.mark_pending([k for k in pending.chunks if marked[k]])
+        if on_total:
+            on_total(pending_rows(pending))
+        units = cut_units(pending, cfg.scale.unit_chunks)
+        say(f"{len(pending.chunks):,} of {pending.store.n_chunks:,} chunks to compute, in {len(units):,} units of "
+            f"at most {cfg.scale.unit_chunks} chunk(s) ({pending.store.chunk_rows:,} rows each), on "
+            f"{len(client.scheduler_info(n_workers=-1)['workers'])} worker(s)")
+        summary = pending.summary
+        futures = [client.submit(extract_unit, manifest_on_workers, str(store_path), cfg, job, unit, pure=False,
+                                 key=f"aml-rapids-unit-{job}-{unit.number}") for unit in units]
+        try:
+            for future in as_completed(futures):
+                done = future.result()
+                _merge(summary, done, units[done.number])
+                if progress:
+                    progress(pending_rows(pending, units[done.number].chunks))
+        except KilledWorker as exc:
+            raise ClusterError(f"the workers running a unit of extraction ({exc.task}) died too often to try it "
+                               "again (out of memory? each worker's log says); the store keeps every finished "
+                               "chunk: rerun to resume") from None
+        except FutureCancelledError:
+            raise ClusterError("the Dask cluster cancelled units of this extraction (a worker or the scheduler "
+                               "went away); the store keeps every finished chunk: rerun to resume") from None
+        finally:
+            client.cancel(futures)
+    summary.interrupted_writer = lock.interrupted
+    summary.seconds = time.perf_counter() - start
+    return summary
+
+
+def _same(value):
+    return value
+
+
+def _merge(summary: ExtractSummary, done: UnitDone, unit: Unit) -> None:
+    part = done.summary
+    summary.rows_written += part.rows_written
+    summary.rows_failed += part.rows_failed
+    summary.failures += part.failures
+    summary.chunks_written += part.chunks_written
+    for name, seconds in part.seconds_in.items():
+        summary.seconds_in[name] += seconds  # summed over workers: they overlap in time
+    summary.units.append({"unit": done.number, "chunks": unit.chunks, "written": done.chunks_written,
+                          "worker": done.worker, "host": done.host, "pid": done.pid,
+                          "seconds": round(done.seconds, 3), "rows": part.rows_written + part.rows_failed})
+    log.debug(f"unit {done.number}: chunks {done.chunks_written} by {done.worker} in {done.seconds:.1f} s")

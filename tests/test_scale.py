@@ -1,0 +1,182 @@
+"""Dask scale-out (aml_rapids/scale): extraction by units of whole chunks on a local cluster of 2 worker processes
+gives the single-process store byte for byte, a killed worker loses only its unit, the fits on Dask give the
+threaded model, and every cluster that cannot be had is a clear error."""
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import cloudpickle
+import dask
+import numpy as np
+import pytest
+from distributed import LocalCluster, WorkerPlugin
+
+from aml_rapids import workflow
+from aml_rapids.classify.model import FeatureStackingClassifier
+from aml_rapids.config import ScaleConfig, load_config
+from aml_rapids.data.manifest import write_manifest
+from aml_rapids.errors import BusyError, ClusterError, ConfigError
+from aml_rapids.features.extract import extract
+from aml_rapids.features.lock import StoreLock
+from aml_rapids.features.store import FeatureStore
+from aml_rapids.scale import cluster as cluster_module
+from aml_rapids.scale.cluster import dask_client
+from aml_rapids.scale.extract import Unit, extract_sharded, extract_unit
+from aml_rapids.scale.fits import fits_on
+
+from test_features import cfg, demo_manifest, store_bytes
+
+cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the worker plugin below, on the workers
+TWO_WORKERS = {"scale.cluster": "local", "scale.workers": 2, "scale.memory_per_worker": "3GiB"}
+
+
+@pytest.fixture(scope="module")
+def client():
+    """One cluster for the module: the stages of these tests with TWO_WORKERS' settings join it."""
+    with dask_client(cfg(**TWO_WORKERS).scale) as connected:
+        yield connected
+
+
+def test_two_workers_write_the_single_process_store_byte_for_byte(tmp_path, client):
+    manifest = demo_manifest(tmp_path / "data", patients=3, cells=14)
+    write_manifest(manifest, tmp_path / "manifest.parquet")
+    extract(manifest, tmp_path / "one.zarr", cfg())
+    result = workflow.extract(tmp_path / "manifest.parquet", tmp_path / "two.zarr", cfg(**TWO_WORKERS))
+    assert store_bytes(tmp_path / "two.zarr") == store_bytes(tmp_path / "one.zarr")
+    # the per-chunk writer record: every chunk written once, by the worker its unit went to, both workers busy
+    store = FeatureStore.open(tmp_path / "two.zarr")
+    written = [k for unit in result.units for k in unit["written"]]
+    assert sorted(written) == list(range(store.n_chunks))
+    assert all(unit["written"] == unit["chunks"] for unit in result.units)
+    assert len({unit["worker"] for unit in result.units}) == 2
+    record = json.loads(next((tmp_path / "runs").glob("*-extract.json")).read_text())
+    assert [u["written"] for u in record["details"]["units"]] == [u["written"] for u in result.units]
+    # resumed with nothing left: no unit at all
+    again = workflow.extract(tmp_path / "manifest.parquet", tmp_path / "two.zarr", cfg(**TWO_WORKERS))
+    assert again.rows_written == 0 and again.units == [] and again.rows_skipped == result.rows_written
+
+
+class DieAfterFirstChunk(WorkerPlugin):
+    """Kills its worker process (as the kernel's OOM killer would) right after it has written one chunk, once:
+    the marker file says it already happened."""
+
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def setup(self, worker):
+        from aml_rapids.features.store import FeatureStore
+
+        original, marker = FeatureStore.write_chunk, self.marker
+
+        def write_then_die(store, k, features, status):
+            original(store, k, features, status)
+            if not os.path.exists(marker):
+                Path(marker).write_text(str(k))
+                os._exit(9)
+
+        FeatureStore.write_chunk = write_then_die
+
+
+@pytest.mark.parametrize("retries", [0, 3], ids=["job-fails-then-resumes", "dask-retries-the-unit"])
+def test_a_worker_killed_mid_unit_loses_only_its_unit(tmp_path, retries):
+    manifest = demo_manifest(tmp_path / "data", patients=3, cells=14)
+    config = cfg(**{**TWO_WORKERS, "scale.unit_chunks": 3})
+    extract(manifest, tmp_path / "one.zarr", config)
+    marker = tmp_path / "killed-after-chunk"
+    with dask.config.set({"distributed.scheduler.allowed-failures": retries}):
+        with dask_client(config.scale) as connected:
+            connected.register_plugin(DieAfterFirstChunk(str(marker)))
+            if retries == 0:
+                with pytest.raises(ClusterError, match="rerun to resume"):
+                    extract_sharded(connected, manifest, tmp_path / "two.zarr", config)
+                assert marker.exists()
+                done = FeatureStore.open(tmp_path / "two.zarr").done_chunks()
+                assert 0 < done.sum() < len(done)  # the chunk written before the kill is kept
+            summary = extract_sharded(connected, manifest, tmp_path / "two.zarr", config)
+    killed = int(marker.read_text())
+    assert store_bytes(tmp_path / "two.zarr") == store_bytes(tmp_path / "one.zarr")
+    written = [k for unit in summary.units for k in unit["written"]]
+    assert len(written) == len(set(written)) and killed not in written  # no chunk written twice
+    if retries:  # the retried unit computed only what the dead worker had not written
+        unit = next(u for u in summary.units if killed in u["chunks"])
+        assert unit["written"] == [k for k in unit["chunks"] if k != killed]
+        assert sorted(written + [killed]) == list(range(FeatureStore.open(tmp_path / "two.zarr").n_chunks))
+
+
+def test_the_dask_fits_give_the_threaded_models_predictions(client):
+    rng = np.random.default_rng(0)
+    X = np.concatenate([rng.normal(c, 2.0, (40, 24)) for c in range(3)]).astype(np.float32)
+    y = np.repeat(["a", "b", "c"], 40)
+    options = dict(block_dims=(16, 8), pca_components=6, rf_trees=20, folds=3, backend="sklearn")
+    threaded = FeatureStackingClassifier(**options).fit(X[::2], y[::2])
+    with fits_on(client, load_config(None, ["scale.cluster=local"])) as on_cluster:
+        assert on_cluster.classify.n_jobs == 2  # every fit submitted at once
+        import joblib
+
+        assert joblib.parallel.get_active_backend()[0].__class__.__name__ == "DaskDistributedBackend"
+        distributed = FeatureStackingClassifier(**options, n_jobs=on_cluster.classify.n_jobs).fit(X[::2], y[::2])
+    held_out = X[1::2]
+    assert np.array_equal(distributed.predict_proba(held_out), threaded.predict_proba(held_out))
+    assert np.array_equal(distributed.oof_, threaded.oof_)
+
+
+def test_a_second_job_on_a_locked_store_is_refused(tmp_path):
+    manifest = demo_manifest(tmp_path / "data", patients=2, cells=5)
+    with StoreLock(tmp_path / "s.zarr", job="dask-other"):
+        with pytest.raises(BusyError, match="being written by another process"):
+            extract_sharded(None, manifest, tmp_path / "s.zarr", cfg(**TWO_WORKERS))
+        # a worker of another job (one that has stopped, say) drops its unit before writing anything
+        with pytest.raises(BusyError, match="no longer held for Dask job dask-mine"):
+            extract_unit(manifest, str(tmp_path / "s.zarr"), cfg(), "dask-mine", Unit(0, [0]))
+    with pytest.raises(BusyError, match="now released"):
+        extract_unit(manifest, str(tmp_path / "s.zarr"), cfg(), "dask-mine", Unit(0, [0]))
+
+
+def test_a_worker_too_small_for_a_unit_is_refused_before_any_work(tmp_path, client):
+    manifest = demo_manifest(tmp_path / "data", patients=2, cells=5)
+    big_batches = cfg(**{**TWO_WORKERS, "loader.batch_size": 2048, "loader.image_size": 224})
+    with pytest.raises(ClusterError, match=r"needs about \d+\.\d GiB on a worker .* may use 3\.0 GiB"):
+        extract_sharded(client, manifest, tmp_path / "s.zarr", big_batches)
+    assert not (tmp_path / "s.zarr").exists()
+
+
+def test_clusters_that_cannot_be_had_are_clear_errors(tmp_path, monkeypatch):
+    missing = tmp_path / "scheduler.json"
+    with pytest.raises(ClusterError, match=f"scheduler file {missing} does not exist"):
+        with dask_client(ScaleConfig(cluster="scheduler-file", scheduler_file=str(missing))):
+            pass
+    missing.write_text("{not json")
+    with pytest.raises(ClusterError, match="names no scheduler address"):
+        with dask_client(ScaleConfig(cluster="scheduler-file", scheduler_file=str(missing))):
+            pass
+    missing.write_text(json.dumps({"address": "tcp://127.0.0.1:9"}))  # nothing listens there
+    with pytest.raises(ClusterError, match=r"no Dask scheduler answered at tcp://127.0.0.1:9 .* within 1 s"):
+        with dask_client(ScaleConfig(cluster="scheduler-file", scheduler_file=str(missing), connect_timeout_s=1)):
+            pass
+    with pytest.raises(ConfigError, match="needs scale.scheduler_file"):
+        load_config(None, ["scale.cluster=scheduler-file"])
+    monkeypatch.setattr(cluster_module, "visible_gpus", lambda: 0)
+    with pytest.raises(ClusterError, match="no CUDA GPU is visible"):
+        with dask_client(ScaleConfig(cluster="local-cuda")):
+            pass
+    monkeypatch.setattr(cluster_module, "visible_gpus", lambda: 2)
+    with pytest.raises(ClusterError, match=r"scale.workers=4, but 2 GPU\(s\) are visible"):
+        with dask_client(ScaleConfig(cluster="local-cuda", workers=4)):
+            pass
+    monkeypatch.setitem(sys.modules, "dask_jobqueue", None)  # as where it is not installed
+    with pytest.raises(ClusterError, match=r"needs dask-jobqueue: pip install 'aml-rapids\[slurm\]'"):
+        with dask_client(ScaleConfig(cluster="slurm")):
+            pass
+
+
+def test_a_scheduler_file_joins_a_running_cluster(tmp_path):
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=None) as running:
+        path = tmp_path / "scheduler.json"
+        path.write_text(json.dumps({"address": running.scheduler_address}))
+        with dask_client(ScaleConfig(cluster="scheduler-file", scheduler_file=str(path))) as joined:
+            assert len(joined.scheduler_info(n_workers=-1)["workers"]) == 1
+            # a stage inside it with the same settings shares the connection
+            with dask_client(ScaleConfig(cluster="scheduler-file", scheduler_file=str(path))) as inner:
+                assert inner is joined
