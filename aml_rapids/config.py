@@ -181,6 +181,9 @@ class ClassifyConfig(_Section):
                                 "(the method); average: each learner calibrated by its own, their probabilities "
                                 "averaged with equal weight (the ablation's 'without stacking')")
     svm_c: float = Field(1.0, gt=0)
+    svm_max_rows: Optional[PositiveInt] = Field(
+        None, description="fit each SVM on at most this many rows, a class-stratified seeded sample (null: all; cuML "
+                          "has no distributed SVC, and its time grows faster than the rows: docs/scaling.md)")
     rf_trees: int = Field(100, ge=1)
     rf_max_depth: Optional[PositiveInt] = Field(
         16, description="forest depth limit, on both backends (null grows every tree until its leaves are pure; see "

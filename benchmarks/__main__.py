@@ -17,16 +17,17 @@ from aml_rapids.data.manifest import Manifest, build_manifest
 from aml_rapids.features.engines import ENGINES, PRECISIONS
 from aml_rapids.loader.loader import resolve_device
 
-from . import classify_bench, extract_bench, finetune_bench, loader_bench
+from . import classify_bench, extract_bench, finetune_bench, loader_bench, scale_bench
 from .harness import RESULTS, append_results, head, synthetic_manifest
 
 STAGES = ("loader", "extract", "classify", "finetune")
+OTHER_STAGES = ("scale",)  # run on their own, not in a suite
 EXTRACT_MODES = ("eager", *get_args(CompileMode))  # eager, or a compiled variant in one of torch.compile's modes
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
-    parser.add_argument("stage", choices=[*STAGES, "suite"])
+    parser.add_argument("stage", choices=[*STAGES, *OTHER_STAGES, "suite"])
     parser.add_argument("--count", type=int, default=81214, help="synthetic 144x144 TIFF cells (default: full size)")
     parser.add_argument("--data", type=Path, help="a real dataset folder or CSV instead of synthetic cells")
     parser.add_argument("--naive-count", type=int, help="cells the naive baselines read (default: all)")
@@ -52,6 +53,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--train-images", type=int, default=960, help="finetune: cells each variant trains on")
     parser.add_argument("--finetune-backbone", default="mobilenet_v2", help="finetune: the network trained")
     parser.add_argument("--stages", default=",".join(STAGES), help="suite: the stages to run, in this order")
+    parser.add_argument("--threads", type=int, default=1, help="scale: threads of each Dask worker")
     return parser
 
 
@@ -83,6 +85,11 @@ def run_stage(stage: str, args, cells: tuple[Manifest, Manifest] | None) -> None
                   "batch_size": args.batch_size, "device": device, "data": str(args.data or "synthetic")}
         if stage == "loader":
             rows = loader_bench.run(manifest, naive, device, args.repeats, args.batch_size)
+        elif stage == "scale":
+            params.update(backbones=args.backbones.split(","), threads_per_worker=args.threads,
+                          weights=dict(item.split("=", 1) for item in args.weights.split(",") if item))
+            rows = scale_bench.run(manifest, device, args.repeats, args.batch_size, params["backbones"],
+                                   params["weights"], args.threads)
         elif stage == "finetune":
             params.update(train_images=args.train_images, backbone=args.finetune_backbone, batch_size=32)
             rows = finetune_bench.run(manifest, args.train_images, args.repeats, args.finetune_backbone, device)
@@ -96,7 +103,9 @@ def run_stage(stage: str, args, cells: tuple[Manifest, Manifest] | None) -> None
                                      params["weights"])
     append_results(stage, rows, params, args.results)
     for row in rows:
-        ratio = f"x{row['x_naive']:.2f} naive" if row.get("x_naive") is not None else "(no baseline at this size)"
+        ratio = (f"x{row['x_naive']:.2f} naive" if row.get("x_naive") is not None else
+                 f"x{row['x_single_process']:.2f} single process" if "x_single_process" in row else
+                 "(no baseline at this size)")
         floor = f"  {row['floor_fraction']:.1%} of floor" if "floor_fraction" in row else ""
         print(f"{stage:8s} {row['variant']:72s} {row['items_per_s']:11,.1f}/s  {ratio}{floor}")
 
@@ -106,7 +115,7 @@ def main(argv=None) -> None:
     next one still runs (the exit status says which failed)."""
     args = _parser().parse_args(argv)
     stages = tuple(args.stages.split(",")) if args.stage == "suite" else (args.stage,)
-    unknown = set(stages) - set(STAGES)
+    unknown = set(stages) - set(STAGES) - (set(OTHER_STAGES) if args.stage != "suite" else set())
     if unknown:
         raise SystemExit(f"unknown stages: {', '.join(sorted(unknown))} (choose from {', '.join(STAGES)})")
     unknown = set(args.extract_modes.split(",")) - set(EXTRACT_MODES)
@@ -119,7 +128,7 @@ def main(argv=None) -> None:
     if wrong:
         raise SystemExit(f"unknown --engines: {', '.join(wrong)} (each ENGINE:PRECISION, engines "
                          f"{', '.join(('auto', *ENGINES))}; precisions {', '.join(('auto', *PRECISIONS))})")
-    cells = _cells(args) if set(stages) & {"loader", "extract", "finetune"} else None
+    cells = _cells(args) if set(stages) & {"loader", "extract", "finetune", "scale"} else None
     failed = []
     for stage in stages:
         try:

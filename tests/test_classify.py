@@ -100,6 +100,32 @@ def test_base_learners_fitted_side_by_side_give_the_same_model(monkeypatch):
     np.testing.assert_array_equal(models[1].predict_proba(X), models[3].predict_proba(X))
 
 
+def test_each_svm_can_be_fitted_on_a_class_stratified_sample(monkeypatch):
+    svm_rows = []
+
+    def recording(estimator, Z, labels, rows, step):
+        if "svm" in step:
+            svm_rows.append((step, np.arange(len(labels)) if rows is None else np.asarray(rows), labels))
+        return fit_learner(estimator, Z, labels, rows, step)
+
+    fit_learner = model_module._fit_learner
+    monkeypatch.setattr(model_module, "_fit_learner", recording)
+    X, y, cells = planted_copies(n_cells=60, copies=4)
+    model = FeatureStackingClassifier(block_dims=(24,), pca_components=8, rf_trees=10, folds=3, backend="sklearn",
+                                      svm_max_rows=50).fit(X, y, groups=cells)
+    assert len(svm_rows) == 4 and model.svm_.shape_fit_[0] == 50
+    share = np.mean(y == "x")
+    for step, rows, labels in svm_rows:
+        assert len(rows) == 50 and len(np.unique(rows)) == 50
+        assert abs(np.mean(labels[rows] == 0) - share) < 0.05  # each class in proportion
+    sampled = [set(rows) for step, rows, _ in svm_rows if step == "fold svm fit"]
+    trained = [set(train) for train, _ in model_module.grouped_folds(np.unique(y, return_inverse=True)[1], cells, 3, 0)]
+    assert all(any(rows <= train for train in trained) for rows in sampled)  # a sample of its fold's rows only
+    again = FeatureStackingClassifier(block_dims=(24,), pca_components=8, rf_trees=10, folds=3, backend="sklearn",
+                                      svm_max_rows=50).fit(X, y, groups=cells)
+    np.testing.assert_array_equal(model.predict_proba(X), again.predict_proba(X))  # seeded
+
+
 def test_per_class_metrics_by_hand():
     y = np.array(["a", "a", "b", "b", "c"])
     pred = np.array(["a", "b", "b", "b", "a"])

@@ -14,6 +14,9 @@ import pytest
 from distributed import LocalCluster, WorkerPlugin
 
 from aml_rapids import workflow
+from aml_rapids.classify.backend import Backend
+from aml_rapids.classify.data import feature_blocks
+from aml_rapids.classify.io import load_model
 from aml_rapids.classify.model import FeatureStackingClassifier
 from aml_rapids.config import ScaleConfig, load_config
 from aml_rapids.data.manifest import write_manifest
@@ -25,6 +28,7 @@ from aml_rapids.scale import cluster as cluster_module
 from aml_rapids.scale.cluster import dask_client
 from aml_rapids.scale.extract import Unit, extract_sharded, extract_unit
 from aml_rapids.scale.fits import fits_on
+from aml_rapids.scale.reduce import covariance_pca
 
 from test_features import cfg, demo_manifest, store_bytes
 
@@ -122,6 +126,36 @@ def test_the_dask_fits_give_the_threaded_models_predictions(client):
     assert np.array_equal(distributed.oof_, threaded.oof_)
 
 
+def test_pca_on_the_cluster_is_scikit_learns_covariance_eigh(client):
+    import dask.array as da
+    from sklearn.decomposition import PCA
+
+    X = np.random.default_rng(1).normal(size=(300, 40)).astype(np.float32) * np.linspace(0.2, 3, 40)
+    [pca] = covariance_pca([da.from_array(X, chunks=(64, 40))], [6])
+    reference = PCA(6, svd_solver="covariance_eigh").fit(X)
+    assert np.allclose(pca.components_, reference.components_, atol=1e-4)
+    assert np.allclose(pca.explained_variance_ratio_, reference.explained_variance_ratio_, rtol=1e-4)
+    assert np.allclose(pca.transform(X), reference.transform(X), atol=1e-3)
+    assert np.isclose(pca.noise_variance_, reference.noise_variance_, rtol=1e-4)
+
+
+def test_training_features_past_memory_are_reduced_on_the_cluster(tmp_path, client, monkeypatch):
+    manifest = demo_manifest(tmp_path / "data", patients=3, cells=14)
+    extract(manifest, tmp_path / "s.zarr", cfg())
+    small = {**TWO_WORKERS, "classify.pca_components": 4, "classify.rf_trees": 10, "classify.folds": 2,
+             "classify.backend": "sklearn"}
+    result = workflow.train(tmp_path / "s.zarr", tmp_path / "model", cfg(**{**small, "classify.memory_gb": 1e-6}))
+    assert result.info["reduction"].startswith("PCA on the Dask cluster")
+    # the same model in memory, its PCAs fitted by scikit-learn's covariance solver: the same predictions
+    monkeypatch.setattr(Backend, "pca_options", lambda self, seed: {"svd_solver": "covariance_eigh"})
+    in_memory = workflow.train(tmp_path / "s.zarr", tmp_path / "memory", cfg(**{**small, "scale.cluster": "none"}))
+    assert in_memory.info["reduction"] == "PCA in memory"
+    store = FeatureStore.open(tmp_path / "s.zarr")
+    X = np.concatenate(list(feature_blocks(store, ["tiny"], store.rows()["status"].to_numpy() == 1)))
+    on_cluster, local = load_model(tmp_path / "model")[0], load_model(tmp_path / "memory")[0]
+    assert np.allclose(on_cluster.predict_proba(X), local.predict_proba(X), atol=1e-3)
+
+
 def test_a_second_job_on_a_locked_store_is_refused(tmp_path):
     manifest = demo_manifest(tmp_path / "data", patients=2, cells=5)
     with StoreLock(tmp_path / "s.zarr", job="dask-other"):
@@ -180,3 +214,25 @@ def test_a_scheduler_file_joins_a_running_cluster(tmp_path):
             # a stage inside it with the same settings shares the connection
             with dask_client(ScaleConfig(cluster="scheduler-file", scheduler_file=str(path))) as inner:
                 assert inner is joined
+
+
+@pytest.mark.gpu
+def test_local_cuda_gives_the_single_process_gpu_features(tmp_path):
+    """On a GPU machine: one dask-cuda worker per GPU writes the features one process writes on its GPU (cuDNN
+    may pick other convolution algorithms in another process, so equal to within float16 storage, not bytes)."""
+    import torch
+
+    pytest.importorskip("dask_cuda")
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA GPU")
+    manifest = demo_manifest(tmp_path / "data", patients=3, cells=14)
+    gpu = {"loader.device": "gpu", "features.precision": "bf16"}
+    extract(manifest, tmp_path / "one.zarr", cfg(**gpu))
+    write_manifest(manifest, tmp_path / "manifest.parquet")
+    workflow.extract(tmp_path / "manifest.parquet", tmp_path / "two.zarr", cfg(**gpu, **{"scale.cluster": "local-cuda"}))
+    one, two = FeatureStore.open(tmp_path / "one.zarr"), FeatureStore.open(tmp_path / "two.zarr")
+    assert np.array_equal(one.read("rows/status"), two.read("rows/status"))
+    a, b = one.features("tiny")[:], two.features("tiny")[:]
+    ok = ~np.isnan(a).any(axis=1)
+    assert np.allclose(a[ok], b[ok], rtol=1e-2, atol=1e-3)
+

@@ -20,6 +20,7 @@ import numpy as np
 from joblib import Parallel, delayed
 from sklearn.base import BaseEstimator, ClassifierMixin, clone
 from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
+from sklearn.utils import resample
 
 from ..errors import AmlRapidsError, ConfigError, DataError
 from ..timing import span
@@ -103,11 +104,13 @@ class FeatureStackingClassifier(ClassifierMixin, BaseEstimator):
     ``learners``: the base learners, of ``LEARNERS``; a learner left out has no fitted estimator (None).
     ``combine``: ``stacking`` (one logistic regression on every learner's out-of-fold outputs, the method) or
     ``average``: each learner's out-of-fold outputs calibrated by a logistic regression of its own, and their
-    probabilities averaged with equal weight, so nothing learns how to weigh one learner against the other."""
+    probabilities averaged with equal weight, so nothing learns how to weigh one learner against the other.
+    ``svm_max_rows``: each SVM is fitted on at most this many of its rows, a class-stratified seeded sample (None:
+    all): cuML has no distributed SVC, and its solver's time grows faster than the rows (docs/scaling.md)."""
 
     def __init__(self, block_dims=(1280,), pca_components=128, pca_mode="per_backbone", svm_c=1.0, rf_trees=100,
                  rf_max_depth=16, rf_max_samples=0.5, folds=5, seed=0, backend="auto", n_jobs=None, zscore=True,
-                 learners=("svm", "forest"), combine="stacking"):
+                 learners=("svm", "forest"), combine="stacking", svm_max_rows=None):
         self.block_dims = block_dims
         self.learners = learners
         self.combine = combine
@@ -115,6 +118,7 @@ class FeatureStackingClassifier(ClassifierMixin, BaseEstimator):
         self.pca_components = pca_components
         self.pca_mode = pca_mode
         self.svm_c = svm_c
+        self.svm_max_rows = svm_max_rows
         self.rf_trees = rf_trees
         self.rf_max_depth = rf_max_depth
         self.rf_max_samples = rf_max_samples
@@ -224,6 +228,16 @@ class FeatureStackingClassifier(ClassifierMixin, BaseEstimator):
         side."""
         return Parallel(n_jobs=min(self.n_jobs or be.fit_jobs, len(calls)), prefer="threads")(calls)
 
+    def _svm_rows(self, be: Backend, rows, host_rows: np.ndarray | None, codes: np.ndarray):
+        """The rows an SVM is fitted on: ``rows`` (None: all), or at most ``svm_max_rows`` of them, sampled
+        within each class in proportion to its rows (scikit-learn's stratified ``resample``), seeded."""
+        chosen = np.arange(len(codes)) if host_rows is None else host_rows
+        if self.svm_max_rows is None or len(chosen) <= self.svm_max_rows:
+            return rows
+        sample = resample(chosen, replace=False, n_samples=self.svm_max_rows, stratify=codes[chosen],
+                          random_state=self.seed)
+        return be.xp.asarray(np.sort(sample))
+
     def _meta_inputs(self, be: Backend, outputs):
         """Base outputs standardised per column with the out-of-fold outputs' mean and spread: SVM scores span
         about ten times the forest's probabilities, and unscaled they took the meta-learner's lbfgs 1,087
@@ -282,9 +296,11 @@ class FeatureStackingClassifier(ClassifierMixin, BaseEstimator):
         # One set of learners per fold and the final set on all rows: independent fits, the largest first.
         sets = [self._base_learners(be) for _ in range(len(folds) + 1)]
         rows_of = [None] + [train for train, _ in folds]  # all rows, then each fold's training rows
+        svm_rows = [self._svm_rows(be, rows, None if k == 0 else host_folds[k - 1][0], codes)
+                    for k, rows in enumerate(rows_of)]
         which = [(k, name) for k, learners in enumerate(sets) for name in learners]
-        fits = [delayed(_fit_learner)(sets[k][name], Z, labels, rows_of[k], STEP_NAMES[name][k > 0])
-                for k, name in which]
+        fits = [delayed(_fit_learner)(sets[k][name], Z, labels, svm_rows[k] if name == "svm" else rows_of[k],
+                                      STEP_NAMES[name][k > 0]) for k, name in which]
         busy: Counter[str] = Counter()
         with span(seconds, "base learner fits", sync):
             for (k, name), (fitted, took) in zip(which, self._in_parallel(be, fits)):

@@ -42,7 +42,8 @@ def fit_model(X, rows, block_dims: tuple[int, ...], cfg: RunConfig) -> FeatureSt
 
 def train(store_path: Path, cfg: RunConfig, out: Path, backbones: list[str] | None = None,
           overwrite: bool = False) -> dict:
-    """Fit on the store's training rows: loaded whole when they fit in ``classify.memory_gb``, else streamed.
+    """Fit on the store's training rows: loaded whole when they fit in ``classify.memory_gb``, else streamed (or,
+    on a Dask cluster, reduced by PCA on its workers).
     ``out`` is a new or empty folder, or (``overwrite``) one holding only an earlier model and its reports."""
     prepare_fresh_dir(out, "model folder", OUTPUTS, overwrite)
     store = FeatureStore.open(store_path)
@@ -50,16 +51,24 @@ def train(store_path: Path, cfg: RunConfig, out: Path, backbones: list[str] | No
     dims = block_dims(store, backbones)
     keep, rows = select_rows(store, ("train",))
     streamed = len(rows) * sum(dims) * 4 > cfg.classify.memory_gb * 2**30
-    if streamed:
+    if streamed and cfg.scale.cluster != "none":
+        from ..scale.reduce import fit_on_cluster
+
+        model = fit_on_cluster(new_model(dims, cfg), store, backbones, keep, rows["label"].to_numpy(),
+                               groups=fold_groups(rows))
+        reduction = "PCA on the Dask cluster (covariance over the store's chunks)"
+    elif streamed:
         model = new_model(dims, cfg)
         min_rows = max(model.pca_fit_components(len(rows)), default=1)
         model.fit_streaming(lambda: feature_blocks(store, backbones, keep, min_rows=min_rows),
                             rows["label"].to_numpy(), groups=fold_groups(rows))
+        reduction = "incremental PCA, streamed from the store"
     else:
         model = fit_model(load_features(store, backbones, keep), rows, dims, cfg)
+        reduction = "PCA in memory"
     info = {"aml_rapids": __version__, "backend": model.backend_,
             "classes": [str(k) for k in model.classes_], "training_rows": len(rows),
-            "reduction": "incremental PCA, streamed from the store" if streamed else "PCA in memory",
+            "reduction": reduction,
             "fit_seconds": model.fit_seconds_, "learner_seconds": model.learner_seconds_,
             "store": str(store_path), **describe_features(store, backbones),
             "config": cfg.classify.model_dump(), "extract_config": store.meta.get("config")}

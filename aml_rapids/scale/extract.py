@@ -174,8 +174,10 @@ def extract_sharded(client, manifest: Manifest, store_path: Path, cfg: RunConfig
     start = time.perf_counter()
     with StoreLock(store_path, job=job) as lock:
         pinned = store_engines(store_path) if store_path.is_dir() else None
-        # A task's result, not scattered data: the scheduler recomputes it when the workers holding it die.
+        # A task's result, not scattered data: the scheduler recomputes it when the workers holding it die. On
+        # every worker, so that the units go wherever a worker is free, not where the manifest happens to be.
         manifest_on_workers = client.submit(_same, manifest, key=f"aml-rapids-manifest-{job}")
+        client.replicate([manifest_on_workers])
         described = client.submit(describe_backbones, manifest_on_workers, cfg, pinned, pure=False).result()
         _check_memory(client, cfg, described)
         coordinator = Backbones({}, {}, {}, described["info"], seen=described["seen"], checks=described["checks"])
