@@ -232,14 +232,7 @@ def extract(manifest: Path, store: Path | None = None, cfg: RunConfig | None = N
     store = Path(store or manifest.parent / "features.zarr")
     prepare_output_dir(manifest.parent / "runs", "run record folder (beside the manifest)")  # before the work
     with progress_bar(f"extracting {', '.join(b.name for b in cfg.features.backbones)}") as (advance, set_total):
-        if cfg.scale.cluster == "none":
-            summary = run_extract(data, store, cfg, progress=advance, on_total=set_total)
-        else:
-            from .scale.cluster import dask_client
-            from .scale.extract import extract_sharded
-
-            with dask_client(cfg.scale) as client:
-                summary = extract_sharded(client, data, store, cfg, progress=advance, on_total=set_total)
+        summary = run_extract(data, store, cfg, progress=advance, on_total=set_total)
     totals = FeatureStore.open(store).summary()
     result = Extracted(store, summary.rows_written, summary.rows_skipped, summary.rows_failed,
                        summary.rows_appended, summary.rows_retried, summary.chunks_lost, summary.images_per_s,

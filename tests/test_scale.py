@@ -87,7 +87,7 @@ class DieAfterFirstChunk(WorkerPlugin):
 def test_a_worker_killed_mid_unit_loses_only_its_unit(tmp_path, retries):
     manifest = demo_manifest(tmp_path / "data", patients=3, cells=14)
     config = cfg(**{**TWO_WORKERS, "scale.unit_chunks": 3})
-    extract(manifest, tmp_path / "one.zarr", config)
+    extract(manifest, tmp_path / "one.zarr", cfg())
     marker = tmp_path / "killed-after-chunk"
     with dask.config.set({"distributed.scheduler.allowed-failures": retries}):
         with dask_client(config.scale) as connected:

@@ -83,8 +83,9 @@ def predict(model_dir: Path, source: Path, out: Path, overrides: list[str] | Non
             f" with --set {', '.join(overrides)})" if overrides else ")")
         check_features_match(info, store_identity(cfg, backbones), asked)
         store_path = out / "features.zarr"
+        on_cluster = cfg.scale.cluster != "none"  # its workers load the networks themselves
         failures += extract(manifest, store_path, cfg, progress=progress, on_total=on_total,
-                            backbones=backbones).failures
+                            backbones=None if on_cluster else backbones).failures
     store = FeatureStore.open(store_path)
     if info.get("level") == PATIENT_LEVEL:
         cells, patients = predict_patients(model, info, store, model_dir, out)

@@ -368,7 +368,14 @@ def extract(manifest: Manifest, store_path: Path, cfg: RunConfig,
             backbones: Backbones | None = None) -> ExtractSummary:
     """Fill every chunk of the store that is not done; returns counts and failures. ``backbones``: networks
     already loaded by ``load_backbones`` with this ``cfg`` (default: loaded here, once the store's location
-    is checked and its lock held)."""
+    is checked and its lock held). With ``scale.cluster`` set (and no networks given), the chunks are filled by
+    the workers of that Dask cluster instead (``scale.extract``), into the same store."""
+    if cfg.scale.cluster != "none" and backbones is None:
+        from ..scale.cluster import dask_client
+        from ..scale.extract import extract_sharded
+
+        with dask_client(cfg.scale) as client:
+            return extract_sharded(client, manifest, store_path, cfg, progress, on_total)
     device = resolve_device(cfg.loader.device)
     if device == "cpu":
         torch.set_num_threads(usable_cores())

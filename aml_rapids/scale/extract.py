@@ -16,6 +16,7 @@ import json
 import os
 import platform
 import secrets
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -63,10 +64,46 @@ def cut_units(pending: Pending, unit_chunks: int) -> list[Unit]:
     return units
 
 
-# What a worker process keeps between units of one job: its networks (by config and pinned engines) and the store's
-# rows (by store and job). A worker runs one unit at a time per thread; the dicts are only filled, never emptied.
-_NETWORKS: dict[str, tuple[Backbones, str]] = {}
-_ROWS: dict[tuple[str, str], Pending] = {}
+class _WorkerCache:
+    """What a worker process keeps between units: the networks of one configuration (a later job with another
+    configuration replaces them, so a long-lived cluster never piles up networks) and the store's rows of one job.
+    A lock makes a worker running several units at once (``threads_per_worker`` above 1) load them once."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.config: str | None = None
+        self.networks: dict[str, tuple[Backbones, str]] = {}  # by the store's engines (None: a new store)
+        self.job: tuple[str, str] | None = None
+        self.pending: Pending | None = None
+
+    def networks_for(self, cfg: RunConfig, pinned: dict | None, load) -> tuple[Backbones, str]:
+        config, engines = _json(cfg.model_dump(mode="json")), _json(pinned)
+        with self.lock:
+            if config != self.config:
+                self.config, self.networks = config, {}
+            if engines not in self.networks:
+                self.networks[engines] = load()
+            return self.networks[engines]
+
+    def alias(self, cfg: RunConfig, pinned: dict, held: tuple[Backbones, str]) -> None:
+        """The networks loaded for a new store, kept under the engines that store will then name."""
+        with self.lock:
+            if _json(cfg.model_dump(mode="json")) == self.config:
+                self.networks.setdefault(_json(pinned), held)
+
+    def pending_for(self, store_path: str, job: str) -> Pending:
+        with self.lock:
+            if self.job != (store_path, job):
+                store = FeatureStore.open(Path(store_path), mode="r+")
+                self.job, self.pending = (store_path, job), Pending(store, store.rows(), [], ExtractSummary())
+            return self.pending
+
+
+_CACHE = _WorkerCache()
+
+
+def _json(value) -> str:
+    return json.dumps(value, sort_keys=True, default=str)
 
 
 def _worker_config(cfg: RunConfig) -> RunConfig:
@@ -86,22 +123,17 @@ def _worker_threads() -> int:
         return 1
 
 
-def _key(cfg: RunConfig, pinned: dict | None) -> str:
-    return json.dumps([cfg.model_dump(mode="json"), pinned], sort_keys=True, default=str)
-
-
 def _networks(cfg: RunConfig, manifest: Manifest, pinned: dict | None) -> tuple[Backbones, str]:
-    key = _key(cfg, pinned)
-    if key not in _NETWORKS:
+    def load() -> tuple[Backbones, str]:
         import torch
 
         device = resolve_device(cfg.loader.device)
         if device == "cpu":
             torch.set_num_threads(_worker_threads())
-        backbones = load_backbones(cfg, "cuda" if device == "gpu" else "cpu",
-                                   lambda norms: calibration_cells(manifest, cfg, norms), pinned)
-        _NETWORKS[key] = backbones, device
-    return _NETWORKS[key]
+        return load_backbones(cfg, "cuda" if device == "gpu" else "cpu",
+                              lambda norms: calibration_cells(manifest, cfg, norms), pinned), device
+
+    return _CACHE.networks_for(cfg, pinned, load)
 
 
 def describe_backbones(manifest: Manifest, cfg: RunConfig, pinned: dict | None) -> dict:
@@ -110,8 +142,8 @@ def describe_backbones(manifest: Manifest, cfg: RunConfig, pinned: dict | None) 
     import psutil
 
     cfg = _worker_config(cfg)
-    backbones, device = _networks(cfg, manifest, pinned)
-    _NETWORKS.setdefault(_key(cfg, backbones.info), (backbones, device))  # as its units will ask, once stored
+    held = backbones, device = _networks(cfg, manifest, pinned)
+    _CACHE.alias(cfg, backbones.info, held)  # as its units will ask for them, once the store names its engines
     return {"info": backbones.info, "seen": backbones.seen, "checks": backbones.checks, "device": device,
             "normalizations": len(backbones.normalizations), "rss": psutil.Process().memory_info().rss}
 
@@ -123,10 +155,7 @@ def extract_unit(manifest: Manifest, store_path: str, cfg: RunConfig, job: str, 
     start = time.perf_counter()
     check_lease(Path(store_path), job)
     cfg = _worker_config(cfg)
-    if (store_path, job) not in _ROWS:
-        store = FeatureStore.open(Path(store_path), mode="r+")
-        _ROWS[(store_path, job)] = Pending(store, store.rows(), [], ExtractSummary())
-    shared = _ROWS[(store_path, job)]
+    shared = _CACHE.pending_for(store_path, job)
     backbones, _ = _networks(cfg, manifest, stored_backbones(shared.store.meta))
     done = shared.store.done_chunks()
     todo = [k for k in unit.chunks if not done[k]]
