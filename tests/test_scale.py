@@ -21,7 +21,7 @@ from aml_rapids.classify.model import FeatureStackingClassifier
 from aml_rapids.config import ScaleConfig, load_config
 from aml_rapids.data.manifest import write_manifest
 from aml_rapids.errors import BusyError, ClusterError, ConfigError
-from aml_rapids.features.extract import extract
+from aml_rapids.features.extract import extract, loader_passes
 from aml_rapids.features.lock import StoreLock
 from aml_rapids.features.store import FeatureStore
 from aml_rapids.scale import cluster as cluster_module
@@ -60,6 +60,13 @@ def test_two_workers_write_the_single_process_store_byte_for_byte(tmp_path, clie
     # resumed with nothing left: no unit at all
     again = workflow.extract(tmp_path / "manifest.parquet", tmp_path / "two.zarr", cfg(**TWO_WORKERS))
     assert again.rows_written == 0 and again.units == [] and again.rows_skipped == result.rows_written
+
+
+def test_loader_passes_end_at_padded_chunks_so_units_see_one_process_batches():
+    augment = np.array([True, True, True, False, False, False, False])
+    padded = np.array([False, False, True, False, True, False, True])  # train ends at 2, val at 4, test at 6
+    assert loader_passes(list(range(7)), augment, padded) == [[0, 1, 2], [3, 4], [5, 6]]
+    assert loader_passes([0, 2, 3, 5], augment, padded) == [[0], [2], [3], [5]]
 
 
 class DieAfterFirstChunk(WorkerPlugin):
