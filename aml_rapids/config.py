@@ -358,6 +358,8 @@ class SlurmConfig(_Section):
     memory: str = Field("64GiB", description="memory per job")
     gpus: int = Field(1, ge=0, description="GPUs per job (--gres=gpu:N); one worker per GPU")
     job_extra_directives: list[str] = Field(default_factory=list, description="more #SBATCH lines, e.g. --constraint=a100")
+    interface: Optional[str] = Field(None, description="network interface the scheduler and workers talk on, e.g. "
+                                                       "ib0 (null: Dask's choice)")
 
 
 class ScaleConfig(_Section):

@@ -212,6 +212,18 @@ def test_clusters_that_cannot_be_had_are_clear_errors(tmp_path, monkeypatch):
             pass
 
 
+def test_slurm_jobs_run_a_dask_cuda_worker_per_gpu():
+    pytest.importorskip("dask_jobqueue")
+    scale = load_config(None, ["scale.cluster=slurm", "scale.slurm.gpus=4", "scale.slurm.cores=32",
+                               "scale.slurm.memory=256GiB", "scale.slurm.queue=gpu",
+                               "scale.slurm.job_extra_directives=['--constraint=a100']"]).scale
+    with cluster_module.slurm_cluster(scale) as cluster:
+        script = cluster.job_script()
+    assert "#SBATCH --gres=gpu:4" in script and "#SBATCH --constraint=a100" in script and "#SBATCH -p gpu" in script
+    worker = next(line for line in script.splitlines() if " -m dask_cuda.cli " in line)
+    assert "--nthreads 8" in worker and "--memory-limit 64.00GiB" in worker  # each GPU's share of the job
+
+
 def test_a_scheduler_file_joins_a_running_cluster(tmp_path):
     with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=None) as running:
         path = tmp_path / "scheduler.json"

@@ -56,18 +56,25 @@ def _local_cuda(scale: ScaleConfig):
                             memory_limit=scale.memory_per_worker, dashboard_address=DASHBOARD)
 
 
-def _slurm(scale: ScaleConfig):
+def slurm_cluster(scale: ScaleConfig):
+    """dask-jobqueue's SLURMCluster for ``scale.slurm``, no job submitted yet (``cluster.job_script()`` shows what
+    each job runs)."""
     try:
         from dask_jobqueue import SLURMCluster
     except ImportError:
         raise ClusterError("scale.cluster=slurm needs dask-jobqueue: pip install 'aml-rapids[slurm]'") from None
     job = scale.slurm
     directives = list(job.job_extra_directives) + ([f"--gres=gpu:{job.gpus}"] if job.gpus else [])
-    # One worker process per GPU of a job, each started by dask-cuda's worker, which pins it to its own device.
-    gpu_worker = {"worker_command": "dask_cuda.cli worker"} if job.gpus else {}
-    cluster = SLURMCluster(queue=job.queue, account=job.account, walltime=job.walltime, cores=job.cores,
-                           memory=job.memory, processes=max(job.gpus, 1), job_extra_directives=directives,
-                           **gpu_worker)
+    # A GPU job runs dask-cuda's worker (``python -m dask_cuda.cli``), which starts one worker per GPU of the job,
+    # each pinned to its device; dask-jobqueue gives each its share of the job's threads and memory.
+    gpu_worker = {"worker_command": "dask_cuda.cli"} if job.gpus else {}
+    return SLURMCluster(queue=job.queue, account=job.account, walltime=job.walltime, cores=job.cores,
+                        memory=job.memory, processes=max(job.gpus, 1), job_extra_directives=directives,
+                        interface=job.interface, scheduler_options={"dashboard_address": DASHBOARD}, **gpu_worker)
+
+
+def _slurm(scale: ScaleConfig):
+    cluster = slurm_cluster(scale)
     cluster.scale(jobs=scale.workers or 1)
     return cluster
 
