@@ -7,11 +7,12 @@ The model defaults are the published method's settings; ``configs/default.yaml``
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Annotated, Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, field_validator, model_validator
 
 from .errors import ConfigError
 
@@ -379,6 +380,14 @@ class ScaleConfig(_Section):
     unit_chunks: PositiveInt = Field(1, description="whole store chunks in one unit of extraction work")
     connect_timeout_s: float = Field(60.0, gt=0, description="how long to wait for a scheduler or for the workers")
     slurm: SlurmConfig = SlurmConfig()
+
+    @field_validator("memory_per_worker", mode="before")
+    @classmethod
+    def _a_size(cls, value):
+        text = str(value).strip()
+        if not re.fullmatch(r"auto|\d+(\.\d+)?\s*([kKMGT]i?B|B)?", text):
+            raise ValueError(f"{value!r} is neither auto nor a size such as 16GiB or 500MB")
+        return text
 
     @model_validator(mode="after")
     def _scheduler_file_given(self) -> "ScaleConfig":

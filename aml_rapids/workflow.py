@@ -249,7 +249,8 @@ def extract(manifest: Path, store: Path | None = None, cfg: RunConfig | None = N
     say(f"{summary.rows_written:,} rows written, {summary.rows_skipped:,} already done (skipped), "
         f"{summary.rows_failed:,} failed, {summary.rows_appended:,} new rows appended; "
         f"{summary.images_per_s:,.0f} images/s over {summary.seconds:.1f} s")
-    where = f" (summed over {len({u['worker'] for u in summary.units})} workers' units)" if summary.units else ""
+    workers = len({u["worker"] for u in summary.units})
+    where = f" (summed over the units of {workers} worker{'s' if workers > 1 else ''})" if summary.units else ""
     say(f"time in{where}: " + ", ".join(f"{part} {seconds:.1f} s" for part, seconds in summary.seconds_in.items()))
     say(f"store: {store} ({totals['ok']:,} of {totals['rows'] - totals['padding']:,} rows ready)")
     check_failed(result.failed, f"listed in {store / 'rows' / 'status'} as failed", allow_failed)

@@ -2,8 +2,10 @@
 gives the single-process store byte for byte, a killed worker loses only its unit, the fits on Dask give the
 threaded model, and every cluster that cannot be had is a clear error."""
 
+import importlib.util
 import json
 import os
+import socket
 import sys
 from pathlib import Path
 
@@ -22,9 +24,10 @@ from aml_rapids.config import ScaleConfig, load_config
 from aml_rapids.data.manifest import write_manifest
 from aml_rapids.errors import BusyError, ClusterError, ConfigError
 from aml_rapids.features.extract import extract, loader_passes
-from aml_rapids.features.lock import StoreLock
+from aml_rapids.features.lock import StoreLock, check_lease, lock_path
 from aml_rapids.features.store import FeatureStore
 from aml_rapids.scale import cluster as cluster_module
+from aml_rapids.scale import extract as scale_extract
 from aml_rapids.scale.cluster import dask_client
 from aml_rapids.scale.extract import Unit, extract_sharded, extract_unit
 from aml_rapids.scale.fits import fits_on
@@ -88,6 +91,15 @@ class DieAfterFirstChunk(WorkerPlugin):
                 os._exit(9)
 
         FeatureStore.write_chunk = write_then_die
+
+
+class DieLoadingNetworks(WorkerPlugin):
+    """Kills its worker while it loads the networks, as an out-of-memory kill would."""
+
+    def setup(self, worker):
+        import aml_rapids.scale.extract as on_worker
+
+        on_worker.load_backbones = lambda *args, **kwargs: os._exit(9)
 
 
 @pytest.mark.parametrize("retries", [0, 3], ids=["job-fails-then-resumes", "dask-retries-the-unit"])
@@ -163,16 +175,43 @@ def test_training_features_past_memory_are_reduced_on_the_cluster(tmp_path, clie
     assert np.allclose(on_cluster.predict_proba(X), local.predict_proba(X), atol=1e-3)
 
 
-def test_a_second_job_on_a_locked_store_is_refused(tmp_path):
+def test_a_second_job_on_a_locked_store_is_refused_before_any_cluster(tmp_path, monkeypatch):
     manifest = demo_manifest(tmp_path / "data", patients=2, cells=5)
+    monkeypatch.setattr(scale_extract, "dask_client", lambda scale: pytest.fail("a cluster was started"))
     with StoreLock(tmp_path / "s.zarr", job="dask-other"):
         with pytest.raises(BusyError, match="being written by another process"):
-            extract_sharded(None, manifest, tmp_path / "s.zarr", cfg(**TWO_WORKERS))
+            extract(manifest, tmp_path / "s.zarr", cfg(**TWO_WORKERS))
         # a worker of another job (one that has stopped, say) drops its unit before writing anything
         with pytest.raises(BusyError, match="no longer held for Dask job dask-mine"):
             extract_unit(manifest, str(tmp_path / "s.zarr"), cfg(), "dask-mine", Unit(0, [0]))
-    with pytest.raises(BusyError, match="now released"):
+    with pytest.raises(BusyError, match="no longer held by any job"):
         extract_unit(manifest, str(tmp_path / "s.zarr"), cfg(), "dask-mine", Unit(0, [0]))
+    # a coordinator killed with SIGKILL leaves its record, not its lock: its workers stop all the same
+    lock_path(tmp_path / "s.zarr").write_text(json.dumps({"host": "h", "pid": 1, "argv": [], "since": "",
+                                                          "job": "dask-mine"}))
+    with pytest.raises(BusyError, match="no longer held by any job"):
+        check_lease(tmp_path / "s.zarr", "dask-mine")
+
+
+def test_a_paused_worker_is_named_not_waited_for():
+    class Paused:
+        def scheduler_info(self, n_workers):
+            return {"workers": {"tcp://10.0.0.7:4000": {"status": "paused", "memory_limit": 2**29},
+                                "tcp://10.0.0.8:4000": {"status": "running", "memory_limit": 2**29}}}
+
+    with pytest.raises(ClusterError, match=r"paused worker tcp://10.0.0.7:4000: .* limit of 0.50 GiB"):
+        scale_extract._refuse_paused(Paused())
+
+
+def test_workers_dying_while_loading_the_networks_is_exit_13(tmp_path):
+    manifest = demo_manifest(tmp_path / "data", patients=2, cells=5)
+    config = cfg(**{**TWO_WORKERS, "scale.workers": 1})
+    with dask.config.set({"distributed.scheduler.allowed-failures": 0}):
+        with dask_client(config.scale) as connected:
+            connected.register_plugin(DieLoadingNetworks())
+            with pytest.raises(ClusterError, match="workers loading the networks .* died too often"):
+                extract_sharded(connected, manifest, tmp_path / "s.zarr", config)
+    assert not (tmp_path / "s.zarr").exists()  # nothing made before the networks were known
 
 
 def test_a_worker_too_small_for_a_unit_is_refused_before_any_work(tmp_path, client):
@@ -196,8 +235,28 @@ def test_clusters_that_cannot_be_had_are_clear_errors(tmp_path, monkeypatch):
     with pytest.raises(ClusterError, match=r"no Dask scheduler answered at tcp://127.0.0.1:9 .* within 1 s"):
         with dask_client(ScaleConfig(cluster="scheduler-file", scheduler_file=str(missing), connect_timeout_s=1)):
             pass
+    for address in ("nonsense", 5):
+        missing.write_text(json.dumps({"address": address}))
+        with pytest.raises(ClusterError, match="names no scheduler address"):
+            with dask_client(ScaleConfig(cluster="scheduler-file", scheduler_file=str(missing))):
+                pass
+    with pytest.raises(ClusterError, match="is a folder"):
+        with dask_client(ScaleConfig(cluster="scheduler-file", scheduler_file=str(tmp_path))):
+            pass
+    with socket.create_server(("127.0.0.1", 0)) as silent:  # accepts, never answers: not a Dask scheduler
+        missing.write_text(json.dumps({"address": f"tcp://127.0.0.1:{silent.getsockname()[1]}"}))
+        with pytest.raises(ClusterError, match="answered as a Dask scheduler .* within 1 s|no Dask scheduler answered"):
+            with dask_client(ScaleConfig(cluster="scheduler-file", scheduler_file=str(missing), connect_timeout_s=1)):
+                pass
     with pytest.raises(ConfigError, match="needs scale.scheduler_file"):
         load_config(None, ["scale.cluster=scheduler-file"])
+    with pytest.raises(ConfigError, match="'banana' is neither auto nor a size"):
+        load_config(None, ["scale.memory_per_worker=banana"])
+    monkeypatch.setattr(cluster_module.shutil, "which", lambda name: None)  # no SLURM here
+    if importlib.util.find_spec("dask_jobqueue"):
+        with pytest.raises(ClusterError, match="submits its workers with sbatch, which is not on PATH"):
+            with dask_client(ScaleConfig(cluster="slurm")):
+                pass
     monkeypatch.setattr(cluster_module, "visible_gpus", lambda: 0)
     with pytest.raises(ClusterError, match="no CUDA GPU is visible"):
         with dask_client(ScaleConfig(cluster="local-cuda")):

@@ -371,11 +371,9 @@ def extract(manifest: Manifest, store_path: Path, cfg: RunConfig,
     is checked and its lock held). With ``scale.cluster`` set (and no networks given), the chunks are filled by
     the workers of that Dask cluster instead (``scale.extract``), into the same store."""
     if cfg.scale.cluster != "none" and backbones is None:
-        from ..scale.cluster import dask_client
         from ..scale.extract import extract_sharded
 
-        with dask_client(cfg.scale) as client:
-            return extract_sharded(client, manifest, store_path, cfg, progress, on_total)
+        return extract_sharded(None, manifest, store_path, cfg, progress, on_total)
     device = resolve_device(cfg.loader.device)
     if device == "cpu":
         torch.set_num_threads(usable_cores())
@@ -451,15 +449,16 @@ def _extract_locked(manifest: Manifest, store_path: Path, cfg: RunConfig, backbo
 
 def fill_chunks(manifest: Manifest, pending: Pending, passes: list[list[int]], cfg: RunConfig,
                 backbones: Backbones, summary: ExtractSummary,
-                progress: Callable[[int], None] | None = None) -> None:
+                progress: Callable[[int], None] | None = None, guard: Callable[[], None] | None = None) -> None:
     """Compute and write the chunks of ``passes`` (each a run of consecutive chunks read in one loader pass),
-    adding what was done to ``summary``: the whole loop of one process, or one worker's unit of a Dask run."""
+    adding what was done to ``summary``: the whole loop of one process, or one worker's unit of a Dask run
+    (``guard``: called before each chunk is written, see ``ChunkWriter``)."""
     store, rows = pending.store, pending.rows
     status = rows["status"].to_numpy()
     index = {cid: i for i, cid in enumerate(manifest.table["cell_id"])}
     dims = {n: b["dim"] for n, b in backbones.info.items()}
     augment_of_chunk = rows["augment"].to_numpy()[::store.chunk_rows]
-    with ChunkWriter(store, workers=cfg.features.writers) as writer:
+    with ChunkWriter(store, workers=cfg.features.writers, guard=guard) as writer:
         for run in passes:
             with span(summary.seconds_in, "pass setup"):
                 window = rows.iloc[run[0] * store.chunk_rows:(run[-1] + 1) * store.chunk_rows]

@@ -101,19 +101,36 @@ class StoreLock:
 
 
 def check_lease(store: Path, job: str) -> None:
-    """Raise BusyError unless the lock of ``store`` is held for Dask job ``job`` (a worker's check before it
-    writes: the job that started it may have stopped, and another taken the store)."""
+    """Raise BusyError unless the lock of ``store`` is held, and held for Dask job ``job``: a worker's check
+    before it writes, since the job that started it may have ended (its lock then free, though its record stays
+    after a kill) and another may have taken the store."""
     path = lock_path(store)
     try:
-        raw = path.read_text(errors="replace")
+        fd = os.open(path, os.O_RDWR)
     except OSError as exc:
-        raise BusyError(f"cannot read the lock {path} of feature store {store} ({exc.strerror or exc}); this worker "
+        raise BusyError(f"cannot open the lock {path} of feature store {store} ({exc.strerror or exc}); this worker "
                         "writes only for the job that holds it") from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise
+            held = True
+        else:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            held = False
+        raw = os.pread(fd, 1 << 16, 0).decode(errors="replace")
+    finally:
+        os.close(fd)
+    if not held:
+        raise BusyError(f"feature store {store} is no longer held by any job (Dask job {job} has ended); this "
+                        "worker's unit is dropped, and a rerun computes it")
     try:
         holder = json.loads(raw).get("job") if raw.strip() else None
     except (ValueError, AttributeError):
         holder = None
     if holder != job:
-        now = f"now held by {_holder_text(raw)}" if raw.strip() else "now released"
-        raise BusyError(f"feature store {store} is no longer held for Dask job {job} ({now}); this worker's unit "
-                        "is dropped, and the job holding the store computes it")
+        raise BusyError(f"feature store {store} is no longer held for Dask job {job} (now held by "
+                        f"{_holder_text(raw)}); this worker's unit is dropped, and the job holding the store "
+                        "computes it")

@@ -13,16 +13,21 @@ from __future__ import annotations
 
 import queue
 import threading
+from collections.abc import Callable
 
 import numpy as np
 
-from ..errors import OutputError
+from ..errors import AmlRapidsError, OutputError
 from .store import FeatureStore, StoreError
 
 
 class ChunkWriter:
-    def __init__(self, store: FeatureStore, workers: int = 2, depth: int | None = None):
-        self.store = store
+    """``guard``, if given, is called before each chunk is written and may refuse it by raising (a Dask worker's
+    check that its job still holds the store)."""
+
+    def __init__(self, store: FeatureStore, workers: int = 2, depth: int | None = None,
+                 guard: Callable[[], None] | None = None):
+        self.store, self.guard = store, guard
         self.queue: queue.Queue = queue.Queue(maxsize=depth or 2 * workers)
         self.error: BaseException | None = None
         self.threads = [threading.Thread(target=self._run, name=f"aml-rapids-chunk-writer-{i}", daemon=True)
@@ -38,7 +43,11 @@ class ChunkWriter:
             if self.error is None:
                 k, features, status = item
                 try:
+                    if self.guard is not None:
+                        self.guard()
                     self.store.write_chunk(k, features, status)
+                except AmlRapidsError as exc:  # the guard's refusal, as it is
+                    self.error = exc
                 except Exception as exc:  # reported on the main thread by put() or on exit
                     kind = OutputError if isinstance(exc, OSError) else StoreError
                     self.error = kind(f"could not write chunk {k} of {self.store.path}: {exc}")

@@ -11,10 +11,16 @@ started or reached is a ClusterError naming the problem, raised before any work.
 from __future__ import annotations
 
 import json
+import logging
+import shutil
+import signal
+import threading
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from contextvars import ContextVar
 from pathlib import Path
+
+from distributed import WorkerPlugin
 
 from ..config import ScaleConfig
 from ..errors import ClusterError
@@ -24,6 +30,17 @@ from ..provenance import usable_cores
 
 DASHBOARD = ":0"  # a free port: the dashboard's link is logged, and a second cluster on the machine never clashes
 _OPEN: ContextVar[tuple[ScaleConfig, object] | None] = ContextVar("aml_rapids_dask_client", default=None)
+
+
+class IgnoreInterrupts(WorkerPlugin):
+    """Ctrl-C reaches every process of the terminal's process group, the workers this process started too; they
+    leave the stop to this process, which closes them cleanly (their own KeyboardInterrupts only print
+    tracebacks)."""
+
+    name = "aml-rapids-ignore-interrupts"
+
+    def setup(self, worker) -> None:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def visible_gpus() -> int:
@@ -37,7 +54,8 @@ def _local(scale: ScaleConfig):
     from distributed import LocalCluster
 
     return LocalCluster(n_workers=scale.workers or usable_cores(), threads_per_worker=scale.threads_per_worker,
-                        processes=True, memory_limit=scale.memory_per_worker, dashboard_address=DASHBOARD)
+                        processes=True, memory_limit=scale.memory_per_worker, dashboard_address=DASHBOARD,
+                        silence_logs=logging.ERROR)
 
 
 def _local_cuda(scale: ScaleConfig):
@@ -53,16 +71,22 @@ def _local_cuda(scale: ScaleConfig):
     except ImportError:
         raise ClusterError("scale.cluster=local-cuda needs dask-cuda: pip install 'aml-rapids[cu13]' (or [cu12])") from None
     return LocalCUDACluster(n_workers=scale.workers or gpus, threads_per_worker=scale.threads_per_worker,
-                            memory_limit=scale.memory_per_worker, dashboard_address=DASHBOARD)
+                            memory_limit=scale.memory_per_worker, dashboard_address=DASHBOARD,
+                            silence_logs=logging.ERROR)
+
+
+def _slurm_class():
+    try:
+        from dask_jobqueue import SLURMCluster
+    except ImportError:
+        raise ClusterError("scale.cluster=slurm needs dask-jobqueue: pip install 'aml-rapids[slurm]'") from None
+    return SLURMCluster
 
 
 def slurm_cluster(scale: ScaleConfig):
     """dask-jobqueue's SLURMCluster for ``scale.slurm``, no job submitted yet (``cluster.job_script()`` shows what
     each job runs)."""
-    try:
-        from dask_jobqueue import SLURMCluster
-    except ImportError:
-        raise ClusterError("scale.cluster=slurm needs dask-jobqueue: pip install 'aml-rapids[slurm]'") from None
+    SLURMCluster = _slurm_class()
     job = scale.slurm
     directives = list(job.job_extra_directives) + ([f"--gres=gpu:{job.gpus}"] if job.gpus else [])
     # A GPU job runs dask-cuda's worker (``python -m dask_cuda.cli``), which starts one worker per GPU of the job,
@@ -74,6 +98,11 @@ def slurm_cluster(scale: ScaleConfig):
 
 
 def _slurm(scale: ScaleConfig):
+    _slurm_class()
+    if shutil.which("sbatch") is None:
+        raise ClusterError("scale.cluster=slurm submits its workers with sbatch, which is not on PATH here: run "
+                           "aml-rapids where SLURM's commands work (a login node), or start the cluster in a job "
+                           "script and join it with scale.cluster=scheduler-file (docs/hpc.md)")
     cluster = slurm_cluster(scale)
     cluster.scale(jobs=scale.workers or 1)
     return cluster
@@ -81,14 +110,67 @@ def _slurm(scale: ScaleConfig):
 
 def _scheduler_address(path: Path) -> str:
     """The address in a scheduler file, checked before connecting (distributed would wait for it forever)."""
+    if path.is_dir():
+        raise ClusterError(f"scheduler file {path} is a folder: give the file `dask scheduler --scheduler-file` "
+                           "wrote")
     if not path.is_file():
         raise ClusterError(f"scheduler file {path} does not exist: start the scheduler with `dask scheduler "
                            f"--scheduler-file {path}` (on storage every node sees) and wait until it is written")
     try:
-        return json.loads(path.read_text())["address"]
+        address = json.loads(path.read_text())["address"]
+        if not isinstance(address, str):
+            raise TypeError(f"the address is a {type(address).__name__}, not text")
+        from distributed.comm import get_address_host_port, parse_address
+
+        if parse_address(address)[0] != "inproc":  # a network address names its port (inproc: this process)
+            get_address_host_port(address)
+        return address
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise ClusterError(f"scheduler file {path} names no scheduler address ({type(exc).__name__}: {exc}); it "
                            "is the JSON file `dask scheduler --scheduler-file` writes") from None
+
+
+def _connect(address: str, path: Path, timeout: float):
+    """A Client of the scheduler at ``address``, or a ClusterError within the timeout. The connection is made on
+    a thread with a deadline: a port held by something that is not a Dask scheduler (a scheduler file left by an
+    earlier job, its port since reused) accepts the connection and never answers the handshake."""
+    from distributed import Client
+
+    made: dict = {}
+
+    def connect() -> None:
+        try:
+            made["client"] = Client(address, timeout=timeout)
+        except BaseException as exc:  # reported on the calling thread
+            made["error"] = exc
+
+    thread = threading.Thread(target=connect, name="aml-rapids-dask-connect", daemon=True)
+    thread.start()
+    thread.join(timeout + 1)  # Client's own timeout first, where it has one
+    stale = "is the scheduler job still running? A scheduler file from an earlier job is stale: delete it"
+    if thread.is_alive():
+        raise ClusterError(f"nothing answered as a Dask scheduler at {address} (from {path}) within {timeout:g} s; "
+                           f"{stale}")
+    if "error" in made:
+        exc = made["error"]
+        raise ClusterError(f"no Dask scheduler answered at {address} (from {path}) within {timeout:g} s "
+                           f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else 'no detail'}); {stale}") from None
+    return made["client"]
+
+
+def _close(cluster) -> None:
+    """Shut a cluster down; one that never finished starting (a SLURM job still queued) may refuse, and that must
+    not hide why the run stopped."""
+    try:
+        cluster.close()
+    except Exception as exc:
+        log.debug(f"closing the Dask cluster: {type(exc).__name__}: {exc}")
+
+
+NO_WORKER = {
+    "scheduler-file": "start workers against its scheduler (`dask worker --scheduler-file ...`)",
+    "slurm": "its SLURM jobs may still wait in the queue (squeue); raise scale.connect_timeout_s",
+}
 
 
 @contextmanager
@@ -106,27 +188,25 @@ def dask_client(scale: ScaleConfig) -> Iterator:
         timeout = scale.connect_timeout_s
         if scale.cluster == "scheduler-file":
             path = Path(scale.scheduler_file)
-            address = _scheduler_address(path)
-            try:
-                client = stack.enter_context(Client(address, timeout=timeout))
-            except (OSError, TimeoutError) as exc:
-                raise ClusterError(f"no Dask scheduler answered at {address} (from {path}) within {timeout:g} s "
-                                   f"({type(exc).__name__}); is the scheduler job still running? A scheduler file "
-                                   "from an earlier job is stale: delete it") from None
+            client = _connect(_scheduler_address(path), path, timeout)
         else:
             start = {"local": _local, "local-cuda": _local_cuda, "slurm": _slurm}[scale.cluster]
             try:
-                cluster = stack.enter_context(start(scale))
+                cluster = start(scale)
             except ClusterError:
                 raise
             except (OSError, TimeoutError, ValueError) as exc:
                 raise ClusterError(f"could not start the {scale.cluster} Dask cluster: {type(exc).__name__}: {exc}") from None
-            client = stack.enter_context(Client(cluster, timeout=timeout))
+            stack.callback(_close, cluster)
+            client = Client(cluster, timeout=timeout)
+        stack.callback(client.close)
+        if scale.cluster in ("local", "local-cuda"):
+            client.register_plugin(IgnoreInterrupts())
         try:
             client.wait_for_workers(1, timeout=timeout)
         except TimeoutError:
             raise ClusterError(f"the Dask cluster at {client.scheduler.address} has no worker after {timeout:g} s "
-                               "(scale.connect_timeout_s): start workers against its scheduler") from None
+                               f"(scale.connect_timeout_s): {NO_WORKER.get(scale.cluster, 'see its log')}") from None
         workers = client.scheduler_info(n_workers=-1)["workers"]
         say(f"Dask cluster ({scale.cluster}): {len(workers)} worker(s), "
             f"{sum(w['nthreads'] for w in workers.values())} thread(s), scheduler {client.scheduler.address}, "

@@ -3,8 +3,9 @@ by one worker with the single-process loop (``features.extract.fill_chunks``).
 
 The coordinating process (this one) holds the store's lock for the whole job and names the job in it; it
 creates or extends the store, clears the done-markers of the chunks to compute again, and hands out the units.
-A worker loads the networks once and keeps them for every unit it is given; before a unit it checks that the
-store is still held for its job (``check_lease``), and it skips the unit's chunks already done, so a unit retried
+A worker loads the networks once and keeps them for every unit it is given; before each chunk it writes it checks
+that the store is still held, and for its job (``check_lease``), so a worker left running by a job that ended
+never writes into a store another job has taken; and it skips the unit's chunks already done, so a unit retried
 after its worker died computes only what that worker had not written. Two workers never write one chunk: zarr
 writes a chunk in several files, and a unit is never shared. Units never cross a loader pass, so every chunk is
 read in the same batches as by one process, and the store's arrays equal a single-process extraction's.
@@ -19,6 +20,7 @@ import secrets
 import threading
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,6 +33,7 @@ from ..features.extract import (Backbones, ExtractSummary, Pending, store_engine
 from ..features.lock import StoreLock, check_lease
 from ..features.store import FeatureStore, StoreError
 from ..logs import log, say
+from .cluster import dask_client
 from ..loader.loader import resolve_device
 
 GiB = 2**30
@@ -160,7 +163,8 @@ def extract_unit(manifest: Manifest, store_path: str, cfg: RunConfig, job: str, 
     done = shared.store.done_chunks()
     todo = [k for k in unit.chunks if not done[k]]
     summary = ExtractSummary()
-    fill_chunks(manifest, shared, shared.passes(todo), cfg, backbones, summary)
+    fill_chunks(manifest, shared, shared.passes(todo), cfg, backbones, summary,
+                guard=lambda: check_lease(Path(store_path), job))  # before every chunk: the job may have ended
     summary.seconds = time.perf_counter() - start
     return UnitDone(unit.number, get_worker().address, platform.node(), os.getpid(), summary.seconds,
                     summary.chunks_written, summary)
@@ -191,23 +195,41 @@ def _check_memory(client, cfg: RunConfig, described: dict) -> None:
 def extract_sharded(client, manifest: Manifest, store_path: Path, cfg: RunConfig,
                     progress: Callable[[int], None] | None = None,
                     on_total: Callable[[int], None] | None = None) -> ExtractSummary:
-    """Fill every pending chunk of the store on the cluster's workers; the same store as ``features.extract``."""
-    from distributed import as_completed
-    from distributed.client import FutureCancelledError
-    from distributed.scheduler import KilledWorker
-
+    """Fill every pending chunk of the store on a Dask cluster's workers; the same store as ``features.extract``.
+    ``client``: a connected client, or None to start the cluster of ``cfg.scale`` once the store's lock is held
+    (so a busy store is refused before any cluster or job is started)."""
     store_path = Path(store_path)
     if store_path.is_file():
         raise StoreError(f"{store_path} is a file, not a feature store (a store is a folder)")
     job = f"dask-{secrets.token_hex(6)}"
     start = time.perf_counter()
     with StoreLock(store_path, job=job) as lock:
+        with nullcontext(client) if client is not None else dask_client(cfg.scale) as connected:
+            summary = _run_units(connected, manifest, store_path, cfg, job, progress, on_total)
+    summary.interrupted_writer = lock.interrupted
+    summary.seconds = time.perf_counter() - start
+    return summary
+
+
+def _run_units(client, manifest: Manifest, store_path: Path, cfg: RunConfig, job: str,
+               progress: Callable[[int], None] | None, on_total: Callable[[int], None] | None) -> ExtractSummary:
+    """The coordinator's part, under the store's lock: the networks' identity from a worker, the store created or
+    extended, the units handed out and their results gathered."""
+    from distributed.client import FutureCancelledError
+    from distributed.scheduler import KilledWorker
+
+    futures = []
+    try:
         pinned = store_engines(store_path) if store_path.is_dir() else None
         # A task's result, not scattered data: the scheduler recomputes it when the workers holding it die. On
         # every worker, so that the units go wherever a worker is free, not where the manifest happens to be.
         manifest_on_workers = client.submit(_same, manifest, key=f"aml-rapids-manifest-{job}")
+        futures.append(manifest_on_workers)
         client.replicate([manifest_on_workers])
-        described = client.submit(describe_backbones, manifest_on_workers, cfg, pinned, pure=False).result()
+        networks = client.submit(describe_backbones, manifest_on_workers, cfg, pinned, pure=False,
+                                 key=f"aml-rapids-networks-{job}")
+        futures.append(networks)
+        [described] = _gathered(client, [networks])
         _check_memory(client, cfg, described)
         coordinator = Backbones({}, {}, {}, described["info"], seen=described["seen"], checks=described["checks"])
         pending = plan_pending(manifest, store_path, cfg, coordinator, described["device"])
@@ -216,30 +238,64 @@ def extract_sharded(client, manifest: Manifest, store_path: Path, cfg: RunConfig
         if on_total:
             on_total(pending_rows(pending))
         units = cut_units(pending, cfg.scale.unit_chunks)
-        say(f"{len(pending.chunks):,} of {pending.store.n_chunks:,} chunks to compute, in {len(units):,} units of "
+        say(f"{len(pending.chunks):,} of {pending.store.n_chunks:,} chunks to compute, in {len(units):,} unit(s) of "
             f"at most {cfg.scale.unit_chunks} chunk(s) ({pending.store.chunk_rows:,} rows each), on "
             f"{len(client.scheduler_info(n_workers=-1)['workers'])} worker(s)")
         summary = pending.summary
-        futures = [client.submit(extract_unit, manifest_on_workers, str(store_path), cfg, job, unit, pure=False,
-                                 key=f"aml-rapids-unit-{job}-{unit.number}") for unit in units]
-        try:
-            for future in as_completed(futures):
-                done = future.result()
-                _merge(summary, done, units[done.number])
-                if progress:
-                    progress(pending_rows(pending, units[done.number].chunks))
-        except KilledWorker as exc:
-            raise ClusterError(f"the workers running a unit of extraction ({exc.task}) died too often to try it "
-                               "again (out of memory? each worker's log says); the store keeps every finished "
-                               "chunk: rerun to resume") from None
-        except FutureCancelledError:
-            raise ClusterError("the Dask cluster cancelled units of this extraction (a worker or the scheduler "
-                               "went away); the store keeps every finished chunk: rerun to resume") from None
-        finally:
-            client.cancel(futures)
-    summary.interrupted_writer = lock.interrupted
-    summary.seconds = time.perf_counter() - start
+        unit_futures = [client.submit(extract_unit, manifest_on_workers, str(store_path), cfg, job, unit,
+                                      pure=False, key=f"aml-rapids-unit-{job}-{unit.number}") for unit in units]
+        futures += unit_futures
+
+        def landed(done: UnitDone) -> None:
+            _merge(summary, done, units[done.number])
+            if progress:
+                progress(pending_rows(pending, units[done.number].chunks))
+
+        _gathered(client, unit_futures, landed)
+    except KilledWorker as exc:
+        what = "loading the networks" if "networks" in str(exc.task) else "a unit of extraction"
+        raise ClusterError(f"the workers {what} ({exc.task}) died too often to try it again (out of memory? each "
+                           "worker's log says); the store keeps every finished chunk: rerun to resume") from None
+    except FutureCancelledError:
+        raise ClusterError("the Dask cluster cancelled this extraction's work (a worker or the scheduler went "
+                           "away); the store keeps every finished chunk: rerun to resume") from None
+    finally:
+        client.cancel(futures)
     return summary
+
+
+POLL_S = 2.0  # how often a coordinator waiting on its workers looks for paused ones
+
+
+def _gathered(client, futures: list, each: Callable | None = None) -> list:
+    """The futures' results in order (``each`` called with each as it lands). A worker that Dask pauses, its
+    memory near its limit, would never finish and never fail: that is refused, naming the worker's limit."""
+    from distributed import wait
+
+    left, results = set(futures), {}
+    while left:
+        try:
+            finished, left = wait(left, timeout=POLL_S, return_when="FIRST_COMPLETED")
+        except TimeoutError:
+            finished = set()
+        for future in finished:
+            results[future.key] = future.result()
+            if each:
+                each(results[future.key])
+        _refuse_paused(client)
+    return [results[f.key] for f in futures]
+
+
+def _refuse_paused(client) -> None:
+    workers = client.scheduler_info(n_workers=-1)["workers"]
+    paused = {address: w for address, w in workers.items() if w.get("status") == "paused"}
+    if paused:
+        address, worker = next(iter(paused.items()))
+        limit = (worker.get("memory_limit") or 0) / GiB
+        raise ClusterError(f"Dask paused worker {address}: its memory is near its limit of {limit:.2f} GiB, too "
+                           "little for the networks and a unit of extraction; raise scale.memory_per_worker, or "
+                           "lower features.chunk_batches or loader.batch_size; the store keeps every finished "
+                           "chunk")
 
 
 def _same(value):
