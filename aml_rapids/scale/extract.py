@@ -225,6 +225,7 @@ def _run_units(client, manifest: Manifest, store_path: Path, cfg: RunConfig, job
         # every worker, so that the units go wherever a worker is free, not where the manifest happens to be.
         manifest_on_workers = client.submit(_same, manifest, key=f"aml-rapids-manifest-{job}")
         futures.append(manifest_on_workers)
+        _gathered(client, [manifest_on_workers])
         client.replicate([manifest_on_workers])
         networks = client.submit(describe_backbones, manifest_on_workers, cfg, pinned, pure=False,
                                  key=f"aml-rapids-networks-{job}")
@@ -253,8 +254,10 @@ def _run_units(client, manifest: Manifest, store_path: Path, cfg: RunConfig, job
 
         _gathered(client, unit_futures, landed)
     except KilledWorker as exc:
-        what = "loading the networks" if "networks" in str(exc.task) else "a unit of extraction"
-        raise ClusterError(f"the workers {what} ({exc.task}) died too often to try it again (out of memory? each "
+        what = next((words for part, words in TASK_WORDS.items() if part in str(exc.task)), "running a task")
+        limits = [w.get("memory_limit") or 0 for w in client.scheduler_info(n_workers=-1)["workers"].values()]
+        room = f", with {min(limits) / GiB:.2f} GiB each (scale.memory_per_worker)" if limits and min(limits) else ""
+        raise ClusterError(f"the workers {what} ({exc.task}) died too often to try again (out of memory{room}? each "
                            "worker's log says); the store keeps every finished chunk: rerun to resume") from None
     except FutureCancelledError:
         raise ClusterError("the Dask cluster cancelled this extraction's work (a worker or the scheduler went "
@@ -264,6 +267,8 @@ def _run_units(client, manifest: Manifest, store_path: Path, cfg: RunConfig, job
     return summary
 
 
+TASK_WORDS = {"manifest": "receiving the manifest", "networks": "loading the networks",
+              "unit": "extracting a unit"}  # a task's key part -> what its workers were doing
 POLL_S = 2.0  # how often a coordinator waiting on its workers looks for paused ones
 
 
