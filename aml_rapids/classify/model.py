@@ -226,7 +226,7 @@ class FeatureStackingClassifier(ClassifierMixin, BaseEstimator):
         release the GIL (libsvm, the forest's trees, cuML's C++), and each cuML thread queues on its own
         per-thread stream; scikit-learn's SVC uses one core, so on a CPU the SVMs of different folds run side by
         side."""
-        return Parallel(n_jobs=min(self.n_jobs or be.fit_jobs, len(calls)), prefer="threads")(calls)
+        return Parallel(n_jobs=min(self.n_jobs or be.fit_jobs, len(calls)), prefer="threads", batch_size=1)(calls)
 
     def _svm_rows(self, be: Backend, rows, host_rows: np.ndarray | None, codes: np.ndarray):
         """The rows an SVM is fitted on: ``rows`` (None: all), or at most ``svm_max_rows`` of them, sampled
