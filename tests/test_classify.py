@@ -126,6 +126,15 @@ def test_each_svm_can_be_fitted_on_a_class_stratified_sample(monkeypatch):
     np.testing.assert_array_equal(model.predict_proba(X), again.predict_proba(X))  # seeded
 
 
+def test_a_class_too_rare_for_its_share_of_an_svm_sample_keeps_a_row():
+    X, y, cells = planted_copies(n_cells=60, copies=2)
+    y = y.copy()
+    y[:2] = "z"  # one cell's two copies: a class of 2 rows in 120
+    model = FeatureStackingClassifier(block_dims=(24,), pca_components=8, rf_trees=10, folds=2, backend="sklearn",
+                                      svm_max_rows=20).fit(X, y, groups=cells)
+    assert "z" in model.classes_[model.svm_.classes_] and model.svm_.shape_fit_[0] == 21
+
+
 def test_per_class_metrics_by_hand():
     y = np.array(["a", "a", "b", "b", "c"])
     pred = np.array(["a", "b", "b", "b", "a"])

@@ -23,7 +23,7 @@ from aml_rapids.classify.model import FeatureStackingClassifier
 from aml_rapids.config import ScaleConfig, load_config
 from aml_rapids.data.manifest import write_manifest
 from aml_rapids.errors import BusyError, ClusterError, ConfigError
-from aml_rapids.features.extract import extract, loader_passes
+from aml_rapids.features.extract import extract, load_backbones, loader_passes
 from aml_rapids.features.lock import StoreLock, check_lease, lock_path
 from aml_rapids.features.store import FeatureStore
 from aml_rapids.scale import cluster as cluster_module
@@ -191,6 +191,21 @@ def test_a_second_job_on_a_locked_store_is_refused_before_any_cluster(tmp_path, 
                                                           "job": "dask-mine"}))
     with pytest.raises(BusyError, match="no longer held by any job"):
         check_lease(tmp_path / "s.zarr", "dask-mine")
+
+
+def test_predict_runs_where_it_is_asked_not_on_the_cluster_the_store_was_made_on(tmp_path):
+    """A model's store made on a cluster (here a scheduler file long gone) predicts new images in this process
+    unless predict itself is given a cluster."""
+    manifest = demo_manifest(tmp_path / "data", patients=3, cells=8)
+    made_on = cfg(**{"scale.cluster": "scheduler-file", "scale.scheduler_file": str(tmp_path / "gone.json")})
+    extract(manifest, tmp_path / "s.zarr", made_on, backbones=load_backbones(made_on, "cpu"))
+    small = {"classify.pca_components": 4, "classify.rf_trees": 5, "classify.folds": 2, "classify.backend": "sklearn"}
+    workflow.train(tmp_path / "s.zarr", tmp_path / "model", cfg(**small))
+    predicted = workflow.predict(tmp_path / "model", tmp_path / "data", tmp_path / "new")
+    assert predicted.cells > 0 and (tmp_path / "new" / "predictions.csv").is_file()
+    with pytest.raises(ClusterError, match="gone.json does not exist"):  # asked for: the cluster it names
+        workflow.predict(tmp_path / "model", tmp_path / "data", tmp_path / "again",
+                         overrides=["scale.cluster=scheduler-file", f"scale.scheduler_file={tmp_path / 'gone.json'}"])
 
 
 def test_a_paused_worker_is_named_not_waited_for():

@@ -229,14 +229,17 @@ class FeatureStackingClassifier(ClassifierMixin, BaseEstimator):
         return Parallel(n_jobs=min(self.n_jobs or be.fit_jobs, len(calls)), prefer="threads", batch_size=1)(calls)
 
     def _svm_rows(self, be: Backend, rows, host_rows: np.ndarray | None, codes: np.ndarray):
-        """The rows an SVM is fitted on: ``rows`` (None: all), or at most ``svm_max_rows`` of them, sampled
-        within each class in proportion to its rows (scikit-learn's stratified ``resample``), seeded."""
+        """The rows an SVM is fitted on: ``rows`` (None: all), or ``svm_max_rows`` of them, sampled within each
+        class in proportion to its rows (scikit-learn's stratified ``resample``), seeded, with at least one row of
+        every class (a class too rare for a row of its own share gets one more)."""
         chosen = np.arange(len(codes)) if host_rows is None else host_rows
         if self.svm_max_rows is None or len(chosen) <= self.svm_max_rows:
             return rows
         sample = resample(chosen, replace=False, n_samples=self.svm_max_rows, stratify=codes[chosen],
                           random_state=self.seed)
-        return be.xp.asarray(np.sort(sample))
+        lacking = np.setdiff1d(codes[chosen], codes[sample])  # a class too rare for its share: one row of it
+        extra = [np.random.default_rng(self.seed).choice(chosen[codes[chosen] == c]) for c in lacking]
+        return be.xp.asarray(np.sort(np.concatenate([sample, np.asarray(extra, dtype=sample.dtype)])))
 
     def _meta_inputs(self, be: Backend, outputs):
         """Base outputs standardised per column with the out-of-fold outputs' mean and spread: SVM scores span

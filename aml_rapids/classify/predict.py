@@ -68,7 +68,9 @@ def predict(model_dir: Path, source: Path, out: Path, overrides: list[str] | Non
         if not info.get("extract_config"):
             raise ConfigError(f"model {model_dir} does not record how its features were extracted; predict "
                               "from a feature store made with the same config instead")
-        cfg = load_config(None, overrides, base=info["extract_config"])
+        # where to run is this invocation's choice (--set scale...), never the cluster the model's store was made on
+        made = {key: value for key, value in info["extract_config"].items() if key != "scale"}
+        cfg = load_config(None, overrides, base=made)
         try:
             indexed = build_manifest(source, cfg.index)
         except NoUsableImages as exc:

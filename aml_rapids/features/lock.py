@@ -51,6 +51,20 @@ def _read_holder(fd: int, wait_s: float = 1.0) -> str:
         time.sleep(0.05)
 
 
+def _lock_soon(fd: int, wait_s: float = 1.0) -> None:
+    """The exclusive lock, tried for ``wait_s``: a Dask worker's lease check holds a shared lock for an instant,
+    which must not make a new writer think the store busy."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except OSError as exc:
+            if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+
+
 class StoreLock:
     """``with StoreLock(store):`` holds the store's write lock or raises BusyError naming the holder.
     ``interrupted`` is the record of an earlier writer that ended without releasing it (None if none);
@@ -68,7 +82,7 @@ class StoreLock:
         except OSError as exc:
             raise OutputError(f"cannot create the lock file {self.path}: {exc.strerror or exc}") from None
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            _lock_soon(fd)
         except OSError as exc:
             holder = _read_holder(fd) if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES) else None
             os.close(fd)
@@ -111,11 +125,12 @@ def check_lease(store: Path, job: str) -> None:
         raise BusyError(f"cannot open the lock {path} of feature store {store} ({exc.strerror or exc}); this worker "
                         "writes only for the job that holds it") from None
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        try:  # shared: lease checks never block each other, only the job's exclusive lock blocks them
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
         except OSError as exc:
             if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                raise
+                raise BusyError(f"cannot check the lock {path} of feature store {store} ({exc.strerror or exc}); "
+                                "this file system does not support file locks: put the store on one that does") from None
             held = True
         else:
             fcntl.flock(fd, fcntl.LOCK_UN)
@@ -131,6 +146,6 @@ def check_lease(store: Path, job: str) -> None:
     except (ValueError, AttributeError):
         holder = None
     if holder != job:
-        raise BusyError(f"feature store {store} is no longer held for Dask job {job} (now held by "
-                        f"{_holder_text(raw)}); this worker's unit is dropped, and the job holding the store "
-                        "computes it")
+        now = f"now held by {_holder_text(raw)}" if raw.strip() else "its record is gone"
+        raise BusyError(f"feature store {store} is no longer held for Dask job {job} ({now}); this worker's unit "
+                        "is dropped, and the job holding the store computes it")

@@ -155,9 +155,10 @@ class FeatureStore:
         _consolidate(path)
 
     @classmethod
-    def open(cls, path: Path, mode: str = "r") -> "FeatureStore":
+    def open(cls, path: Path, mode: str = "r", sweep: bool = True) -> "FeatureStore":
         """Open for reading (``r``) or, holding the store's lock, for writing (``r+``: an interrupted append is
-        rolled back first)."""
+        rolled back first, and files zarr left half-written are removed, unless ``sweep`` is False: a Dask
+        worker's, while the other workers of its job write theirs)."""
         path = Path(path)
         if not path.exists():
             raise StoreError(f"feature store {path} does not exist (make one with `aml-rapids extract`)")
@@ -171,7 +172,7 @@ class FeatureStore:
             store = cls(zarr.open_group(str(path), mode=mode, zarr_format=3, use_consolidated=False), path)
         except (FileNotFoundError, NotADirectoryError, zarr.errors.GroupNotFoundError, ValueError, KeyError) as exc:
             raise StoreError(f"{path} is not a readable Zarr v3 group: {exc}") from None
-        if mode != "r":
+        if mode != "r" and sweep:
             for leftover in path.rglob("*.partial"):  # a file zarr was writing when a run was killed
                 leftover.unlink()
         return store
@@ -208,18 +209,19 @@ class FeatureStore:
                              f"{', '.join(self.backbones)}")
         return self.group[f"features/{slug(backbone)}"]
 
-    def done_chunks(self) -> np.ndarray:
-        """Which chunks are complete; a marker that cannot be read counts as not done."""
+    def done_chunks(self, chunks: list[int] | None = None) -> np.ndarray:
+        """Which chunks (all, or those listed) are complete; a marker that cannot be read counts as not done."""
         marks = self.group["progress/chunk_done"]
+        chosen = range(marks.shape[0]) if chunks is None else chunks
         try:
-            return np.asarray(marks[:], dtype=bool)
+            return np.asarray(marks[:] if chunks is None else marks.get_coordinate_selection(list(chunks)), dtype=bool)
         except Exception:  # a marker half-written when a run was killed; fall back to one by one
-            done = np.zeros(marks.shape[0], dtype=bool)
-            for k in range(len(done)):
+            done = np.zeros(len(chosen), dtype=bool)
+            for i, k in enumerate(chosen):
                 try:
-                    done[k] = bool(marks[k])
+                    done[i] = bool(marks[k])
                 except Exception:
-                    done[k] = False
+                    done[i] = False
             return done
 
     def lost_chunks(self, status: np.ndarray, done: np.ndarray) -> np.ndarray:

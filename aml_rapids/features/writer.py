@@ -45,9 +45,11 @@ class ChunkWriter:
                 try:
                     if self.guard is not None:
                         self.guard()
-                    self.store.write_chunk(k, features, status)
                 except AmlRapidsError as exc:  # the guard's refusal, as it is
                     self.error = exc
+                    continue
+                try:
+                    self.store.write_chunk(k, features, status)
                 except Exception as exc:  # reported on the main thread by put() or on exit
                     kind = OutputError if isinstance(exc, OSError) else StoreError
                     self.error = kind(f"could not write chunk {k} of {self.store.path}: {exc}")

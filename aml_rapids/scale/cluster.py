@@ -10,6 +10,7 @@ started or reached is a ClusterError naming the problem, raised before any work.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import shutil
@@ -204,7 +205,7 @@ def dask_client(scale: ScaleConfig) -> Iterator:
             client.register_plugin(IgnoreInterrupts())
         try:
             client.wait_for_workers(1, timeout=timeout)
-        except TimeoutError:
+        except (TimeoutError, asyncio.TimeoutError):  # two classes before Python 3.11
             raise ClusterError(f"the Dask cluster at {client.scheduler.address} has no worker after {timeout:g} s "
                                f"(scale.connect_timeout_s): {NO_WORKER.get(scale.cluster, 'see its log')}") from None
         workers = client.scheduler_info(n_workers=-1)["workers"]

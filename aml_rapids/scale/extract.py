@@ -6,13 +6,15 @@ creates or extends the store, clears the done-markers of the chunks to compute a
 A worker loads the networks once and keeps them for every unit it is given; before each chunk it writes it checks
 that the store is still held, and for its job (``check_lease``), so a worker left running by a job that ended
 never writes into a store another job has taken; and it skips the unit's chunks already done, so a unit retried
-after its worker died computes only what that worker had not written. Two workers never write one chunk: zarr
-writes a chunk in several files, and a unit is never shared. Units never cross a loader pass, so every chunk is
+after its worker died computes only what that worker had not written. A unit is never split between workers (zarr
+writes a chunk in several files, so two writers of one chunk could leave a mix); when a job stops, its running
+units are told to write no further chunk, and on a cluster that outlives the job it waits for them. Units never cross a loader pass, so every chunk is
 read in the same batches as by one process, and the store's arrays equal a single-process extraction's.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import platform
@@ -20,13 +22,14 @@ import secrets
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import CancelledError
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..config import RunConfig
 from ..data.manifest import Manifest
-from ..errors import ClusterError
+from ..errors import BusyError, ClusterError
 from ..features.engines import calibration_cells
 from ..features.extract import (Backbones, ExtractSummary, Pending, store_engines, fill_chunks, load_backbones,
                                 pending_rows, plan_pending, stored_backbones)
@@ -97,7 +100,7 @@ class _WorkerCache:
     def pending_for(self, store_path: str, job: str) -> Pending:
         with self.lock:
             if self.job != (store_path, job):
-                store = FeatureStore.open(Path(store_path), mode="r+")
+                store = FeatureStore.open(Path(store_path), mode="r+", sweep=False)  # others are writing
                 self.job, self.pending = (store_path, job), Pending(store, store.rows(), [], ExtractSummary())
             return self.pending
 
@@ -153,18 +156,23 @@ def describe_backbones(manifest: Manifest, cfg: RunConfig, pinned: dict | None) 
 
 def extract_unit(manifest: Manifest, store_path: str, cfg: RunConfig, job: str, unit: Unit) -> UnitDone:
     """(On a worker.) Compute and write the unit's chunks that are not done yet, the store's lease checked first."""
-    from distributed import get_worker
+    from distributed import Event, get_client, get_worker
 
     start = time.perf_counter()
     check_lease(Path(store_path), job)
     cfg = _worker_config(cfg)
     shared = _CACHE.pending_for(store_path, job)
     backbones, _ = _networks(cfg, manifest, stored_backbones(shared.store.meta))
-    done = shared.store.done_chunks()
-    todo = [k for k in unit.chunks if not done[k]]
+    todo = [k for k, done in zip(unit.chunks, shared.store.done_chunks(unit.chunks)) if not done]
     summary = ExtractSummary()
-    fill_chunks(manifest, shared, shared.passes(todo), cfg, backbones, summary,
-                guard=lambda: check_lease(Path(store_path), job))  # before every chunk: the job may have ended
+    stop = Event(f"aml-rapids-stop-{job}", client=get_client())  # asked from the writer threads
+
+    def guard() -> None:  # before every chunk: the job may have stopped, or ended and another taken the store
+        if stop.is_set():
+            raise BusyError(f"Dask job {job} stopped; this worker's unit of {store_path} is dropped")
+        check_lease(Path(store_path), job)
+
+    fill_chunks(manifest, shared, shared.passes(todo), cfg, backbones, summary, guard=guard)
     summary.seconds = time.perf_counter() - start
     return UnitDone(unit.number, get_worker().address, platform.node(), os.getpid(), summary.seconds,
                     summary.chunks_written, summary)
@@ -196,37 +204,37 @@ def extract_sharded(client, manifest: Manifest, store_path: Path, cfg: RunConfig
                     progress: Callable[[int], None] | None = None,
                     on_total: Callable[[int], None] | None = None) -> ExtractSummary:
     """Fill every pending chunk of the store on a Dask cluster's workers; the same store as ``features.extract``.
-    ``client``: a connected client, or None to start the cluster of ``cfg.scale`` once the store's lock is held
-    (so a busy store is refused before any cluster or job is started)."""
+    ``client``: a connected client, or None to connect to (or start) the cluster of ``cfg.scale`` once the
+    store's lock is held (so a busy store is refused before a cluster is started for it)."""
     store_path = Path(store_path)
     if store_path.is_file():
         raise StoreError(f"{store_path} is a file, not a feature store (a store is a folder)")
     job = f"dask-{secrets.token_hex(6)}"
     start = time.perf_counter()
+    # Units still running when the job stops are waited for on a cluster this process does not shut down
+    drain = cfg.scale.cluster == "scheduler-file"  # (a local or SLURM cluster it started is closed, workers and all)
     with StoreLock(store_path, job=job) as lock:
         with nullcontext(client) if client is not None else dask_client(cfg.scale) as connected:
-            summary = _run_units(connected, manifest, store_path, cfg, job, progress, on_total)
+            summary = _run_units(connected, manifest, store_path, cfg, job, progress, on_total, drain)
     summary.interrupted_writer = lock.interrupted
     summary.seconds = time.perf_counter() - start
     return summary
 
 
 def _run_units(client, manifest: Manifest, store_path: Path, cfg: RunConfig, job: str,
-               progress: Callable[[int], None] | None, on_total: Callable[[int], None] | None) -> ExtractSummary:
+               progress: Callable[[int], None] | None, on_total: Callable[[int], None] | None,
+               drain: bool) -> ExtractSummary:
     """The coordinator's part, under the store's lock: the networks' identity from a worker, the store created or
     extended, the units handed out and their results gathered."""
-    from distributed.client import FutureCancelledError
     from distributed.scheduler import KilledWorker
 
     futures = []
     try:
         pinned = store_engines(store_path) if store_path.is_dir() else None
-        # A task's result, not scattered data: the scheduler recomputes it when the workers holding it die. On
-        # every worker, so that the units go wherever a worker is free, not where the manifest happens to be.
+        # A task's result, not scattered data: the scheduler recomputes it when the workers holding it die.
         manifest_on_workers = client.submit(_same, manifest, key=f"aml-rapids-manifest-{job}")
         futures.append(manifest_on_workers)
-        _gathered(client, [manifest_on_workers])
-        client.replicate([manifest_on_workers])
+        _gathered(client, [manifest_on_workers])  # workers that die receiving it: exit 13, before anything else
         networks = client.submit(describe_backbones, manifest_on_workers, cfg, pinned, pure=False,
                                  key=f"aml-rapids-networks-{job}")
         futures.append(networks)
@@ -259,12 +267,38 @@ def _run_units(client, manifest: Manifest, store_path: Path, cfg: RunConfig, job
         room = f", with {min(limits) / GiB:.2f} GiB each (scale.memory_per_worker)" if limits and min(limits) else ""
         raise ClusterError(f"the workers {what} ({exc.task}) died too often to try again (out of memory{room}? each "
                            "worker's log says); the store keeps every finished chunk: rerun to resume") from None
-    except FutureCancelledError:
+    except CancelledError:
         raise ClusterError("the Dask cluster cancelled this extraction's work (a worker or the scheduler went "
                            "away); the store keeps every finished chunk: rerun to resume") from None
     finally:
-        client.cancel(futures)
+        _stop(client, job, futures, drain)
     return summary
+
+
+DRAIN_S = 120.0  # how long a stopping job waits for its units still running on a cluster it does not close
+
+
+def _stop(client, job: str, futures: list, drain: bool) -> None:
+    """Stop the job's work: the stop event tells running units to write no further chunk, queued ones are
+    cancelled, and on a cluster that outlives this process (``drain``) the coordinator waits, bounded, for the
+    running units to end before the store's lock is released, so no unit of this job writes while another job
+    holds the store."""
+    from distributed import Event
+
+    try:
+        Event(f"aml-rapids-stop-{job}", client=client).set()
+        client.cancel(futures)
+        keys = {f.key for f in futures}
+        deadline = time.monotonic() + (DRAIN_S if drain else 0)
+        while drain and time.monotonic() < deadline:
+            if not keys & {k for running in client.processing().values() for k in running}:
+                return
+            time.sleep(0.5)
+        if drain:
+            log.warning(f"units of Dask job {job} still run after {DRAIN_S:g} s; each checks the store's lock before "
+                        "its next chunk")
+    except Exception as exc:  # the cluster may be gone already; stopping must not hide why the job stopped
+        log.debug(f"stopping Dask job {job}: {type(exc).__name__}: {exc}")
 
 
 TASK_WORDS = {"manifest": "receiving the manifest", "networks": "loading the networks",
@@ -281,7 +315,7 @@ def _gathered(client, futures: list, each: Callable | None = None) -> list:
     while left:
         try:
             finished, left = wait(left, timeout=POLL_S, return_when="FIRST_COMPLETED")
-        except TimeoutError:
+        except (TimeoutError, asyncio.TimeoutError):  # two classes before Python 3.11
             finished = set()
         for future in finished:
             results[future.key] = future.result()
