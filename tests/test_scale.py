@@ -4,6 +4,7 @@ threaded model, and every cluster that cannot be had is a clear error."""
 
 import importlib.util
 import json
+from collections import Counter
 import os
 import socket
 import sys
@@ -191,6 +192,9 @@ def test_a_second_job_on_a_locked_store_is_refused_before_any_cluster(tmp_path, 
                                                           "job": "dask-mine"}))
     with pytest.raises(BusyError, match="no longer held by any job"):
         check_lease(tmp_path / "s.zarr", "dask-mine")
+    # a worker that cannot see the coordinator's lock (node-local locks) is found before any work
+    with pytest.raises(ClusterError, match="file system's locks are local to each node"):
+        scale_extract.describe_backbones(manifest, cfg(), None, str(tmp_path / "s.zarr"), "dask-mine")
 
 
 def test_predict_runs_where_it_is_asked_not_on_the_cluster_the_store_was_made_on(tmp_path):
@@ -214,8 +218,11 @@ def test_a_paused_worker_is_named_not_waited_for():
             return {"workers": {"tcp://10.0.0.7:4000": {"status": "paused", "memory_limit": 2**29},
                                 "tcp://10.0.0.8:4000": {"status": "running", "memory_limit": 2**29}}}
 
+    seen = Counter()
+    for _ in range(scale_extract.PAUSED_POLLS - 1):  # a pause that passes is waited out
+        scale_extract._refuse_paused(Paused(), seen)
     with pytest.raises(ClusterError, match=r"paused worker tcp://10.0.0.7:4000: .* limit of 0.50 GiB"):
-        scale_extract._refuse_paused(Paused())
+        scale_extract._refuse_paused(Paused(), seen)
 
 
 def test_workers_dying_while_loading_the_networks_is_exit_13(tmp_path):

@@ -21,6 +21,7 @@ import platform
 import secrets
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import CancelledError
 from contextlib import nullcontext
@@ -142,10 +143,18 @@ def _networks(cfg: RunConfig, manifest: Manifest, pinned: dict | None) -> tuple[
     return _CACHE.networks_for(cfg, pinned, load)
 
 
-def describe_backbones(manifest: Manifest, cfg: RunConfig, pinned: dict | None) -> dict:
+def describe_backbones(manifest: Manifest, cfg: RunConfig, pinned: dict | None, store_path: str, job: str) -> dict:
     """(On a worker.) The networks' identity as this worker loads them, and the memory its process then holds:
-    what the coordinator creates the store with and sizes the units by."""
+    what the coordinator creates the store with and sizes the units by. First, that this worker sees the job's
+    lock on the store, as every unit will check it."""
     import psutil
+
+    try:
+        check_lease(Path(store_path), job)
+    except BusyError as exc:
+        raise ClusterError(f"a worker cannot see this job's lock on {store_path} ({exc}): the file system's locks "
+                           "are local to each node (Lustre's localflock, say); put the store where file locks are "
+                           "shared between nodes (flock), or extract on one node (scale.cluster=local-cuda)") from None
 
     cfg = _worker_config(cfg)
     held = backbones, device = _networks(cfg, manifest, pinned)
@@ -235,8 +244,8 @@ def _run_units(client, manifest: Manifest, store_path: Path, cfg: RunConfig, job
         manifest_on_workers = client.submit(_same, manifest, key=f"aml-rapids-manifest-{job}")
         futures.append(manifest_on_workers)
         _gathered(client, [manifest_on_workers])  # workers that die receiving it: exit 13, before anything else
-        networks = client.submit(describe_backbones, manifest_on_workers, cfg, pinned, pure=False,
-                                 key=f"aml-rapids-networks-{job}")
+        networks = client.submit(describe_backbones, manifest_on_workers, cfg, pinned, str(store_path), job,
+                                 pure=False, key=f"aml-rapids-networks-{job}")
         futures.append(networks)
         [described] = _gathered(client, [networks])
         _check_memory(client, cfg, described)
@@ -311,7 +320,7 @@ def _gathered(client, futures: list, each: Callable | None = None) -> list:
     memory near its limit, would never finish and never fail: that is refused, naming the worker's limit."""
     from distributed import wait
 
-    left, results = set(futures), {}
+    left, results, paused = set(futures), {}, Counter()
     while left:
         try:
             finished, left = wait(left, timeout=POLL_S, return_when="FIRST_COMPLETED")
@@ -321,15 +330,20 @@ def _gathered(client, futures: list, each: Callable | None = None) -> list:
             results[future.key] = future.result()
             if each:
                 each(results[future.key])
-        _refuse_paused(client)
+        _refuse_paused(client, paused)
     return [results[f.key] for f in futures]
 
 
-def _refuse_paused(client) -> None:
+PAUSED_POLLS = 3  # a worker paused this many polls running (a pause while it spills to disk passes sooner)
+
+
+def _refuse_paused(client, seen: Counter) -> None:
     workers = client.scheduler_info(n_workers=-1)["workers"]
-    paused = {address: w for address, w in workers.items() if w.get("status") == "paused"}
-    if paused:
-        address, worker = next(iter(paused.items()))
+    for address, worker in workers.items():
+        seen[address] = seen[address] + 1 if worker.get("status") == "paused" else 0
+    stuck = [address for address, count in seen.items() if count >= PAUSED_POLLS and address in workers]
+    if stuck:
+        address, worker = stuck[0], workers[stuck[0]]
         limit = (worker.get("memory_limit") or 0) / GiB
         raise ClusterError(f"Dask paused worker {address}: its memory is near its limit of {limit:.2f} GiB, too "
                            "little for the networks and a unit of extraction; raise scale.memory_per_worker, or "

@@ -45,7 +45,7 @@ def pca_inputs(model: FeatureStackingClassifier, arrays: list) -> list:
     return arrays if model.pca_mode == "per_backbone" else [da.concatenate(arrays, axis=1)]
 
 
-def covariance_pca(inputs: list, n_components: list[int]):
+def covariance_pca(inputs: list, n_components: list[int], client=None):
     """scikit-learn PCAs fitted as its ``covariance_eigh`` solver fits them, from each input's column sums and Gram
     matrix, computed chunk by chunk on the cluster in float64."""
     import dask
@@ -53,7 +53,7 @@ def covariance_pca(inputs: list, n_components: list[int]):
     from sklearn.utils.extmath import svd_flip
 
     sums = [(x.astype(np.float64).sum(axis=0), x.astype(np.float64).T @ x.astype(np.float64)) for x in inputs]
-    computed = dask.compute(*sums)
+    computed = dask.compute(*sums, scheduler=client)
     pcas = []
     for x, (total, gram), k in zip(inputs, computed, n_components):
         total, gram = Backend.to_host(total), Backend.to_host(gram)
@@ -75,31 +75,38 @@ def covariance_pca(inputs: list, n_components: list[int]):
     return pcas
 
 
-def reduced_features(be: Backend, pcas: list, kept: list[int], inputs: list):
+def reduced_features(be: Backend, pcas: list, kept: list[int], inputs: list, client=None):
     """The kept principal components of every row, side by side, projected on the workers: (rows, kept) float32."""
     import dask
     import dask.array as da
 
     parts = [(x - be.asarray(pca.mean_)) @ be.asarray(pca.components_[:k]).T for x, pca, k in zip(inputs, pcas, kept)]
-    (Z,) = dask.compute(da.concatenate(parts, axis=1).astype(np.float32))
+    (Z,) = dask.compute(da.concatenate(parts, axis=1).astype(np.float32), scheduler=client)
     return Z
 
 
 def fit_on_cluster(model: FeatureStackingClassifier, store: FeatureStore, backbones: list[str], keep: np.ndarray,
                    y: np.ndarray, groups=None) -> FeatureStackingClassifier:
     """``model`` fitted on the kept rows of the store with the PCAs and the projection computed on the cluster
-    (the default Dask client), then the base learners and meta-learner on the reduced features."""
-    from ..errors import ConfigError
+    (the connected Dask client), then the base learners and meta-learner on the reduced features."""
+    from ..errors import ClusterError, ConfigError
     from ..timing import span
 
     if model.pca_components is None:
         raise ConfigError("training without PCA holds every feature in memory: raise classify.memory_gb, or keep "
                           "classify.pca_components")
+    from distributed import get_client
+
+    try:
+        client = get_client()
+    except ValueError:
+        raise ClusterError("PCA on the Dask cluster needs a connected cluster: train through workflow.train (or the "
+                           "CLI) with scale.cluster set, which opens one") from None
     be = get_backend(model.backend)
     seconds: dict[str, float] = {}
     with span(seconds, "zscore+pca"):
         inputs = pca_inputs(model, store_arrays(store, backbones, keep, be.name))
-        pcas = covariance_pca(inputs, model.pca_fit_components(len(y)))
+        pcas = covariance_pca(inputs, model.pca_fit_components(len(y)), client)
         model._fit_pcas(pcas if be.name == "sklearn" else [be.PCA.from_sklearn(p) for p in pcas])
-        Z = reduced_features(be, pcas, model.kept_, inputs)
+        Z = reduced_features(be, pcas, model.kept_, inputs, client)
     return model._fit_reduced(be, be.asarray(Z), y, groups, seconds)
