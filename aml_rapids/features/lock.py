@@ -8,7 +8,7 @@ is refused at once with the holder named. The lock file itself stays: deleting i
 two different files of one name.
 
 A Dask extraction (``scale/``) holds the lock in its coordinating process for the whole job and names the job in
-the record; its workers, on any node, write only while the record names their job (``check_lease``), so a
+the record; its workers, on any node, write only while the lock is held and names their job (``check_lease``), so a
 worker left over from a stopped job never writes into a store that another job has taken.
 """
 
@@ -51,20 +51,6 @@ def _read_holder(fd: int, wait_s: float = 1.0) -> str:
         time.sleep(0.05)
 
 
-def _lock_soon(fd: int, wait_s: float = 1.0) -> None:
-    """The exclusive lock, tried for ``wait_s``: a Dask worker's lease check holds a shared lock for an instant,
-    which must not make a new writer think the store busy."""
-    deadline = time.monotonic() + wait_s
-    while True:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            return
-        except OSError as exc:
-            if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES) or time.monotonic() > deadline:
-                raise
-            time.sleep(0.05)
-
-
 class StoreLock:
     """``with StoreLock(store):`` holds the store's write lock or raises BusyError naming the holder.
     ``interrupted`` is the record of an earlier writer that ended without releasing it (None if none);
@@ -82,7 +68,7 @@ class StoreLock:
         except OSError as exc:
             raise OutputError(f"cannot create the lock file {self.path}: {exc.strerror or exc}") from None
         try:
-            _lock_soon(fd)
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:
             holder = _read_holder(fd) if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES) else None
             os.close(fd)
