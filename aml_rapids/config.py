@@ -42,7 +42,14 @@ class IndexConfig(_Section):
 class SplitConfig(_Section):
     """Which split protocol and its parameters."""
 
-    method: Literal["patient", "image", "kfold"] = "patient"
+    method: Literal["patient", "image", "kfold", "cohort", "all"] = Field(
+        "patient", description="patient / image: train/val/test by fractions; kfold: patient-grouped folds; cohort: "
+                               "the named test (and val) cohorts, the rest train; all: every row train (a model "
+                               "for deployment, with nothing held out)")
+    test_cohorts: tuple[str, ...] = Field((), description="cohort: the cohorts tested on")
+    val_cohorts: tuple[str, ...] = Field((), description="cohort: the validation cohorts; none: a val share of the "
+                                                         "training cohorts, grouped by patient (by image without "
+                                                         "patients)")
     train: float = Field(0.70, gt=0, lt=1)
     val: float = Field(0.15, ge=0, lt=1)
     test: float = Field(0.15, gt=0, lt=1)
@@ -55,6 +62,13 @@ class SplitConfig(_Section):
         total = self.train + self.val + self.test
         if abs(total - 1.0) > 1e-6:
             raise ValueError(f"split fractions train+val+test must sum to 1, got {total:g}")
+        if self.method == "cohort" and not self.test_cohorts:
+            raise ValueError("split method cohort needs the test cohorts: split.test_cohorts (--test-cohort NAME)")
+        both = sorted(set(self.test_cohorts) & set(self.val_cohorts))
+        if both:
+            raise ValueError(f"cohort(s) {', '.join(both)} named both for test and for val")
+        if self.method != "cohort" and (self.test_cohorts or self.val_cohorts):
+            raise ValueError(f"split.test_cohorts and split.val_cohorts belong to method cohort, not {self.method}")
         return self
 
     def fractions(self) -> dict[str, float]:
@@ -75,8 +89,46 @@ class SegmentationConfig(_Section):
     value_max: float = Field(1.0, ge=0, le=1)
 
 
+class ColourJitterConfig(_Section):
+    """Colour augmentation of training cells in the DALI graph (its ``color_twist``), drawn per copy like the
+    warp: hue turned by up to +-hue_deg, saturation, brightness and contrast scaled by 1 +- their value."""
+
+    enabled: bool = False
+    hue_deg: float = Field(8.0, ge=0, le=180)
+    saturation: float = Field(0.2, ge=0, lt=1)
+    brightness: float = Field(0.15, ge=0, lt=1)
+    contrast: float = Field(0.15, ge=0, lt=1)
+
+
+class StainJitterConfig(_Section):
+    """Stain augmentation of training cells in optical-density space (Tellez et al. 2018): each stain of
+    scikit-image's ``rgb2hed`` (haematoxylin, eosin, DAB) scaled by 1 +- sigma and shifted by +- bias, per copy."""
+
+    enabled: bool = False
+    sigma: float = Field(0.05, ge=0, lt=1)
+    bias: float = Field(0.01, ge=0, lt=1)
+
+
+class StainNormConfig(_Section):
+    """Stain normalisation of every cell, in training and prediction alike (Reinhard et al. 2001, in CIELAB): each
+    cell's foreground mean and standard deviation per L, a, b channel moved to those of a reference image's
+    foreground (both foregrounds from the HSV mask)."""
+
+    method: Literal["none", "reinhard"] = "none"
+    reference: Optional[str] = Field(None, description="reinhard: the reference image (any cell image file)")
+    min_foreground: float = Field(0.05, gt=0, lt=1, description="the least share of the reference image the HSV "
+                                                                "mask must keep")
+
+    @model_validator(mode="after")
+    def _reference_given(self) -> "StainNormConfig":
+        if self.method != "none" and not self.reference:
+            raise ValueError(f"stain_norm.method {self.method} needs stain_norm.reference, an image file")
+        return self
+
+
 class AugmentConfig(_Section):
-    """Training-time augmentation, one affine warp per image: rotation, independent x/y scale, flips."""
+    """Training-time augmentation: one affine warp per image (rotation, independent x/y scale, flips), and
+    optionally colour and stain jitter."""
 
     enabled: bool = True
     rotate_deg: float = Field(10.0, ge=0, le=180)
@@ -86,6 +138,8 @@ class AugmentConfig(_Section):
     p_scale: float = Field(1.0, ge=0, le=1)
     p_hflip: float = Field(0.5, ge=0, le=1)
     p_vflip: float = Field(0.5, ge=0, le=1)
+    colour: ColourJitterConfig = ColourJitterConfig()
+    stain: StainJitterConfig = StainJitterConfig()
 
 
 class OversampleConfig(_Section):
@@ -349,6 +403,20 @@ class ExplainConfig(_Section):
     gallery: GalleryConfig = GalleryConfig()
 
 
+class DriftConfig(_Section):
+    """How ``drift`` (and ``predict``) tell whether a new cohort looks unlike the training data (docs/cohorts.md)."""
+
+    pca_components: PositiveInt = Field(32, description="PCA components of each backbone's features that the "
+                                                        "domain classifier and the MMD test read")
+    folds: int = Field(5, ge=2, description="patient-grouped folds of the domain classifier's AUROC")
+    max_cells: PositiveInt = Field(3000, description="cells drawn from each cohort (seeded)")
+    permutations: PositiveInt = Field(200, description="permutations of the MMD test's p-value")
+    auroc_threshold: float = Field(0.75, gt=0.5, lt=1, description="flag drift when a backbone's domain AUROC "
+                                                                   "reaches this")
+    colour_cells: PositiveInt = Field(300, description="cells per cohort whose images give the colour statistics")
+    seed: int = Field(0, ge=0)
+
+
 class SlurmConfig(_Section):
     """The batch jobs ``cluster: slurm`` submits through dask-jobqueue, each running Dask workers."""
 
@@ -403,6 +471,7 @@ class RunConfig(_Section):
     index: IndexConfig = IndexConfig()
     split: SplitConfig = SplitConfig()
     segmentation: SegmentationConfig = SegmentationConfig()
+    stain_norm: StainNormConfig = StainNormConfig()
     augment: AugmentConfig = AugmentConfig()
     oversample: OversampleConfig = OversampleConfig()
     loader: LoaderConfig = LoaderConfig()
@@ -412,6 +481,7 @@ class RunConfig(_Section):
     patients: PatientsConfig = PatientsConfig()
     finetune: FinetuneConfig = FinetuneConfig()
     explain: ExplainConfig = ExplainConfig()
+    drift: DriftConfig = DriftConfig()
     scale: ScaleConfig = ScaleConfig()
 
     @model_validator(mode="after")

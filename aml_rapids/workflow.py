@@ -192,7 +192,7 @@ def split(manifest: Path, cfg: RunConfig | None = None) -> Splitted:
     if result.missing:
         warn(f"classes missing from parts: {result.missing}")
     data.table = result.table
-    data.meta["split"] = cfg.split.model_dump(mode="json")
+    data.meta["split"] = {**cfg.split.model_dump(mode="json"), **result.record}
     write_manifest(data, manifest)
     counts = result.counts_by_class()
     write_run_record(manifest.parent, "split", cfg, manifest=str(manifest), counts=counts, missing=result.missing)
@@ -351,10 +351,12 @@ def report_lines(report: dict, title: str) -> list[str]:
     backbones = ", ".join(f"{name} ({weights_words(b)})"
                           for name, b in report["backbones"].items())
     lines = [f"{title} ({report['split_protocol']}), backbones {backbones}:"]
-    for name, key in (("cells", "cell_level"), ("patients", "patient_level")):
-        if key not in report:
+    levels = [("cells", report.get("cell_level")), ("patients", report.get("patient_level"))]
+    levels += [(f"cells of {cohort}", level) for cohort, level in report.get("by_cohort", {}).items()]
+    for name, level in levels:
+        if level is None:
             continue
-        level, parts = report[key], []
+        parts = []
         for label, value, ci in (("accuracy", level["accuracy"], "accuracy"),
                                  ("macro AUC", level["macro_auc"], "macro_auc"),
                                  ("macro F1", level["macro"]["f1"], "macro_f1")):
@@ -519,6 +521,9 @@ def _run(data: Path | None, out: Path | None, config: Path | RunConfig | None, o
             stages["cv"] = cross_validate(out / "features.zarr", out / "cv", cfg)
         else:
             stages["train"] = train(out / "features.zarr", out / "model", cfg, overwrite=True)  # the run's own
+            if cfg.split.method == "all":
+                say("split.method all: every cell trained on, so nothing is left to evaluate")
+                return RunResult(out, stages)
             stages["evaluate"] = evaluate(out / "model", out / "features.zarr", "test", out / "model" / "eval-test",
                                           cfg)
     return RunResult(out, stages)

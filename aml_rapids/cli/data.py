@@ -42,8 +42,15 @@ def register(app: typer.Typer) -> None:
     def split(
         manifest: ManifestArg,
         method: Annotated[Optional[str], typer.Option(
-            metavar="patient|image|kfold", show_default=from_config("split.method"),
-            help="Split protocol: patient-grouped parts, image-level parts, or patient-grouped folds.")] = None,
+            metavar="patient|image|kfold|cohort|all", show_default=from_config("split.method"),
+            help="Split protocol: patient-grouped parts, image-level parts, patient-grouped folds, whole cohorts "
+                 "(--test-cohort), or every row in train (a model to deploy).")] = None,
+        test_cohort: Annotated[Optional[list[str]], typer.Option(
+            metavar="NAME", show_default=False,
+            help="cohort: a cohort to test on (repeat for several); the others train.")] = None,
+        val_cohort: Annotated[Optional[list[str]], typer.Option(
+            metavar="NAME", show_default=False,
+            help="cohort: a validation cohort (repeat for several); none: split.val of the training cohorts.")] = None,
         seed: Annotated[Optional[int], typer.Option(metavar="N", show_default=from_config("split.seed"), help="Random seed.")] = None,
         folds: Annotated[Optional[int], typer.Option(
             metavar="N", show_default=from_config("split.folds"), help="Number of folds for kfold.")] = None,
@@ -55,7 +62,8 @@ def register(app: typer.Typer) -> None:
     ) -> workflow.Splitted:
         """Add a seeded split (or fold) column to a manifest, in place; no group ever straddles two parts."""
         cfg = resolve_config(config, set_, **{"split.method": method, "split.seed": seed, "split.folds": folds,
-                                              "split.allow_incomplete": allow_incomplete})
+                                              "split.allow_incomplete": allow_incomplete,
+                                              "split.test_cohorts": test_cohort, "split.val_cohorts": val_cohort})
         return workflow.split(manifest, cfg)
 
     @command(app)

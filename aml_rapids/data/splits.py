@@ -1,15 +1,19 @@
 """Seeded, reproducible splits that keep every group (a patient, or identical image content) in one part.
 
-Three protocols share one rule, that a group never straddles parts:
+Every protocol keeps a group (a patient, or identical image content) in one part:
 - ``patient``: train/val/test by patient, stratified by class (the default: no patient leaks).
 - ``image``: train/val/test by image, stratified by class (the published 70/15/15 protocol, for comparison);
   byte-identical copies are one group, so a duplicated cell cannot sit in train and test.
 - ``kfold``: grouped stratified k-fold by patient (scikit-learn's StratifiedGroupKFold).
+- ``cohort``: the named test (and val) cohorts whole, the others train; without val cohorts a share of the
+  training cohorts is validation, by patient (by image where the training cohorts have no patients). It asks
+  whether a model holds at another site, which no split inside one cohort can tell.
+- ``all``: every row train, for a model to deploy; nothing it could be tested on is left.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
@@ -27,6 +31,7 @@ class SplitResult:
     column: str
     counts: pd.DataFrame
     missing: list[tuple[str, str]]
+    record: dict = field(default_factory=dict)  # what the split decided beyond its config (the training cohorts)
 
     def counts_by_class(self) -> dict:
         """``{class: {"cells": {part: n}, "groups": {part: n}}}``, the JSON form of ``counts``."""
@@ -79,10 +84,13 @@ def _counts(table: pd.DataFrame, column: str, groups: pd.Series) -> pd.DataFrame
 
 
 def _fraction_split(table: pd.DataFrame, cfg: SplitConfig) -> SplitResult:
-    groups = _groups(table, cfg.method)
+    return _by_fractions(table, cfg.fractions(), cfg.method, cfg.seed)
+
+
+def _by_fractions(table: pd.DataFrame, fractions: dict[str, float], method: str, seed: int) -> SplitResult:
+    groups = _groups(table, method)
     per_group = _group_labels(table, groups)
-    rng = np.random.default_rng(cfg.seed)
-    fractions = cfg.fractions()
+    rng = np.random.default_rng(seed)
     assignment: dict = {}
     missing = []
     for label in sorted(per_group["label"].unique()):
@@ -109,13 +117,67 @@ def _kfold_split(table: pd.DataFrame, cfg: SplitConfig) -> SplitResult:
     return SplitResult(out, "fold", _counts(out, "fold", groups), missing)
 
 
+def _check_cohorts(table: pd.DataFrame, cfg: SplitConfig) -> None:
+    have = sorted(map(str, table["cohort"].unique()))
+    unknown = sorted(set(cfg.test_cohorts + cfg.val_cohorts) - set(have))
+    if unknown:
+        raise SplitError(f"no cohort {', '.join(map(repr, unknown))} in this manifest; its cohorts are "
+                         f"{', '.join(have)} (index names them: index.cohort, a CSV's cohort column, or the folder)")
+    if not set(have) - set(cfg.test_cohorts + cfg.val_cohorts):
+        raise SplitError(f"every cohort ({', '.join(have)}) is named for test or val: none is left to train on")
+
+
+def _within_cohort_groups(table: pd.DataFrame) -> str:
+    """How the training cohorts' val share is grouped: by patient when every cell has one, else by image."""
+    return "patient" if table["patient"].notna().all() else "image"
+
+
+def _cohort_split(table: pd.DataFrame, cfg: SplitConfig) -> SplitResult:
+    _check_cohorts(table, cfg)
+    cohort = table["cohort"].astype(str)
+    held = cohort.isin(cfg.test_cohorts) | cohort.isin(cfg.val_cohorts)
+    pool = table[~held]
+    within = _within_cohort_groups(pool)
+    if cfg.val_cohorts or cfg.val == 0:
+        inside = pool.assign(split="train")
+        missing: list[tuple[str, str]] = []
+    else:
+        inside_result = _by_fractions(pool, {"train": 1 - cfg.val, "val": cfg.val}, within, cfg.seed)
+        inside, missing = inside_result.table, inside_result.missing
+    out = table.copy()
+    out.loc[pool.index, "split"] = inside["split"]
+    out.loc[cohort.isin(cfg.test_cohorts), "split"] = "test"
+    out.loc[cohort.isin(cfg.val_cohorts), "split"] = "val"
+    untrained = sorted(set(out["label"]) - set(out.loc[out["split"] == "train", "label"]))
+    if untrained:
+        where = out[out["label"].isin(untrained)].groupby("label")["cohort"].unique()
+        raise SplitError(f"class(es) {', '.join(untrained)} would have no training cells: only cohort(s) "
+                         + "; ".join(f"{label}: {', '.join(map(str, c))}" for label, c in where.items())
+                         + " hold them, and those are held out. Train on a cohort that has them, or leave them out "
+                           "of the manifest")
+    groups = cohort + "/" + table["patient"].fillna(_groups(table, "image")).astype(str)
+    train_cohorts = sorted(set(cohort[~held]))
+    record = {"train_cohorts": train_cohorts, "val_within": None if cfg.val_cohorts or cfg.val == 0 else within}
+    return SplitResult(out, "split", _counts(out, "split", groups), missing, record)
+
+
+def _all_split(table: pd.DataFrame) -> SplitResult:
+    out = table.assign(split="train")
+    groups = out["patient"].fillna(_groups(out, "image")).astype(str)
+    return SplitResult(out, "split", _counts(out, "split", groups), [],
+                       {"train_cohorts": sorted(map(str, out["cohort"].unique()))})
+
+
+SPLITTERS = {"kfold": _kfold_split, "cohort": _cohort_split, "all": lambda table, cfg: _all_split(table)}
+
+
 def make_split(table: pd.DataFrame, cfg: SplitConfig) -> SplitResult:
     """Add a ``split`` (or ``fold``) column; raise SplitError, showing the best feasible split, when a class
     has too few groups to appear in every part (unless ``cfg.allow_incomplete``)."""
     table = table.drop(columns=[c for c in ("split", "fold") if c in table.columns])
-    result = _kfold_split(table, cfg) if cfg.method == "kfold" else _fraction_split(table, cfg)
+    result = SPLITTERS.get(cfg.method, _fraction_split)(table, cfg)
     if result.missing and not cfg.allow_incomplete:
-        unit = "images" if cfg.method == "image" else "patients"
+        unit = "images" if "image" in (cfg.method, result.record.get("val_within")) else "patients"
         lacking = "; ".join(f"{label} missing from {part}" for label, part in result.missing)
         raise SplitError(f"too few {unit} for a {cfg.method} split with every class in every part: {lacking}.\n"
                          f"Best feasible split (--allow-incomplete, or --set split.allow_incomplete=true, writes it):\n{result.counts.to_string()}")

@@ -22,12 +22,25 @@ from .metrics import bootstrap, patient_keys, patient_level, summary
 from .plots import plot_confusion, plot_roc
 
 PREDICTIONS = "predictions.csv"  # one line per evaluated cell
-SPLIT_PROTOCOLS = {"patient": "patient-grouped split", "image": "image-level split", "kfold": "patient-grouped k-fold"}
+SPLIT_PROTOCOLS = {"patient": "patient-grouped split", "image": "image-level split", "kfold": "patient-grouped k-fold",
+                   "all": "every row in training, nothing held out"}
+
+
+def _cohort_protocol(split: dict) -> str:
+    words = (f"cohort-level: trained on {', '.join(split.get('train_cohorts') or ['?'])}, tested on "
+             f"{', '.join(split['test_cohorts'])}")
+    if split.get("val_cohorts"):
+        return words + f", validated on {', '.join(split['val_cohorts'])}"
+    within = split.get("val_within")
+    return words + (f" (val: a {within}-grouped share of the training cohorts)" if within else "")
 
 
 def split_protocol(split: dict | None) -> str:
     """How a report names the split a manifest was made with (its ``split`` record)."""
-    return SPLIT_PROTOCOLS.get((split or {}).get("method"), "unsplit")
+    split = split or {}
+    if split.get("method") == "cohort":
+        return _cohort_protocol(split)
+    return SPLIT_PROTOCOLS.get(split.get("method"), "unsplit")
 
 
 def prediction_table(rows, proba, classes, columns: list[str]):
@@ -73,11 +86,18 @@ def small_sample_warnings(rows, classes, split: str, settings: EvaluateConfig) -
     return warnings
 
 
+def _cell_level(rows, proba, classes, has_patients: bool, draws: dict) -> dict:
+    """Cell-level metrics with 95% intervals, the bootstrap resampling patients where the rows have them."""
+    y = rows["label"].to_numpy()
+    return {**summary(y, proba, classes),
+            "ci95": bootstrap(y, proba, classes, patient_keys(rows) if has_patients else None, **draws)}
+
+
 def write_report(rows, proba, classes, info: dict, split: str, out: Path, settings: EvaluateConfig,
                  extra: dict | None = None) -> dict:
     """metrics.json, plots and predictions.csv for predictions on held-out rows; ``info`` names protocol,
     backbones, backend and where the rows came from (``source``); ``extra`` is added to the report as it is."""
-    y = rows["label"].to_numpy()
+    y, proba = rows["label"].to_numpy(), np.asarray(proba)
     unseen = sorted(set(y) - set(classes))
     if unseen:
         raise DataError(f"split {split} holds classes the model never saw: {', '.join(unseen)}")
@@ -88,9 +108,12 @@ def write_report(rows, proba, classes, info: dict, split: str, out: Path, settin
               "bootstrap": {"samples": draws["n"], "seed": draws["seed"], "interval": "percentile 95%",
                             "resampled": ("patients" if has_patients else "cells") + ", within each class"},
               "warnings": small_sample_warnings(rows, classes, split, settings),
-              "cell_level": {**summary(y, proba, classes),
-                             "ci95": bootstrap(y, proba, classes, patient_keys(rows) if has_patients else None,
-                                               **draws)}}
+              "cell_level": _cell_level(rows, proba, classes, has_patients, draws)}
+    cohorts = sorted(map(str, rows["cohort"].unique())) if "cohort" in rows else []
+    if len(cohorts) > 1:  # a model retrained on a new cohort: how it does on each, side by side
+        report["by_cohort"] = {c: _cell_level(rows[(rows["cohort"] == c).to_numpy()],
+                                              proba[(rows["cohort"] == c).to_numpy()], classes, has_patients, draws)
+                               for c in cohorts}
     out.mkdir(parents=True, exist_ok=True)
     words = sorted({weights_words(b) for b in info["backbones"].values()})
     title = f"{split} split ({info['split_protocol']}), {'+'.join(info['backbones'])} ({'; '.join(words)})"

@@ -11,6 +11,7 @@ written on background threads, so neither the copy nor the write stalls the devi
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
 import time
 from collections.abc import Callable
@@ -26,7 +27,7 @@ from ..data.manifest import Manifest, same_content
 from ..errors import ConfigError, DataError
 from ..data.scan import Problem
 from ..loader.augment import DRAWS
-from ..loader.loader import CellLoader, resolve_device
+from ..loader.loader import CellLoader, resolve_device, stain_target
 from ..loader.pipeline import Normalization
 from ..logs import log
 from ..provenance import machine_info, software_versions, usable_cores
@@ -163,12 +164,17 @@ def _wanted(name: str, asked: Choice, stored: dict | None) -> Choice:
 
 
 def store_identity(cfg: RunConfig, backbones: Backbones) -> dict:
-    """What makes two runs' features comparable; a store only accepts rows computed the same way."""
+    """What makes two runs' features comparable; a store only accepts rows computed the same way. Colour and
+    stain jitter and stain normalisation appear only when on, so stores made before they existed keep theirs."""
+    off = {name for name in ("colour", "stain") if not getattr(cfg.augment, name).enabled}
+    preprocess = {"image_size": cfg.loader.image_size, "segmentation": cfg.segmentation.model_dump(),
+                  "augment": cfg.augment.model_dump(exclude=off), "oversample": cfg.oversample.model_dump(),
+                  "augment_seed": cfg.loader.seed, "augment_draws": DRAWS}
+    target = stain_target(cfg)
+    if target is not None:
+        preprocess["stain_norm"] = {"method": cfg.stain_norm.method, **dataclasses.asdict(target)}
     return {"backbones": backbones.info, "chunk_rows": cfg.chunk_rows, "store_dtype": cfg.features.store_dtype,
-            "features_seed": cfg.features.seed,
-            "preprocess": {"image_size": cfg.loader.image_size, "segmentation": cfg.segmentation.model_dump(),
-                           "augment": cfg.augment.model_dump(), "oversample": cfg.oversample.model_dump(),
-                           "augment_seed": cfg.loader.seed, "augment_draws": DRAWS}}
+            "features_seed": cfg.features.seed, "preprocess": preprocess}
 
 
 def stored_backbones(meta: dict) -> dict[str, dict]:
@@ -230,6 +236,7 @@ def open_or_extend(path: Path, manifest: Manifest, cfg: RunConfig, identity: dic
     rows = plan_rows(manifest.table, cfg)
     rows["finetune_seen"] = same_content(rows, seen)
     record = {"digest": manifest.digest(), "source": manifest.meta.get("source", str(manifest.root)),
+              "root": str(manifest.root), "cohorts": sorted(map(str, manifest.table["cohort"].unique())),
               "split": manifest.meta.get("split"), "engines": checks or {},
               "time_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
     path = Path(path)

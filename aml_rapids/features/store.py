@@ -68,9 +68,11 @@ def feature_identity(identity: dict, backbones: list[str] | None = None) -> dict
     features and the features it is later given must share. A backbone the identity lacks raises KeyError."""
     nets = identity["backbones"]
     chosen = {b: {k: nets[b][k] for k in ("dim", "sha256", "pretrained")} for b in (backbones or nets)}
+    preprocess = identity["preprocess"]
     return {"backbones": chosen, "features_seed": identity["features_seed"],
-            "store_dtype": identity["store_dtype"], "image_size": identity["preprocess"]["image_size"],
-            "segmentation": identity["preprocess"]["segmentation"]}
+            "store_dtype": identity["store_dtype"], "image_size": preprocess["image_size"],
+            "segmentation": preprocess["segmentation"],
+            **({"stain_norm": preprocess["stain_norm"]} if "stain_norm" in preprocess else {})}
 
 
 def identity_differences(have: dict, want: dict, prefix: str = "") -> list[str]:

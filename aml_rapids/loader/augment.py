@@ -1,5 +1,5 @@
-"""Augmentation parameters drawn on the host, one affine matrix per row, from (seed, cell id, augmentation index)
-and, when fine-tuning, the epoch.
+"""Augmentation parameters drawn on the host, per row, from (seed, cell id, augmentation index) and, when
+fine-tuning, the epoch: one affine matrix, and where asked colour factors and stain transforms.
 
 Drawing them from the row's identity rather than from DALI's stream makes them independent of batch size,
 row order, sharding and restarts: a resumed or re-sharded extraction augments every copy exactly as before, and
@@ -11,15 +11,30 @@ cost 35 us a row, 2.9 s of a full-size epoch, which the GPU loader would otherwi
 from __future__ import annotations
 
 import zlib
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
 
 from ..config import AugmentConfig
+from .stain import stain_transforms
 
 DRAWS = "splitmix64-v1"  # recorded in the store: a store keeps the draws it was made with
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 _EPOCH_KEY = np.uint64(0x5851F42D4C957F2D)  # keeps epoch 0's draws apart from the extraction's
+# Columns of a row's draws: each kind its own, so turning one on leaves the others' draws as they were.
+AFFINE, COLOUR, STAIN = slice(0, 7), slice(7, 11), slice(11, 17)
+
+
+@dataclass
+class RowDraws:
+    """What the graph's augmentation reads per row, in the loader's row order: the warp's (rows, 2, 3) matrices;
+    colour factors (rows, 4: hue degrees, saturation, brightness, contrast) or None; stain transforms
+    ((rows, 3, 3), (rows, 3)) or None."""
+
+    matrices: np.ndarray
+    colour: np.ndarray | None = None
+    stain: tuple[np.ndarray, np.ndarray] | None = None
 
 
 def _mix(x: np.ndarray) -> np.ndarray:
@@ -41,15 +56,18 @@ def row_uniforms(seed: int, cell_ids, aug_index, count: int, epoch: int | None =
     return (_mix(_mix(columns)) >> np.uint64(11)) * 2.0**-53
 
 
+def _uniforms(table: pd.DataFrame, seed: int, columns: slice, epoch: int | None) -> np.ndarray:
+    aug = table["aug_index"].to_numpy() if "aug_index" in table.columns else np.zeros(len(table), np.int64)
+    return row_uniforms(seed, table["cell_id"], aug, columns.stop, epoch)[:, columns]
+
+
 def affine_matrices(table: pd.DataFrame, cfg: AugmentConfig, seed: int, out_size: int,
                     epoch: int | None = None) -> np.ndarray:
     """(rows, 2, 3) forward maps (input -> output pixel coordinates), for a loader table with cell_id, aug_index
     (default 0), width and height: flips, x/y scale and rotation about the centre, then the resize to
     ``out_size``, so the image is resampled once (a warp followed by a resize blurred the training copies and
     cost 5 points of test accuracy on PBC)."""
-    n = len(table)
-    aug = table["aug_index"].to_numpy() if "aug_index" in table.columns else np.zeros(n, np.int64)
-    u = row_uniforms(seed, table["cell_id"], aug, 7, epoch)
+    u = _uniforms(table, seed, AFFINE, epoch)
     angle = np.where(u[:, 0] < cfg.p_rotate, np.deg2rad(cfg.rotate_deg * (2 * u[:, 1] - 1)), 0.0)
     scaled = u[:, 2] < cfg.p_scale
     span = cfg.scale_max - cfg.scale_min
@@ -62,3 +80,26 @@ def affine_matrices(table: pd.DataFrame, cfg: AugmentConfig, seed: int, out_size
     center = np.stack([width, height], -1)[:, :, None] / 2.0
     shift = center - linear @ center
     return (resize * np.concatenate([linear, shift], axis=2)).astype(np.float32)
+
+
+def colour_factors(table: pd.DataFrame, cfg: AugmentConfig, seed: int, epoch: int | None = None) -> np.ndarray:
+    """(rows, 4) color_twist arguments: hue turned by up to +-hue_deg, the others 1 +- their configured spread."""
+    c = cfg.colour
+    signed = 2 * _uniforms(table, seed, COLOUR, epoch) - 1
+    spread = np.array([c.hue_deg, c.saturation, c.brightness, c.contrast])
+    return (np.array([0.0, 1.0, 1.0, 1.0]) + signed * spread).astype(np.float32)
+
+
+def stain_draws(table: pd.DataFrame, cfg: AugmentConfig, seed: int,
+                epoch: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Each row's HED jitter (stains scaled by 1 +- sigma, shifted by +- bias) as stain transforms."""
+    signed = 2 * _uniforms(table, seed, STAIN, epoch) - 1
+    return stain_transforms(1 + cfg.stain.sigma * signed[:, :3], cfg.stain.bias * signed[:, 3:])
+
+
+def row_draws(table: pd.DataFrame, cfg: AugmentConfig, seed: int, out_size: int,
+              epoch: int | None = None) -> RowDraws:
+    """Every augmentation the config turns on, drawn for these rows."""
+    return RowDraws(affine_matrices(table, cfg, seed, out_size, epoch),
+                    colour_factors(table, cfg, seed, epoch) if cfg.colour.enabled else None,
+                    stain_draws(table, cfg, seed, epoch) if cfg.stain.enabled else None)

@@ -7,6 +7,7 @@ Files that vanished or changed size since indexing are left out before DALI sees
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -18,14 +19,15 @@ import torch
 import nvidia.dali.types as types
 from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
-from ..config import RunConfig
+from ..config import RunConfig, SegmentationConfig
 from ..data.inspect import ImageProblem, inspect_image
 from ..data.scan import Problem
 from ..errors import ConfigError, DataError
 from ..provenance import usable_cores
 from ..timing import span
-from .augment import affine_matrices
+from .augment import RowDraws, row_draws
 from .pipeline import READER, GraphSpec, Normalization, build_pipeline, output_names
+from .stain import LabTarget, lab_target
 
 GPU_DTYPES = {"fp16": types.FLOAT16, "bf16": types.FLOAT16, "fp32": types.FLOAT}
 
@@ -45,6 +47,36 @@ def resolve_device(requested: str) -> str:
     if requested == "gpu" and not has_gpu:
         raise ConfigError("loader.device=gpu, but no CUDA GPU is visible; use loader.device=cpu or auto")
     return "gpu" if requested == "gpu" or (requested == "auto" and has_gpu) else "cpu"
+
+
+@functools.lru_cache(maxsize=4)
+def _reference_target(path: str, segmentation: str, min_foreground: float, stamp: tuple) -> LabTarget:
+    """The reference cell decoded and masked by this very graph (so its foreground is found as every cell's);
+    ``segmentation`` is its config as JSON and ``stamp`` the file's size and time, keys of the cache."""
+    try:
+        info = inspect_image(Path(path), verify_decode=True)
+    except ImageProblem as problem:
+        raise DataError(f"stain_norm.reference {path}: {problem}") from None
+    row = pd.DataFrame([{"cell_id": "reference", "path": os.path.abspath(path), "bytes": info.bytes,
+                         "mtime_ns": info.mtime_ns, "sha256": info.sha256}])
+    plain = RunConfig(segmentation=SegmentationConfig.model_validate_json(segmentation),
+                      loader={"device": "cpu", "batch_size": 1})
+    batch = next(iter(CellLoader(row, Path("/"), plain, debug=True)))
+    rgb, mask = (batch.views[k][0].cpu().numpy() for k in ("decoded", "mask"))
+    return lab_target(rgb, mask[..., 0].astype(bool), Path(path), info.sha256, min_foreground)
+
+
+def stain_target(cfg: RunConfig) -> LabTarget | None:
+    """The Lab statistics every cell is normalised to, or None without stain normalisation."""
+    norm = cfg.stain_norm
+    if norm.method == "none":
+        return None
+    try:
+        stat = os.stat(norm.reference)
+    except OSError as exc:
+        raise DataError(f"stain_norm.reference {norm.reference}: cannot be read ({exc.strerror})") from None
+    return _reference_target(norm.reference, cfg.segmentation.model_dump_json(), norm.min_foreground,
+                             (stat.st_size, stat.st_mtime_ns))
 
 
 class CellLoader:
@@ -68,7 +100,7 @@ class CellLoader:
         self.spec = GraphSpec(
             image_size=cfg.loader.image_size, segmentation=cfg.segmentation, normalizations=normalizations or {"imagenet": Normalization()},
             gpu=self.device == "gpu", output_dtype=GPU_DTYPES[cfg.loader.gpu_dtype] if self.device == "gpu"
-            else types.FLOAT, gpu_decode=cfg.loader.gpu_decode, debug=debug)
+            else types.FLOAT, gpu_decode=cfg.loader.gpu_decode, debug=debug, stain_target=stain_target(cfg))
         self.failures: list[Problem] = []
         self.startup: dict[str, float] = {}  # the latest epoch's seconds before its first batch, by part
         root = str(self.root)
@@ -78,15 +110,15 @@ class CellLoader:
     def __len__(self) -> int:
         return len(self._mine)
 
-    def _matrices(self, positions: np.ndarray) -> np.ndarray | None:
+    def _draws(self, positions: np.ndarray) -> RowDraws | None:
         cfg = self.cfg.loader
-        return (affine_matrices(self.table.iloc[positions], self.cfg.augment, cfg.seed, cfg.image_size, self.epoch)
+        return (row_draws(self.table.iloc[positions], self.cfg.augment, cfg.seed, cfg.image_size, self.epoch)
                 if self.augment else None)
 
-    def _pipeline(self, positions: np.ndarray, matrices: np.ndarray | None):
+    def _pipeline(self, positions: np.ndarray, draws: RowDraws | None):
         cfg = self.cfg.loader
         return build_pipeline(
-            [self._files[i] for i in positions], positions.tolist(), self.spec, matrices, batch_size=cfg.batch_size,
+            [self._files[i] for i in positions], positions.tolist(), self.spec, draws, batch_size=cfg.batch_size,
             num_threads=cfg.num_threads or usable_cores(), device_id=0 if self.device == "gpu" else None,
             prefetch=cfg.prefetch)
 
@@ -149,9 +181,9 @@ class CellLoader:
         if not len(pending):
             return
         with span(self.startup, "augmentation draws"):
-            matrices = self._matrices(pending)
+            draws = self._draws(pending)
         with span(self.startup, "pipeline build"):
-            pipe = self._pipeline(pending, matrices)
+            pipe = self._pipeline(pending, draws)
         with span(self.startup, "first batch"):  # DALI's iterator runs the pipeline up to its first batch
             iterator = DALIGenericIterator(pipe, names, reader_name=READER, auto_reset=False,
                                            last_batch_policy=LastBatchPolicy.PARTIAL)

@@ -1,4 +1,6 @@
-"""One DALI graph for both devices: decode -> HSV mask -> resize (or one warp: augment + resize) -> normalise.
+"""One DALI graph for both devices: decode -> HSV mask -> [stain normalisation] -> [colour / stain jitter] ->
+mask -> resize (or one warp: augment + resize) -> normalise. The mask is found on the cell as decoded, so
+neither normalisation nor jitter changes which pixels are cell.
 
 On a GPU, decoding uses ``device="mixed"`` and everything after it runs on the GPU; without one, the same graph
 runs in DALI's CPU-only mode (``device_id=None``). Reader labels carry the row position in the loader's table,
@@ -15,7 +17,9 @@ import nvidia.dali.types as types
 from nvidia.dali import pipeline_def
 
 from ..config import SegmentationConfig
+from .augment import RowDraws
 from .hsv import hsv_mask
+from .stain import LabTarget, colour_jitter, reinhard, stain_jitter
 
 READER = "reader"
 IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
@@ -43,27 +47,41 @@ class GraphSpec:
     output_dtype: types.DALIDataType
     gpu_decode: bool
     debug: bool = False
+    stain_target: LabTarget | None = None  # Reinhard normalisation of every cell to it (None: none)
 
 
 def _resize(image, size: int):
     return fn.resize(image, size=[size, size], interp_type=types.INTERP_LINEAR)
 
 
-class _MatrixBatches:
-    """Feeds each reader batch its rows' affine matrices, in reader order, as one (batch, 2, 3) array, the last
-    batch padded as the reader pads it, starting over at each epoch as the reader does."""
+class _RowBatches:
+    """Feeds each reader batch its rows' values (one array per row: a matrix, a factor), in reader order, as one
+    (batch, ...) array, the last batch padded as the reader pads it, starting over at each epoch as the reader
+    does."""
 
-    def __init__(self, matrices: np.ndarray, batch_size: int):
-        pad = -len(matrices) % batch_size
-        padded = np.concatenate([matrices, np.repeat(matrices[-1:], pad, axis=0)])
+    def __init__(self, values: np.ndarray, batch_size: int):
+        pad = -len(values) % batch_size
+        padded = np.concatenate([values, np.repeat(values[-1:], pad, axis=0)])
         self.batches = np.split(np.ascontiguousarray(padded, dtype=np.float32), len(padded) // batch_size)
 
     def __iter__(self):
         return iter(self.batches)
 
 
-def cell_graph(files: list[str], positions: list[int], spec: GraphSpec, matrices: np.ndarray | None,
-               batch_size: int):
+def _per_row(values: np.ndarray, batch_size: int):
+    return fn.external_source(source=_RowBatches(values, batch_size), cycle=True, dtype=types.FLOAT)
+
+
+def _jitter(image, draws: RowDraws, batch_size: int):
+    """Colour, then stain jitter (those drawn) of a uint8 HWC image, before the mask blacks the background."""
+    if draws.colour is not None:
+        image = colour_jitter(image, [_per_row(draws.colour[:, k], batch_size) for k in range(4)])
+    if draws.stain is not None:
+        image = stain_jitter(image, *(_per_row(values, batch_size) for values in draws.stain))
+    return image
+
+
+def cell_graph(files: list[str], positions: list[int], spec: GraphSpec, draws: RowDraws | None, batch_size: int):
     """The pipeline body; outputs one tensor per normalisation, then the row positions (and debug views)."""
     encoded, position = fn.readers.file(files=files, labels=positions, random_shuffle=False, pad_last_batch=True,
                                         name=READER)
@@ -72,17 +90,20 @@ def cell_graph(files: list[str], positions: list[int], spec: GraphSpec, matrices
     if spec.gpu and not mixed:
         decoded = decoded.gpu()
     image = decoded
-    mask = None
-    if spec.segmentation.enabled:
-        mask = hsv_mask(decoded, spec.segmentation)
-        image = decoded * mask
+    mask = hsv_mask(decoded, spec.segmentation) if spec.segmentation.enabled else None
+    if spec.stain_target is not None:
+        image = reinhard(image, mask if mask is not None else decoded[:, :, 0:1] * 0 + 1, spec.stain_target)
+    augmenting = draws is not None
+    if augmenting:
+        image = _jitter(image, draws, batch_size)
+    if mask is not None:
+        image = image * mask
     segmented = image
-    augmenting = matrices is not None
     if augmenting:
         # One resampling: the row's matrix holds the augmentation and the resize to image_size. No fill value:
         # DALI then clamps at the border as the resize does, so a warp that changes nothing equals the resize.
-        matrix = fn.external_source(source=_MatrixBatches(matrices, batch_size), cycle=True, dtype=types.FLOAT)
-        image = fn.warp_affine(image, matrix=matrix, size=[spec.image_size, spec.image_size],
+        image = fn.warp_affine(image, matrix=_per_row(draws.matrices, batch_size),
+                               size=[spec.image_size, spec.image_size],
                                interp_type=types.INTERP_LINEAR, inverse_map=False)
     else:
         image = _resize(image, spec.image_size)
@@ -98,16 +119,16 @@ def cell_graph(files: list[str], positions: list[int], spec: GraphSpec, matrices
     return tuple(outputs)
 
 
-def build_pipeline(files, positions, spec: GraphSpec, matrices: np.ndarray | None, batch_size: int,
+def build_pipeline(files, positions, spec: GraphSpec, draws: RowDraws | None, batch_size: int,
                    num_threads: int, device_id: int | None, prefetch: int):
-    """A built DALI pipeline for the given files; ``device_id=None`` is DALI's CPU-only mode; ``matrices``
-    (one 2x3 affine per file, or None for no augmentation) come from ``loader.augment``."""
+    """A built DALI pipeline for the given files; ``device_id=None`` is DALI's CPU-only mode; ``draws`` (each
+    file's augmentation, or None for none) come from ``loader.augment``."""
     # Either executor leaves each batch valid for as long as its consumer holds it: the dynamic one hands its
     # own buffers over (no copy: faster on a CPU), the other is copied into torch tensors (as tested on a GPU,
     # where the copy cost nothing measurable). docs/loader.md has the numbers.
     pipe = pipeline_def(cell_graph, batch_size=batch_size, num_threads=num_threads, device_id=device_id,
                         prefetch_queue_depth=prefetch, exec_dynamic=device_id is None)(files, positions, spec,
-                                                                                       matrices, batch_size)
+                                                                                       draws, batch_size)
     pipe.build()
     return pipe
 
