@@ -111,11 +111,14 @@ class StainJitterConfig(_Section):
 
 class StainNormConfig(_Section):
     """Stain normalisation of every cell, in training and prediction alike (Reinhard et al. 2001, in CIELAB): each
-    cell's foreground mean and standard deviation per L, a, b channel moved to those of a reference image's
-    foreground (both foregrounds from the HSV mask)."""
+    image's mean and standard deviation per L, a, b channel moved to those of a reference image. ``region: image``
+    takes them over the whole image: the smear around a cell (red cells, plasma) shows the site's stain and
+    light alike for every cell type. ``cell`` takes them over the HSV mask's foreground, which also evens out
+    the colour differences between cell types."""
 
     method: Literal["none", "reinhard"] = "none"
     reference: Optional[str] = Field(None, description="reinhard: the reference image (any cell image file)")
+    region: Literal["image", "cell"] = Field("image", description="the pixels whose statistics are matched")
     min_foreground: float = Field(0.05, gt=0, lt=1, description="the least share of the reference image the HSV "
                                                                 "mask must keep")
 

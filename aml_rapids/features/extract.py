@@ -26,7 +26,7 @@ from ..config import RunConfig
 from ..data.manifest import Manifest, same_content
 from ..errors import ConfigError, DataError
 from ..data.scan import Problem
-from ..loader.augment import DRAWS
+from ..loader.augment import DRAWS, augment_identity
 from ..loader.loader import CellLoader, resolve_device, stain_target
 from ..loader.pipeline import Normalization
 from ..logs import log
@@ -166,9 +166,8 @@ def _wanted(name: str, asked: Choice, stored: dict | None) -> Choice:
 def store_identity(cfg: RunConfig, backbones: Backbones) -> dict:
     """What makes two runs' features comparable; a store only accepts rows computed the same way. Colour and
     stain jitter and stain normalisation appear only when on, so stores made before they existed keep theirs."""
-    off = {name for name in ("colour", "stain") if not getattr(cfg.augment, name).enabled}
     preprocess = {"image_size": cfg.loader.image_size, "segmentation": cfg.segmentation.model_dump(),
-                  "augment": cfg.augment.model_dump(exclude=off), "oversample": cfg.oversample.model_dump(),
+                  "augment": augment_identity(cfg.augment), "oversample": cfg.oversample.model_dump(),
                   "augment_seed": cfg.loader.seed, "augment_draws": DRAWS}
     target = stain_target(cfg)
     if target is not None:

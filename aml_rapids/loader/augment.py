@@ -56,6 +56,12 @@ def row_uniforms(seed: int, cell_ids, aug_index, count: int, epoch: int | None =
     return (_mix(_mix(columns)) >> np.uint64(11)) * 2.0**-53
 
 
+def augment_identity(cfg: AugmentConfig) -> dict:
+    """The settings that decide augmented features, colour and stain jitter only when on: the form stores and
+    studies made before they existed recorded."""
+    return cfg.model_dump(exclude={name for name in ("colour", "stain") if not getattr(cfg, name).enabled})
+
+
 def _uniforms(table: pd.DataFrame, seed: int, columns: slice, epoch: int | None) -> np.ndarray:
     aug = table["aug_index"].to_numpy() if "aug_index" in table.columns else np.zeros(len(table), np.int64)
     return row_uniforms(seed, table["cell_id"], aug, columns.stop, epoch)[:, columns]

@@ -50,7 +50,7 @@ def resolve_device(requested: str) -> str:
 
 
 @functools.lru_cache(maxsize=4)
-def _reference_target(path: str, segmentation: str, min_foreground: float, stamp: tuple) -> LabTarget:
+def _reference_target(path: str, segmentation: str, region: str, min_foreground: float, stamp: tuple) -> LabTarget:
     """The reference cell decoded and masked by this very graph (so its foreground is found as every cell's);
     ``segmentation`` is its config as JSON and ``stamp`` the file's size and time, keys of the cache."""
     try:
@@ -63,7 +63,7 @@ def _reference_target(path: str, segmentation: str, min_foreground: float, stamp
                       loader={"device": "cpu", "batch_size": 1})
     batch = next(iter(CellLoader(row, Path("/"), plain, debug=True)))
     rgb, mask = (batch.views[k][0].cpu().numpy() for k in ("decoded", "mask"))
-    return lab_target(rgb, mask[..., 0].astype(bool), Path(path), info.sha256, min_foreground)
+    return lab_target(rgb, mask[..., 0].astype(bool), region, Path(path), info.sha256, min_foreground)
 
 
 def stain_target(cfg: RunConfig) -> LabTarget | None:
@@ -75,7 +75,7 @@ def stain_target(cfg: RunConfig) -> LabTarget | None:
         stat = os.stat(norm.reference)
     except OSError as exc:
         raise DataError(f"stain_norm.reference {norm.reference}: cannot be read ({exc.strerror})") from None
-    return _reference_target(norm.reference, cfg.segmentation.model_dump_json(), norm.min_foreground,
+    return _reference_target(norm.reference, cfg.segmentation.model_dump_json(), norm.region, norm.min_foreground,
                              (stat.st_size, stat.st_mtime_ns))
 
 

@@ -92,7 +92,8 @@ def cell_graph(files: list[str], positions: list[int], spec: GraphSpec, draws: R
     image = decoded
     mask = hsv_mask(decoded, spec.segmentation) if spec.segmentation.enabled else None
     if spec.stain_target is not None:
-        image = reinhard(image, mask if mask is not None else decoded[:, :, 0:1] * 0 + 1, spec.stain_target)
+        cell = mask is not None and spec.stain_target.region == "cell"
+        image = reinhard(image, mask if cell else decoded[:, :, 0:1] * 0 + 1, spec.stain_target)
     augmenting = draws is not None
     if augmenting:
         image = _jitter(image, draws, batch_size)

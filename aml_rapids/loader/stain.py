@@ -38,6 +38,7 @@ class LabTarget:
 
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
+    region: str  # image: over every pixel; cell: over the HSV mask's foreground
     reference: str
     sha256: str
 
@@ -77,8 +78,8 @@ def _to_uint8(x255):
 
 
 def reinhard(rgb, mask, target: LabTarget):
-    """Reinhard normalisation of an HWC uint8 cell: its foreground's (``mask``) Lab mean and std per channel
-    moved to the target's. Returns uint8 RGB."""
+    """Reinhard normalisation of an HWC uint8 image: the Lab mean and std per channel of its pixels in ``mask``
+    (HxWx1) moved to the target's, for every pixel. Returns uint8 RGB."""
     lab = rgb_to_lab(rgb / 255.0)
     area = dmath.max(fn.reductions.sum(fn.cast(mask, dtype=types.FLOAT), axes=[0, 1]), 1.0)
     mean = fn.reductions.sum(lab * mask, axes=[0, 1]) / area
@@ -112,13 +113,15 @@ def stain_transforms(alpha: np.ndarray, beta: np.ndarray) -> tuple[np.ndarray, n
     return matrices.astype(np.float32), shifts.astype(np.float32)
 
 
-def lab_target(rgb: np.ndarray, mask: np.ndarray, reference: Path, sha256: str, min_foreground: float) -> LabTarget:
-    """The reference's foreground Lab statistics; refused when the mask keeps too little of it to stand for a
-    stained cell."""
+def lab_target(rgb: np.ndarray, mask: np.ndarray, region: str, reference: Path, sha256: str,
+               min_foreground: float) -> LabTarget:
+    """The reference's Lab statistics over the region; refused when the mask keeps too little of it to stand for
+    a stained cell."""
     share = float(mask.mean())
     if share < min_foreground:
         raise DataError(f"stain_norm.reference {reference}: the HSV mask keeps {share:.1%} of it as cell, under "
                         f"stain_norm.min_foreground = {min_foreground:.0%}; it is mostly background: choose an image "
                         "of one well-stained cell")
-    lab = rgb2lab(rgb[mask.astype(bool)].reshape(-1, 1, 3) / 255.0).reshape(-1, 3)
-    return LabTarget(tuple(map(float, lab.mean(0))), tuple(map(float, lab.std(0))), str(reference), sha256)
+    pixels = rgb[mask.astype(bool)] if region == "cell" else rgb.reshape(-1, 3)
+    lab = rgb2lab(pixels.reshape(-1, 1, 3) / 255.0).reshape(-1, 3)
+    return LabTarget(tuple(map(float, lab.mean(0))), tuple(map(float, lab.std(0))), region, str(reference), sha256)

@@ -25,6 +25,7 @@ from .. import workflow
 from ..config import RunConfig, as_overrides, load_config
 from ..data.manifest import read_manifest
 from ..finetune.train import EVAL as FINETUNE_EVAL
+from ..loader.augment import augment_identity
 from ..errors import AmlRapidsError, ConfigError, DataError, VariantsFailed
 from ..logs import say, warn
 from ..outputs import atomic_write_text, prepare_output_dir, read_json
@@ -50,8 +51,10 @@ def store_key(cfg: RunConfig) -> str:
     f, loader = cfg.features, cfg.loader
     decides = {"backbones": [b.model_dump() for b in f.backbones], "seed": f.seed, "dtype": f.store_dtype,
                "chunk_rows": cfg.chunk_rows, "image_size": loader.image_size, "loader_seed": loader.seed,
-               "segmentation": cfg.segmentation.model_dump(), "augment": cfg.augment.model_dump(),
+               "segmentation": cfg.segmentation.model_dump(), "augment": augment_identity(cfg.augment),
                "oversample": cfg.oversample.model_dump()}
+    if cfg.stain_norm.method != "none":
+        decides["stain_norm"] = cfg.stain_norm.model_dump()
     return hashlib.sha256(json.dumps(decides, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 

@@ -1,0 +1,94 @@
+"""The cross-site benchmark: trained on PBC (Barcelona), tested on DeepAPL's cells of the same types (Baltimore).
+
+    python -m benchmarks.cross_site [--shared ../shared] [-o runs/cross-site]
+
+Writes OUT/cells.csv (PBC's 8 types, and the DeepAPL cells whose CellaVision type maps to one of them), runs
+configs/studies/cross-site.yaml on it (cohort split: PBC train with an image-grouped 15% validation part held out,
+DeepAPL test), evaluates each variant's model on PBC's held-out part too, and writes OUT/cross-site.json: per
+variant the cross-site and the in-site accuracy and macro F1 with their intervals, and the share of the site
+change's cost each variant recovers. The study's own results.md holds McNemar's tests against ``none``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import pandas as pd
+
+from aml_rapids import workflow
+from aml_rapids.study.runner import run_study
+
+REPO = Path(__file__).resolve().parents[1]
+STUDY = REPO / "configs" / "studies" / "cross-site.yaml"
+# DeepAPL's CellaVision types that are one of PBC's eight; every other type is left out
+PBC_TYPE = {"Lymphocyte": "lymphocyte", "Segmented neutrophils": "neutrophil", "Band neutrophils": "neutrophil",
+            "Monocyte": "monocyte", "Eosinophils": "eosinophil", "Basophil": "basophil",
+            "Erythroblast": "erythroblast", "Promyelocyte": "ig", "Myelocyte": "ig", "Metamyelocyte": "ig",
+            "Giant thrombocyte": "platelet"}
+COHORTS = ("pbc144", "deepapl144")
+
+
+def cells_csv(shared: Path, out: Path) -> Path:
+    """One CSV of both cohorts: absolute path, label, patient (DeepAPL only), cohort, DeepAPL's cell type."""
+    pbc = shared / "data" / "pbc144"
+    rows = [{"path": str(f.resolve()), "label": f.parent.name, "patient": "", "cohort": "pbc144", "cell_type": ""}
+            for f in sorted(pbc.glob("*/*.jpg"))]
+    apl = shared / "data" / "deepapl144"
+    table = pd.read_csv(apl / "manifest.csv")
+    kept = table[table["cell_type"].isin(PBC_TYPE)]
+    rows += [{"path": str((apl / p).resolve()), "label": PBC_TYPE[t], "patient": patient, "cohort": "deepapl144",
+              "cell_type": t} for p, t, patient in zip(kept["path"], kept["cell_type"], kept["patient"])]
+    out.mkdir(parents=True, exist_ok=True)
+    csv = out / "cells.csv"
+    pd.DataFrame(rows).to_csv(csv, index=False)
+    print(f"{csv}: {sum(r['cohort'] == 'pbc144' for r in rows):,} PBC cells, {len(kept):,} DeepAPL cells "
+          f"(of {len(table):,}; other types left out)")
+    return csv
+
+
+def _level(report: dict) -> dict:
+    level = report["cell_level"]
+    return {"n": level["n"], "accuracy": level["accuracy"], "accuracy_ci95": level["ci95"]["accuracy"],
+            "macro_f1": level["macro"]["f1"], "macro_f1_ci95": level["ci95"]["macro_f1"]}
+
+
+def summarise(study: Path) -> dict:
+    """Per variant: cross-site (DeepAPL test) and in-site (PBC's held-out val part) results, and the share of the
+    site change's cost recovered against ``none``."""
+    results = {}
+    for record in sorted((study / "variants").glob("*/variant.json")):
+        variant = json.loads(record.read_text())
+        model = record.parent / "model"
+        cross = json.loads((model / "eval-test" / "metrics.json").read_text())
+        in_site = workflow.evaluate(model, study / variant["store"], "val", model / "eval-val").report
+        results[variant["name"]] = {"cross_site": _level(cross), "in_site": _level(in_site),
+                                    "protocol": cross["split_protocol"]}
+    base = results.get("none")
+    if base:
+        cost = base["in_site"]["accuracy"] - base["cross_site"]["accuracy"]
+        for r in results.values():
+            r["recovered_share_of_cost"] = (r["cross_site"]["accuracy"] - base["cross_site"]["accuracy"]) / cost
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.cross_site", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shared", type=Path, default=REPO.parent / "shared")
+    parser.add_argument("-o", "--out", type=Path, default=Path("runs") / "cross-site")
+    args = parser.parse_args()
+    csv = cells_csv(args.shared, args.out)
+    study = args.out / "study"
+    run_study(STUDY, study, csv, allow_failed=True)
+    results = summarise(study)
+    (args.out / "cross-site.json").write_text(json.dumps(results, indent=2))
+    for name, r in results.items():
+        print(f"{name}: cross-site accuracy {r['cross_site']['accuracy']:.3f}, macro F1 "
+              f"{r['cross_site']['macro_f1']:.3f}; in-site accuracy {r['in_site']['accuracy']:.3f}; recovered "
+              f"{r.get('recovered_share_of_cost', float('nan')):.2f} of the cost")
+
+
+if __name__ == "__main__":
+    main()
