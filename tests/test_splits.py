@@ -75,3 +75,67 @@ def test_image_split_keeps_the_same_pixels_in_other_files_together():
     t.loc[::7, "pixels_sha256"] = None  # not decoded when indexed: their bytes decide
     result = make_split(t, SplitConfig(method="image")).table
     assert result.dropna(subset=["pixels_sha256"]).groupby("pixels_sha256")["split"].nunique().max() == 1
+
+
+def cohorts(sites=("siteA", "siteB", "siteC"), patients=4, cells=3, classes=("blast", "lymph"), patient=True):
+    rows = [{"label": c, "patient": f"{s}-{c}-p{p}" if patient else None, "cohort": s, "sha256": f"{s}{c}{p}{i}",
+             "pixels_sha256": None}
+            for s in sites for c in classes for p in range(patients) for i in range(cells)]
+    return pd.DataFrame(rows)
+
+
+def test_cohort_split_tests_on_the_named_cohorts_and_validates_inside_the_others_by_patient():
+    t = cohorts()
+    result = make_split(t, SplitConfig(method="cohort", test_cohorts=("siteC",), val=0.25, train=0.6, test=0.15))
+    out = result.table
+    assert set(out.loc[out["cohort"] == "siteC", "split"]) == {"test"}
+    assert set(out.loc[out["cohort"] != "siteC", "split"]) == {"train", "val"}
+    assert groups_in_several_parts(out, "split") == []
+    assert result.record == {"train_cohorts": ["siteA", "siteB"], "val_within": "patient"}
+
+
+def test_cohort_split_with_val_cohorts_and_patient_free_training_cohorts():
+    named = make_split(cohorts(), SplitConfig(method="cohort", test_cohorts=("siteC",), val_cohorts=("siteB",)))
+    assert named.table.groupby("cohort")["split"].unique().map(list).to_dict() == {
+        "siteA": ["train"], "siteB": ["val"], "siteC": ["test"]}
+    t = cohorts(("pbc",), patients=10, patient=False)
+    t = pd.concat([t, cohorts(("apl",), patients=2)], ignore_index=True)
+    split = make_split(t, SplitConfig(method="cohort", test_cohorts=("apl",))).table
+    pbc = split[split["cohort"] == "pbc"]
+    assert set(pbc["split"]) == {"train", "val"}  # grouped by image: no patients to group by
+    assert 0.05 < (pbc["split"] == "val").mean() < 0.3
+
+
+def test_cohort_split_refuses_unknown_cohorts_and_classes_only_held_out():
+    with pytest.raises(SplitError, match="no cohort 'siteX'.*siteA, siteB, siteC"):
+        make_split(cohorts(), SplitConfig(method="cohort", test_cohorts=("siteX",)))
+    t = cohorts()
+    t.loc[t["cohort"] == "siteC", "label"] = "promyelocyte"
+    with pytest.raises(SplitError, match="promyelocyte would have no training cells: only cohort.*siteC"):
+        make_split(t, SplitConfig(method="cohort", test_cohorts=("siteC",)))
+    with pytest.raises(SplitError, match="none is left to train on"):
+        make_split(cohorts(("a", "b")), SplitConfig(method="cohort", test_cohorts=("a",), val_cohorts=("b",)))
+
+
+def test_cohort_settings_are_checked_where_they_are_set():
+    with pytest.raises(ValueError, match="needs the test cohorts"):
+        SplitConfig(method="cohort")
+    with pytest.raises(ValueError, match="both for test and for val"):
+        SplitConfig(method="cohort", test_cohorts=("a",), val_cohorts=("a",))
+    with pytest.raises(ValueError, match="belong to method cohort"):
+        SplitConfig(method="patient", test_cohorts=("a",))
+
+
+def test_all_puts_every_row_in_training():
+    result = make_split(cohorts(), SplitConfig(method="all"))
+    assert set(result.table["split"]) == {"train"} and result.record["train_cohorts"] == ["siteA", "siteB", "siteC"]
+
+
+def test_cohort_protocol_is_named_in_words():
+    from aml_rapids.evaluate.report import split_protocol
+
+    record = {**SplitConfig(method="cohort", test_cohorts=("deepapl144",)).model_dump(),
+              "train_cohorts": ["pbc144"], "val_within": "image"}
+    assert split_protocol(record) == ("cohort-level: trained on pbc144, tested on deepapl144 (val held out of the "
+                                      "training cohorts, grouped by image)")
+    assert split_protocol({"method": "all"}) == "every row in training, nothing held out"

@@ -32,7 +32,7 @@ def _cohort_protocol(split: dict) -> str:
     if split.get("val_cohorts"):
         return words + f", validated on {', '.join(split['val_cohorts'])}"
     within = split.get("val_within")
-    return words + (f" (val: a {within}-grouped share of the training cohorts)" if within else "")
+    return words + (f" (val held out of the training cohorts, grouped by {within})" if within else "")
 
 
 def split_protocol(split: dict | None) -> str:
