@@ -171,7 +171,9 @@ def store_identity(cfg: RunConfig, backbones: Backbones) -> dict:
                   "augment_seed": cfg.loader.seed, "augment_draws": DRAWS}
     target = stain_target(cfg)
     if target is not None:
-        preprocess["stain_norm"] = {"method": cfg.stain_norm.method, **dataclasses.asdict(target)}
+        # the reference by content and its statistics: the same image elsewhere is the same target
+        preprocess["stain_norm"] = {"method": cfg.stain_norm.method,
+                                    **{k: v for k, v in dataclasses.asdict(target).items() if k != "reference"}}
     return {"backbones": backbones.info, "chunk_rows": cfg.chunk_rows, "store_dtype": cfg.features.store_dtype,
             "features_seed": cfg.features.seed, "preprocess": preprocess}
 

@@ -1,0 +1,97 @@
+"""Two cohorts through the commands: a cohort-level split named in every report, results per cohort side by side
+after retraining on both, a deployment model trained on everything, stain normalisation carried into predict."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from PIL import Image
+from typer.testing import CliRunner
+
+from aml_rapids.cli import app
+
+from conftest import write_image
+
+runner = CliRunner()
+TINY = ["--set", "features.backbones=[{name: tiny, weights: none, engine: torch, precision: fp32}]",
+        "--set", "loader.batch_size=8", "--set", "loader.image_size=32", "--set", "classify.pca_components=4",
+        "--set", "classify.folds=2", "--set", "classify.rf_trees=10", "--set", "evaluate.bootstrap_samples=20"]
+
+
+def two_sites(root: Path) -> Path:
+    """A CSV of two cohorts, siteB's smear tinted: 2 classes x 4 patients x 4 cells each."""
+    rng = np.random.default_rng(0)
+    rows = []
+    for site, tint in (("siteA", (0, 0, 0)), ("siteB", (25, -15, 10))):
+        for label, cell in (("blast", (110, 60, 170)), ("lymph", (70, 40, 120))):
+            for p in range(4):
+                for i in range(4):
+                    img = np.full((32, 32, 3), (230, 210, 200), np.int32) + tint
+                    size = 8 + 2 * (label == "blast") + rng.integers(0, 3)
+                    img[16 - size:16 + size, 16 - size:16 + size] = np.array(cell) + tint + rng.integers(0, 20, 3)
+                    path = root / site / label / f"p{p}" / f"c{i}.png"
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(path)
+                    rows.append({"path": str(path), "label": label, "patient": f"{label}{p}", "cohort": site})
+    csv = root / "cells.csv"
+    pd.DataFrame(rows).to_csv(csv, index=False)
+    return csv
+
+
+def invoke(*args):
+    result = runner.invoke(app, [str(a) for a in args])
+    assert result.exit_code == 0, result.output
+    return result
+
+
+def test_cohort_split_trains_on_one_site_and_names_it_in_the_report(tmp_path):
+    csv = two_sites(tmp_path / "data")
+    out = tmp_path / "run"
+    invoke("index", csv, "-o", out, "-q")
+    invoke("split", out / "manifest.parquet", "--method", "cohort", "--test-cohort", "siteB", "--set", "split.val=0.25")
+    invoke("extract", out / "manifest.parquet", "-o", out / "features.zarr", *TINY)
+    invoke("train", out / "features.zarr", "-o", out / "model", *TINY)
+    result = invoke("evaluate", out / "model", out / "features.zarr", *TINY)
+    metrics = json.loads((out / "model" / "eval-test" / "metrics.json").read_text())
+    assert metrics["split_protocol"] == ("cohort-level: trained on siteA, tested on siteB (val held out of the "
+                                         "training cohorts, grouped by patient)")
+    assert "cohort-level: trained on siteA, tested on siteB" in result.output
+    assert "by_cohort" not in metrics  # one cohort tested
+    assert "patient_level" in metrics  # labels belong to patients here
+    missing = runner.invoke(app, ["split", str(out / "manifest.parquet"), "--method", "cohort", "--test-cohort", "siteX"])
+    assert missing.exit_code == 4 and "no cohort 'siteX'" in missing.output
+
+
+def test_retraining_on_both_sites_reports_each_side_by_side_and_all_trains_on_everything(tmp_path):
+    csv = two_sites(tmp_path / "data")
+    out = tmp_path / "run"
+    invoke("index", csv, "-o", out, "-q")
+    invoke("split", out / "manifest.parquet", "--method", "image", "--seed", "1")
+    invoke("extract", out / "manifest.parquet", "-o", out / "features.zarr", *TINY)
+    invoke("train", out / "features.zarr", "-o", out / "model", *TINY)
+    result = invoke("evaluate", out / "model", out / "features.zarr", *TINY)
+    metrics = json.loads((out / "model" / "eval-test" / "metrics.json").read_text())
+    assert set(metrics["by_cohort"]) == {"siteA", "siteB"}
+    assert sum(level["n"] for level in metrics["by_cohort"].values()) == metrics["cell_level"]["n"]
+    assert "cells of siteA" in result.output and "cells of siteB" in result.output
+    deploy = tmp_path / "deploy"
+    run = invoke("run", csv, "-o", deploy, "--set", "split.method=all", *TINY)
+    assert "nothing is left to evaluate" in run.output and (deploy / "model" / "model.json").is_file()
+    info = json.loads((deploy / "model" / "model.json").read_text())
+    assert info["training_rows"] == 64 and info["split_protocol"] == "every row in training, nothing held out"
+
+
+def test_a_normalised_model_predicts_with_the_same_target_and_refuses_another(tmp_path):
+    csv = two_sites(tmp_path / "data")
+    ref = write_image(tmp_path / "ref.png", 32, (120, 50, 170))
+    norm = ["--set", "stain_norm.method=reinhard", "--set", f"stain_norm.reference={ref}"]
+    out = tmp_path / "run"
+    invoke("run", csv, "-o", out, "--set", "split.method=cohort", "--set", "split.test_cohorts=[siteB]",
+           "--set", "split.val=0.25", *TINY, *norm)
+    predicted = invoke("predict", out / "model", tmp_path / "data" / "siteB", "-o", tmp_path / "pred", "--no-drift")
+    assert (tmp_path / "pred" / "predictions.csv").is_file(), predicted.output
+    other = write_image(tmp_path / "other.png", 32, (90, 30, 200))
+    refused = runner.invoke(app, ["predict", str(out / "model"), str(tmp_path / "data" / "siteB"), "-o",
+                                  str(tmp_path / "pred2"), "--no-drift", "--set", f"stain_norm.reference={other}"])
+    assert refused.exit_code == 2 and "stain_norm" in refused.output
