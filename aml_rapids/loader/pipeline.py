@@ -72,6 +72,15 @@ def _per_row(values: np.ndarray, batch_size: int):
     return fn.external_source(source=_RowBatches(values, batch_size), cycle=True, dtype=types.FLOAT)
 
 
+def _ones(image):
+    """An HxWx1 mask that keeps every pixel."""
+    return image[:, :, 0:1] * 0 + 1
+
+
+def _masked(image, mask):
+    return image if mask is None else image * mask
+
+
 def _jitter(image, draws: RowDraws, batch_size: int):
     """Colour, then stain jitter (those drawn) of a uint8 HWC image, before the mask blacks the background."""
     if draws.colour is not None:
@@ -89,17 +98,13 @@ def cell_graph(files: list[str], positions: list[int], spec: GraphSpec, draws: R
     decoded = fn.decoders.image(encoded, device="mixed" if mixed else "cpu", output_type=types.RGB)
     if spec.gpu and not mixed:
         decoded = decoded.gpu()
-    image = decoded
     mask = hsv_mask(decoded, spec.segmentation) if spec.segmentation.enabled else None
+    normalised = decoded
     if spec.stain_target is not None:
         cell = mask is not None and spec.stain_target.region == "cell"
-        image = reinhard(image, mask if cell else decoded[:, :, 0:1] * 0 + 1, spec.stain_target)
+        normalised = reinhard(decoded, mask if cell else _ones(decoded), spec.stain_target)
     augmenting = draws is not None
-    if augmenting:
-        image = _jitter(image, draws, batch_size)
-    if mask is not None:
-        image = image * mask
-    segmented = image
+    image = _masked(_jitter(normalised, draws, batch_size) if augmenting else normalised, mask)
     if augmenting:
         # One resampling: the row's matrix holds the augmentation and the resize to image_size. No fill value:
         # DALI then clamps at the border as the resize does, so a warp that changes nothing equals the resize.
@@ -115,8 +120,8 @@ def cell_graph(files: list[str], positions: list[int], spec: GraphSpec, draws: R
     ]
     outputs.append(position)
     if spec.debug:
-        resized = _resize(segmented, spec.image_size) if augmenting else image
-        outputs += [decoded, mask if mask is not None else decoded[:, :, 0:1] * 0 + 1, resized, image]
+        resized = _resize(_masked(normalised, mask), spec.image_size) if augmenting else image
+        outputs += [decoded, mask if mask is not None else _ones(decoded), resized, image]
     return tuple(outputs)
 
 
