@@ -407,7 +407,7 @@ class ExplainConfig(_Section):
 
 
 class DriftConfig(_Section):
-    """How ``drift`` (and ``predict``) tell whether a new cohort looks unlike the training data (docs/cohorts.md)."""
+    """How ``drift`` (and ``predict``) tell whether a new cohort looks unlike the training data (docs/drift.md)."""
 
     pca_components: PositiveInt = Field(32, description="PCA components of each backbone's features that the "
                                                         "domain classifier and the MMD test read")

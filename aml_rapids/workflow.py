@@ -447,18 +447,20 @@ def _compare_patient_models(store: Path, out: Path, cfg: RunConfig) -> Evaluated
 
 
 def predict(model: Path, source: Path, out: Path | None = None, overrides: list[str] | None = None,
-            overwrite: bool = False, allow_failed: bool = False) -> Predicted:
-    """Class probabilities per cell and per patient for new images (or a store), extracted as the model's."""
+            overwrite: bool = False, allow_failed: bool = False, check_drift: bool = True) -> Predicted:
+    """Class probabilities per cell and per patient for new images (or a store), extracted as the model's; with
+    ``check_drift``, the cells compared with the model's training store (drift.json)."""
     from .classify.predict import predict as run_predict
 
     model, source = Path(model), Path(source)
     out = Path(out or model / f"predict-{source.stem}")
     with progress_bar(f"extracting {source}") as (advance, set_total):
-        result = run_predict(model, source, out, overrides, overwrite, progress=advance, on_total=set_total)
+        result = run_predict(model, source, out, overrides, overwrite, progress=advance, on_total=set_total,
+                             check_drift=check_drift)
     done = Predicted(out, len(result.cells), len(result.patients), result.seen_in_training,
                      _failures(result.failures))
     write_run_record(out, "predict", result.config or load_config(None), source=str(source), model=str(model),
-                     overrides=overrides, **as_json(done))
+                     overrides=overrides, drift=result.drift and result.drift.to_json(), **as_json(done))
     for warning in result.warnings:
         warn(warning)
     if result.seen_in_training:
@@ -466,6 +468,8 @@ def predict(model: Path, source: Path, out: Path | None = None, overrides: list[
              "of predictions.csv): their predictions say nothing about new cells")
     say(f"{done.cells:,} cells, {done.patients:,} patients predicted: {out / 'predictions.csv'}, "
         f"{out / 'patients.csv'}")
+    if result.drift is not None:
+        _report_drift(result.drift, "the model's training store", out / "drift.json")
     check_failed(done.failed, f"listed in {out / 'failed.csv'}", allow_failed)
     return done
 
@@ -539,3 +543,79 @@ def _one_cluster(cfg: RunConfig) -> Iterator[None]:
 
     with dask_client(cfg.scale):
         yield
+
+
+@dataclass
+class Drifted:
+    folder: Path
+    flagged: bool
+    threshold: float  # a domain AUROC at or above it flags drift
+    auroc: dict[str, float]  # per backbone, the domain classifier's
+    notes: list[str]  # what the numbers rest on (fewer folds, missing images)
+
+
+def _report_drift(result, against: str, where: Path) -> None:
+    """One line of a ``cohorts.drift.Drift``: flagged (a warning) or not, with the highest AUROC and its backbone."""
+    backbone, auroc = result.worst
+    line = (f"the domain AUROC against {against} reaches {auroc:.3f} ({backbone}); drift is flagged at >= "
+            f"{result.threshold:g}: {where}")
+    if result.flagged:
+        warn(f"DRIFT FLAGGED: {line}. These cells look unlike those the numbers were measured on; predictions "
+             "on them may be worse than the model's test results say")
+    else:
+        say(f"no drift flagged: {line}")
+
+
+def drift(reference: Path, new: Path, out: Path | None = None, cfg: RunConfig | None = None,
+          model: Path | None = None) -> Drifted:
+    """Whether the new store's cohort looks unlike the reference store's (docs/drift.md): per backbone a domain
+    classifier's AUROC (flags drift) and an MMD test, the colour of the cells, and with ``model`` (a cell-level
+    model folder) its predicted class mix in each; drift.json and drift.png in ``out`` (default: ``drift``
+    beside the new store)."""
+    from .cohorts.drift import class_mix, comparable_backbones, measure_drift, write_drift
+    from .cohorts.plots import plot_drift
+    from .features.store import FeatureStore
+
+    cfg = cfg or RunConfig()
+    stores = FeatureStore.open(reference), FeatureStore.open(new)
+    backbones = comparable_backbones(*stores)  # refused before any folder is made, as is the model
+    loaded = _drift_model(Path(model), stores) if model is not None else None
+    out = prepare_output_dir(out or Path(new).parent / "drift", "drift folder")
+    say(f"drift of {new} against {reference}: {', '.join(backbones)}")
+    mix = None
+    if loaded is not None:
+        classifier, info = loaded
+        mix = class_mix(classifier, info, Path(model), *stores, cfg.drift)
+    result = measure_drift(*stores, cfg.drift, backbones, mix)
+    write_drift(result, out)
+    plot_drift(result, out / "drift.png")
+    write_run_record(out, "drift", cfg, reference=str(reference), new=str(new), model=model and str(model),
+                     drift=result.to_json())
+    for name, b in result.backbones.items():
+        say(f"{name}: domain AUROC {b.auroc:.3f} ({b.folds} grouped folds, {b.cells['reference']:,} and "
+            f"{b.cells['new']:,} cells), MMD² {b.mmd2:.4f} (p {b.mmd_p:.3f})")
+    if mix is not None:
+        say(f"predicted class mix: total-variation distance {mix.total_variation:.3f}; reference "
+            + ", ".join(f"{c} {share:.0%}" for c, share in mix.reference.items()) + "; new "
+            + ", ".join(f"{c} {share:.0%}" for c, share in mix.new.items()))
+    if result.colour.difference:
+        say("colour of the segmented cells, new minus reference: "
+            + ", ".join(f"{name} {value:+.3g}" for name, value in result.colour.difference.items()))
+    for note in result.notes:
+        say(f"note: {note}")
+    _report_drift(result, str(reference), out / "drift.json")
+    return Drifted(out, result.flagged, result.threshold, {n: b.auroc for n, b in result.backbones.items()},
+                   result.notes)
+
+
+def _drift_model(model: Path, stores) -> tuple:
+    """A cell-level model and its info, refused unless both stores hold its features."""
+    from .classify.io import check_store_matches, load_model
+
+    classifier, info = load_model(model)
+    if info.get("level") == "patient":
+        raise ConfigError(f"model {model} is a patient-level model; drift --model compares the class mix a cell-level "
+                          "model (`aml-rapids train`, --level cell) predicts")
+    for store in stores:
+        check_store_matches(info, store)
+    return classifier, info

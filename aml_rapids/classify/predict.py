@@ -3,7 +3,8 @@ model's training features were (same backbones, weights and preprocessing, taken
 
 Every run starts from an empty output folder (or ``overwrite`` clears this command's own earlier files first), so
 two datasets' cells never share a predictions.csv; patients are keyed by cohort and name, so same-named patients
-of two cohorts never share a mean.
+of two cohorts never share a mean. The new cells are then compared with the model's training store (drift.json,
+drift.png: ``cohorts.drift``), so a cohort unlike the one the model learnt from is flagged beside its predictions.
 """
 
 from __future__ import annotations
@@ -13,7 +14,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from ..config import RunConfig, load_config
+from ..cohorts.drift import Drift, class_mix, comparable_backbones, measure_drift, write_drift
+from ..cohorts.plots import plot_drift
+from ..config import DriftConfig, RunConfig, load_config
 from ..data.manifest import build_manifest
 from ..data.scan import NoUsableImages, Problem, printable
 from ..errors import ConfigError, DataError, OutputError
@@ -31,7 +34,8 @@ from .io import check_features_match, check_store_matches, load_model, seen_in_t
 from .train import predict_store
 
 FAILED = "failed.csv"  # every given image that could not be used, and why
-OUTPUTS = ("predictions.csv", "patients.csv", FAILED, "features.zarr", "features.zarr.partial")
+OUTPUTS = ("predictions.csv", "patients.csv", FAILED, "features.zarr", "features.zarr.partial", "drift.json",
+           "drift.png", "drift.svg")
 
 
 @dataclass
@@ -42,6 +46,7 @@ class Prediction:
     seen_in_training: int = 0  # cells the model was trained on: their predictions are no test of it
     config: RunConfig | None = None  # how the images were extracted (None: read from a given store)
     warnings: list[str] = field(default_factory=list)
+    drift: Drift | None = None  # these cells against the model's training store (None: not checked; warnings say why)
 
 
 def _is_store(path: Path) -> bool:
@@ -49,9 +54,10 @@ def _is_store(path: Path) -> bool:
 
 
 def predict(model_dir: Path, source: Path, out: Path, overrides: list[str] | None = None, overwrite: bool = False,
-            progress=None, on_total=None) -> Prediction:
+            progress=None, on_total=None, check_drift: bool = True) -> Prediction:
     """Per-cell class probabilities and a per-patient summary (mean probabilities), also written as CSV into
-    ``out``: a new or empty folder, or (``overwrite``) one holding only an earlier prediction's files."""
+    ``out``: a new or empty folder, or (``overwrite``) one holding only an earlier prediction's files. With
+    ``check_drift``, the cells are compared with the model's training store (settings: the config's drift)."""
     model, info = load_model(model_dir)  # first, so that a mistyped model folder makes no output folder
     resuming = _unfinished(out, source) and not overwrite
     if resuming:
@@ -94,13 +100,40 @@ def predict(model_dir: Path, source: Path, out: Path, overrides: list[str] | Non
     else:
         cells, patients = _cell_predictions(model, info, store, model_dir, out)
     _write_failures(failures, out)
+    drift = None
+    if check_drift:
+        settings = (cfg or load_config(None, overrides)).drift
+        drift, why_not = _drift_check(model, info, model_dir, store, cells, settings, out)
+        warnings += [why_not] if why_not else []
     unknown = sorted(set(cells["label"]) - set(map(str, model.classes_)))
     if unknown and cfg is not None and source.suffix.lower() != ".csv":
         warnings.append(f"the first-level folder names ({', '.join(unknown[:5])}) are not the model's classes: a "
                         "folder is read as <class>/<patient>/<image> or <class>/<image>, so in a folder of "
                         "<patient>/<image> the patients are taken for classes and the cells have none; give a CSV "
                         "with path, label (any text) and patient columns instead")
-    return Prediction(cells, patients, failures, int(cells["in_training"].sum()), cfg, warnings)
+    return Prediction(cells, patients, failures, int(cells["in_training"].sum()), cfg, warnings, drift)
+
+
+def _drift_check(model, info: dict, model_dir: Path, store: FeatureStore, cells: pd.DataFrame, settings: DriftConfig,
+                 out: Path) -> tuple[Drift | None, str | None]:
+    """These cells against the model's training store, written as drift.json and drift.png into ``out`` (with a
+    cell-level model, their predicted class mix too); or why no check could run: the predictions stand either
+    way."""
+    training_store = Path(info["store"])
+    if not training_store.exists():
+        return None, (f"no drift check: the model's training store {training_store} is gone (moved or deleted); "
+                      f"`aml-rapids drift REFERENCE_STORE {store.path}` compares these cells with another store")
+    try:
+        reference = FeatureStore.open(training_store)
+        backbones = comparable_backbones(reference, store, list(info["backbones"]))
+        mix = (None if info.get("level") == PATIENT_LEVEL else
+               class_mix(model, info, model_dir, reference, store, settings, cells["predicted"].to_numpy()))
+        drift = measure_drift(reference, store, settings, backbones, mix)
+    except (ConfigError, DataError) as exc:  # a training store changed or damaged since the model was made
+        return None, f"no drift check against the model's training store: {exc}"
+    write_drift(drift, out)
+    plot_drift(drift, out / "drift.png")
+    return drift, None
 
 
 def _cell_predictions(model, info: dict, store: FeatureStore, model_dir: Path, out: Path):

@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 import typer
 
 from .. import __version__
-from . import classify, data, explain, features, report, run, study, weights
+from . import classify, cohorts, data, explain, features, report, run, study, weights
 
 app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None)
 
@@ -27,5 +27,5 @@ def main(version: Annotated[Optional[bool], typer.Option(
     configs (`aml-rapids config` prints the defaults); every command has --help, -q/-v and --json."""
 
 
-for group in (data, features, classify, explain, run, study, report, weights):
+for group in (data, features, classify, cohorts, explain, run, study, report, weights):
     group.register(app)

@@ -73,14 +73,19 @@ def register(app: typer.Typer) -> None:
                                            "--overwrite)")] = None,
         overwrite: OverwriteOpt = False,
         allow_failed: AllowFailedOpt = False,
+        check_drift: Annotated[bool, typer.Option(
+            "--drift/--no-drift", show_default="on",
+            help="Compare the cells with the model's training store: drift.json and drift.png, flagged at "
+                 "drift.auroc_threshold.")] = True,
         set_: Annotated[Optional[list[str]], typer.Option(
             "--set", metavar="KEY=VALUE", show_default="none",
             help="Override a key of the config the model was made with (one that changes the features is "
                  "refused).")] = None,
     ) -> workflow.Predicted:
         """Class probabilities per cell and per patient (keyed by cohort and patient); images are extracted exactly
-        as the model's training data, with the config the model records (so no -c).
+        as the model's training data, with the config the model records (so no -c). The cells are then compared
+        with the model's training store (as `aml-rapids drift` does), and drift is flagged beside the predictions.
 
         A model folder is code: model.joblib is a pickle, run when loaded, so load only model folders you trust.
         model.json records the sha256 of the model's files; a file that differs is refused."""
-        return workflow.predict(model, source, out, set_, overwrite, allow_failed)
+        return workflow.predict(model, source, out, set_, overwrite, allow_failed, check_drift)

@@ -46,10 +46,10 @@ def register(app: typer.Typer) -> None:
             help="Split protocol: patient-grouped parts, image-level parts, patient-grouped folds, whole cohorts "
                  "(--test-cohort), or every row in train (a model to deploy).")] = None,
         test_cohort: Annotated[Optional[list[str]], typer.Option(
-            metavar="NAME", show_default=False,
+            metavar="NAME", show_default=from_config("split.test_cohorts"),
             help="cohort: a cohort to test on (repeat for several); the others train.")] = None,
         val_cohort: Annotated[Optional[list[str]], typer.Option(
-            metavar="NAME", show_default=False,
+            metavar="NAME", show_default=from_config("split.val_cohorts"),
             help="cohort: a validation cohort (repeat for several); none: split.val of the training cohorts.")] = None,
         seed: Annotated[Optional[int], typer.Option(metavar="N", show_default=from_config("split.seed"), help="Random seed.")] = None,
         folds: Annotated[Optional[int], typer.Option(

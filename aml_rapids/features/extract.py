@@ -11,7 +11,6 @@ written on background threads, so neither the copy nor the write stalls the devi
 
 from __future__ import annotations
 
-import dataclasses
 import datetime as _dt
 import time
 from collections.abc import Callable
@@ -171,9 +170,10 @@ def store_identity(cfg: RunConfig, backbones: Backbones) -> dict:
                   "augment_seed": cfg.loader.seed, "augment_draws": DRAWS}
     target = stain_target(cfg)
     if target is not None:
-        # the reference by content and its statistics: the same image elsewhere is the same target
-        preprocess["stain_norm"] = {"method": cfg.stain_norm.method,
-                                    **{k: v for k, v in dataclasses.asdict(target).items() if k != "reference"}}
+        # the reference by content and its statistics (lists, as the store's JSON reads them back): the same
+        # image elsewhere is the same target
+        preprocess["stain_norm"] = {"method": cfg.stain_norm.method, "region": target.region,
+                                    "mean": list(target.mean), "std": list(target.std), "sha256": target.sha256}
     return {"backbones": backbones.info, "chunk_rows": cfg.chunk_rows, "store_dtype": cfg.features.store_dtype,
             "features_seed": cfg.features.seed, "preprocess": preprocess}
 
