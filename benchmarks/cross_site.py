@@ -7,6 +7,9 @@ configs/studies/cross-site.yaml on it (cohort split: PBC train with an image-gro
 DeepAPL test), evaluates each variant's model on PBC's held-out part too, and writes OUT/cross-site.json: per
 variant the cross-site and the in-site accuracy and macro F1 with their intervals, and the share of the site
 change's cost each variant recovers. The study's own results.md holds McNemar's tests against ``none``.
+Then the drift checks (OUT/drift/): PBC against DeepAPL, and two random halves of PBC against each other, each
+half and DeepAPL extracted into a store of its own with the study's ``none`` settings. ``--drift-only`` runs only
+these.
 """
 
 from __future__ import annotations
@@ -15,10 +18,13 @@ import argparse
 import json
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from aml_rapids import workflow
+from aml_rapids.config import RunConfig, as_overrides, load_config
 from aml_rapids.study.runner import run_study
+from aml_rapids.study.spec import read_spec
 
 REPO = Path(__file__).resolve().parents[1]
 STUDY = REPO / "configs" / "studies" / "cross-site.yaml"
@@ -73,21 +79,61 @@ def summarise(study: Path) -> dict:
     return results
 
 
+def drift_config() -> RunConfig:
+    """The study's base settings without its split: the stores of the drift checks hold every cell un-augmented."""
+    spec = read_spec(STUDY)
+    shared = {k: v for k, v in spec.set.items() if not k.startswith("split.")}
+    return load_config(STUDY.parent / spec.config, as_overrides(shared))
+
+
+def drift_checks(csv: Path, out: Path, seed: int = 0) -> dict:
+    """PBC (its half A) against DeepAPL, and PBC's half A against its half B (cells drawn at random: PBC has no
+    patients), each side its own store; the drift verdicts and AUROCs."""
+    cells = pd.read_csv(csv, keep_default_na=False)
+    pbc = cells[cells["cohort"] == "pbc144"]
+    half = np.random.default_rng(seed).permutation(len(pbc)) < len(pbc) // 2
+    parts = {"pbc144-half-a": pbc[half].assign(cohort="pbc144-half-a"),
+             "pbc144-half-b": pbc[~half].assign(cohort="pbc144-half-b"),
+             "deepapl144": cells[cells["cohort"] == "deepapl144"]}
+    cfg = drift_config()
+    stores = {}
+    for name, table in parts.items():
+        folder = out / "drift" / name
+        folder.mkdir(parents=True, exist_ok=True)
+        table.to_csv(folder / "cells.csv", index=False)
+        if not (folder / "manifest.parquet").is_file():
+            workflow.index(folder / "cells.csv", folder, cfg)
+        stores[name] = workflow.extract(folder / "manifest.parquet", folder / "features.zarr", cfg).store
+    verdicts = {}
+    for reference, new in (("pbc144-half-a", "deepapl144"), ("pbc144-half-a", "pbc144-half-b")):
+        result = workflow.drift(stores[reference], stores[new], out / "drift" / f"{reference}-vs-{new}", cfg)
+        verdicts[f"{reference} vs {new}"] = {"flagged": result.flagged, "auroc": result.auroc,
+                                             "threshold": result.threshold, "notes": result.notes}
+    return verdicts
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.cross_site", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shared", type=Path, default=REPO.parent / "shared")
     parser.add_argument("-o", "--out", type=Path, default=Path("runs") / "cross-site")
+    parser.add_argument("--drift-only", action="store_true", help="only the drift checks")
     args = parser.parse_args()
     csv = cells_csv(args.shared, args.out)
-    study = args.out / "study"
-    run_study(STUDY, study, csv, allow_failed=True)
-    results = summarise(study)
-    (args.out / "cross-site.json").write_text(json.dumps(results, indent=2))
-    for name, r in results.items():
-        print(f"{name}: cross-site accuracy {r['cross_site']['accuracy']:.3f}, macro F1 "
-              f"{r['cross_site']['macro_f1']:.3f}; in-site accuracy {r['in_site']['accuracy']:.3f}; recovered "
-              f"{r.get('recovered_share_of_cost', float('nan')):.2f} of the cost")
+    if not args.drift_only:
+        study = args.out / "study"
+        run_study(STUDY, study, csv, allow_failed=True)
+        results = summarise(study)
+        (args.out / "cross-site.json").write_text(json.dumps(results, indent=2))
+        for name, r in results.items():
+            print(f"{name}: cross-site accuracy {r['cross_site']['accuracy']:.3f}, macro F1 "
+                  f"{r['cross_site']['macro_f1']:.3f}; in-site accuracy {r['in_site']['accuracy']:.3f}; recovered "
+                  f"{r.get('recovered_share_of_cost', float('nan')):.2f} of the cost")
+    verdicts = drift_checks(csv, args.out)
+    (args.out / "drift.json").write_text(json.dumps(verdicts, indent=2))
+    for pair, v in verdicts.items():
+        print(f"{pair}: {'FLAGGED' if v['flagged'] else 'not flagged'}, AUROC "
+              + ", ".join(f"{b} {a:.3f}" for b, a in v["auroc"].items()))
 
 
 if __name__ == "__main__":
