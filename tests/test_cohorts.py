@@ -75,6 +75,8 @@ def test_retraining_on_both_sites_reports_each_side_by_side_and_all_trains_on_ev
     assert set(metrics["by_cohort"]) == {"siteA", "siteB"}
     assert sum(level["n"] for level in metrics["by_cohort"].values()) == metrics["cell_level"]["n"]
     assert "cells of siteA" in result.output and "cells of siteB" in result.output
+    invoke("report", out)
+    assert "Cells of siteB (n = " in (out / "report.html").read_text()
     deploy = tmp_path / "deploy"
     run = invoke("run", csv, "-o", deploy, "--set", "split.method=all", *TINY)
     assert "nothing is left to evaluate" in run.output and (deploy / "model" / "model.json").is_file()
@@ -89,8 +91,11 @@ def test_a_normalised_model_predicts_with_the_same_target_and_refuses_another(tm
     out = tmp_path / "run"
     invoke("run", csv, "-o", out, "--set", "split.method=cohort", "--set", "split.test_cohorts=[siteB]",
            "--set", "split.val=0.25", *TINY, *norm)
-    predicted = invoke("predict", out / "model", tmp_path / "data" / "siteB", "-o", tmp_path / "pred", "--no-drift")
-    assert (tmp_path / "pred" / "predictions.csv").is_file(), predicted.output
+    predicted = invoke("predict", out / "model", tmp_path / "data" / "siteB", "-o", out / "pred")
+    assert (out / "pred" / "predictions.csv").is_file() and (out / "pred" / "drift.json").is_file(), predicted.output
+    invoke("report", out)
+    page = (out / "report.html").read_text()
+    assert "drift of siteB against siteA, siteB" in page and "domain AUROC" in page
     other = write_image(tmp_path / "other.png", 32, (90, 30, 200))
     refused = runner.invoke(app, ["predict", str(out / "model"), str(tmp_path / "data" / "siteB"), "-o",
                                   str(tmp_path / "pred2"), "--no-drift", "--set", f"stain_norm.reference={other}"])

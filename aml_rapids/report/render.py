@@ -44,6 +44,7 @@ def _evaluation(folder: Path, root: Path) -> dict:
     shown = [(label, metrics[key]) for key, label in (("cell_level", "cells"), ("patient_level", "patients"))
              if key in metrics]
     shown += [(f"patients, {name}", level) for name, level in metrics.get("models", {}).items()]  # cv --level patient
+    shown += [(f"cells of {cohort}", level) for cohort, level in metrics.get("by_cohort", {}).items()]
     levels = [{"label": label, "n": level["n"], "ci95": level["ci95"], "accuracy": level["accuracy"],
                "macro_auc": level["macro_auc"], "macro": level["macro"], "per_class": level["per_class"],
                "auc": level["auc"]} for label, level in shown]
@@ -71,6 +72,18 @@ def _map_folder(summary_path: Path, root: Path) -> dict:
     return {"title": str(folder.relative_to(root)), "about": about, "table": _per_class(summary), "plots": plots}
 
 
+def _drift_folder(path: Path, root: Path) -> dict:
+    """A drift check (drift.json, drift.png): each backbone's domain AUROC and MMD test, and the verdict."""
+    drift = read_json(path)
+    table = pd.DataFrame([{"backbone": name, "domain AUROC": b["auroc"], "folds": b["folds"], "MMD²": b["mmd2"],
+                           "MMD p": b["mmd_p"]} for name, b in drift["backbones"].items()])
+    verdict = "FLAGGED" if drift["flagged"] else "not flagged"
+    about = (f"drift of {', '.join(drift['new']['cohorts'])} against {', '.join(drift['reference']['cohorts'])}: "
+             f"{verdict} (domain AUROC threshold {drift['threshold']})")
+    return {"title": str(path.parent.relative_to(root)), "about": about, "table": _table(table),
+            "plots": [_image(path.parent / "drift.png")] if (path.parent / "drift.png").is_file() else []}
+
+
 def _explanations(folder: Path) -> list[dict]:
     """The Grad-CAM, occlusion, embedding and gallery folders below ``folder``: what each shows, its numbers
     and its pictures, as their commands wrote them."""
@@ -85,6 +98,8 @@ def _explanations(folder: Path) -> list[dict]:
                                f"({embedded['split_protocol']}), on {embedded['backend']}",
                       "plots": [_image(path.parent / name) for numbers in embedded["spaces"].values()
                                 for name in numbers["files"] if name.endswith(".png")]})
+    for path in sorted(folder.rglob("drift.json")):
+        found.append(_drift_folder(path, folder))
     for path in sorted(folder.rglob("gallery.csv")):
         found.append({"title": str(path.parent.relative_to(folder)), "table": None,
                       "about": "the most confident correct and wrong cells per class, and each patient's top cells",
