@@ -198,11 +198,13 @@ def test_predict_checks_drift_against_the_training_store(tmp_path):
     predicted = runner.invoke(app, ["predict", str(run / "model"), str(tmp_path / "new"), "-o", str(tmp_path / "p")])
     assert predicted.exit_code == 0, predicted.output
     report = json.loads((tmp_path / "p" / "drift.json").read_text())
-    assert report["reference"]["cells"] == 40 and report["new"]["cells"] == 20 and "tiny" in report["backbones"]
-    assert report["colour"]["reference"]["measured"] == 40 and report["colour"]["new"]["measured"] == 20
+    held_out = int((read_manifest(run / "manifest.parquet").table["split"] != "train").sum())
+    trained_on = 40 - held_out  # the reference is the model's training rows, not its store's test cells
+    assert report["reference"]["cells"] == trained_on and report["reference"]["splits"] == ["train"]
+    assert report["new"]["cells"] == 20 and "tiny" in report["backbones"]
+    assert report["colour"]["reference"]["measured"] == trained_on and report["colour"]["new"]["measured"] == 20
     assert set(report["colour"]["difference"]) == {"hue_deg", "saturation", "value", "haematoxylin_od", "eosin_od",
                                                    "dab_od"}
-    held_out = int((read_manifest(run / "manifest.parquet").table["split"] != "train").sum())
     mix = report["class_mix"]
     assert abs(sum(mix["new"].values()) - 1) < 1e-9 and mix["cells"] == {"reference": held_out, "new": 20}
     assert f"did not train on ({held_out} of 40)" in mix["reference_cells"]

@@ -116,9 +116,9 @@ def predict(model_dir: Path, source: Path, out: Path, overrides: list[str] | Non
 
 def _drift_check(model, info: dict, model_dir: Path, store: FeatureStore, cells: pd.DataFrame, settings: DriftConfig,
                  out: Path) -> tuple[Drift | None, str | None]:
-    """These cells against the model's training store, written as drift.json and drift.png into ``out`` (with a
-    cell-level model, their predicted class mix too); or why no check could run: the predictions stand either
-    way."""
+    """These cells against the cells the model trained on (its store's train split, not the cohorts the store
+    holds for testing), written as drift.json and drift.png into ``out`` (with a cell-level model, their
+    predicted class mix too); or why no check could run: the predictions stand either way."""
     training_store = Path(info["store"])
     if not training_store.exists():
         return None, (f"no drift check: the model's training store {training_store} is gone (moved or deleted); "
@@ -128,7 +128,7 @@ def _drift_check(model, info: dict, model_dir: Path, store: FeatureStore, cells:
         backbones = comparable_backbones(reference, store, list(info["backbones"]))
         mix = (None if info.get("level") == PATIENT_LEVEL else
                class_mix(model, info, model_dir, reference, store, settings, cells["predicted"].to_numpy()))
-        drift = measure_drift(reference, store, settings, backbones, mix)
+        drift = measure_drift(reference, store, settings, backbones, mix, reference_splits=("train",))
     except (ConfigError, DataError) as exc:  # a training store changed or damaged since the model was made
         return None, f"no drift check against the model's training store: {exc}"
     write_drift(drift, out)

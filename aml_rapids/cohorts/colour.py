@@ -101,10 +101,11 @@ def _record_root(record: dict) -> Path | None:
     return source.parent if source.suffix.lower() == ".csv" else source
 
 
-def image_files(store: FeatureStore, cells: int, seed: int) -> list[Path]:
-    """The image files of a seeded sample of at most ``cells`` of the store's usable original cells, each under
-    the root of the manifest that named its cohort (cohorts no record names: the latest manifest's root)."""
-    _, rows = select_rows(store, None, originals_only=True)
+def image_files(store: FeatureStore, cells: int, seed: int, splits: tuple[str, ...] | None = None) -> list[Path]:
+    """The image files of a seeded sample of at most ``cells`` of the store's usable original cells (of
+    ``splits``, if given), each under the root of the manifest that named its cohort (cohorts no record names:
+    the latest manifest's root)."""
+    _, rows = select_rows(store, splits, originals_only=True)
     rows = rows.sample(min(cells, len(rows)), random_state=seed)
     roots, latest = {}, None
     for record in store.meta.get("manifests") or []:
@@ -114,11 +115,11 @@ def image_files(store: FeatureStore, cells: int, seed: int) -> list[Path]:
     return [root / path if root is not None else Path(path) for root, path in zip(where, rows["path"])]
 
 
-def store_colour(store: FeatureStore, cells: int, seed: int) -> CohortColour:
-    """The colour of a seeded sample of the store's cells, masked with the segmentation its features were made
-    with."""
+def store_colour(store: FeatureStore, cells: int, seed: int, splits: tuple[str, ...] | None = None) -> CohortColour:
+    """The colour of a seeded sample of the store's cells (of ``splits``, if given), masked with the segmentation
+    its features were made with."""
     segmentation = SegmentationConfig(**store.meta["preprocess"]["segmentation"])
-    return measure_files(image_files(store, cells, seed), segmentation)
+    return measure_files(image_files(store, cells, seed, splits), segmentation)
 
 
 def compare_colour(reference: CohortColour, new: CohortColour) -> ColourDrift:

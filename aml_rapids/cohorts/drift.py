@@ -127,11 +127,12 @@ def comparable_backbones(reference: FeatureStore, new: FeatureStore, backbones: 
     return wanted
 
 
-def cohort_sample(store: FeatureStore, max_cells: int, rng: np.random.Generator,
-                  among: np.ndarray | None = None) -> tuple[np.ndarray, pd.DataFrame]:
-    """A seeded sample of at most ``max_cells`` of the store's usable original cells (of those ``among`` marks, a
-    mask over them, if given): a mask over the store's rows, and their rows in store order."""
-    keep, rows = select_rows(store, None, originals_only=True)
+def cohort_sample(store: FeatureStore, max_cells: int, rng: np.random.Generator, among: np.ndarray | None = None,
+                  splits: tuple[str, ...] | None = None) -> tuple[np.ndarray, pd.DataFrame]:
+    """A seeded sample of at most ``max_cells`` of the store's usable original cells (of ``splits``, if given; of
+    those ``among`` marks, a mask over them, if given): a mask over the store's rows, and their rows in store
+    order."""
+    keep, rows = select_rows(store, splits, originals_only=True)
     candidates = np.arange(len(rows)) if among is None else np.flatnonzero(among)
     chosen = np.sort(rng.choice(candidates, min(max_cells, len(candidates)), replace=False))
     sample = np.zeros_like(keep)
@@ -222,17 +223,19 @@ def compare_backbone(reference: np.ndarray, new: np.ndarray, groups: np.ndarray,
     return result, Z, pca
 
 
-def _describe(store: FeatureStore) -> dict:
-    _, rows = select_rows(store, None, originals_only=True)
-    return {"store": str(store.path), "cohorts": sorted(map(str, rows["cohort"].unique())), "cells": len(rows)}
+def _describe(store: FeatureStore, splits: tuple[str, ...] | None = None) -> dict:
+    _, rows = select_rows(store, splits, originals_only=True)
+    return {"store": str(store.path), "splits": list(splits) if splits else "all",
+            "cohorts": sorted(map(str, rows["cohort"].unique())), "cells": len(rows)}
 
 
 def measure_drift(reference: FeatureStore, new: FeatureStore, cfg: DriftConfig, backbones: list[str],
-                  class_mix: ClassMix | None = None) -> Drift:
-    """Compare the new cohort's cells with the reference's on ``backbones`` (as ``comparable_backbones`` gives
-    them), and their colour; ``class_mix``, a model's, is carried into the result."""
+                  class_mix: ClassMix | None = None, reference_splits: tuple[str, ...] | None = None) -> Drift:
+    """Compare the new cohort's cells with the reference's (those of ``reference_splits``, if given: a model's
+    training rows, not the cohorts its store holds for testing) on ``backbones`` (as ``comparable_backbones``
+    gives them), and their colour; ``class_mix``, a model's, is carried into the result."""
     rng = np.random.default_rng(cfg.seed)
-    reference_keep, reference_rows = cohort_sample(reference, cfg.max_cells, rng)
+    reference_keep, reference_rows = cohort_sample(reference, cfg.max_cells, rng, splits=reference_splits)
     new_keep, new_rows = cohort_sample(new, cfg.max_cells, rng)
     groups, notes = domain_groups(reference_rows, new_rows)
     is_new = np.arange(len(groups)) >= len(reference_rows)
@@ -247,13 +250,13 @@ def measure_drift(reference: FeatureStore, new: FeatureStore, cfg: DriftConfig, 
     if capped:
         notes.append(f"PCA kept {', '.join(map(str, capped))} components, not drift.pca_components "
                      f"{cfg.pca_components}: no more rows or features")
-    colour = compare_colour(store_colour(reference, cfg.colour_cells, cfg.seed),
+    colour = compare_colour(store_colour(reference, cfg.colour_cells, cfg.seed, reference_splits),
                             store_colour(new, cfg.colour_cells, cfg.seed))
     notes += folds_note + colour.notes()
     if class_mix is not None:
         notes.append(f"the reference's predicted class mix is of {class_mix.reference_cells}")
     flagged = any(r.auroc >= cfg.auroc_threshold for r in results.values())
-    return Drift(_describe(reference), _describe(new), results, cfg.auroc_threshold, flagged, class_mix, colour,
+    return Drift(_describe(reference, reference_splits), _describe(new), results, cfg.auroc_threshold, flagged, class_mix, colour,
                  notes, {**cfg.model_dump(), "mmd_cells": MMD_CELLS}, scatter)
 
 
