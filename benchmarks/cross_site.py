@@ -8,8 +8,9 @@ DeepAPL test), evaluates each variant's model on PBC's held-out part too, and wr
 variant the cross-site and the in-site accuracy and macro F1 with their intervals, and the share of the site
 change's cost each variant recovers. The study's own results.md holds McNemar's tests against ``none``.
 Then the drift checks (OUT/drift/): PBC against DeepAPL, and two random halves of PBC against each other, each
-half and DeepAPL extracted into a store of its own with the study's ``none`` settings. ``--drift-only`` runs only
-these.
+half and DeepAPL extracted into a store of its own with the study's ``none`` settings. Then retraining
+(OUT/retrain/): PBC split by image and DeepAPL by patient (70/15/15 each), both extracted into one store (the
+second appended), one model trained on the union, its test results per cohort side by side. ``--parts`` picks.
 """
 
 from __future__ import annotations
@@ -68,7 +69,7 @@ def summarise(study: Path) -> dict:
         variant = json.loads(record.read_text())
         model = record.parent / "model"
         cross = json.loads((model / "eval-test" / "metrics.json").read_text())
-        in_site = workflow.evaluate(model, study / variant["store"], "val", model / "eval-val").report
+        in_site = workflow.evaluate(model, study / variant["store"], "val", model / "eval-val").metrics
         results[variant["name"]] = {"cross_site": _level(cross), "in_site": _level(in_site),
                                     "protocol": cross["split_protocol"]}
     base = results.get("none")
@@ -112,15 +113,35 @@ def drift_checks(csv: Path, out: Path, seed: int = 0) -> dict:
     return verdicts
 
 
+def retrain(csv: Path, out: Path) -> dict:
+    """One model trained on both cohorts' training parts, evaluated on both test parts: each cohort's results."""
+    cells = pd.read_csv(csv, keep_default_na=False)
+    store = out / "retrain" / "features.zarr"
+    for cohort, method in (("pbc144", "image"), ("deepapl144", "patient")):
+        folder = out / "retrain" / cohort
+        folder.mkdir(parents=True, exist_ok=True)
+        cells[cells["cohort"] == cohort].to_csv(folder / "cells.csv", index=False)
+        cfg = load_config(None, [f"split.method={method}"], base=drift_config().model_dump(mode="json"))
+        if not (folder / "manifest.parquet").is_file():
+            workflow.index(folder / "cells.csv", folder, cfg)
+            workflow.split(folder / "manifest.parquet", cfg)
+        workflow.extract(folder / "manifest.parquet", store, cfg)
+    cfg = drift_config()
+    model = workflow.train(store, out / "retrain" / "model", cfg, overwrite=True).model
+    report = workflow.evaluate(model, store, "test", model / "eval-test", cfg).metrics
+    return {cohort: _level({"cell_level": level}) for cohort, level in report["by_cohort"].items()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.cross_site", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shared", type=Path, default=REPO.parent / "shared")
     parser.add_argument("-o", "--out", type=Path, default=Path("runs") / "cross-site")
-    parser.add_argument("--drift-only", action="store_true", help="only the drift checks")
+    parser.add_argument("--parts", default="study,drift,retrain", help="comma-separated: study, drift, retrain")
     args = parser.parse_args()
+    parts = args.parts.split(",")
     csv = cells_csv(args.shared, args.out)
-    if not args.drift_only:
+    if "study" in parts:
         study = args.out / "study"
         run_study(STUDY, study, csv, allow_failed=True)
         results = summarise(study)
@@ -129,11 +150,17 @@ def main() -> None:
             print(f"{name}: cross-site accuracy {r['cross_site']['accuracy']:.3f}, macro F1 "
                   f"{r['cross_site']['macro_f1']:.3f}; in-site accuracy {r['in_site']['accuracy']:.3f}; recovered "
                   f"{r.get('recovered_share_of_cost', float('nan')):.2f} of the cost")
-    verdicts = drift_checks(csv, args.out)
-    (args.out / "drift.json").write_text(json.dumps(verdicts, indent=2))
-    for pair, v in verdicts.items():
-        print(f"{pair}: {'FLAGGED' if v['flagged'] else 'not flagged'}, AUROC "
-              + ", ".join(f"{b} {a:.3f}" for b, a in v["auroc"].items()))
+    if "drift" in parts:
+        verdicts = drift_checks(csv, args.out)
+        (args.out / "drift.json").write_text(json.dumps(verdicts, indent=2))
+        for pair, v in verdicts.items():
+            print(f"{pair}: {'FLAGGED' if v['flagged'] else 'not flagged'}, AUROC "
+                  + ", ".join(f"{b} {a:.3f}" for b, a in v["auroc"].items()))
+    if "retrain" in parts:
+        both = retrain(csv, args.out)
+        (args.out / "retrain.json").write_text(json.dumps(both, indent=2))
+        for cohort, r in both.items():
+            print(f"retrained on both, tested on {cohort}: accuracy {r['accuracy']:.3f}, macro F1 {r['macro_f1']:.3f}")
 
 
 if __name__ == "__main__":
