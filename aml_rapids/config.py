@@ -122,6 +122,13 @@ class StainNormConfig(_Section):
     min_foreground: float = Field(0.05, gt=0, lt=1, description="the least share of the reference image the HSV "
                                                                 "mask must keep")
 
+    @field_validator("reference")
+    @classmethod
+    def _absolute(cls, reference: Optional[str]) -> Optional[str]:
+        """As an absolute path (relative ones are to the working directory), so that a model's recorded config
+        finds it from anywhere."""
+        return str(Path(reference).expanduser().absolute()) if reference else reference
+
     @model_validator(mode="after")
     def _reference_given(self) -> "StainNormConfig":
         if self.method != "none" and not self.reference:
@@ -486,6 +493,17 @@ class RunConfig(_Section):
     explain: ExplainConfig = ExplainConfig()
     drift: DriftConfig = DriftConfig()
     scale: ScaleConfig = ScaleConfig()
+
+    @model_validator(mode="after")
+    def _stain_settings_agree(self) -> "RunConfig":
+        if self.stain_norm.method != "none" and self.stain_norm.region == "cell" and not self.segmentation.enabled:
+            raise ValueError("stain_norm.region cell takes the statistics over the HSV mask's foreground, and "
+                             "segmentation.enabled is false: use region image, or enable segmentation")
+        jitter = [f"augment.{name}" for name in ("colour", "stain") if getattr(self.augment, name).enabled]
+        if jitter and not self.augment.enabled:
+            raise ValueError(f"{' and '.join(jitter)} enabled while augment.enabled is false, which turns every "
+                             "training augmentation off: enable augment, or disable them")
+        return self
 
     @model_validator(mode="after")
     def _chunks_fit_in_memory(self) -> "RunConfig":

@@ -378,7 +378,9 @@ def evaluate(model: Path, store: Path, split: str = "test", out: Path | None = N
     cfg, model = cfg or RunConfig(), Path(model)
     check_evaluable(split)  # before its folder is made, as are the model and the store
     run_evaluate = evaluate_patients if read_info(model).get("level") == LEVEL else evaluate_cells
-    FeatureStore.open(store)
+    held = set(FeatureStore.open(store).rows()["split"]) - {""}
+    if split not in held:  # before the report folder is made
+        raise ConfigError(f"store {store} has no split {split}; it has {', '.join(sorted(held))}")
     out = prepare_output_dir(out or model / f"eval-{split}", "report folder")
     report = run_evaluate(model, Path(store), split, out, cfg.evaluate)
     write_run_record(out, "evaluate", cfg, model=str(model), store=str(store), split=split,
@@ -559,7 +561,9 @@ def _report_drift(result, against: str, where: Path) -> None:
     backbone, auroc = result.worst
     line = (f"the domain AUROC against {against} reaches {auroc:.3f} ({backbone}); drift is flagged at >= "
             f"{result.threshold:g}: {where}")
-    if result.flagged:
+    if not result.judged:
+        warn(f"drift not judged: {result.notes[0]}: {where}")
+    elif result.flagged:
         warn(f"DRIFT FLAGGED: {line}. These cells look unlike those the numbers were measured on; predictions "
              "on them may be worse than the model's test results say")
     else:
@@ -587,10 +591,10 @@ def drift(reference: Path, new: Path, out: Path | None = None, cfg: RunConfig | 
         classifier, info = loaded
         mix = class_mix(classifier, info, Path(model), *stores, cfg.drift)
     result = measure_drift(*stores, cfg.drift, backbones, mix)
-    write_drift(result, out)
     plot_drift(result, out / "drift.png")
     write_run_record(out, "drift", cfg, reference=str(reference), new=str(new), model=model and str(model),
                      drift=result.to_json())
+    write_drift(result, out)  # last: a drift.json stands for a finished check
     for name, b in result.backbones.items():
         say(f"{name}: domain AUROC {b.auroc:.3f} ({b.folds} grouped folds, {b.cells['reference']:,} and "
             f"{b.cells['new']:,} cells), MMD² {b.mmd2:.4f} (p {b.mmd_p:.3f})")

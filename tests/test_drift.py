@@ -220,3 +220,25 @@ def test_predict_checks_drift_against_the_training_store(tmp_path):
                                   "-o", str(tmp_path / "d")])
     assert by_hand.exit_code == 0, by_hand.output
     assert json.loads((tmp_path / "d" / "drift.json").read_text())["class_mix"]["cells"]["new"] == 20
+
+
+def test_cells_on_both_sides_leave_the_reference_and_a_store_against_itself_is_refused(tmp_path):
+    rng = np.random.default_rng(3)
+    (a, pa) = cohort(rng)
+    reference = feature_store(tmp_path / "a.zarr", {"net": a}, pa, "hospital_a")
+    overlap = feature_store(tmp_path / "o.zarr", {"net": a[:100]}, pa[:100], "hospital_a")  # the same 100 cells
+    drift = measure_drift(reference, overlap, FAST, ["net"])
+    assert drift.backbones["net"].cells == {"reference": 200, "new": 100}
+    assert any("100 cells of the reference are also in the new store" in note for note in drift.notes)
+    assert abs(drift.backbones["net"].auroc - 0.5) < 0.15 and not drift.flagged
+    with pytest.raises(DataError, match="also in .*no reference is left"):
+        measure_drift(reference, reference, FAST, ["net"])
+
+
+def test_a_handful_of_cells_gets_no_verdict_either_way(tmp_path):
+    rng = np.random.default_rng(4)
+    (a, pa), (b, pb) = cohort(rng), cohort(rng, patients=2, cells=5, shift=3.0)
+    reference = feature_store(tmp_path / "a.zarr", {"net": a}, pa, "hospital_a")
+    few = feature_store(tmp_path / "b.zarr", {"net": b}, pb, "hospital_b")
+    drift = measure_drift(reference, few, FAST, ["net"])
+    assert not drift.judged and not drift.flagged and drift.notes[0].startswith("no verdict: 10 cells on one side")

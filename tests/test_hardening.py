@@ -100,8 +100,9 @@ def test_an_interrupted_prediction_resumes_and_overwrite_says_what_it_replaces(t
     out = tmp_path / "pred"
     assert cli("predict", trained / "model", tmp_path / "new", "-o", out)[0] == 0
     before = pd.read_csv(out / "predictions.csv")
-    for name in ("predictions.csv", "patients.csv"):  # as a kill during extraction leaves it: a store, no results
-        (out / name).unlink()
+    for name in ("predictions.csv", "patients.csv", "drift.json", "drift.png", "drift.svg"):
+        (out / name).unlink()  # as a kill during extraction leaves it: a store, no results, no run record
+    shutil.rmtree(out / "runs")
     code, message = cli("predict", trained / "model", tmp_path / "other", "-o", out)
     assert code == 8 and "unfinished prediction of" in message and not (out / "predictions.csv").exists()
     code, message = cli("predict", trained / "model", tmp_path / "new", "-o", out)
@@ -109,6 +110,10 @@ def test_an_interrupted_prediction_resumes_and_overwrite_says_what_it_replaces(t
     pd.testing.assert_frame_equal(pd.read_csv(out / "predictions.csv"), before)
     code, message = cli("predict", trained / "model", tmp_path / "new", "-o", out, "--overwrite")
     assert code == 0 and "--overwrite: replacing the earlier results" in message and "predictions.csv" in message
+    shutil.rmtree(out / "runs")  # as a kill in the drift check leaves it: predictions, no run record
+    (out / "drift.json").unlink()
+    code, message = cli("predict", trained / "model", tmp_path / "new", "-o", out)
+    assert code == 0 and "resuming" in message and (out / "drift.json").is_file()
 
 
 def test_train_keeps_to_new_folders_or_its_own_earlier_model(trained, tmp_path):

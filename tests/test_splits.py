@@ -111,7 +111,8 @@ def test_cohort_split_refuses_unknown_cohorts_and_classes_only_held_out():
         make_split(cohorts(), SplitConfig(method="cohort", test_cohorts=("siteX",)))
     t = cohorts()
     t.loc[t["cohort"] == "siteC", "label"] = "promyelocyte"
-    with pytest.raises(SplitError, match="promyelocyte would have no training cells: only cohort.*siteC"):
+    with pytest.raises(SplitError, match=r"no training cells would be left of class promyelocyte \(only in held-out "
+                                         r"cohort\(s\) siteC\)"):
         make_split(t, SplitConfig(method="cohort", test_cohorts=("siteC",)))
     with pytest.raises(SplitError, match="none is left to train on"):
         make_split(cohorts(("a", "b")), SplitConfig(method="cohort", test_cohorts=("a",), val_cohorts=("b",)))
@@ -139,3 +140,13 @@ def test_cohort_protocol_is_named_in_words():
     assert split_protocol(record) == ("cohort-level: trained on pbc144, tested on deepapl144 (val held out of the "
                                       "training cohorts, grouped by image)")
     assert split_protocol({"method": "all"}) == "every row in training, nothing held out"
+
+
+def test_same_named_patients_of_two_cohorts_are_two_patients():
+    t = cohorts(("siteA", "siteB"), patients=6)
+    t["patient"] = t["label"] + "-p" + (t.index % 6 // 3).astype(str)  # p0..p1 under each class, in both cohorts
+    out = make_split(t, SplitConfig(method="patient", train=0.5, val=0.25, test=0.25, allow_incomplete=True)).table
+    parts = out.groupby(["cohort", "patient"])["split"].first().unstack("cohort")
+    assert (parts["siteA"] != parts["siteB"]).any()  # with one key per name they could never differ
+    folds = make_split(t, SplitConfig(method="kfold", folds=2)).table
+    assert folds.groupby(["cohort", "patient"])["fold"].nunique().max() == 1

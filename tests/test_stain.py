@@ -167,3 +167,13 @@ def test_a_reference_that_is_mostly_background_or_missing_is_refused(tmp_path):
         stain_target(load_config(None, ["stain_norm.method=reinhard", f"stain_norm.reference={tmp_path}/nothing.png"]))
     with pytest.raises(Exception, match="needs stain_norm.reference"):
         load_config(None, ["stain_norm.method=reinhard"])
+
+
+def test_settings_that_contradict_each_other_are_refused_by_name(tmp_path):
+    with pytest.raises(Exception, match="region cell takes the statistics over the HSV mask's foreground"):
+        load_config(None, ["stain_norm.method=reinhard", f"stain_norm.reference={tmp_path}/r.png",
+                           "stain_norm.region=cell", "segmentation.enabled=false"])
+    with pytest.raises(Exception, match="augment.colour enabled while augment.enabled is false"):
+        load_config(None, ["augment.enabled=false", "augment.colour.enabled=true"])
+    relative = load_config(None, ["stain_norm.method=reinhard", "stain_norm.reference=ref.png"])
+    assert Path(relative.stain_norm.reference).is_absolute()  # a model's recorded config finds it from anywhere

@@ -131,8 +131,8 @@ def _drift_check(model, info: dict, model_dir: Path, store: FeatureStore, cells:
         drift = measure_drift(reference, store, settings, backbones, mix, reference_splits=("train",))
     except (ConfigError, DataError) as exc:  # a training store changed or damaged since the model was made
         return None, f"no drift check against the model's training store: {exc}"
-    write_drift(drift, out)
     plot_drift(drift, out / "drift.png")
+    write_drift(drift, out)  # last: a drift.json stands for a finished check
     return drift, None
 
 
@@ -154,11 +154,14 @@ def _cell_predictions(model, info: dict, store: FeatureStore, model_dir: Path, o
 
 
 def _unfinished(out: Path, source: Path) -> bool:
-    """Whether ``out`` holds a prediction of these images that was interrupted while extracting them (a store,
-    no predictions yet): the same command then resumes it. Another source's unfinished store is refused."""
+    """Whether ``out`` holds a prediction of these images that was interrupted: while extracting them (a store,
+    no predictions yet), or after its predictions but before its run record (in the drift check). The same
+    command then resumes it. Another source's unfinished store is refused."""
+    if any(out.glob("runs/*-predict*.json")):
+        return False  # finished
     store = out / "features.zarr"
-    if not store.is_dir() or (out / "predictions.csv").exists():
-        return False
+    if not store.is_dir():
+        return (out / "predictions.csv").is_file()  # predicted from a given store: done again
     try:
         made_from = FeatureStore.open(store).meta["manifests"][0]["source"]
     except (DataError, KeyError, IndexError):

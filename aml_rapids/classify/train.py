@@ -70,7 +70,7 @@ def train(store_path: Path, cfg: RunConfig, out: Path, backbones: list[str] | No
             "classes": [str(k) for k in model.classes_], "training_rows": len(rows),
             "reduction": reduction,
             "fit_seconds": model.fit_seconds_, "learner_seconds": model.learner_seconds_,
-            "store": str(store_path), **describe_features(store, backbones),
+            "store": str(Path(store_path).absolute()), **describe_features(store, backbones),
             "config": cfg.classify.model_dump(), "extract_config": store.meta.get("config")}
     return save_model(model, out, info, rows, feature_identity(store.meta, backbones))
 

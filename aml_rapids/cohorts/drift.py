@@ -38,6 +38,7 @@ from ..classify.data import feature_blocks, load_features, select_rows
 from ..classify.io import seen_in_training
 from ..classify.model import row_zscore
 from ..config import DriftConfig
+from ..data.manifest import same_content
 from ..errors import DataError
 from ..evaluate.metrics import patient_keys
 from ..features.store import FeatureStore, StoreMismatch, feature_identity, identity_differences
@@ -45,6 +46,7 @@ from ..outputs import atomic_write_text
 from .colour import ColourDrift, compare_colour, store_colour
 
 MMD_CELLS = 1000  # cells of each cohort in the MMD test: its kernel matrix grows with the square of the count
+FEWEST_JUDGED = 20  # cells of a cohort below which its AUROC says nothing either way: no verdict is given
 SIDES = ("reference", "new")
 
 
@@ -86,6 +88,7 @@ class Drift:
     backbones: dict[str, BackboneDrift]
     threshold: float  # an AUROC at or above it flags drift
     flagged: bool
+    judged: bool = True  # False: a cohort has too few cells for any verdict (flagged is then False, and means nothing)
     class_mix: ClassMix | None = None
     colour: ColourDrift | None = None
     notes: list[str] = field(default_factory=list)
@@ -235,9 +238,18 @@ def measure_drift(reference: FeatureStore, new: FeatureStore, cfg: DriftConfig, 
     training rows, not the cohorts its store holds for testing) on ``backbones`` (as ``comparable_backbones``
     gives them), and their colour; ``class_mix``, a model's, is carried into the result."""
     rng = np.random.default_rng(cfg.seed)
-    reference_keep, reference_rows = cohort_sample(reference, cfg.max_cells, rng, splits=reference_splits)
+    notes = []
     new_keep, new_rows = cohort_sample(new, cfg.max_cells, rng)
-    groups, notes = domain_groups(reference_rows, new_rows)
+    shared = _shared_cells(reference, new, reference_splits)
+    if shared.all():
+        raise DataError(f"every usable cell of {reference.path} is also in {new.path}: no reference is left to "
+                        "compare with")
+    if shared.any():  # a cell on both sides is no evidence of either cohort, and drags the AUROC below 0.5
+        notes.append(f"{int(shared.sum()):,} cells of the reference are also in the new store (same content): left "
+                     "out of the reference")
+    reference_keep, reference_rows = cohort_sample(reference, cfg.max_cells, rng, ~shared, reference_splits)
+    groups, group_notes = domain_groups(reference_rows, new_rows)
+    notes += group_notes
     is_new = np.arange(len(groups)) >= len(reference_rows)
     folds, folds_note = fold_count(groups, is_new, cfg.folds)
     results, scatter = {}, None
@@ -255,9 +267,21 @@ def measure_drift(reference: FeatureStore, new: FeatureStore, cfg: DriftConfig, 
     notes += folds_note + colour.notes()
     if class_mix is not None:
         notes.append(f"the reference's predicted class mix is of {class_mix.reference_cells}")
-    flagged = any(r.auroc >= cfg.auroc_threshold for r in results.values())
-    return Drift(_describe(reference, reference_splits), _describe(new), results, cfg.auroc_threshold, flagged, class_mix, colour,
-                 notes, {**cfg.model_dump(), "mmd_cells": MMD_CELLS}, scatter)
+    judged = min(len(reference_rows), len(new_rows)) >= FEWEST_JUDGED
+    if not judged:
+        notes.insert(0, f"no verdict: {min(len(reference_rows), len(new_rows))} cells on one side, under "
+                        f"{FEWEST_JUDGED}; an AUROC on so few says nothing either way")
+    flagged = judged and any(r.auroc >= cfg.auroc_threshold for r in results.values())
+    return Drift(_describe(reference, reference_splits), _describe(new), results, cfg.auroc_threshold, flagged,
+                 judged, class_mix, colour, notes, {**cfg.model_dump(), "mmd_cells": MMD_CELLS}, scatter)
+
+
+def _shared_cells(reference: FeatureStore, new: FeatureStore, splits: tuple[str, ...] | None) -> np.ndarray:
+    """Which of the reference's usable original cells (of ``splits``) the new store holds too, by content."""
+    _, reference_rows = select_rows(reference, splits, originals_only=True)
+    _, new_rows = select_rows(new, None, originals_only=True)
+    hashes = set(new_rows["sha256"]) | set(new_rows["pixels_sha256"]) - {""}
+    return same_content(reference_rows, hashes).to_numpy()
 
 
 def predicted_classes(model, info: dict, store: FeatureStore, keep: np.ndarray) -> np.ndarray:
@@ -274,8 +298,10 @@ def class_mix(model, info: dict, model_dir: Path, reference: FeatureStore, new: 
     mirror their labels."""
     rng = np.random.default_rng(cfg.seed)
     _, rows = select_rows(reference, None, originals_only=True)
-    unseen = ~seen_in_training(rows, model_dir, info)
-    words = (f"cells the model did not train on ({int(unseen.sum()):,} of {len(rows):,})" if unseen.any() else
+    trained_cohorts = set(rows.loc[rows["split"] == "train", "cohort"]) or set(rows["cohort"])
+    unseen = ~seen_in_training(rows, model_dir, info) & rows["cohort"].isin(trained_cohorts).to_numpy()
+    words = (f"cells of its training cohorts the model did not train on ({int(unseen.sum()):,} of {len(rows):,})"
+             if unseen.any() else
              f"cells the model trained on (all {len(rows):,} of the store's: it has no others)")
     reference_keep, _ = cohort_sample(reference, cfg.max_cells, rng, unseen if unseen.any() else None)
     if new_predicted is None:

@@ -61,7 +61,7 @@ def plot_drift(drift: Drift, out: Path) -> list[Path]:
     _scatter(left, drift)
     _aurocs(right, drift)
     backbone, auroc = drift.worst
-    verdict = "DRIFT FLAGGED" if drift.flagged else "no drift flagged"
+    verdict = "DRIFT FLAGGED" if drift.flagged else "no drift flagged" if drift.judged else "NOT JUDGED (too few cells)"
     fig.suptitle(f"{verdict}: new {drift.new['store']} against reference {drift.reference['store']}\n"
                  f"highest domain AUROC {auroc:.3f} ({backbone}); flagged at >= {drift.threshold:g}",
                  fontsize=10, color="tab:red" if drift.flagged else "black")

@@ -49,7 +49,9 @@ def _groups(table: pd.DataFrame, method: str) -> pd.Series:
         raise SplitError(f"{n} cells have no patient id (layout <class>/<image>): a patient-grouped split is "
                          "impossible; use --method image, or index a <class>/<patient>/<image> tree or a CSV "
                          "with a patient column")
-    return table["patient"]
+    if "cohort" not in table:
+        return table["patient"]
+    return table["cohort"].astype(str) + "/" + table["patient"].astype(str)  # same-named patients of two cohorts
 
 
 def _group_labels(table: pd.DataFrame, groups: pd.Series) -> pd.DataFrame:
@@ -151,11 +153,10 @@ def _cohort_split(table: pd.DataFrame, cfg: SplitConfig) -> SplitResult:
     untrained = sorted(set(out["label"]) - set(out.loc[out["split"] == "train", "label"]))
     if untrained:
         where = out[out["label"].isin(untrained)].groupby("label")["cohort"].unique()
-        raise SplitError(f"class(es) {', '.join(untrained)} would have no training cells: only cohort(s) "
-                         + "; ".join(f"{label}: {', '.join(map(str, c))}" for label, c in where.items())
-                         + " hold them, and those are held out. Train on a cohort that has them, or leave them out "
-                           "of the manifest")
-    groups = cohort + "/" + table["patient"].fillna(_groups(table, "image")).astype(str)
+        raise SplitError("no training cells would be left of " + "; ".join(
+            f"class {label} (only in held-out cohort(s) {', '.join(map(str, c))})" for label, c in where.items())
+            + ". Train on a cohort that has them, or leave them out of the manifest")
+    groups = cohort + "/" + table["patient"].fillna(_groups(table, "image")).astype(str)  # patient, else content
     train_cohorts = sorted(set(cohort[~held]))
     record = {"train_cohorts": train_cohorts, "val_within": None if cfg.val_cohorts or cfg.val == 0 else within}
     return SplitResult(out, "split", _counts(out, "split", groups), missing, record)
@@ -163,7 +164,7 @@ def _cohort_split(table: pd.DataFrame, cfg: SplitConfig) -> SplitResult:
 
 def _all_split(table: pd.DataFrame) -> SplitResult:
     out = table.assign(split="train")
-    groups = out["patient"].fillna(_groups(out, "image")).astype(str)
+    groups = out["cohort"].astype(str) + "/" + out["patient"].fillna(_groups(out, "image")).astype(str)
     return SplitResult(out, "split", _counts(out, "split", groups), [],
                        {"train_cohorts": sorted(map(str, out["cohort"].unique()))})
 

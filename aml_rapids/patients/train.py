@@ -61,7 +61,7 @@ def train(store_path: Path, cfg: RunConfig, out: Path, backbones: list[str] | No
             "validation": "the store's val split" if has_val else validation_words(model),
             "training_rows": int(seen.shape[0]), "bags_left_out": bags.left_out, "members": model.members_,
             "fit_seconds": {"total": model.fit_seconds_},
-            "store": str(store_path), **describe_features(store, backbones),
+            "store": str(Path(store_path).absolute()), **describe_features(store, backbones),
             "config": cfg.patients.model_dump(mode="json"), "extract_config": store.meta.get("config")}
     return save_model(model, out, info, seen, feature_identity(store.meta, backbones))
 
