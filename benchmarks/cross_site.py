@@ -69,8 +69,10 @@ def summarise(study: Path) -> dict:
         variant = json.loads(record.read_text())
         model = record.parent / "model"
         cross = json.loads((model / "eval-test" / "metrics.json").read_text())
-        in_site = workflow.evaluate(model, study / variant["store"], "val", model / "eval-val").metrics
-        results[variant["name"]] = {"cross_site": _level(cross), "in_site": _level(in_site),
+        store = study / variant["store"]
+        in_site = (_level(workflow.evaluate(model, store, "val", model / "eval-val").metrics) if store.is_dir()
+                   else f"not evaluated: the variant's store {store} is gone")
+        results[variant["name"]] = {"cross_site": _level(cross), "in_site": in_site,
                                     "protocol": cross["split_protocol"]}
     base = results.get("none")
     if base:
@@ -147,8 +149,9 @@ def main() -> None:
         results = summarise(study)
         (args.out / "cross-site.json").write_text(json.dumps(results, indent=2))
         for name, r in results.items():
+            in_site = r["in_site"]["accuracy"] if isinstance(r["in_site"], dict) else float("nan")
             print(f"{name}: cross-site accuracy {r['cross_site']['accuracy']:.3f}, macro F1 "
-                  f"{r['cross_site']['macro_f1']:.3f}; in-site accuracy {r['in_site']['accuracy']:.3f}; recovered "
+                  f"{r['cross_site']['macro_f1']:.3f}; in-site accuracy {in_site:.3f}; recovered "
                   f"{r.get('recovered_share_of_cost', float('nan')):.2f} of the cost")
     if "drift" in parts:
         verdicts = drift_checks(csv, args.out)
