@@ -100,3 +100,18 @@ def test_a_normalised_model_predicts_with_the_same_target_and_refuses_another(tm
     refused = runner.invoke(app, ["predict", str(out / "model"), str(tmp_path / "data" / "siteB"), "-o",
                                   str(tmp_path / "pred2"), "--no-drift", "--set", f"stain_norm.reference={other}"])
     assert refused.exit_code == 2 and "stain_norm" in refused.output
+
+
+def test_patient_level_comparisons_only_where_labels_belong_to_patients():
+    from aml_rapids.study.compare import VariantResult, mcnemar_table
+
+    def variant(name, labels, patients):
+        cells = pd.DataFrame({"cell_id": [f"c{i}" for i in range(8)], "cohort": "a", "patient": patients,
+                              "label": labels, "predicted": "x", "p_x": 0.6, "p_y": 0.4})
+        return VariantResult(name, {}, cells)
+
+    diagnosis = (["x"] * 4 + ["y"] * 4, ["p1"] * 4 + ["p2"] * 4)
+    cell_types = (["x", "y"] * 4, ["p1"] * 4 + ["p2"] * 4)  # each patient has cells of both types
+    for (labels, patients), levels in ((diagnosis, {"cells", "patients"}), (cell_types, {"cells"})):
+        table = mcnemar_table([variant("ref", labels, patients), variant("other", labels, patients)], "ref")
+        assert set(table["level"]) == levels

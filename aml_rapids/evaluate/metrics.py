@@ -86,6 +86,12 @@ def patient_keys(rows: pd.DataFrame) -> np.ndarray:
     return (rows["cohort"].astype(str) + "/" + rows["patient"].astype(str)).to_numpy()
 
 
+def labels_belong_to_patients(rows: pd.DataFrame) -> bool:
+    """Whether every patient's cells carry one label (a diagnosis), so a patient-level result means something;
+    cell types, of which one patient has many, do not."""
+    return bool(rows.assign(key=patient_keys(rows)).groupby("key")["label"].nunique().max() == 1)
+
+
 def patient_means(rows: pd.DataFrame, proba: np.ndarray, classes: np.ndarray) -> pd.DataFrame:
     """The method's patient-level prediction: per patient (the index, ``patient_keys``), the mean of its cells'
     class probabilities (one column per class), its cell count (``n_cells``), label, cohort and name."""

@@ -18,7 +18,7 @@ from ..config import EvaluateConfig
 from ..errors import DataError
 from ..outputs import atomic_write_text
 from ..provenance import current_run_id, git_commit
-from .metrics import bootstrap, patient_keys, patient_level, summary
+from .metrics import bootstrap, labels_belong_to_patients, patient_keys, patient_level, summary
 from .plots import plot_confusion, plot_roc
 
 PREDICTIONS = "predictions.csv"  # one line per evaluated cell
@@ -86,12 +86,6 @@ def small_sample_warnings(rows, classes, split: str, settings: EvaluateConfig) -
     return warnings
 
 
-def _one_label_per_patient(rows) -> bool:
-    """Whether labels belong to patients (a diagnosis), so a patient-level result means something; cell types,
-    of which one patient has many, do not."""
-    return bool(rows.assign(key=patient_keys(rows)).groupby("key")["label"].nunique().max() == 1)
-
-
 def _cell_level(rows, proba, classes, has_patients: bool, draws: dict) -> dict:
     """Cell-level metrics with 95% intervals, the bootstrap resampling patients where the rows have them."""
     y = rows["label"].to_numpy()
@@ -125,7 +119,7 @@ def write_report(rows, proba, classes, info: dict, split: str, out: Path, settin
     title = f"{split} split ({info['split_protocol']}), {'+'.join(info['backbones'])} ({'; '.join(words)})"
     plot_confusion(y, classes[proba.argmax(axis=1)], classes, f"cells: {title}", out / "confusion.png")
     plot_roc(y, proba, classes, f"cells: {title}", out / "roc.png")
-    if has_patients and _one_label_per_patient(rows):
+    if has_patients and labels_belong_to_patients(rows):
         py, pproba = patient_level(rows, proba, classes)
         report["patient_level"] = {**summary(py, pproba, classes), "ci95": bootstrap(py, pproba, classes, **draws)}
         plot_roc(py, pproba, classes, f"patients: {title}", out / "roc_patients.png")

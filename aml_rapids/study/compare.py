@@ -18,7 +18,7 @@ from statsmodels.stats.contingency_tables import mcnemar
 from statsmodels.stats.multitest import multipletests
 
 from ..errors import ConfigError
-from ..evaluate.metrics import patient_keys
+from ..evaluate.metrics import labels_belong_to_patients, patient_keys
 from ..evaluate.plots import plot_macro_rocs
 from ..outputs import atomic_write_text, read_json
 
@@ -87,7 +87,7 @@ def mcnemar_table(results: list[VariantResult], reference: str) -> pd.DataFrame:
     by_name = {r.name: r for r in results}
     ref = by_name[reference]
     levels = {"cells": lambda r: (r.predictions["predicted"] == r.predictions["label"]).to_numpy()}
-    if (ref.predictions["patient"] != "").all():
+    if (ref.predictions["patient"] != "").all() and labels_belong_to_patients(ref.predictions):
         levels["patients"] = lambda r: _patient_correct(r).sort_index().to_numpy()
     rows = []
     for level, correct in levels.items():
