@@ -12,7 +12,7 @@ quick)::
 docs/python-api.md walks through it.
 """
 
-__version__ = "0.10.0"
+__version__ = "0.9.0"
 
 _EXPORTS = {
     # the pipeline in one call, and predicting with a model (stage by stage: aml_rapids.workflow)
