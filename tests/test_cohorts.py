@@ -115,3 +115,13 @@ def test_patient_level_comparisons_only_where_labels_belong_to_patients():
     for (labels, patients), levels in ((diagnosis, {"cells", "patients"}), (cell_types, {"cells"})):
         table = mcnemar_table([variant("ref", labels, patients), variant("other", labels, patients)], "ref")
         assert set(table["level"]) == levels
+
+
+def test_a_store_of_two_manifests_split_apart_names_both_protocols():
+    from aml_rapids.classify.train import stores_protocol
+
+    one = [{"split": {"method": "patient"}, "cohorts": ["a"]}]
+    assert stores_protocol(one) == "patient-grouped split"
+    assert stores_protocol(one + [{"split": {"method": "patient"}, "cohorts": ["b"]}]) == "patient-grouped split"
+    assert stores_protocol([{"split": {"method": "image"}, "cohorts": ["pbc"]}, *one]) == (
+        "image-level split (pbc) + patient-grouped split (a)")

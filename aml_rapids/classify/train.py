@@ -24,11 +24,20 @@ def describe_features(store: FeatureStore, backbones: list[str]) -> dict:
     split = manifests[-1].get("split") or {}
     return {"backbones": {b: {k: store.meta["backbones"][b].get(k) for k in ("weights", "pretrained", "dim",
                                                                          "finetuned")} for b in backbones},
-            "split_protocol": split_protocol(split),
+            "split_protocol": stores_protocol(manifests),
             "split": split,
             "source": {"store": str(store.path), "split": split,
                        "manifests": [{k: m.get(k) for k in ("digest", "source", "rows", "time_utc")}
                                      for m in manifests]}}
+
+
+def stores_protocol(manifests: list[dict]) -> str:
+    """The split protocol in words; a store of several manifests split apart (a cohort appended with its own
+    split) names each with its cohorts."""
+    words = [split_protocol(m.get("split")) for m in manifests]
+    if len(set(words)) == 1:
+        return words[0]
+    return " + ".join(f"{w} ({', '.join(m.get('cohorts') or ['?'])})" for w, m in zip(words, manifests))
 
 
 def new_model(block_dims: tuple[int, ...], cfg: RunConfig) -> FeatureStackingClassifier:
