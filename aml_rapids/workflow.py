@@ -597,7 +597,7 @@ def drift(reference: Path, new: Path, out: Path | None = None, cfg: RunConfig | 
     write_drift(result, out)  # last: a drift.json stands for a finished check
     for name, b in result.backbones.items():
         say(f"{name}: domain AUROC {b.auroc:.3f} ({b.folds} grouped folds, {b.cells['reference']:,} and "
-            f"{b.cells['new']:,} cells), MMD² {b.mmd2:.4f} (p {b.mmd_p:.3f})")
+            f"{b.cells['new']:,} cells), MMD² {b.mmd2:.4f} (p {b.mmd_p:.3g})")
     if mix is not None:
         say(f"predicted class mix: total-variation distance {mix.total_variation:.3f}; reference "
             + ", ".join(f"{c} {share:.0%}" for c, share in mix.reference.items()) + "; new "
