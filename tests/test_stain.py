@@ -177,3 +177,19 @@ def test_settings_that_contradict_each_other_are_refused_by_name(tmp_path):
         load_config(None, ["augment.enabled=false", "augment.colour.enabled=true"])
     relative = load_config(None, ["stain_norm.method=reinhard", "stain_norm.reference=ref.png"])
     assert Path(relative.stain_norm.reference).is_absolute()  # a model's recorded config finds it from anywhere
+
+
+@pytest.mark.gpu
+def test_the_gpu_graph_normalises_and_jitters_as_the_cpu_graph(smear, tmp_path):
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA GPU")
+    table, root = smear
+    ref = write_image(tmp_path / "ref.png", 24, (100, 40, 160))
+    settings = ["loader.batch_size=4", "loader.image_size=16", "loader.gpu_dtype=fp32", "stain_norm.method=reinhard",
+                f"stain_norm.reference={ref}", "augment.colour.enabled=true", "augment.stain.enabled=true"]
+    out = {device: torch.cat([b.images["imagenet"].float().cpu() for b in CellLoader(
+        table, root, load_config(None, settings + [f"loader.device={device}"]), augment=True)])
+        for device in ("cpu", "gpu")}
+    assert (out["cpu"] - out["gpu"]).abs().mean() < 0.02
