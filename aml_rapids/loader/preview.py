@@ -47,6 +47,20 @@ def foreground_fractions(table: pd.DataFrame, root: Path, cfg: RunConfig, per_cl
     return stats.assign(count=stats["count"].fillna(0))[["count", "mean", "5%", "50%", "95%"]]
 
 
+def _what_it_shows(cfg: RunConfig) -> str:
+    """The preview's title: the mask's thresholds, and the colour steps that are on."""
+    seg, norm, aug = cfg.segmentation, cfg.stain_norm, cfg.augment
+    lines = [f"HSV mask: hue {seg.hue_min:g}-{seg.hue_max:g} deg, saturation >= {seg.saturation_min:g}"
+             + ("" if seg.enabled else " (segmentation off)") + "; fg: share of the image the mask keeps"]
+    if norm.method != "none":
+        lines.append(f"stain normalisation {norm.method} ({norm.region}) to {Path(norm.reference).name}, in every column "
+                     "after the mask")
+    jitter = [name for name in ("colour", "stain") if getattr(aug, name).enabled]
+    if jitter and aug.enabled:
+        lines.append(f"{' and '.join(jitter)} jitter in the augmented column only")
+    return "\n".join(lines)
+
+
 def _shorten(text: str, width: int = 24) -> str:
     """``text`` cut in the middle to at most ``width`` characters, so its start and its end (a file's number and
     extension) both stay."""
@@ -58,7 +72,7 @@ def _shorten(text: str, width: int = 24) -> str:
 
 CELL_INCH = 1.6  # side of one image in the grid
 LABEL_INCH = 1.9  # the row labels left of the grid
-HEADER_INCH = 0.55  # the suptitle and the column titles above it
+HEADER_INCH = 0.55  # a one-line suptitle and the column titles above it
 
 
 @plt.rc_context({"text.parse_math": False})  # class names and paths are text, not TeX
@@ -68,9 +82,11 @@ def render_preview(table: pd.DataFrame, root: Path, cfg: RunConfig, out: Path, p
     examples = pick_examples(table, per_class, cfg.loader.seed)
     views = _debug_views(examples, root, cfg, VIEWS)
     rows, cols = len(examples), len(VIEWS)
-    width, height = LABEL_INCH + cols * CELL_INCH, HEADER_INCH + rows * CELL_INCH
+    heading = _what_it_shows(cfg)
+    header = HEADER_INCH + 0.16 * heading.count("\n")
+    width, height = LABEL_INCH + cols * CELL_INCH, header + rows * CELL_INCH
     fig, axes = plt.subplots(rows, cols, figsize=(width, height), squeeze=False)
-    fig.subplots_adjust(left=LABEL_INCH / width, right=1.0, bottom=0.0, top=1.0 - HEADER_INCH / height,
+    fig.subplots_adjust(left=LABEL_INCH / width, right=1.0, bottom=0.0, top=1.0 - header / height,
                         wspace=0.04, hspace=0.04)
     for row, (pos, cell) in enumerate(examples.iterrows()):
         share = f"fg {views[pos]['mask'].mean():.0%}" if pos in views else "fg –"
@@ -89,10 +105,8 @@ def render_preview(table: pd.DataFrame, root: Path, cfg: RunConfig, out: Path, p
                 continue
             image = views[pos][key]
             ax.imshow(image[..., 0] * 255 if key == "mask" else image, cmap="gray", vmin=0, vmax=255)
-    seg = cfg.segmentation
-    fig.suptitle(f"HSV mask: hue {seg.hue_min:g}-{seg.hue_max:g} deg, saturation >= {seg.saturation_min:g}"
-                 + ("" if seg.enabled else " (segmentation off)") + "; fg: share of the image the mask keeps",
-                 fontsize=9, x=(LABEL_INCH + cols * CELL_INCH / 2) / width, y=1.0 - 0.12 / height, va="top")
+    fig.suptitle(heading, fontsize=9, x=(LABEL_INCH + cols * CELL_INCH / 2) / width,
+                 y=1.0 - 0.12 / height, va="top")
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=110, bbox_inches="tight", pad_inches=0.08)
     plt.close(fig)
