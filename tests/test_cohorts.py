@@ -125,3 +125,14 @@ def test_a_store_of_two_manifests_split_apart_names_both_protocols():
     assert stores_protocol(one + [{"split": {"method": "patient"}, "cohorts": ["b"]}]) == "patient-grouped split"
     assert stores_protocol([{"split": {"method": "image"}, "cohorts": ["pbc"]}, *one]) == (
         "image-level split (pbc) + patient-grouped split (a)")
+
+
+def test_blank_cohorts_in_a_csv_are_named_in_a_warning(tmp_path):
+    from aml_rapids.config import IndexConfig
+    from aml_rapids.data.manifest import build_manifest
+
+    rows = [{"path": str(write_image(tmp_path / f"c{i}.png", 16, (100 + i, 50, 160))), "label": "x",
+             "cohort": "siteA" if i < 2 else ""} for i in range(3)]
+    pd.DataFrame(rows).to_csv(tmp_path / "cells.csv", index=False)
+    result = build_manifest(tmp_path / "cells.csv", IndexConfig())
+    assert any("1 rows have no cohort" in w and repr(tmp_path.name) in w for w in result.warnings)

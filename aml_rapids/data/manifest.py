@@ -116,6 +116,16 @@ def _patients_in_several_classes(table: pd.DataFrame) -> list[str]:
             "patient-level results. If they are different people, give them distinct names"]
 
 
+def _cohorts_left_blank(candidates: list[Candidate], cfg: IndexConfig, default: str) -> list[str]:
+    """A CSV whose cohort column names some rows' cohort and leaves others blank: those take the default name,
+    which the user should know before a cohort split reads it."""
+    named = sum(c.cohort is not None for c in candidates)
+    if cfg.cohort or named in (0, len(candidates)):
+        return []
+    return [f"{len(candidates) - named:,} rows have no cohort in the CSV's cohort column; they take cohort "
+            f"{default!r} (the CSV's folder), beside the named ones"]
+
+
 def build_manifest(source: Path, cfg: IndexConfig, progress: Callable[[int], None] | None = None,
                    on_total: Callable[[int], None] | None = None) -> IndexResult:
     """Scan a folder or CSV, inspect every candidate, and return the manifest and what was left out."""
@@ -152,7 +162,7 @@ def build_manifest(source: Path, cfg: IndexConfig, progress: Callable[[int], Non
     if table.empty:
         raise NoUsableImages(f"{source}: no usable images ({len(problems)} problems)", problems)
     dupes = int(table.duplicated("sha256").sum())
-    warnings = _patients_in_several_classes(table)
+    warnings = _patients_in_several_classes(table) + _cohorts_left_blank(scan.candidates, cfg, default_cohort)
     table = table.sort_values(["label", "patient", "path"], na_position="first", kind="stable").reset_index(drop=True)
     meta = {"source": str(source.resolve()), "layout": scan.layout}
     return IndexResult(Manifest(table, scan.root.resolve(), meta), problems, scan.layout, len(scan.candidates), dupes,
