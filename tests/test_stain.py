@@ -15,7 +15,7 @@ from aml_rapids.config import AugmentConfig, RunConfig, SegmentationConfig, load
 from aml_rapids.data.manifest import build_manifest
 from aml_rapids.errors import DataError
 from aml_rapids.loader import stain
-from aml_rapids.loader.augment import affine_matrices, colour_factors, row_draws, stain_draws
+from aml_rapids.loader.augment import affine_matrices, colour_factors, row_draws, stain_draws, stain_transforms
 from aml_rapids.loader.hsv import hsv_mask
 from aml_rapids.loader.loader import CellLoader, stain_target
 
@@ -81,12 +81,12 @@ def test_hed_jitter_matches_scikit_image_within_one_grey_level():
     rng = np.random.default_rng(1)
     alpha, beta = 1 + 0.1 * (2 * rng.random((len(images), 3)) - 1), 0.02 * (2 * rng.random((len(images), 3)) - 1)
     (out,) = run_graph(images, lambda x, m, mats, shifts: (stain.stain_jitter(x, mats, shifts),),
-                       *stain.stain_transforms(alpha, beta))
+                       *stain_transforms(alpha, beta))
     for img, ours, a, b in zip(images, out, alpha, beta):
         want = np.clip(np.round(hed2rgb(rgb2hed(img) * a + b) * 255), 0, 255)
         assert np.abs(ours.astype(int) - want).max() <= 1
     (same,) = run_graph(images, lambda x, m, mats, shifts: (stain.stain_jitter(x, mats, shifts),),
-                        *stain.stain_transforms(np.ones((len(images), 3)), np.zeros((len(images), 3))))
+                        *stain_transforms(np.ones((len(images), 3)), np.zeros((len(images), 3))))
     assert max(np.abs(s.astype(int) - np.clip(np.round(hed2rgb(rgb2hed(i)) * 255), 0, 255)).max()
                for s, i in zip(same, images)) <= 1
 

@@ -162,20 +162,25 @@ def _wanted(name: str, asked: Choice, stored: dict | None) -> Choice:
                         "store (-o), or leave features.engine and features.precision at auto to extend it")
 
 
-def store_identity(cfg: RunConfig, backbones: Backbones) -> dict:
-    """What makes two runs' features comparable; a store only accepts rows computed the same way. Colour and
-    stain jitter and stain normalisation appear only when on, so stores made before they existed keep theirs."""
+def preprocess_identity(cfg: RunConfig) -> dict:
+    """The preprocessing that decides a row's pixels, as stores and fine-tuning checkpoints record it. Colour and
+    stain jitter and stain normalisation appear only when on, so those made before they existed keep theirs; the
+    normalisation's reference is named by content (its statistics follow from it, and are recomputed on every
+    machine to the last bit or not)."""
     preprocess = {"image_size": cfg.loader.image_size, "segmentation": cfg.segmentation.model_dump(),
                   "augment": augment_identity(cfg.augment), "oversample": cfg.oversample.model_dump(),
                   "augment_seed": cfg.loader.seed, "augment_draws": DRAWS}
     target = stain_target(cfg)
     if target is not None:
-        # the reference by content and its statistics (lists, as the store's JSON reads them back): the same
-        # image elsewhere is the same target
         preprocess["stain_norm"] = {"method": cfg.stain_norm.method, "region": target.region,
-                                    "mean": list(target.mean), "std": list(target.std), "sha256": target.sha256}
+                                    "sha256": target.sha256}
+    return preprocess
+
+
+def store_identity(cfg: RunConfig, backbones: Backbones) -> dict:
+    """What makes two runs' features comparable; a store only accepts rows computed the same way."""
     return {"backbones": backbones.info, "chunk_rows": cfg.chunk_rows, "store_dtype": cfg.features.store_dtype,
-            "features_seed": cfg.features.seed, "preprocess": preprocess}
+            "features_seed": cfg.features.seed, "preprocess": preprocess_identity(cfg)}
 
 
 def stored_backbones(meta: dict) -> dict[str, dict]:

@@ -29,6 +29,7 @@ from ..data.scan import Problem
 from ..errors import OutputError, TrainingDiverged
 from ..evaluate.report import split_protocol, write_report
 from ..features.backbones import get_spec
+from ..features.extract import preprocess_identity
 from ..loader.loader import CellLoader, resolve_device
 from ..logs import log
 from ..outputs import atomic_write_text, file_sha256, prepare_output_dir
@@ -79,9 +80,7 @@ def run_identity(cfg: RunConfig, manifest: Manifest, digest: str, task: Task) ->
               (k == "epochs" and cfg.finetune.lr_schedule == "cosine")}
     return {"backbone": task.spec.name, "base_weights": task.base.sha256 or "none", "classes": task.classes,
             "manifest": digest, "split": manifest.meta.get("split"), "policy": policy,
-            "preprocess": {"image_size": cfg.loader.image_size, "segmentation": cfg.segmentation.model_dump(),
-                           "augment": cfg.augment.model_dump(), "oversample": cfg.oversample.model_dump(),
-                           "augment_seed": cfg.loader.seed}}
+            "preprocess": {k: v for k, v in preprocess_identity(cfg).items() if k != "augment_draws"}}
 
 
 def prepare_folder(out: Path, overwrite: bool) -> Path:

@@ -17,13 +17,16 @@ import numpy as np
 import pandas as pd
 
 from ..config import AugmentConfig
-from .stain import stain_transforms
+from skimage.color import rgb_from_hed
 
 DRAWS = "splitmix64-v1"  # recorded in the store: a store keeps the draws it was made with
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 _EPOCH_KEY = np.uint64(0x5851F42D4C957F2D)  # keeps epoch 0's draws apart from the extraction's
 # Columns of a row's draws: each kind its own, so turning one on leaves the others' draws as they were.
 AFFINE, COLOUR, STAIN = slice(0, 7), slice(7, 11), slice(11, 17)
+
+
+OD_SCALE = float(-np.log(1e-6))  # scikit-image's rgb2hed: optical density is -log(rgb) / OD_SCALE, rgb >= 1e-6
 
 
 @dataclass
@@ -109,3 +112,12 @@ def row_draws(table: pd.DataFrame, cfg: AugmentConfig, seed: int, out_size: int,
     return RowDraws(affine_matrices(table, cfg, seed, out_size, epoch),
                     colour_factors(table, cfg, seed, epoch) if cfg.colour.enabled else None,
                     stain_draws(table, cfg, seed, epoch) if cfg.stain.enabled else None)
+
+
+def stain_transforms(alpha: np.ndarray, beta: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-row (3, 3) matrices and (3,) shifts taking stains to log RGB after scaling by ``alpha`` and shifting by
+    ``beta`` (both (rows, 3)): hed2rgb's -OD_SCALE * (alpha * s + beta) @ rgb_from_hed, as M @ s + T."""
+    to_log_rgb = -OD_SCALE * rgb_from_hed.T
+    matrices = to_log_rgb[None] * alpha[:, None, :]
+    shifts = beta @ to_log_rgb.T
+    return matrices.astype(np.float32), shifts.astype(np.float32)

@@ -21,11 +21,11 @@ import nvidia.dali.math as dmath
 import nvidia.dali.types as types
 import numpy as np
 from skimage.color import colorconv, rgb2lab
-from skimage.color import hed_from_rgb, rgb_from_hed
+from skimage.color import hed_from_rgb
 
 from ..errors import DataError
+from .augment import OD_SCALE
 
-OD_SCALE = float(-np.log(1e-6))  # rgb2hed's optical density is -log(rgb) / OD_SCALE, rgb floored at 1e-6
 WHITE = colorconv.xyz_tristimulus_values(illuminant="D65", observer="2")
 LAB_FROM_F = np.array([[0, 116, 0], [500, -500, 0], [0, 200, -200]], dtype=float)  # (fx, fy, fz) -> L, a, b
 LAB_OFFSET = np.array([-16.0, 0, 0])
@@ -90,7 +90,8 @@ def reinhard(rgb, mask, target: LabTarget):
 
 
 def stain_jitter(rgb, matrices, shifts):
-    """HED jitter of an HWC uint8 cell: ``matrices`` and ``shifts`` are per-sample nodes of ``stain_transforms``.
+    """HED jitter of an HWC uint8 cell: ``matrices`` and ``shifts`` are per-sample nodes of
+    ``augment.stain_transforms``.
     Returns uint8 RGB."""
     density = dmath.log(dmath.max(rgb / 255.0, 1e-6)) / -OD_SCALE
     stains = dmath.max(_linear(density, hed_from_rgb.T), 0.0)
@@ -102,15 +103,6 @@ def colour_jitter(rgb, factors):
     """DALI's color_twist with per-sample hue (degrees), saturation, brightness and contrast nodes."""
     hue, saturation, brightness, contrast = factors
     return fn.color_twist(rgb, hue=hue, saturation=saturation, brightness=brightness, contrast=contrast)
-
-
-def stain_transforms(alpha: np.ndarray, beta: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Per-row (3, 3) matrices and (3,) shifts taking stains to log RGB after scaling by ``alpha`` and shifting by
-    ``beta`` (both (rows, 3)): hed2rgb's -OD_SCALE * (alpha * s + beta) @ rgb_from_hed, as M @ s + T."""
-    to_log_rgb = -OD_SCALE * rgb_from_hed.T
-    matrices = to_log_rgb[None] * alpha[:, None, :]
-    shifts = beta @ to_log_rgb.T
-    return matrices.astype(np.float32), shifts.astype(np.float32)
 
 
 def lab_target(rgb: np.ndarray, mask: np.ndarray, region: str, reference: Path, sha256: str,
