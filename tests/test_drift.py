@@ -183,7 +183,7 @@ def test_a_redder_darker_stain_shows_in_the_foreground_colour(tmp_path):
 @pytest.mark.slow
 def test_predict_checks_drift_against_the_training_store(tmp_path):
     demo, run = tmp_path / "demo", tmp_path / "run"
-    write_demo_dataset(demo, patients_per_class=2, cells_per_patient=4)
+    write_demo_dataset(demo, patients_per_class=2, cells_per_patient=10)
     tiny = ["--set", "features.backbones=[{name: tiny, weights: none, engine: torch, precision: fp32}]",
             "--set", "loader.batch_size=8", "--set", "loader.image_size=32", "--set", "loader.device=cpu",
             "--set", "features.store_dtype=float32"]
@@ -199,15 +199,15 @@ def test_predict_checks_drift_against_the_training_store(tmp_path):
     assert predicted.exit_code == 0, predicted.output
     report = json.loads((tmp_path / "p" / "drift.json").read_text())
     held_out = int((read_manifest(run / "manifest.parquet").table["split"] != "train").sum())
-    trained_on = 40 - held_out  # the reference is the model's training rows, not its store's test cells
-    assert report["reference"]["cells"] == trained_on and report["reference"]["splits"] == ["train"]
+    # the reference: the training cohort's un-augmented cells (its val and test parts), not the warped train rows
+    assert report["reference"]["cells"] == held_out and "train" not in report["reference"]["splits"]
     assert report["new"]["cells"] == 20 and "tiny" in report["backbones"]
-    assert report["colour"]["reference"]["measured"] == trained_on and report["colour"]["new"]["measured"] == 20
+    assert report["colour"]["reference"]["measured"] == held_out and report["colour"]["new"]["measured"] == 20
     assert set(report["colour"]["difference"]) == {"hue_deg", "saturation", "value", "haematoxylin_od", "eosin_od",
                                                    "dab_od"}
     mix = report["class_mix"]
     assert abs(sum(mix["new"].values()) - 1) < 1e-9 and mix["cells"] == {"reference": held_out, "new": 20}
-    assert f"did not train on ({held_out} of 40)" in mix["reference_cells"]
+    assert f"did not train on ({held_out} of 100)" in mix["reference_cells"]
     assert "domain AUROC against the model's training store" in " ".join(predicted.output.split())
     assert (tmp_path / "p" / "drift.png").is_file()
     store = tmp_path / "p" / "features.zarr"

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from ..cohorts.drift import Drift, class_mix, comparable_backbones, measure_drift, write_drift
+from ..cohorts.drift import Drift, class_mix, comparable_backbones, measure_drift, training_cohorts, write_drift
 from ..cohorts.plots import plot_drift
 from ..config import DriftConfig, RunConfig, load_config
 from ..data.manifest import build_manifest
@@ -116,7 +116,7 @@ def predict(model_dir: Path, source: Path, out: Path, overrides: list[str] | Non
 
 def _drift_check(model, info: dict, model_dir: Path, store: FeatureStore, cells: pd.DataFrame, settings: DriftConfig,
                  out: Path) -> tuple[Drift | None, str | None]:
-    """These cells against the cells the model trained on (its store's train split, not the cohorts the store
+    """These cells against the un-augmented cells of the cohorts the model trained on (not the cohorts its store
     holds for testing), written as drift.json and drift.png into ``out`` (with a cell-level model, their
     predicted class mix too); or why no check could run: the predictions stand either way."""
     training_store = Path(info["store"])
@@ -128,7 +128,7 @@ def _drift_check(model, info: dict, model_dir: Path, store: FeatureStore, cells:
         backbones = comparable_backbones(reference, store, list(info["backbones"]))
         mix = (None if info.get("level") == PATIENT_LEVEL else
                class_mix(model, info, model_dir, reference, store, settings, cells["predicted"].to_numpy()))
-        drift = measure_drift(reference, store, settings, backbones, mix, reference_splits=("train",))
+        drift = measure_drift(reference, store, settings, backbones, mix, training_cohorts(reference))
     except (ConfigError, DataError) as exc:  # a training store changed or damaged since the model was made
         return None, f"no drift check against the model's training store: {exc}"
     plot_drift(drift, out / "drift.png")

@@ -5,7 +5,7 @@ hospital's stain, scanner or staining time shows here in terms a person can chec
 only says that two cohorts differ.
 
 The images are decoded and masked by the loader's own DALI graph (on the CPU), so the foreground is the one the
-networks were given. Hue is an angle: its means are circular, its differences taken the shorter way round.
+networks were given; the colours are those of the files, before any stain normalisation. Hue is an angle: its means are circular, its differences taken the shorter way round.
 """
 
 from __future__ import annotations
@@ -101,11 +101,12 @@ def _record_root(record: dict) -> Path | None:
     return source.parent if source.suffix.lower() == ".csv" else source
 
 
-def image_files(store: FeatureStore, cells: int, seed: int, splits: tuple[str, ...] | None = None) -> list[Path]:
-    """The image files of a seeded sample of at most ``cells`` of the store's usable original cells (of
-    ``splits``, if given), each under the root of the manifest that named its cohort (cohorts no record names:
-    the latest manifest's root)."""
-    _, rows = select_rows(store, splits, originals_only=True)
+def image_files(store: FeatureStore, cells: int, seed: int, among: np.ndarray | None = None) -> list[Path]:
+    """The image files of a seeded sample of at most ``cells`` of the store's usable original cells (of those
+    ``among`` marks, if given), each under the root of the manifest that named its cohort (cohorts no record
+    names: the latest manifest's root)."""
+    _, rows = select_rows(store, None, originals_only=True)
+    rows = rows if among is None else rows[among]
     rows = rows.sample(min(cells, len(rows)), random_state=seed)
     roots, latest = {}, None
     for record in store.meta.get("manifests") or []:
@@ -115,11 +116,11 @@ def image_files(store: FeatureStore, cells: int, seed: int, splits: tuple[str, .
     return [root / path if root is not None else Path(path) for root, path in zip(where, rows["path"])]
 
 
-def store_colour(store: FeatureStore, cells: int, seed: int, splits: tuple[str, ...] | None = None) -> CohortColour:
-    """The colour of a seeded sample of the store's cells (of ``splits``, if given), masked with the segmentation
-    its features were made with."""
+def store_colour(store: FeatureStore, cells: int, seed: int, among: np.ndarray | None = None) -> CohortColour:
+    """The colour of a seeded sample of the store's cells (of those ``among`` marks, if given), masked with the
+    segmentation its features were made with."""
     segmentation = SegmentationConfig(**store.meta["preprocess"]["segmentation"])
-    return measure_files(image_files(store, cells, seed, splits), segmentation)
+    return measure_files(image_files(store, cells, seed, among), segmentation)
 
 
 def compare_colour(reference: CohortColour, new: CohortColour) -> ColourDrift:

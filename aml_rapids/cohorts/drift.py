@@ -130,12 +130,29 @@ def comparable_backbones(reference: FeatureStore, new: FeatureStore, backbones: 
     return wanted
 
 
-def cohort_sample(store: FeatureStore, max_cells: int, rng: np.random.Generator, among: np.ndarray | None = None,
-                  splits: tuple[str, ...] | None = None) -> tuple[np.ndarray, pd.DataFrame]:
-    """A seeded sample of at most ``max_cells`` of the store's usable original cells (of ``splits``, if given; of
-    those ``among`` marks, a mask over them, if given): a mask over the store's rows, and their rows in store
-    order."""
-    keep, rows = select_rows(store, splits, originals_only=True)
+def training_cohorts(store: FeatureStore) -> list[str]:
+    """The cohorts of a store's train split: what a model trained on the store learnt from."""
+    _, rows = select_rows(store, None, originals_only=True)
+    return sorted(map(str, rows.loc[rows["split"] == "train", "cohort"].unique()))
+
+
+def plain_cells(rows: pd.DataFrame, cohorts: list[str] | None, side: str) -> tuple[np.ndarray, list[str]]:
+    """Which rows (of ``cohorts``, if given) to compare: the un-augmented ones. A training row, original or copy,
+    is warped and jittered, so it differs from any new cell by the augmentation itself; only when there are no
+    others (a model trained on every cell) are they compared, said in a note."""
+    keep = np.ones(len(rows), bool) if cohorts is None else rows["cohort"].isin(cohorts).to_numpy()
+    plain = keep & ~rows["augment"].to_numpy(bool)
+    if plain.any() or not keep.any():
+        return plain, []
+    return keep, [f"the {side} store has no un-augmented cells" + (f" of {', '.join(cohorts)}" if cohorts else "")
+                  + ": its augmented training cells are compared, so the AUROC also measures the augmentation"]
+
+
+def cohort_sample(store: FeatureStore, max_cells: int, rng: np.random.Generator,
+                  among: np.ndarray | None = None) -> tuple[np.ndarray, pd.DataFrame]:
+    """A seeded sample of at most ``max_cells`` of the store's usable original cells (of those ``among`` marks, a
+    mask over them, if given): a mask over the store's rows, and their rows in store order."""
+    keep, rows = select_rows(store, None, originals_only=True)
     candidates = np.arange(len(rows)) if among is None else np.flatnonzero(among)
     chosen = np.sort(rng.choice(candidates, min(max_cells, len(candidates)), replace=False))
     sample = np.zeros_like(keep)
@@ -226,28 +243,34 @@ def compare_backbone(reference: np.ndarray, new: np.ndarray, groups: np.ndarray,
     return result, Z, pca
 
 
-def _describe(store: FeatureStore, splits: tuple[str, ...] | None = None) -> dict:
-    _, rows = select_rows(store, splits, originals_only=True)
-    return {"store": str(store.path), "splits": list(splits) if splits else "all",
-            "cohorts": sorted(map(str, rows["cohort"].unique())), "cells": len(rows)}
+def _describe(store: FeatureStore, among: np.ndarray) -> dict:
+    _, rows = select_rows(store, None, originals_only=True)
+    rows = rows[among]
+    return {"store": str(store.path), "cohorts": sorted(map(str, rows["cohort"].unique())), "cells": len(rows),
+            "splits": sorted(map(str, rows["split"].unique()))}
 
 
 def measure_drift(reference: FeatureStore, new: FeatureStore, cfg: DriftConfig, backbones: list[str],
-                  class_mix: ClassMix | None = None, reference_splits: tuple[str, ...] | None = None) -> Drift:
-    """Compare the new cohort's cells with the reference's (those of ``reference_splits``, if given: a model's
-    training rows, not the cohorts its store holds for testing) on ``backbones`` (as ``comparable_backbones``
-    gives them), and their colour; ``class_mix``, a model's, is carried into the result."""
+                  class_mix: ClassMix | None = None, reference_cohorts: list[str] | None = None) -> Drift:
+    """Compare the new cohort's un-augmented cells with the reference's (of ``reference_cohorts``, if given: a
+    model's training cohorts, not the cohorts its store holds for testing) on ``backbones`` (as
+    ``comparable_backbones`` gives them), and their colour; ``class_mix``, a model's, is carried into the result."""
     rng = np.random.default_rng(cfg.seed)
-    notes = []
-    new_keep, new_rows = cohort_sample(new, cfg.max_cells, rng)
-    shared = _shared_cells(reference, new, reference_splits)
-    if shared.all():
-        raise DataError(f"every usable cell of {reference.path} is also in {new.path}: no reference is left to "
-                        "compare with")
-    if shared.any():  # a cell on both sides is no evidence of either cohort, and drags the AUROC below 0.5
-        notes.append(f"{int(shared.sum()):,} cells of the reference are also in the new store (same content): left "
-                     "out of the reference")
-    reference_keep, reference_rows = cohort_sample(reference, cfg.max_cells, rng, ~shared, reference_splits)
+    _, reference_all = select_rows(reference, None, originals_only=True)
+    _, new_all = select_rows(new, None, originals_only=True)
+    reference_plain, notes = plain_cells(reference_all, reference_cohorts, "reference")
+    new_plain, new_notes = plain_cells(new_all, None, "new")
+    notes += new_notes
+    shared = same_content(reference_all, set(new_all["sha256"]) | set(new_all["pixels_sha256"]) - {""}).to_numpy()
+    if not (reference_plain & ~shared).any():
+        raise DataError(f"every usable cell of {reference.path} compared is also in {new.path}: no reference is "
+                        "left to compare with")
+    if (reference_plain & shared).any():  # a cell on both sides is no evidence of either cohort, and drags the AUROC below 0.5
+        notes.append(f"{int((reference_plain & shared).sum()):,} cells of the reference are also in the new store "
+                     "(same content): left out of the reference")
+    reference_among, new_among = reference_plain & ~shared, new_plain
+    new_keep, new_rows = cohort_sample(new, cfg.max_cells, rng, new_among)
+    reference_keep, reference_rows = cohort_sample(reference, cfg.max_cells, rng, reference_among)
     groups, group_notes = domain_groups(reference_rows, new_rows)
     notes += group_notes
     is_new = np.arange(len(groups)) >= len(reference_rows)
@@ -262,8 +285,8 @@ def measure_drift(reference: FeatureStore, new: FeatureStore, cfg: DriftConfig, 
     if capped:
         notes.append(f"PCA kept {', '.join(map(str, capped))} components, not drift.pca_components "
                      f"{cfg.pca_components}: no more rows or features")
-    colour = compare_colour(store_colour(reference, cfg.colour_cells, cfg.seed, reference_splits),
-                            store_colour(new, cfg.colour_cells, cfg.seed))
+    colour = compare_colour(store_colour(reference, cfg.colour_cells, cfg.seed, reference_among),
+                            store_colour(new, cfg.colour_cells, cfg.seed, new_among))
     notes += folds_note + colour.notes()
     if class_mix is not None:
         notes.append(f"the reference's predicted class mix is of {class_mix.reference_cells}")
@@ -272,16 +295,8 @@ def measure_drift(reference: FeatureStore, new: FeatureStore, cfg: DriftConfig, 
         notes.insert(0, f"no verdict: {min(len(reference_rows), len(new_rows))} cells on one side, under "
                         f"{FEWEST_JUDGED}; an AUROC on so few says nothing either way")
     flagged = judged and any(r.auroc >= cfg.auroc_threshold for r in results.values())
-    return Drift(_describe(reference, reference_splits), _describe(new), results, cfg.auroc_threshold, flagged,
+    return Drift(_describe(reference, reference_among), _describe(new, new_among), results, cfg.auroc_threshold, flagged,
                  judged, class_mix, colour, notes, {**cfg.model_dump(), "mmd_cells": MMD_CELLS}, scatter)
-
-
-def _shared_cells(reference: FeatureStore, new: FeatureStore, splits: tuple[str, ...] | None) -> np.ndarray:
-    """Which of the reference's usable original cells (of ``splits``) the new store holds too, by content."""
-    _, reference_rows = select_rows(reference, splits, originals_only=True)
-    _, new_rows = select_rows(new, None, originals_only=True)
-    hashes = set(new_rows["sha256"]) | set(new_rows["pixels_sha256"]) - {""}
-    return same_content(reference_rows, hashes).to_numpy()
 
 
 def predicted_classes(model, info: dict, store: FeatureStore, keep: np.ndarray) -> np.ndarray:
@@ -298,8 +313,8 @@ def class_mix(model, info: dict, model_dir: Path, reference: FeatureStore, new: 
     mirror their labels."""
     rng = np.random.default_rng(cfg.seed)
     _, rows = select_rows(reference, None, originals_only=True)
-    trained_cohorts = set(rows.loc[rows["split"] == "train", "cohort"]) or set(rows["cohort"])
-    unseen = ~seen_in_training(rows, model_dir, info) & rows["cohort"].isin(trained_cohorts).to_numpy()
+    cohorts = training_cohorts(reference) or sorted(map(str, rows["cohort"].unique()))
+    unseen = ~seen_in_training(rows, model_dir, info) & rows["cohort"].isin(cohorts).to_numpy()
     words = (f"cells of its training cohorts the model did not train on ({int(unseen.sum()):,} of {len(rows):,})"
              if unseen.any() else
              f"cells the model trained on (all {len(rows):,} of the store's: it has no others)")
