@@ -52,7 +52,9 @@ def bootstrap(y_true: np.ndarray, proba: np.ndarray, classes: np.ndarray, groups
               n: int = 1000, seed: int = 0) -> dict:
     """95% intervals of accuracy, macro F1 and macro AUC, resampling rows (or whole groups, e.g. patients)
     within each class, so every resample holds every class as often as the data does: a resample that missed a
-    class would count its F1 as 0 and pull the macro F1's interval below the estimate on small test sets."""
+    class would count its F1 as 0 and pull the macro F1's interval below the estimate on small test sets. Groups
+    whose rows carry several labels (a patient's cell types) are resampled without strata: they have no one
+    class."""
     rng = np.random.default_rng(seed)
     if groups is None:
         strata = [np.flatnonzero(y_true == c) for c in np.unique(y_true)]
@@ -63,7 +65,10 @@ def bootstrap(y_true: np.ndarray, proba: np.ndarray, classes: np.ndarray, groups
         _, inverse = np.unique(groups, return_inverse=True)
         members = np.split(np.argsort(inverse, kind="stable"), np.cumsum(np.bincount(inverse))[:-1])
         unit_class = np.array([y_true[rows[0]] for rows in members])  # a patient's class: its cells' label
-        strata = [np.flatnonzero(unit_class == c) for c in np.unique(unit_class)]
+        one_label = all((y_true[rows] == y_true[rows[0]]).all() for rows in members)
+        # a patient whose cells carry several labels (cell types) has no class to stratify by: one stratum
+        strata = ([np.flatnonzero(unit_class == c) for c in np.unique(unit_class)] if one_label
+                  else [np.arange(len(members))])
 
         def resample():
             return np.concatenate([members[i] for units in strata for i in rng.choice(units, len(units))])

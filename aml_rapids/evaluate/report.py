@@ -106,7 +106,9 @@ def write_report(rows, proba, classes, info: dict, split: str, out: Path, settin
     report = {"split": split, **{k: info[k] for k in ("split_protocol", "backbones", "backend")},
               "source": stamped(info["source"]),
               "bootstrap": {"samples": draws["n"], "seed": draws["seed"], "interval": "percentile 95%",
-                            "resampled": ("patients" if has_patients else "cells") + ", within each class"},
+                            "resampled": ("cells, within each class" if not has_patients else
+                                          "patients, within each class" if labels_belong_to_patients(rows) else
+                                          "patients, unstratified (a patient holds cells of several classes)")},
               "warnings": small_sample_warnings(rows, classes, split, settings),
               "cell_level": _cell_level(rows, proba, classes, has_patients, draws)}
     cohorts = sorted(map(str, rows["cohort"].unique())) if "cohort" in rows else []
@@ -119,6 +121,8 @@ def write_report(rows, proba, classes, info: dict, split: str, out: Path, settin
     title = f"{split} split ({info['split_protocol']}), {'+'.join(info['backbones'])} ({'; '.join(words)})"
     plot_confusion(y, classes[proba.argmax(axis=1)], classes, f"cells: {title}", out / "confusion.png")
     plot_roc(y, proba, classes, f"cells: {title}", out / "roc.png")
+    if has_patients and not labels_belong_to_patients(rows):
+        report["warnings"].append("labels vary within patients (cell types): no patient-level result")
     if has_patients and labels_belong_to_patients(rows):
         py, pproba = patient_level(rows, proba, classes)
         report["patient_level"] = {**summary(py, pproba, classes), "ci95": bootstrap(py, pproba, classes, **draws)}
