@@ -136,3 +136,17 @@ def test_blank_cohorts_in_a_csv_are_named_in_a_warning(tmp_path):
     pd.DataFrame(rows).to_csv(tmp_path / "cells.csv", index=False)
     result = build_manifest(tmp_path / "cells.csv", IndexConfig())
     assert any("1 rows have no cohort" in w and repr(tmp_path.name) in w for w in result.warnings)
+
+
+def test_cell_type_labels_are_resampled_by_patient_without_strata_and_get_no_patient_result(tmp_path):
+    from aml_rapids.config import EvaluateConfig
+    from aml_rapids.evaluate.report import write_report
+
+    rng = np.random.default_rng(0)
+    rows = pd.DataFrame({"cell_id": [f"c{i}" for i in range(60)], "path": "", "cohort": "a",
+                         "patient": [f"p{i % 6}" for i in range(60)], "label": rng.choice(["x", "y"], 60)})
+    proba = rng.dirichlet([1, 1], 60)
+    info = {"split_protocol": "patient-grouped split", "backbones": {}, "backend": "sklearn", "source": {}}
+    report = write_report(rows, proba, np.array(["x", "y"]), info, "test", tmp_path, EvaluateConfig(bootstrap_samples=20))
+    assert report["bootstrap"]["resampled"] == "patients, unstratified (a patient holds cells of several classes)"
+    assert "patient_level" not in report and any("no patient-level result" in w for w in report["warnings"])
