@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -150,3 +151,15 @@ def test_cell_type_labels_are_resampled_by_patient_without_strata_and_get_no_pat
     report = write_report(rows, proba, np.array(["x", "y"]), info, "test", tmp_path, EvaluateConfig(bootstrap_samples=20))
     assert report["bootstrap"]["resampled"] == "patients, unstratified (a patient holds cells of several classes)"
     assert "patient_level" not in report and any("no patient-level result" in w for w in report["warnings"])
+
+
+@pytest.mark.realdata
+def test_the_cross_site_cells_are_pbc_and_the_deepapl_types_that_map_to_it(shared_data, tmp_path):
+    from benchmarks.cross_site import PBC_TYPE, cells_csv
+
+    cells = pd.read_csv(cells_csv(shared_data.parent, tmp_path), keep_default_na=False)
+    counts = cells["cohort"].value_counts().to_dict()
+    assert counts == {"pbc144": 17092, "deepapl144": 6680}
+    deepapl = cells[cells["cohort"] == "deepapl144"]
+    assert set(deepapl["label"]) == set(cells.loc[cells["cohort"] == "pbc144", "label"]) == set(PBC_TYPE.values())
+    assert (deepapl["label"] == deepapl["cell_type"].map(PBC_TYPE)).all() and (deepapl["patient"] != "").all()

@@ -62,7 +62,7 @@ def test_lab_conversions_match_scikit_image():
 @pytest.mark.parametrize("region", ["cell", "image"])
 def test_reinhard_matches_scikit_image_within_one_grey_level(region):
     images = cells()
-    target = stain.LabTarget((62.0, 18.0, -22.0), (14.0, 7.0, 9.0), region, "ref", "sha")
+    target = stain.LabTarget((62.0, 18.0, -22.0), (14.0, 7.0, 9.0), region, "sha")
     out, masks = run_graph(images, lambda x, m: (stain.reinhard(x, m if region == "cell" else x[:, :, 0:1] * 0 + 1,
                                                                 target), m))
     for img, ours, mask in zip(images, out, masks):

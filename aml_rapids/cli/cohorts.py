@@ -31,6 +31,7 @@ def register(app: typer.Typer) -> None:
         regression in PCA space, patient-grouped folds: 0.5 alike, 1 apart) flags drift when it reaches
         drift.auroc_threshold (0.75); an MMD two-sample test's p-value, the colour of the segmented cells and,
         with --model, the predicted class mix are reported beside it. Writes drift.json and drift.png/.svg.
-        Stores whose features were made otherwise (other backbones, weights, image size, segmentation) are
+        Stores whose features were made otherwise (other backbones, weights, image size, segmentation, stain
+        normalisation) are
         refused (exit code 2). Settings: the config's drift section (docs/drift.md)."""
         return workflow.drift(reference, new, out, resolve_config(config, set_), model)

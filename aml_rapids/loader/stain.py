@@ -34,13 +34,12 @@ STD_FLOOR = 1e-3  # a cell of one flat colour has no spread to scale; it is move
 
 @dataclass(frozen=True)
 class LabTarget:
-    """Foreground mean and standard deviation of L, a and b of the reference cell, and where they came from."""
+    """Mean and standard deviation of L, a and b of the reference image (over its region), and its content."""
 
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     region: str  # image: over every pixel; cell: over the HSV mask's foreground
-    reference: str
-    sha256: str
+    sha256: str  # of the reference image's file
 
 
 def _linear(x, matrix: np.ndarray, offset: np.ndarray | None = None):
@@ -116,4 +115,4 @@ def lab_target(rgb: np.ndarray, mask: np.ndarray, region: str, reference: Path, 
                         "of one well-stained cell")
     pixels = rgb[mask.astype(bool)] if region == "cell" else rgb.reshape(-1, 3)
     lab = rgb2lab(pixels.reshape(-1, 1, 3) / 255.0).reshape(-1, 3)
-    return LabTarget(tuple(map(float, lab.mean(0))), tuple(map(float, lab.std(0))), region, str(reference), sha256)
+    return LabTarget(tuple(map(float, lab.mean(0))), tuple(map(float, lab.std(0))), region, sha256)

@@ -77,7 +77,8 @@ def _drift_folder(path: Path, root: Path) -> dict:
     drift = read_json(path)
     table = pd.DataFrame([{"backbone": name, "domain AUROC": b["auroc"], "folds": b["folds"], "MMD²": b["mmd2"],
                            "MMD p": b["mmd_p"]} for name, b in drift["backbones"].items()])
-    verdict = "FLAGGED" if drift["flagged"] else "not flagged"
+    verdict = ("FLAGGED" if drift["flagged"] else "not flagged" if drift.get("judged", True)
+               else "not judged (too few cells)")
     about = (f"drift of {', '.join(drift['new']['cohorts'])} against {', '.join(drift['reference']['cohorts'])}: "
              f"{verdict} (domain AUROC threshold {drift['threshold']})")
     return {"title": str(path.parent.relative_to(root)), "about": about, "table": _table(table),
