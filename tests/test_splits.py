@@ -150,3 +150,13 @@ def test_same_named_patients_of_two_cohorts_are_two_patients():
     assert (parts["siteA"] != parts["siteB"]).any()  # with one key per name they could never differ
     folds = make_split(t, SplitConfig(method="kfold", folds=2)).table
     assert folds.groupby(["cohort", "patient"])["fold"].nunique().max() == 1
+
+
+def test_training_cohorts_with_and_without_patients_keep_each_patient_whole():
+    t = pd.concat([cohorts(("withp",), patients=8, cells=5), cohorts(("nop",), patients=8, patient=False),
+                   cohorts(("test",), patients=2)], ignore_index=True)
+    result = make_split(t, SplitConfig(method="cohort", test_cohorts=("test",), val=0.3))
+    out = result.table
+    assert groups_in_several_parts(out[out["cohort"] == "withp"], "split") == []
+    assert set(out.loc[out["cohort"] != "test", "split"]) == {"train", "val"}
+    assert result.record["val_within"] == "patient, else image"

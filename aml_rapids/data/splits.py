@@ -89,8 +89,9 @@ def _fraction_split(table: pd.DataFrame, cfg: SplitConfig) -> SplitResult:
     return _by_fractions(table, cfg.fractions(), cfg.method, cfg.seed)
 
 
-def _by_fractions(table: pd.DataFrame, fractions: dict[str, float], method: str, seed: int) -> SplitResult:
-    groups = _groups(table, method)
+def _by_fractions(table: pd.DataFrame, fractions: dict[str, float], method: str, seed: int,
+                  groups: pd.Series | None = None) -> SplitResult:
+    groups = _groups(table, method) if groups is None else groups
     per_group = _group_labels(table, groups)
     rng = np.random.default_rng(seed)
     assignment: dict = {}
@@ -129,9 +130,16 @@ def _check_cohorts(table: pd.DataFrame, cfg: SplitConfig) -> None:
         raise SplitError(f"every cohort ({', '.join(have)}) is named for test or val: none is left to train on")
 
 
+def _cohort_groups(table: pd.DataFrame) -> pd.Series:
+    """Each row's group in a cohort split: its cohort and patient, or (a cell without one) its content."""
+    return table["cohort"].astype(str) + "/" + table["patient"].fillna(_groups(table, "image")).astype(str)
+
+
 def _within_cohort_groups(table: pd.DataFrame) -> str:
-    """How the training cohorts' val share is grouped: by patient when every cell has one, else by image."""
-    return "patient" if table["patient"].notna().all() else "image"
+    """How the training cohorts' val share is grouped, in words: by patient, by image, or each cell by its
+    patient where it has one and else by its image (cohorts with and without patients trained together)."""
+    has = table["patient"].notna()
+    return "patient" if has.all() else "image" if not has.any() else "patient, else image"
 
 
 def _cohort_split(table: pd.DataFrame, cfg: SplitConfig) -> SplitResult:
@@ -144,7 +152,8 @@ def _cohort_split(table: pd.DataFrame, cfg: SplitConfig) -> SplitResult:
         inside = pool.assign(split="train")
         missing: list[tuple[str, str]] = []
     else:
-        inside_result = _by_fractions(pool, {"train": 1 - cfg.val, "val": cfg.val}, within, cfg.seed)
+        inside_result = _by_fractions(pool, {"train": 1 - cfg.val, "val": cfg.val}, within, cfg.seed,
+                                      _cohort_groups(pool))
         inside, missing = inside_result.table, inside_result.missing
     out = table.copy()
     out.loc[pool.index, "split"] = inside["split"]
@@ -156,7 +165,7 @@ def _cohort_split(table: pd.DataFrame, cfg: SplitConfig) -> SplitResult:
         raise SplitError("no training cells would be left of " + "; ".join(
             f"class {label} (only in held-out cohort(s) {', '.join(map(str, c))})" for label, c in where.items())
             + ". Train on a cohort that has them, or leave them out of the manifest")
-    groups = cohort + "/" + table["patient"].fillna(_groups(table, "image")).astype(str)  # patient, else content
+    groups = _cohort_groups(table)
     train_cohorts = sorted(set(cohort[~held]))
     record = {"train_cohorts": train_cohorts, "val_within": None if cfg.val_cohorts or cfg.val == 0 else within}
     return SplitResult(out, "split", _counts(out, "split", groups), missing, record)
@@ -164,7 +173,7 @@ def _cohort_split(table: pd.DataFrame, cfg: SplitConfig) -> SplitResult:
 
 def _all_split(table: pd.DataFrame) -> SplitResult:
     out = table.assign(split="train")
-    groups = out["cohort"].astype(str) + "/" + out["patient"].fillna(_groups(out, "image")).astype(str)
+    groups = _cohort_groups(out)
     return SplitResult(out, "split", _counts(out, "split", groups), [],
                        {"train_cohorts": sorted(map(str, out["cohort"].unique()))})
 
