@@ -428,3 +428,16 @@ def test_a_full_disk_when_the_lock_record_is_written_names_the_lock_file(tmp_pat
     monkeypatch.undo()
     with StoreLock(tmp_path / "s.zarr"):  # the failed attempt left no lock held
         pass
+
+
+def test_a_prediction_interrupted_after_its_predictions_resumes_only_for_its_own_store(trained, tmp_path):
+    out = tmp_path / "pred"
+    store = trained / "features.zarr"
+    assert cli("predict", trained / "model", store, "-o", out)[0] == 0
+    shutil.rmtree(out / "runs")  # as a kill in the drift check leaves it: predictions, no run record
+    other = tmp_path / "other.zarr"
+    shutil.copytree(store, other)
+    code, message = cli("predict", trained / "model", other, "-o", out)
+    assert code == 8 and "unfinished prediction of" in message
+    code, message = cli("predict", trained / "model", store, "-o", out)
+    assert code == 0 and "resuming" in message

@@ -28,14 +28,15 @@ from ..features.lock import lock_path
 from ..features.store import ATTRS_KEY, FeatureStore
 from ..loader.loader import resolve_device
 from ..logs import say
-from ..outputs import prepare_fresh_dir
+from ..outputs import atomic_write_text, prepare_fresh_dir
 from ..patients.train import LEVEL as PATIENT_LEVEL, predict as predict_patients
 from .io import check_features_match, check_store_matches, load_model, seen_in_training
 from .train import predict_store
 
 FAILED = "failed.csv"  # every given image that could not be used, and why
+SOURCE = "source.txt"  # what this folder predicts (written first), so an interrupted run resumes only its own
 OUTPUTS = ("predictions.csv", "patients.csv", FAILED, "features.zarr", "features.zarr.partial", "drift.json",
-           "drift.png", "drift.svg")
+           "drift.png", "drift.svg", SOURCE)
 
 
 @dataclass
@@ -64,6 +65,7 @@ def predict(model_dir: Path, source: Path, out: Path, overrides: list[str] | Non
         say(f"resuming the unfinished prediction in {out}")
     else:
         prepare_fresh_dir(out, "prediction folder", (*OUTPUTS, lock_path(out / "features.zarr").name), overwrite)
+        atomic_write_text(out / SOURCE, str(Path(source).resolve()))
     failures: list[Problem] = []
     warnings: list[str] = []
     cfg = None
@@ -160,8 +162,14 @@ def _unfinished(out: Path, source: Path) -> bool:
     if any(out.glob("runs/*-predict*.json")):
         return False  # finished
     store = out / "features.zarr"
-    if not store.is_dir():
-        return (out / "predictions.csv").is_file()  # predicted from a given store: done again
+    if not store.is_dir():  # predicted from a given store, interrupted after its predictions: done again
+        if not (out / "predictions.csv").is_file() or not (out / SOURCE).is_file():
+            return False
+        made_from = (out / SOURCE).read_text()
+        if made_from != str(Path(source).resolve()):
+            raise OutputError(f"prediction folder {out} holds an unfinished prediction of {made_from}, not of "
+                              f"{source}; use a new folder, or pass --overwrite to replace it")
+        return True
     try:
         made_from = FeatureStore.open(store).meta["manifests"][0]["source"]
     except (DataError, KeyError, IndexError):
