@@ -161,7 +161,7 @@ def test_the_loader_normalises_always_and_jitters_training_cells_only(smear, tmp
 def test_a_reference_that_is_mostly_background_or_missing_is_refused(tmp_path):
     blank = write_image(tmp_path / "blank.png", 24, (235, 220, 205))  # beige: no stained cell at all
     cfg = load_config(None, ["stain_norm.method=reinhard", f"stain_norm.reference={blank}"])
-    with pytest.raises(DataError, match=r"blank.png: the HSV mask keeps 0.0% of it as cell.*mostly background"):
+    with pytest.raises(DataError, match=r"blank.png: the HSV mask keeps [0-4]\.\d% of it as cell.*mostly background"):
         stain_target(cfg)
     with pytest.raises(DataError, match="nothing.png: cannot be read"):
         stain_target(load_config(None, ["stain_norm.method=reinhard", f"stain_norm.reference={tmp_path}/nothing.png"]))
