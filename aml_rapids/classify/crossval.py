@@ -14,7 +14,7 @@ import numpy as np
 
 from ..config import RunConfig
 from ..errors import DataError
-from ..evaluate.metrics import patient_level, summary
+from ..evaluate.metrics import labels_belong_to_patients, patient_level, summary
 from ..evaluate.report import write_report
 from ..features.store import FeatureStore
 from ..loader.oversample import oversample
@@ -32,7 +32,7 @@ def training_positions(rows, positions: np.ndarray, cfg: RunConfig) -> np.ndarra
 def _fold_result(rows, proba, classes) -> dict:
     cells = summary(rows["label"].to_numpy(), proba, classes)
     result = {"cells": cells["n"], "cell_accuracy": cells["accuracy"], "cell_macro_auc": cells["macro_auc"]}
-    if (rows["patient"] != "").all():
+    if (rows["patient"] != "").all() and labels_belong_to_patients(rows):  # not for cell types
         py, pproba = patient_level(rows, proba, classes)
         patients = summary(py, pproba, classes)
         result.update(patients=patients["n"], patient_accuracy=patients["accuracy"],
