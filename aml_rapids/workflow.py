@@ -371,6 +371,7 @@ def evaluate(model: Path, store: Path, split: str = "test", out: Path | None = N
              cfg: RunConfig | None = None) -> Evaluated:
     """Metrics, plots and per-cell predictions of a model on one split of a store (never its training rows)."""
     from .classify.io import read_info
+    from .classify.data import select_rows
     from .classify.train import check_evaluable, evaluate as evaluate_cells
     from .features.store import FeatureStore
     from .patients.train import LEVEL, evaluate as evaluate_patients
@@ -378,9 +379,7 @@ def evaluate(model: Path, store: Path, split: str = "test", out: Path | None = N
     cfg, model = cfg or RunConfig(), Path(model)
     check_evaluable(split)  # before its folder is made, as are the model and the store
     run_evaluate = evaluate_patients if read_info(model).get("level") == LEVEL else evaluate_cells
-    held = set(FeatureStore.open(store).rows()["split"]) - {""}
-    if split not in held:  # before the report folder is made
-        raise ConfigError(f"store {store} has no split {split}; it has {', '.join(sorted(held))}")
+    select_rows(FeatureStore.open(store), (split,))  # a split the store lacks is refused before the folder is made
     out = prepare_output_dir(out or model / f"eval-{split}", "report folder")
     report = run_evaluate(model, Path(store), split, out, cfg.evaluate)
     write_run_record(out, "evaluate", cfg, model=str(model), store=str(store), split=split,

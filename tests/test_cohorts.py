@@ -83,6 +83,9 @@ def test_retraining_on_both_sites_reports_each_side_by_side_and_all_trains_on_ev
     assert "nothing is left to evaluate" in run.output and (deploy / "model" / "model.json").is_file()
     info = json.loads((deploy / "model" / "model.json").read_text())
     assert info["training_rows"] == 64 and info["split_protocol"] == "every row in training, nothing held out"
+    refused = runner.invoke(app, ["evaluate", str(deploy / "model"), str(deploy / "features.zarr")])
+    assert refused.exit_code == 2 and "has no split test" in refused.output
+    assert not (deploy / "model" / "eval-test").exists()  # refused before its folder was made
 
 
 def test_a_normalised_model_predicts_with_the_same_target_and_refuses_another(tmp_path):
